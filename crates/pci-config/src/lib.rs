@@ -1,0 +1,1 @@
+//! PCI type-0 configuration space: header, BARs and sizing, ROM BAR, capability chains, masks.

@@ -1,0 +1,342 @@
+//! The [`Vfio`] trait: what any VFIO device offers, whether it is a host PCI
+//! function bound to the kernel's `vfio-pci` driver or a device served by a
+//! vfio-user server over a Unix socket.
+//!
+//! This crate knows nothing of PCI semantics: it moves bytes to and from
+//! regions, wires eventfds to interrupts and maps DMA. The PCI meaning of
+//! those regions (BARs, config space, MSI-X) lives in the `vfio-pci` crate.
+//!
+//! Region and interrupt indices follow the kernel's uAPI (`linux/vfio.h`):
+//! see [`region`] and [`irq`].
+
+use std::ops::RangeInclusive;
+use std::os::fd::BorrowedFd;
+
+mod error;
+mod mapping;
+
+pub use error::{Error, Result};
+pub use mapping::Mapping;
+
+/// Region indices of a VFIO PCI device (`VFIO_PCI_*_REGION_INDEX`).
+pub mod region {
+    /// BAR 0; BARs 1 to 5 follow at indices 1 to 5.
+    pub const BAR0: u32 = 0;
+    /// BAR 5.
+    pub const BAR5: u32 = 5;
+    /// The expansion ROM.
+    pub const ROM: u32 = 6;
+    /// PCI configuration space.
+    pub const CONFIG: u32 = 7;
+    /// Legacy VGA ranges.
+    pub const VGA: u32 = 8;
+    /// The number of fixed PCI region indices.
+    pub const NUM_PCI_REGIONS: u32 = 9;
+}
+
+/// Interrupt indices of a VFIO PCI device (`VFIO_PCI_*_IRQ_INDEX`).
+pub mod irq {
+    /// Legacy INTx.
+    pub const INTX: u32 = 0;
+    /// MSI.
+    pub const MSI: u32 = 1;
+    /// MSI-X.
+    pub const MSIX: u32 = 2;
+    /// PCIe AER error notification.
+    pub const ERR: u32 = 3;
+    /// Device request (the kernel asks the user to release the device).
+    pub const REQ: u32 = 4;
+}
+
+/// `VFIO_DEVICE_FLAGS_*` bits of [`DeviceInfo::flags`].
+pub mod device_flags {
+    /// The device supports `VFIO_DEVICE_RESET`.
+    pub const RESET: u32 = 1 << 0;
+    /// A PCI device.
+    pub const PCI: u32 = 1 << 1;
+    /// The device info carries capabilities.
+    pub const CAPS: u32 = 1 << 7;
+}
+
+/// `VFIO_REGION_INFO_FLAG_*` bits of [`RegionInfo::flags`].
+pub mod region_flags {
+    /// The region may be read.
+    pub const READ: u32 = 1 << 0;
+    /// The region may be written.
+    pub const WRITE: u32 = 1 << 1;
+    /// The region (or the areas of its sparse-mmap capability) may be mmapped.
+    pub const MMAP: u32 = 1 << 2;
+    /// The region info carries capabilities.
+    pub const CAPS: u32 = 1 << 3;
+}
+
+/// `VFIO_IRQ_INFO_*` bits of [`IrqInfo::flags`].
+pub mod irq_flags {
+    /// The interrupt can be signalled through an eventfd.
+    pub const EVENTFD: u32 = 1 << 0;
+    /// The interrupt can be masked.
+    pub const MASKABLE: u32 = 1 << 1;
+    /// The interrupt is masked by the host when it fires and must be unmasked.
+    pub const AUTOMASKED: u32 = 1 << 2;
+    /// No resize of the vector count is possible while enabled.
+    pub const NORESIZE: u32 = 1 << 3;
+}
+
+/// What `VFIO_DEVICE_GET_INFO` (or the vfio-user `DEVICE_GET_INFO`) reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `VFIO_DEVICE_FLAGS_*`, see [`device_flags`].
+    pub flags: u32,
+    /// Number of regions (for PCI at least [`region::NUM_PCI_REGIONS`]).
+    pub num_regions: u32,
+    /// Number of interrupt indices.
+    pub num_irqs: u32,
+}
+
+impl DeviceInfo {
+    /// The device supports a function-level reset through [`Vfio::reset`].
+    pub fn supports_reset(&self) -> bool {
+        self.flags & device_flags::RESET != 0
+    }
+
+    /// The device is a PCI function.
+    pub fn is_pci(&self) -> bool {
+        self.flags & device_flags::PCI != 0
+    }
+}
+
+/// One mmap-able window inside a region, relative to the region's start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SparseArea {
+    /// Offset from the start of the region.
+    pub offset: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A capability of a region (`VFIO_REGION_INFO_CAP_*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegionCap {
+    /// Only these areas of the region may be mmapped (`VFIO_REGION_INFO_CAP_SPARSE_MMAP`).
+    SparseMmap(Vec<SparseArea>),
+    /// A device-specific region type (`VFIO_REGION_INFO_CAP_TYPE`).
+    Type {
+        /// `VFIO_REGION_TYPE_*`.
+        type_: u32,
+        /// Subtype, meaning depends on the type.
+        subtype: u32,
+    },
+    /// The MSI-X table and PBA inside this BAR may be mmapped too
+    /// (`VFIO_REGION_INFO_CAP_MSIX_MAPPABLE`).
+    MsixMappable,
+    /// A capability this crate does not decode, kept so nothing is lost.
+    Unknown {
+        /// Capability id.
+        id: u16,
+        /// Capability version.
+        version: u16,
+    },
+}
+
+/// What `VFIO_DEVICE_GET_REGION_INFO` reports for one region.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// The region index.
+    pub index: u32,
+    /// `VFIO_REGION_INFO_FLAG_*`, see [`region_flags`].
+    pub flags: u32,
+    /// Size in bytes; 0 for a region the device does not implement.
+    pub size: u64,
+    /// Offset of the region in the device fd (kernel) or region fd (vfio-user).
+    pub offset: u64,
+    /// Decoded capabilities.
+    pub caps: Vec<RegionCap>,
+}
+
+impl RegionInfo {
+    /// The region may be read.
+    pub fn readable(&self) -> bool {
+        self.flags & region_flags::READ != 0
+    }
+
+    /// The region may be written.
+    pub fn writable(&self) -> bool {
+        self.flags & region_flags::WRITE != 0
+    }
+
+    /// The region, or the areas of its sparse capability, may be mmapped.
+    pub fn mmappable(&self) -> bool {
+        self.flags & region_flags::MMAP != 0
+    }
+
+    /// The sparse-mmap areas, if the region has that capability.
+    pub fn sparse_areas(&self) -> Option<&[SparseArea]> {
+        self.caps.iter().find_map(|c| match c {
+            RegionCap::SparseMmap(areas) => Some(areas.as_slice()),
+            _ => None,
+        })
+    }
+
+    /// The MSI-X table and PBA in this region may be mmapped.
+    pub fn msix_mappable(&self) -> bool {
+        self.caps
+            .iter()
+            .any(|c| matches!(c, RegionCap::MsixMappable))
+    }
+
+    /// The areas of this region that may be mmapped: the sparse areas if the
+    /// region has that capability, else the whole region when it is mmap-able,
+    /// else none.
+    pub fn mmap_areas(&self) -> Vec<SparseArea> {
+        if !self.mmappable() || self.size == 0 {
+            return Vec::new();
+        }
+        match self.sparse_areas() {
+            Some(areas) => areas.to_vec(),
+            None => vec![SparseArea {
+                offset: 0,
+                size: self.size,
+            }],
+        }
+    }
+}
+
+/// What `VFIO_DEVICE_GET_IRQ_INFO` reports for one interrupt index.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IrqInfo {
+    /// The interrupt index.
+    pub index: u32,
+    /// `VFIO_IRQ_INFO_*`, see [`irq_flags`].
+    pub flags: u32,
+    /// Number of vectors; 0 when the device has no such interrupt.
+    pub count: u32,
+}
+
+/// A file that backs a DMA-mapped range, for backends that pass memory by fd
+/// (vfio-user).
+#[derive(Clone, Copy, Debug)]
+pub struct DmaFile<'a> {
+    /// The file (a memfd, a hugetlbfs file, ...).
+    pub fd: BorrowedFd<'a>,
+    /// Offset in the file of the range's first byte.
+    pub offset: u64,
+}
+
+/// The host memory behind a DMA mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct DmaSource<'a> {
+    /// Address of the range in this process (the kernel backend pins it).
+    pub host_addr: u64,
+    /// The file behind the range, when there is one. The vfio-user backend
+    /// needs it to share the memory with the server; the kernel backend
+    /// ignores it.
+    pub file: Option<DmaFile<'a>>,
+    /// The device may only read this range.
+    pub read_only: bool,
+}
+
+/// What any VFIO device offers, kernel or vfio-user.
+///
+/// All methods take `&self`: implementations are safe to call from several
+/// vCPU threads at once. Every failure is an [`Error`] that keeps the errno
+/// (where there is one) and what was being done.
+pub trait Vfio: Send + Sync {
+    /// Device flags and the number of regions and interrupt indices.
+    fn device_info(&self) -> Result<DeviceInfo>;
+
+    /// Flags, size, offset and capabilities of one region.
+    fn region_info(&self, index: u32) -> Result<RegionInfo>;
+
+    /// Reads `data.len()` bytes at `offset` of region `index`.
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<()>;
+
+    /// Writes `data` at `offset` of region `index`.
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()>;
+
+    /// Maps one mmap-able area of region `index` into this process. The
+    /// returned [`Mapping`] unmaps it when dropped.
+    fn mmap_region(&self, index: u32, area: SparseArea) -> Result<Mapping>;
+
+    /// Flags and vector count of one interrupt index.
+    fn irq_info(&self, index: u32) -> Result<IrqInfo>;
+
+    /// Signals vectors `start .. start + fds.len()` of interrupt `index`
+    /// through the given eventfds (`VFIO_IRQ_SET_DATA_EVENTFD |
+    /// VFIO_IRQ_SET_ACTION_TRIGGER`). `None` detaches the eventfd of that
+    /// vector. Other vectors are left as they are.
+    fn set_irq_eventfds(
+        &self,
+        index: u32,
+        start: u32,
+        fds: &[Option<BorrowedFd<'_>>],
+    ) -> Result<()>;
+
+    /// Disables every vector of interrupt `index` (`DATA_NONE | ACTION_TRIGGER`
+    /// with a count of 0).
+    fn disable_irqs(&self, index: u32) -> Result<()>;
+
+    /// Unmasks interrupt `index` (vector 0), as after an INTx was serviced.
+    fn unmask_irq(&self, index: u32) -> Result<()>;
+
+    /// Masks interrupt `index` (vector 0).
+    fn mask_irq(&self, index: u32) -> Result<()>;
+
+    /// Registers an eventfd that, when signalled, unmasks interrupt `index`
+    /// (`DATA_EVENTFD | ACTION_UNMASK`: the INTx resample path); `None`
+    /// removes it.
+    fn set_irq_unmask_eventfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()>;
+
+    /// Resets the device (function-level reset where the device has one).
+    fn reset(&self) -> Result<()>;
+
+    /// Maps `size` bytes of host memory at `iova` for the device's DMA.
+    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()>;
+
+    /// Unmaps the DMA mapping `iova .. iova + size`.
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
+
+    /// The IOVA ranges the IOMMU accepts for [`Vfio::dma_map`].
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmap_areas_prefer_sparse_capability_over_whole_region() {
+        let mut info = RegionInfo {
+            index: 0,
+            flags: region_flags::READ | region_flags::WRITE | region_flags::MMAP,
+            size: 0x4000,
+            offset: 0,
+            caps: vec![],
+        };
+        assert_eq!(
+            info.mmap_areas(),
+            vec![SparseArea {
+                offset: 0,
+                size: 0x4000
+            }]
+        );
+        info.caps.push(RegionCap::SparseMmap(vec![SparseArea {
+            offset: 0x2000,
+            size: 0x2000,
+        }]));
+        assert_eq!(
+            info.mmap_areas(),
+            vec![SparseArea {
+                offset: 0x2000,
+                size: 0x2000
+            }]
+        );
+        info.flags &= !region_flags::MMAP;
+        assert!(info.mmap_areas().is_empty());
+    }
+
+    #[test]
+    fn trait_is_object_safe() {
+        fn takes(_: &dyn Vfio) {}
+        let _ = takes;
+    }
+}

@@ -1,0 +1,108 @@
+//! The project's task runner. `cargo xtask help` lists the tasks.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const HELP: &str = "\
+cargo xtask <task>
+
+Tasks:
+  test      fmt check, clippy (-D warnings), cargo deny (bans licenses sources),
+            then every test in the workspace. Installs cargo-deny if missing.
+  help      this text
+";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_else(|| "help".to_string());
+    let rest: Vec<String> = args.collect();
+    match task.as_str() {
+        "test" => test(&rest),
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => bail!("unknown task `{other}`\n\n{HELP}"),
+    }
+}
+
+/// The workspace root (the parent of this crate's manifest directory).
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, echoing it first; fails with the command line if it fails.
+fn run_cmd(step: &str, mut cmd: Command) -> Result<()> {
+    println!("== xtask: {step}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{cmd:?}`"))?;
+    if !status.success() {
+        bail!("step `{step}` failed ({status}): {cmd:?}");
+    }
+    Ok(())
+}
+
+/// True when `cargo <sub> --version` runs.
+fn has_cargo_tool(sub: &str) -> bool {
+    cargo()
+        .args([sub, "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// Installs a cargo tool with `cargo install --locked` when it is missing.
+fn ensure_cargo_tool(sub: &str, krate: &str) -> Result<()> {
+    if has_cargo_tool(sub) {
+        return Ok(());
+    }
+    println!("== xtask: `cargo {sub}` is missing: installing {krate} with `cargo install --locked {krate}`");
+    let mut c = cargo();
+    c.args(["install", "--locked", krate]);
+    run_cmd(&format!("install {krate}"), c)
+}
+
+fn test(rest: &[String]) -> Result<()> {
+    let mut c = cargo();
+    c.args(["fmt", "--all", "--check"]);
+    run_cmd("cargo fmt --check", c)?;
+
+    let mut c = cargo();
+    c.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run_cmd("cargo clippy --workspace --all-targets -- -D warnings", c)?;
+
+    ensure_cargo_tool("deny", "cargo-deny")?;
+    let mut c = cargo();
+    c.args(["deny", "--locked", "check", "bans", "licenses", "sources"]);
+    run_cmd("cargo deny check bans licenses sources", c)?;
+
+    let mut c = cargo();
+    c.args(["test", "--workspace", "--locked"]);
+    c.args(rest);
+    run_cmd("cargo test --workspace", c)?;
+    Ok(())
+}
