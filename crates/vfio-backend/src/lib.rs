@@ -297,6 +297,16 @@ pub trait Vfio: Send + Sync {
 
     /// The IOVA ranges the IOMMU accepts for [`Vfio::dma_map`].
     fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;
+
+    /// The file behind region `index` and the offset of the region in it,
+    /// for a server that shares the region with a vfio-user client so that
+    /// the client can mmap it. `None` (the default) when the region cannot
+    /// be shared that way; accesses then go through [`Vfio::region_read`]
+    /// and [`Vfio::region_write`].
+    fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
+        let _ = index;
+        None
+    }
 }
 
 #[cfg(test)]
