@@ -13,7 +13,9 @@ use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 
 mod error;
+pub mod kernel;
 mod mapping;
+pub mod user;
 
 pub use error::{Error, Result};
 pub use mapping::Mapping;

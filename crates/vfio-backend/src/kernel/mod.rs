@@ -1,0 +1,1 @@
+//! The kernel backend: a host PCI function bound to `vfio-pci`.

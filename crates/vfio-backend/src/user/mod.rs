@@ -1,0 +1,1 @@
+//! The vfio-user backend: our own client of the vfio-user protocol.
