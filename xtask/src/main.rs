@@ -4,12 +4,16 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod hwtest;
+
 const HELP: &str = "\
 cargo xtask <task>
 
 Tasks:
   test      fmt check, clippy (-D warnings), cargo deny (bans licenses sources),
             then every test in the workspace. Installs cargo-deny if missing.
+  hwtest    the kernel backend against real vfio-pci:
+            --device <BDF> on a host, or --qemu [--kernel 6.1|6.12] in a QEMU guest
   help      this text
 ";
 
@@ -26,6 +30,7 @@ fn run() -> Result<()> {
     let rest: Vec<String> = args.collect();
     match task.as_str() {
         "test" => test(&rest),
+        "hwtest" => hwtest::run(&rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
@@ -35,19 +40,19 @@ fn run() -> Result<()> {
 }
 
 /// The workspace root (the parent of this crate's manifest directory).
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
     c.current_dir(root());
     c
 }
 
 /// Runs a command, echoing it first; fails with the command line if it fails.
-fn run_cmd(step: &str, mut cmd: Command) -> Result<()> {
+pub(crate) fn run_cmd(step: &str, mut cmd: Command) -> Result<()> {
     println!("== xtask: {step}");
     let status = cmd
         .status()
