@@ -1,0 +1,8 @@
+//! One dependency for a VMM: the VFIO PCI passthrough stack re-exported, and
+//! the KVM glue behind the `kvm` feature.
+
+pub use pci_bar_alloc;
+pub use pci_config;
+pub use pci_interrupts;
+pub use vfio_backend;
+pub use vfio_pci;
