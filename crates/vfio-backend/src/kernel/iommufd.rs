@@ -1,0 +1,424 @@
+//! iommufd (`/dev/iommu`) and vfio cdevs (`/dev/vfio/devices/vfioN`), on the
+//! raw ioctls of `include/uapi/linux/iommufd.h`.
+//!
+//! One [`IommufdIoas`] is an I/O address space; every device opened through
+//! it is bound to the iommufd and attached to that IOAS, so its DMA mappings
+//! serve them all, like a legacy container.
+
+use std::fs::File;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
+
+use super::device::{DeviceCore, DeviceIommu, KernelDevice};
+use super::{check_dma_args, ioctls, open_node, prefix_error, sysfs};
+use crate::{DmaSource, Error, Result};
+
+/// The default iommufd node.
+pub(crate) const DEV_IOMMU: &str = "/dev/iommu";
+/// Where the vfio cdevs live.
+pub(crate) const DEV_VFIO_DEVICES: &str = "/dev/vfio/devices";
+
+/// `IOMMUFD_TYPE` (`';'`, the same type byte as VFIO).
+const IOMMUFD_TYPE: u32 = b';' as u32;
+
+/// `_IO(IOMMUFD_TYPE, nr)`: iommufd ioctls carry their size in `size`.
+const fn iommufd_io(nr: u32) -> libc::c_ulong {
+    ioctl_expr(_IOC_NONE, IOMMUFD_TYPE, nr, 0)
+}
+
+const IOMMU_DESTROY: libc::c_ulong = iommufd_io(0x80);
+const IOMMU_IOAS_ALLOC: libc::c_ulong = iommufd_io(0x81);
+const IOMMU_IOAS_IOVA_RANGES: libc::c_ulong = iommufd_io(0x84);
+const IOMMU_IOAS_MAP: libc::c_ulong = iommufd_io(0x85);
+const IOMMU_IOAS_UNMAP: libc::c_ulong = iommufd_io(0x86);
+
+const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
+const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
+const IOMMU_IOAS_MAP_READABLE: u32 = 1 << 2;
+
+/// `struct iommu_destroy`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuDestroy {
+    size: u32,
+    id: u32,
+}
+
+/// `struct iommu_ioas_alloc`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuIoasAlloc {
+    size: u32,
+    flags: u32,
+    out_ioas_id: u32,
+}
+
+/// `struct iommu_iova_range` (inclusive `last`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct IommuIovaRange {
+    start: u64,
+    last: u64,
+}
+
+/// `struct iommu_ioas_iova_ranges`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuIoasIovaRanges {
+    size: u32,
+    ioas_id: u32,
+    num_iovas: u32,
+    reserved: u32,
+    allowed_iovas: u64,
+    out_iova_alignment: u64,
+}
+
+/// `struct iommu_ioas_map`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuIoasMap {
+    size: u32,
+    flags: u32,
+    ioas_id: u32,
+    reserved: u32,
+    user_va: u64,
+    length: u64,
+    iova: u64,
+}
+
+/// `struct iommu_ioas_unmap`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuIoasUnmap {
+    size: u32,
+    ioas_id: u32,
+    iova: u64,
+    length: u64,
+}
+
+// Pin the layouts to iommufd.h.
+const _: () = {
+    assert!(std::mem::size_of::<IommuDestroy>() == 8);
+    assert!(std::mem::size_of::<IommuIoasAlloc>() == 12);
+    assert!(std::mem::size_of::<IommuIovaRange>() == 16);
+    assert!(std::mem::size_of::<IommuIoasIovaRanges>() == 32);
+    assert!(std::mem::size_of::<IommuIoasMap>() == 40);
+    assert!(std::mem::size_of::<IommuIoasUnmap>() == 24);
+};
+
+fn size_of_u32<T>() -> u32 {
+    // The structures above are at most 40 bytes.
+    std::mem::size_of::<T>() as u32
+}
+
+/// The most IOVA ranges we accept from `IOMMU_IOAS_IOVA_RANGES`.
+const MAX_IOVA_RANGES: u32 = 1 << 16;
+
+/// An iommufd I/O address space (IOAS): the iommufd counterpart of a
+/// [`KernelContainer`](super::KernelContainer). Shared by `Arc` by the
+/// devices attached to it; destroyed when the last one is dropped.
+#[derive(Debug)]
+pub struct IommufdIoas {
+    iommufd: File,
+    ioas_id: u32,
+    path: PathBuf,
+}
+
+impl IommufdIoas {
+    /// Opens `/dev/iommu` and allocates an IOAS (`IOMMU_IOAS_ALLOC`).
+    pub fn new() -> Result<Arc<IommufdIoas>> {
+        Self::open_at(DEV_IOMMU)
+    }
+
+    /// Opens the iommufd node at `path` and allocates an IOAS.
+    pub fn open_at(path: impl AsRef<Path>) -> Result<Arc<IommufdIoas>> {
+        let path = path.as_ref().to_path_buf();
+        let iommufd = open_node(&path)?;
+        let mut alloc = IommuIoasAlloc {
+            size: size_of_u32::<IommuIoasAlloc>(),
+            ..Default::default()
+        };
+        // SAFETY: `alloc` is a complete iommu_ioas_alloc with `size` set to
+        // its size; the kernel writes back only out_ioas_id.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&iommufd, IOMMU_IOAS_ALLOC, &mut alloc)
+        };
+        if ret < 0 {
+            return Err(Error::last_os_error(format!(
+                "{}: IOMMU_IOAS_ALLOC",
+                path.display()
+            )));
+        }
+        Ok(Arc::new(IommufdIoas {
+            iommufd,
+            ioas_id: alloc.out_ioas_id,
+            path,
+        }))
+    }
+
+    /// The IOAS id.
+    pub fn ioas_id(&self) -> u32 {
+        self.ioas_id
+    }
+
+    /// Opens the device at `sysfs_path` through its vfio cdev (found in
+    /// `<sysfs_path>/vfio-dev/vfioN`, opened as `/dev/vfio/devices/vfioN`),
+    /// binds it to the iommufd and attaches it to this IOAS.
+    pub fn open_device(self: &Arc<Self>, sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
+        let sysfs_path = sysfs_path.as_ref();
+        let cdev = sysfs::vfio_cdev_name(sysfs_path)?;
+        let name = sysfs_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(cdev.as_str())
+            .to_string();
+        let file = open_node(&Path::new(DEV_VFIO_DEVICES).join(&cdev))?;
+        self.attach(OwnedFd::from(file), name, Some(sysfs_path.to_path_buf()))
+    }
+
+    /// Opens the vfio cdev at `cdev_path` (`/dev/vfio/devices/vfioN`), binds
+    /// it to the iommufd and attaches it to this IOAS.
+    pub fn open_cdev(self: &Arc<Self>, cdev_path: impl AsRef<Path>) -> Result<KernelDevice> {
+        let cdev_path = cdev_path.as_ref();
+        let file = open_node(cdev_path)?;
+        self.attach(OwnedFd::from(file), cdev_path.display().to_string(), None)
+    }
+
+    fn attach(
+        self: &Arc<Self>,
+        fd: OwnedFd,
+        name: String,
+        sysfs_path: Option<PathBuf>,
+    ) -> Result<KernelDevice> {
+        let dev_id = ioctls::device_bind_iommufd(fd.as_fd(), self.iommufd.as_fd())
+            .map_err(|e| prefix_error(e, &name))?;
+        ioctls::device_attach_iommufd_pt(fd.as_fd(), self.ioas_id)
+            .map_err(|e| prefix_error(e, &name))?;
+        let core = DeviceCore::new(fd, name)?;
+        Ok(KernelDevice::new(
+            core,
+            DeviceIommu::Iommufd {
+                ioas: Arc::clone(self),
+                dev_id,
+            },
+            sysfs_path,
+        ))
+    }
+
+    /// Maps `size` bytes at `host.host_addr` to exactly `iova`
+    /// (`IOMMU_IOAS_MAP` with `IOMMU_IOAS_MAP_FIXED_IOVA`); the device may
+    /// write there unless `host.read_only`.
+    pub fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        check_dma_args(iova, size, host.host_addr)?;
+        let flags = ioas_map_flags(host.read_only);
+        let mut map = IommuIoasMap {
+            size: size_of_u32::<IommuIoasMap>(),
+            flags,
+            ioas_id: self.ioas_id,
+            reserved: 0,
+            user_va: host.host_addr,
+            length: size,
+            iova,
+        };
+        // SAFETY: `map` is a complete iommu_ioas_map with `size` set; the
+        // kernel pins the user pages itself (failing if they are not mapped)
+        // and writes back only `iova`.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.iommufd, IOMMU_IOAS_MAP, &mut map)
+        };
+        if ret < 0 {
+            return Err(Error::last_os_error(format!(
+                "IOMMU_IOAS_MAP of {size:#x} bytes at IOVA {iova:#x} from {:#x} in IOAS {}",
+                host.host_addr, self.ioas_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Unmaps `iova .. iova + size` (`IOMMU_IOAS_UNMAP`); unmapping less
+    /// than `size` bytes is reported as an error.
+    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        check_dma_args(iova, size, 0)?;
+        let mut unmap = IommuIoasUnmap {
+            size: size_of_u32::<IommuIoasUnmap>(),
+            ioas_id: self.ioas_id,
+            iova,
+            length: size,
+        };
+        // SAFETY: `unmap` is a complete iommu_ioas_unmap with `size` set; the
+        // kernel writes back only `length`.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.iommufd, IOMMU_IOAS_UNMAP, &mut unmap)
+        };
+        if ret < 0 {
+            return Err(Error::last_os_error(format!(
+                "IOMMU_IOAS_UNMAP of {size:#x} bytes at IOVA {iova:#x} in IOAS {}",
+                self.ioas_id
+            )));
+        }
+        if unmap.length != size {
+            return Err(Error::InvalidArgument(format!(
+                "IOMMU_IOAS_UNMAP of {size:#x} bytes at IOVA {iova:#x} unmapped {:#x} bytes: \
+                 parts of the range were not mapped",
+                unmap.length
+            )));
+        }
+        Ok(())
+    }
+
+    /// The IOVA ranges the IOAS accepts (`IOMMU_IOAS_IOVA_RANGES`): they
+    /// shrink as devices with reserved regions are attached.
+    pub fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+        let mut capacity: u32 = 16;
+        for _ in 0..4 {
+            let mut ranges = vec![IommuIovaRange::default(); capacity as usize];
+            let mut cmd = IommuIoasIovaRanges {
+                size: size_of_u32::<IommuIoasIovaRanges>(),
+                ioas_id: self.ioas_id,
+                num_iovas: capacity,
+                reserved: 0,
+                allowed_iovas: ranges.as_mut_ptr() as u64,
+                out_iova_alignment: 0,
+            };
+            // SAFETY: `cmd` is a complete iommu_ioas_iova_ranges; allowed_iovas
+            // points to `capacity` iommu_iova_range entries that live until
+            // after the call, and the kernel writes at most num_iovas of them.
+            let ret = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                    &self.iommufd,
+                    IOMMU_IOAS_IOVA_RANGES,
+                    &mut cmd,
+                )
+            };
+            if ret < 0 {
+                let err = std::io::Error::last_os_error();
+                // EMSGSIZE: num_iovas now says how many there are.
+                if err.raw_os_error() == Some(libc::EMSGSIZE)
+                    && cmd.num_iovas > capacity
+                    && cmd.num_iovas <= MAX_IOVA_RANGES
+                {
+                    capacity = cmd.num_iovas;
+                    continue;
+                }
+                return Err(Error::io(
+                    format!("IOMMU_IOAS_IOVA_RANGES of IOAS {}", self.ioas_id),
+                    err,
+                ));
+            }
+            let n = (cmd.num_iovas as usize).min(ranges.len());
+            let mut out = Vec::with_capacity(n);
+            for r in ranges.iter().take(n) {
+                if r.start > r.last {
+                    return Err(Error::Io {
+                        context: format!("IOMMU_IOAS_IOVA_RANGES of IOAS {}", self.ioas_id),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("empty range {:#x}..={:#x}", r.start, r.last),
+                        ),
+                    });
+                }
+                out.push(r.start..=r.last);
+            }
+            return Ok(out);
+        }
+        Err(Error::Io {
+            context: format!("IOMMU_IOAS_IOVA_RANGES of IOAS {}", self.ioas_id),
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the range count kept growing",
+            ),
+        })
+    }
+}
+
+/// `IOMMU_IOAS_MAP` flags: always at the caller's IOVA; the device may
+/// read, and write unless the source is read-only.
+fn ioas_map_flags(read_only: bool) -> u32 {
+    let flags = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE;
+    if read_only {
+        flags
+    } else {
+        flags | IOMMU_IOAS_MAP_WRITEABLE
+    }
+}
+
+impl AsFd for IommufdIoas {
+    /// The iommufd.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.iommufd.as_fd()
+    }
+}
+
+impl Drop for IommufdIoas {
+    fn drop(&mut self) {
+        let destroy = IommuDestroy {
+            size: size_of_u32::<IommuDestroy>(),
+            id: self.ioas_id,
+        };
+        // SAFETY: `destroy` is a complete iommu_destroy; the kernel only reads it.
+        let ret =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.iommufd, IOMMU_DESTROY, &destroy) };
+        if ret < 0 {
+            // Closing the iommufd right after frees the IOAS anyway.
+            log::warn!(
+                "{}: IOMMU_DESTROY of IOAS {}: {}",
+                self.path.display(),
+                self.ioas_id,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iommufd_ioctl_numbers_match_the_uapi_header() {
+        // _IO(';', 0x80 + n) with _IOC_NONE = 0 on x86/arm.
+        #[cfg(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        ))]
+        {
+            assert_eq!(IOMMU_DESTROY, 0x3b80);
+            assert_eq!(IOMMU_IOAS_ALLOC, 0x3b81);
+            assert_eq!(IOMMU_IOAS_IOVA_RANGES, 0x3b84);
+            assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
+            assert_eq!(IOMMU_IOAS_UNMAP, 0x3b86);
+            assert_eq!(ioctls::VFIO_DEVICE_BIND_IOMMUFD, 0x3b76);
+            assert_eq!(ioctls::VFIO_DEVICE_ATTACH_IOMMUFD_PT, 0x3b77);
+        }
+    }
+
+    #[test]
+    fn ioas_map_is_at_a_fixed_iova_and_read_only_drops_writeable() {
+        // iommufd.h: FIXED_IOVA = 1 << 0, WRITEABLE = 1 << 1, READABLE = 1 << 2.
+        assert_eq!(ioas_map_flags(true), 0b101);
+        assert_eq!(ioas_map_flags(false), 0b111);
+    }
+
+    #[test]
+    fn iommufd_at_a_missing_node_is_not_available_and_names_it() {
+        let root = tempfile::tempdir().unwrap();
+        let e = IommufdIoas::open_at(root.path().join("iommu")).unwrap_err();
+        assert!(matches!(e, Error::NotAvailable { .. }), "{e}");
+        assert!(e.to_string().contains("iommu"), "{e}");
+    }
+
+    #[test]
+    fn a_regular_file_is_not_an_iommufd() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("iommu");
+        std::fs::write(&path, b"").unwrap();
+        let e = IommufdIoas::open_at(&path).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOTTY));
+        assert!(e.to_string().contains("IOMMU_IOAS_ALLOC"), "{e}");
+    }
+}

@@ -1,0 +1,668 @@
+//! A generic vfio-user server: exposes any [`Vfio`] device over a Unix
+//! socket.
+//!
+//! Each command is answered by calling the device's [`Vfio`] methods; a
+//! failure becomes an error reply carrying [`Error::errno`] (`EIO` when
+//! there is none). The client is untrusted: message sizes, counts and file
+//! descriptors are bounded and checked, and nothing it sends can make the
+//! server panic.
+//!
+//! What this server does not do: `DMA_MAP` without a file descriptor is
+//! refused with `ENOTSUP` (the device needs host memory it can reach, and
+//! this server does not issue `DMA_READ`/`DMA_WRITE`); `DATA_BOOL` interrupt
+//! sets, client-triggered interrupts, `GET_REGION_IO_FDS`, migration and
+//! twin-socket mode are refused with `ENOTSUP`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::protocol::{
+    self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
+    DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, RegionAccessPayload,
+    RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
+};
+use crate::{DmaFile, DmaSource, Error, Mapping, Result, Vfio};
+
+/// The most vectors one `DEVICE_SET_IRQS` may name (MSI-X has at most 2048).
+const MAX_IRQ_COUNT: u32 = 2048;
+
+/// Options of the server side of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerOptions {
+    /// The most data bytes in one REGION_READ/WRITE (our `max_data_xfer_size`).
+    pub max_data_xfer_size: u32,
+    /// The most file descriptors we accept in one message (our `max_msg_fds`).
+    pub max_msg_fds: u32,
+    /// The most simultaneous DMA mappings (our `max_dma_maps`).
+    pub max_dma_maps: u32,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_data_xfer_size: 1 << 20,
+            max_msg_fds: 64,
+            max_dma_maps: 65535,
+        }
+    }
+}
+
+struct DmaRange {
+    size: u64,
+    _mapping: Mapping,
+}
+
+/// One client connection.
+struct Session<'a> {
+    stream: &'a UnixStream,
+    device: &'a dyn Vfio,
+    options: ServerOptions,
+    negotiated: bool,
+    client_caps: Capabilities,
+    dma: BTreeMap<u64, DmaRange>,
+    irq_indices: BTreeSet<u32>,
+}
+
+/// What a handler answers: payload parts and at most one fd.
+type Reply = (Vec<u8>, Option<OwnedFd>);
+
+fn errno_of(e: &Error) -> i32 {
+    match e.errno() {
+        Some(0) | None => libc::EIO,
+        Some(n) => n,
+    }
+}
+
+fn einval(what: impl Into<String>) -> Error {
+    Error::InvalidArgument(what.into())
+}
+
+impl Session<'_> {
+    fn handle(&mut self, m: &mut Message) -> Result<Reply> {
+        let h = m.header;
+        if m.fds_dropped {
+            return Err(einval(format!(
+                "more than {} file descriptors in one message",
+                self.options.max_msg_fds
+            )));
+        }
+        if !self.negotiated && h.command != command::VERSION {
+            return Err(einval("the first message must be VERSION"));
+        }
+        let takes_fds = matches!(h.command, command::DMA_MAP | command::DEVICE_SET_IRQS);
+        if !takes_fds && !m.fds.is_empty() {
+            return Err(einval(format!(
+                "{} carries unexpected file descriptors",
+                command_name(h.command)
+            )));
+        }
+        match h.command {
+            command::VERSION => self.version(&m.payload),
+            command::DMA_MAP => self.dma_map(&m.payload, &mut m.fds),
+            command::DMA_UNMAP => self.dma_unmap(&m.payload),
+            command::DEVICE_GET_INFO => self.device_info(&m.payload),
+            command::DEVICE_GET_REGION_INFO => self.region_info(&m.payload),
+            command::DEVICE_GET_IRQ_INFO => self.irq_info(&m.payload),
+            command::DEVICE_SET_IRQS => self.set_irqs(&m.payload, &m.fds),
+            command::REGION_READ => self.region_read(&m.payload),
+            command::REGION_WRITE => self.region_write(&m.payload),
+            command::DEVICE_RESET => self.device.reset().map(|()| (Vec::new(), None)),
+            other => Err(Error::Unsupported(format!(
+                "command {other} ({})",
+                command_name(other)
+            ))),
+        }
+    }
+
+    fn version(&mut self, payload: &[u8]) -> Result<Reply> {
+        if self.negotiated {
+            return Err(einval("VERSION was already negotiated"));
+        }
+        let (major, minor, caps) = protocol::decode_version(payload)
+            .map_err(|e| einval(format!("VERSION payload: {e}")))?;
+        if major != protocol::VERSION_MAJOR {
+            return Err(Error::Unsupported(format!(
+                "protocol major version {major}"
+            )));
+        }
+        self.client_caps = caps;
+        self.negotiated = true;
+        let ours = Capabilities {
+            max_msg_fds: self.options.max_msg_fds,
+            max_data_xfer_size: self.options.max_data_xfer_size,
+            max_dma_maps: self.options.max_dma_maps,
+            ..Capabilities::default()
+        };
+        let reply = protocol::encode_version(
+            protocol::VERSION_MAJOR,
+            minor.min(protocol::VERSION_MINOR),
+            &ours,
+        );
+        Ok((reply, None))
+    }
+
+    fn dma_map(&mut self, payload: &[u8], fds: &mut Vec<OwnedFd>) -> Result<Reply> {
+        if payload.len() != DmaMapPayload::SIZE {
+            return Err(einval("DMA_MAP payload must be 32 bytes"));
+        }
+        let req = DmaMapPayload::decode(payload)?;
+        if fds.len() > 1 {
+            return Err(einval("DMA_MAP with more than one file descriptor"));
+        }
+        let fd = fds.pop().ok_or_else(|| {
+            Error::Unsupported("DMA_MAP without a file descriptor (no DMA_READ/WRITE)".into())
+        })?;
+        let end = req
+            .address
+            .checked_add(req.size)
+            .filter(|_| req.size > 0)
+            .ok_or_else(|| einval("DMA_MAP range is empty or wraps"))?;
+        let overlaps = self
+            .dma
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&iova, r)| iova.saturating_add(r.size) > req.address);
+        if overlaps {
+            return Err(Error::Refused {
+                context: "DMA_MAP over an existing mapping".into(),
+                errno: libc::EEXIST,
+            });
+        }
+        if self.dma.len() >= self.options.max_dma_maps as usize {
+            return Err(Error::Refused {
+                context: "DMA_MAP: too many mappings".into(),
+                errno: libc::ENOSPC,
+            });
+        }
+        if req.flags & dma_flags::READ == 0 {
+            return Err(einval("DMA_MAP without the readable flag"));
+        }
+        let read_only = req.flags & dma_flags::WRITE == 0;
+        let mut prot = libc::PROT_READ;
+        if !read_only {
+            prot |= libc::PROT_WRITE;
+        }
+        let mapping = Mapping::map_fd(fd.as_fd(), req.offset, req.size, prot)?;
+        self.device.dma_map(
+            req.address,
+            req.size,
+            DmaSource {
+                host_addr: mapping.as_ptr() as u64,
+                file: Some(DmaFile {
+                    fd: fd.as_fd(),
+                    offset: req.offset,
+                }),
+                read_only,
+            },
+        )?;
+        self.dma.insert(
+            req.address,
+            DmaRange {
+                size: req.size,
+                _mapping: mapping,
+            },
+        );
+        Ok((Vec::new(), None))
+    }
+
+    fn dma_unmap(&mut self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() != DmaUnmapPayload::SIZE {
+            return Err(einval("DMA_UNMAP payload must be 24 bytes"));
+        }
+        let req = DmaUnmapPayload::decode(payload)?;
+        if req.flags != 0 {
+            return Err(Error::Unsupported(format!(
+                "DMA_UNMAP flags {:#x}",
+                req.flags
+            )));
+        }
+        match self.dma.get(&req.address) {
+            Some(r) if r.size == req.size => {}
+            _ => return Err(einval("DMA_UNMAP does not match a mapping")),
+        }
+        self.device.dma_unmap(req.address, req.size)?;
+        // The device let go of the range: now unmap it here.
+        self.dma.remove(&req.address);
+        Ok((req.encode().to_vec(), None))
+    }
+
+    fn device_info(&self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() < DeviceInfoPayload::SIZE {
+            return Err(einval("DEVICE_GET_INFO payload too short"));
+        }
+        let info = self.device.device_info()?;
+        let reply = DeviceInfoPayload {
+            argsz: DeviceInfoPayload::SIZE as u32,
+            flags: info.flags,
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+        };
+        Ok((reply.encode().to_vec(), None))
+    }
+
+    fn region_info(&self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() < RegionInfoPayload::SIZE {
+            return Err(einval("DEVICE_GET_REGION_INFO payload too short"));
+        }
+        let req = RegionInfoPayload::decode(payload)?;
+        let mut info = self.device.region_info(req.index)?;
+        info.index = req.index;
+        let shared = if info.mmappable() {
+            self.device.region_mmap_fd(req.index)
+        } else {
+            None
+        };
+        let (fd, offset) = match shared {
+            Some((fd, offset)) => (
+                Some(
+                    fd.try_clone_to_owned()
+                        .map_err(|e| Error::io("dup a region fd", e))?,
+                ),
+                offset,
+            ),
+            None => {
+                // The client cannot mmap what we cannot share.
+                info.flags &= !crate::region_flags::MMAP;
+                (None, 0)
+            }
+        };
+        let bytes = protocol::encode_region_info(&info, offset, req.argsz);
+        Ok((bytes, fd))
+    }
+
+    fn irq_info(&self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() < IrqInfoPayload::SIZE {
+            return Err(einval("DEVICE_GET_IRQ_INFO payload too short"));
+        }
+        let req = IrqInfoPayload::decode(payload)?;
+        let info = self.device.irq_info(req.index)?;
+        let reply = IrqInfoPayload {
+            argsz: IrqInfoPayload::SIZE as u32,
+            flags: info.flags,
+            index: req.index,
+            count: info.count,
+        };
+        Ok((reply.encode().to_vec(), None))
+    }
+
+    fn set_irqs(&mut self, payload: &[u8], fds: &[OwnedFd]) -> Result<Reply> {
+        let req = SetIrqsPayload::decode(payload)?;
+        let data = req.flags & irq_set::DATA_MASK;
+        let action = req.flags & irq_set::ACTION_MASK_ALL;
+        if req.flags & !(irq_set::DATA_MASK | irq_set::ACTION_MASK_ALL) != 0
+            || data.count_ones() != 1
+            || action.count_ones() != 1
+        {
+            return Err(einval(format!("DEVICE_SET_IRQS flags {:#x}", req.flags)));
+        }
+        if data != irq_set::DATA_BOOL && payload.len() != SetIrqsPayload::SIZE {
+            return Err(einval("DEVICE_SET_IRQS payload must be 20 bytes"));
+        }
+        if data != irq_set::DATA_EVENTFD && !fds.is_empty() {
+            return Err(einval("DEVICE_SET_IRQS carries fds without DATA_EVENTFD"));
+        }
+        if req.count > MAX_IRQ_COUNT {
+            return Err(einval(format!("DEVICE_SET_IRQS count {}", req.count)));
+        }
+        let d = self.device;
+        match (data, action) {
+            (irq_set::DATA_NONE, irq_set::ACTION_TRIGGER) if req.count == 0 => {
+                d.disable_irqs(req.index)?;
+                self.irq_indices.remove(&req.index);
+            }
+            (irq_set::DATA_EVENTFD, irq_set::ACTION_TRIGGER) => {
+                let count = req.count as usize;
+                let list: Vec<Option<BorrowedFd<'_>>> = if fds.is_empty() {
+                    vec![None; count]
+                } else if fds.len() == count {
+                    fds.iter().map(|f| Some(f.as_fd())).collect()
+                } else {
+                    return Err(einval(format!(
+                        "DEVICE_SET_IRQS count {} with {} file descriptors",
+                        req.count,
+                        fds.len()
+                    )));
+                };
+                d.set_irq_eventfds(req.index, req.start, &list)?;
+                if !fds.is_empty() {
+                    self.irq_indices.insert(req.index);
+                }
+            }
+            (irq_set::DATA_NONE, irq_set::ACTION_UNMASK) if req.count == 1 && req.start == 0 => {
+                d.unmask_irq(req.index)?;
+            }
+            (irq_set::DATA_NONE, irq_set::ACTION_MASK) if req.count == 1 && req.start == 0 => {
+                d.mask_irq(req.index)?;
+            }
+            (irq_set::DATA_EVENTFD, irq_set::ACTION_UNMASK)
+                if req.count == 1 && req.start == 0 && fds.len() <= 1 =>
+            {
+                d.set_irq_unmask_eventfd(req.index, fds.first().map(|f| f.as_fd()))?;
+                if !fds.is_empty() {
+                    self.irq_indices.insert(req.index);
+                }
+            }
+            _ => {
+                return Err(Error::Unsupported(format!(
+                    "DEVICE_SET_IRQS flags {:#x} start {} count {}",
+                    req.flags, req.start, req.count
+                )))
+            }
+        }
+        Ok((Vec::new(), None))
+    }
+
+    fn region_read(&self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() != RegionAccessPayload::SIZE {
+            return Err(einval("REGION_READ payload must be 16 bytes"));
+        }
+        let req = RegionAccessPayload::decode(payload)?;
+        if req.count > self.options.max_data_xfer_size {
+            return Err(einval(format!(
+                "REGION_READ of {} bytes exceeds max_data_xfer_size",
+                req.count
+            )));
+        }
+        let mut out = vec![0u8; RegionAccessPayload::SIZE + req.count as usize];
+        let (head, data) = out.split_at_mut(RegionAccessPayload::SIZE);
+        self.device.region_read(req.region, req.offset, data)?;
+        head.copy_from_slice(&req.encode());
+        Ok((out, None))
+    }
+
+    fn region_write(&self, payload: &[u8]) -> Result<Reply> {
+        let req = RegionAccessPayload::decode(payload)?;
+        let data = payload.get(RegionAccessPayload::SIZE..).unwrap_or(&[]);
+        if data.len() != req.count as usize {
+            return Err(einval(format!(
+                "REGION_WRITE count {} with {} data bytes",
+                req.count,
+                data.len()
+            )));
+        }
+        if req.count > self.options.max_data_xfer_size {
+            return Err(einval("REGION_WRITE exceeds max_data_xfer_size"));
+        }
+        self.device.region_write(req.region, req.offset, data)?;
+        Ok((req.encode().to_vec(), None))
+    }
+
+    /// What the spec asks of a server when its client goes away: unmap the
+    /// client's memory and close its interrupt fds; keep the device state.
+    fn cleanup(&mut self) {
+        for (iova, r) in std::mem::take(&mut self.dma) {
+            if let Err(e) = self.device.dma_unmap(iova, r.size) {
+                log::warn!("vfio-user server: dma_unmap({iova:#x}) on disconnect: {e}");
+            }
+        }
+        for index in std::mem::take(&mut self.irq_indices) {
+            if let Err(e) = self.device.disable_irqs(index) {
+                log::warn!("vfio-user server: disable_irqs({index}) on disconnect: {e}");
+            }
+            if let Err(e) = self.device.set_irq_unmask_eventfd(index, None) {
+                log::debug!("vfio-user server: unmask eventfd of {index} on disconnect: {e}");
+            }
+        }
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let max_message = HEADER_SIZE
+            .saturating_add(64 * 1024)
+            .saturating_add(self.options.max_data_xfer_size as usize);
+        let max_fds = self.options.max_msg_fds as usize;
+        loop {
+            let mut m = match protocol::read_message(self.stream.as_fd(), max_message, max_fds) {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(Error::Disconnected(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let h = m.header;
+            if !h.is_command() {
+                log::warn!(
+                    "vfio-user server: dropping unexpected message type {:#x} ({})",
+                    h.flags,
+                    command_name(h.command)
+                );
+                continue;
+            }
+            let result = self.handle(&mut m);
+            drop(m);
+            let sent = match result {
+                Ok(_) if h.no_reply() => Ok(()),
+                Ok((payload, fd)) => {
+                    let rh = Header::reply(&h, payload.len())?;
+                    let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+                    protocol::write_message(self.stream.as_fd(), &rh, &[&payload], &fds)
+                }
+                Err(e) => {
+                    log::debug!("vfio-user server: {} failed: {e}", command_name(h.command));
+                    if h.no_reply() {
+                        Ok(())
+                    } else {
+                        let rh = Header::error_reply(&h, errno_of(&e));
+                        protocol::write_message(self.stream.as_fd(), &rh, &[], &[])
+                    }
+                }
+            };
+            match sent {
+                Ok(()) => {}
+                Err(Error::Disconnected(_)) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            if h.command == command::VERSION && !self.negotiated {
+                // The spec: close the connection on a version we cannot serve.
+                return Err(Error::Protocol("version negotiation failed".into()));
+            }
+        }
+    }
+}
+
+/// Serves one client connection until it closes, with default options.
+/// On return the client's DMA mappings are unmapped and the interrupts it
+/// wired are disabled.
+pub fn serve_connection(stream: UnixStream, device: Arc<dyn Vfio>) -> Result<()> {
+    serve_connection_with_options(stream, device, ServerOptions::default())
+}
+
+/// Serves one client connection until it closes.
+pub fn serve_connection_with_options(
+    stream: UnixStream,
+    device: Arc<dyn Vfio>,
+    options: ServerOptions,
+) -> Result<()> {
+    let mut session = Session {
+        stream: &stream,
+        device: device.as_ref(),
+        options,
+        negotiated: false,
+        client_caps: Capabilities::default(),
+        dma: BTreeMap::new(),
+        irq_indices: BTreeSet::new(),
+    };
+    let result = session.run();
+    log::debug!(
+        "vfio-user server: client (max_msg_fds {}) left",
+        session.client_caps.max_msg_fds
+    );
+    session.cleanup();
+    result
+}
+
+/// Whether the peer of `stream` runs as our effective user.
+fn peer_is_owner(stream: &UnixStream) -> bool {
+    // SAFETY: ucred is plain data; all-zero is valid.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is
+    // that big, for a socket fd we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    rc == 0 && cred.uid == me
+}
+
+/// Serves clients of `listener` one after the other, forever (until
+/// `accept` fails). Clients running as another user are turned away.
+pub fn serve(listener: &UnixListener, device: Arc<dyn Vfio>) -> Result<()> {
+    loop {
+        let (stream, _) = listener
+            .accept()
+            .map_err(|e| Error::io("accept a vfio-user client", e))?;
+        if !peer_is_owner(&stream) {
+            log::warn!("vfio-user server: refused a client running as another user");
+            continue;
+        }
+        if let Err(e) = serve_connection(stream, Arc::clone(&device)) {
+            log::warn!("vfio-user server: connection ended with an error: {e}");
+        }
+    }
+}
+
+/// Binds a Unix socket at `path` that only its owner may use (mode 0600).
+/// Fails if `path` exists.
+pub fn bind_socket(path: impl AsRef<Path>) -> Result<UnixListener> {
+    let path = path.as_ref();
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("bind vfio-user socket {}", path.display()), e))?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(Error::io(
+            format!("chmod 0600 vfio-user socket {}", path.display()),
+            e,
+        ));
+    }
+    Ok(listener)
+}
+
+/// A vfio-user server running in its own thread: serves one client at a
+/// time until [`UserServer::shutdown`] or drop, which also removes the
+/// socket file it created.
+pub struct UserServer {
+    stop: Arc<AtomicBool>,
+    listener: UnixListener,
+    current: Arc<Mutex<Option<UnixStream>>>,
+    thread: Option<JoinHandle<()>>,
+    path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for UserServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserServer")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UserServer {
+    /// Binds `path` (mode 0600, see [`bind_socket`]) and serves `device` on it.
+    pub fn bind(
+        path: impl AsRef<Path>,
+        device: Arc<dyn Vfio>,
+        options: ServerOptions,
+    ) -> Result<UserServer> {
+        let listener = bind_socket(path.as_ref())?;
+        let mut server = Self::spawn(listener, device, options)?;
+        server.path = Some(path.as_ref().to_path_buf());
+        Ok(server)
+    }
+
+    /// Serves `device` on an already bound listener.
+    pub fn spawn(
+        listener: UnixListener,
+        device: Arc<dyn Vfio>,
+        options: ServerOptions,
+    ) -> Result<UserServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let ours = listener
+            .try_clone()
+            .map_err(|e| Error::io("clone the vfio-user listener", e))?;
+        let (t_stop, t_current) = (Arc::clone(&stop), Arc::clone(&current));
+        let thread = std::thread::Builder::new()
+            .name("vfio-user-server".into())
+            .spawn(move || {
+                while !t_stop.load(Ordering::SeqCst) {
+                    let stream = match listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            if !t_stop.load(Ordering::SeqCst) {
+                                log::warn!("vfio-user server: accept failed: {e}");
+                            }
+                            break;
+                        }
+                    };
+                    if t_stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    if !peer_is_owner(&stream) {
+                        log::warn!("vfio-user server: refused a client running as another user");
+                        continue;
+                    }
+                    if let Ok(clone) = stream.try_clone() {
+                        *t_current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+                    }
+                    let r = serve_connection_with_options(stream, Arc::clone(&device), options);
+                    *t_current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    if let Err(e) = r {
+                        log::warn!("vfio-user server: connection ended with an error: {e}");
+                    }
+                }
+            })
+            .map_err(|e| Error::io("spawn the vfio-user server thread", e))?;
+        Ok(UserServer {
+            stop,
+            listener: ours,
+            current,
+            thread: Some(thread),
+            path: None,
+        })
+    }
+
+    /// Stops serving: disconnects the current client and ends the thread.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown on a listening socket we own; on Linux it wakes a
+        // thread blocked in accept() on the same socket.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(s) = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("vfio-user server thread panicked");
+            }
+        }
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for UserServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

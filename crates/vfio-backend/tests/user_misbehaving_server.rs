@@ -1,0 +1,589 @@
+//! Our vfio-user client against hand-written servers that send crafted
+//! bytes: error replies, silence, sudden death and lies. The client must
+//! answer each with the right error, in bounded time, without panicking.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vfio_backend::user::{protocol, UserDevice, UserOptions};
+use vfio_backend::{DmaSource, Error, Vfio};
+
+// Wire constants, written out from the spec rather than taken from the crate.
+const VERSION: u16 = 1;
+const DMA_MAP: u16 = 2;
+const DEVICE_GET_INFO: u16 = 4;
+const DEVICE_GET_IRQ_INFO: u16 = 7;
+const DEVICE_SET_IRQS: u16 = 8;
+const REGION_READ: u16 = 9;
+const REGION_WRITE: u16 = 10;
+const DMA_READ: u16 = 11;
+const DMA_WRITE: u16 = 12;
+const DEVICE_RESET: u16 = 13;
+const REPLY: u32 = 1;
+const ERROR: u32 = 1 << 5;
+
+fn header(id: u16, cmd: u16, size: u32, flags: u32, error: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(&id.to_le_bytes());
+    v.extend_from_slice(&cmd.to_le_bytes());
+    v.extend_from_slice(&size.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v.extend_from_slice(&error.to_le_bytes());
+    v
+}
+
+fn reply(req: &Req, payload: &[u8]) -> Vec<u8> {
+    let mut v = header(req.id, req.cmd, 16 + payload.len() as u32, REPLY, 0);
+    v.extend_from_slice(payload);
+    v
+}
+
+struct Req {
+    id: u16,
+    cmd: u16,
+    flags: u32,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// Reads one message; the header fields are decoded here by hand.
+fn recv(s: &UnixStream) -> Option<Req> {
+    let m = protocol::read_message(s.as_fd(), 1 << 22, 16).unwrap()?;
+    let raw = m.header.encode();
+    Some(Req {
+        id: u16::from_le_bytes([raw[0], raw[1]]),
+        cmd: u16::from_le_bytes([raw[2], raw[3]]),
+        flags: u32_at(&raw, 8),
+        payload: m.payload,
+        fds: m.fds,
+    })
+}
+
+/// A fake server: answers VERSION (with `caps_json`) and DEVICE_GET_INFO
+/// (no regions, 4 irq indices), then hands the stream to `script`.
+fn fake_server(
+    caps_json: &'static str,
+    script: impl FnOnce(UnixStream) + Send + 'static,
+) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        assert_eq!(v.cmd, VERSION);
+        assert_eq!(v.flags & 0xf, 0, "VERSION is sent as a command");
+        let mut p = vec![0u8, 0, 1, 0];
+        p.extend_from_slice(caps_json.as_bytes());
+        p.push(0);
+        s.write_all(&reply(&v, &p)).unwrap();
+        let d = recv(&s).unwrap();
+        assert_eq!(d.cmd, DEVICE_GET_INFO);
+        let mut p = Vec::new();
+        for x in [16u32, 0b11, 0, 4] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&d, &p)).unwrap();
+        script(s);
+    });
+    (dir, path, t)
+}
+
+const CAPS: &str = r#"{"capabilities":{"max_msg_fds":2,"max_data_xfer_size":64}}"#;
+
+fn options(timeout_ms: u64) -> UserOptions {
+    UserOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        reset_timeout: Duration::from_millis(timeout_ms),
+        max_msg_fds: 2,
+        ..UserOptions::default()
+    }
+}
+
+fn connect(path: &PathBuf, timeout_ms: u64) -> UserDevice {
+    UserDevice::connect_with_options(path, options(timeout_ms)).unwrap()
+}
+
+#[test]
+fn error_reply_is_refused_with_the_servers_errno_promptly() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DEVICE_RESET);
+        s.write_all(&header(r.id, r.cmd, 16, REPLY | ERROR, libc::EBUSY as u32))
+            .unwrap();
+        // Keep the connection open until the client is done.
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let t0 = Instant::now();
+    let e = dev.reset().unwrap_err();
+    assert!(
+        matches!(e, Error::Refused { errno, .. } if errno == libc::EBUSY),
+        "{e:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn error_reply_with_errno_zero_is_refused_as_eio() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        s.write_all(&header(r.id, r.cmd, 16, REPLY | ERROR, 0))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let e = dev.irq_info(2).unwrap_err();
+    assert!(
+        matches!(e, Error::Refused { errno, .. } if errno == libc::EIO),
+        "{e:?}"
+    );
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn silent_server_times_out_in_about_the_timeout_and_late_reply_is_dropped() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r1 = recv(&s).unwrap();
+        std::thread::sleep(Duration::from_millis(600));
+        // A late reply to the request that timed out.
+        let mut p = Vec::new();
+        for x in [16u32, 1, 2, 8] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&r1, &p)).unwrap();
+        let r2 = recv(&s).unwrap();
+        s.write_all(&reply(&r2, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 300);
+    let t0 = Instant::now();
+    let e = dev.irq_info(2).unwrap_err();
+    let waited = t0.elapsed();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_millis(1500), "{waited:?}");
+    std::thread::sleep(Duration::from_millis(400));
+    // The connection is still usable after the late reply was dropped.
+    let info = dev.irq_info(2).unwrap();
+    assert_eq!(info.count, 8);
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn server_closing_mid_request_fails_every_waiter_with_disconnected_quickly() {
+    let (_d, path, t) = fake_server(CAPS, |s| {
+        // Take three requests, then die without answering.
+        for _ in 0..3 {
+            recv(&s).unwrap();
+        }
+        drop(s);
+    });
+    let dev = std::sync::Arc::new(connect(&path, 5000));
+    let t0 = Instant::now();
+    let waiters: Vec<_> = (0..3)
+        .map(|i| {
+            let dev = dev.clone();
+            std::thread::spawn(move || dev.irq_info(i).unwrap_err())
+        })
+        .collect();
+    for w in waiters {
+        let e = w.join().unwrap();
+        assert!(matches!(e, Error::Disconnected(_)), "{e:?}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // Later calls fail at once too.
+    let t1 = Instant::now();
+    assert!(matches!(dev.reset(), Err(Error::Disconnected(_))));
+    assert!(t1.elapsed() < Duration::from_millis(500));
+    t.join().unwrap();
+}
+
+#[test]
+fn region_read_reply_with_wrong_count_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, REGION_READ);
+        let count = u32_at(&r.payload, 12);
+        assert_eq!(count, 4);
+        // Claim 8 bytes and send 8 bytes for a 4-byte read.
+        let mut p = r.payload[..12].to_vec();
+        p.extend_from_slice(&8u32.to_le_bytes());
+        p.extend_from_slice(&[0xaa; 8]);
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let mut buf = [0u8; 4];
+    let e = dev.region_read(0, 0, &mut buf).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    // The connection is poisoned: later requests fail with Protocol too.
+    assert!(matches!(dev.reset(), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn reply_to_an_id_never_sent_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        s.write_all(&header(r.id.wrapping_add(1000), r.cmd, 16, REPLY, 0))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let t0 = Instant::now();
+    let e = dev.reset().unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn reply_with_a_size_below_the_header_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        s.write_all(&header(r.id, r.cmd, 8, REPLY, 0)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert!(matches!(dev.reset(), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn reply_with_a_huge_size_is_a_protocol_error_not_an_allocation() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        s.write_all(&header(r.id, r.cmd, u32::MAX, REPLY, 0))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert!(matches!(dev.reset(), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn reply_with_more_fds_than_we_accept_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |s| {
+        let r = recv(&s).unwrap();
+        let files: Vec<_> = (0..4).map(|_| tempfile::tempfile().unwrap()).collect();
+        let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
+        let h = protocol::Header::decode(&header(r.id, r.cmd, 16, REPLY, 0)).unwrap();
+        protocol::write_message(s.as_fd(), &h, &[], &fds).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert!(matches!(dev.reset(), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn reply_with_an_fd_to_a_command_that_returns_none_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |s| {
+        let r = recv(&s).unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let h = protocol::Header::decode(&header(r.id, r.cmd, 16, REPLY, 0)).unwrap();
+        protocol::write_message(s.as_fd(), &h, &[], &[f.as_fd()]).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert!(matches!(dev.reset(), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn version_reply_with_another_major_fails_the_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        s.write_all(&reply(&v, &[7, 0, 0, 0, b'{', b'}', 0]))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let e = UserDevice::connect_with_options(&path, options(2000)).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    t.join().unwrap();
+}
+
+#[test]
+fn version_request_carries_major_zero_and_nul_terminated_capabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        assert_eq!(&v.payload[0..2], &0u16.to_le_bytes());
+        assert_eq!(*v.payload.last().unwrap(), 0);
+        let json: serde_json::Value =
+            serde_json::from_slice(&v.payload[4..v.payload.len() - 1]).unwrap();
+        assert_eq!(json["capabilities"]["max_msg_fds"], 2);
+        assert!(json["capabilities"]["max_data_xfer_size"].as_u64().unwrap() > 0);
+    });
+    // The fake closes without answering: connect fails, and quickly.
+    let t0 = Instant::now();
+    let e = UserDevice::connect_with_options(&path, options(5000)).unwrap_err();
+    assert!(matches!(e, Error::Disconnected(_)), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    t.join().unwrap();
+}
+
+#[test]
+fn region_write_is_split_at_the_servers_max_data_xfer_size() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let r = recv(&s).unwrap();
+            assert_eq!(r.cmd, REGION_WRITE);
+            let (offset, region, count) = (
+                u64_at(&r.payload, 0),
+                u32_at(&r.payload, 8),
+                u32_at(&r.payload, 12),
+            );
+            assert_eq!(r.payload.len(), 16 + count as usize);
+            seen.push((offset, region, count, r.payload[16..].to_vec()));
+            s.write_all(&reply(&r, &r.payload[..16])).unwrap();
+        }
+        assert_eq!(
+            seen.iter().map(|x| (x.0, x.1, x.2)).collect::<Vec<_>>(),
+            vec![(0x100, 3, 64), (0x140, 3, 64), (0x180, 3, 22)]
+        );
+        let all: Vec<u8> = seen.into_iter().flat_map(|x| x.3).collect();
+        assert_eq!(all, (0..150u8).collect::<Vec<_>>());
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let data: Vec<u8> = (0..150u8).collect();
+    dev.region_write(3, 0x100, &data).unwrap();
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn eventfds_are_sent_in_batches_of_the_servers_max_msg_fds() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let r = recv(&s).unwrap();
+            assert_eq!(r.cmd, DEVICE_SET_IRQS);
+            let (flags, index, start, count) = (
+                u32_at(&r.payload, 4),
+                u32_at(&r.payload, 8),
+                u32_at(&r.payload, 12),
+                u32_at(&r.payload, 16),
+            );
+            // DATA_EVENTFD | ACTION_TRIGGER.
+            assert_eq!(flags, (1 << 2) | (1 << 5));
+            assert_eq!(index, 2);
+            assert_eq!(r.fds.len(), count as usize);
+            got.push((start, count));
+            // Signal the last vector of the last batch.
+            if start == 4 {
+                let one = 1u64.to_le_bytes();
+                // SAFETY: writes 8 bytes from a live 8-byte buffer to an eventfd we hold.
+                let n = unsafe { libc::write(r.fds[0].as_raw_fd(), one.as_ptr().cast(), 8) };
+                assert_eq!(n, 8);
+            }
+            s.write_all(&reply(&r, &[])).unwrap();
+        }
+        assert_eq!(got, vec![(0, 2), (2, 2), (4, 1)]);
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let efds: Vec<_> = (0..5).map(|_| eventfd()).collect();
+    let fds: Vec<_> = efds.iter().map(|e| Some(e.as_fd())).collect();
+    dev.set_irq_eventfds(2, 0, &fds).unwrap();
+    assert_eq!(read_eventfd(&efds[4]), Some(1));
+    assert_eq!(read_eventfd(&efds[0]), None, "vector 0 was not signalled");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn server_dma_read_and_write_are_served_from_registered_host_memory_with_bounds() {
+    let mut memory = vec![0u8; 4096];
+    let host_addr = memory.as_mut_ptr() as u64;
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DMA_MAP);
+        assert!(r.fds.is_empty(), "no file: DMA_MAP goes without an fd");
+        assert_eq!(u64_at(&r.payload, 16), 0x10000);
+        assert_eq!(u64_at(&r.payload, 24), 4096);
+        s.write_all(&reply(&r, &[])).unwrap();
+        // DMA_WRITE 4 bytes at iova 0x10008.
+        let mut p = Vec::new();
+        p.extend_from_slice(&0x10008u64.to_le_bytes());
+        p.extend_from_slice(&4u64.to_le_bytes());
+        p.extend_from_slice(&[1, 2, 3, 4]);
+        let mut m = header(500, DMA_WRITE, 16 + p.len() as u32, 0, 0);
+        m.extend_from_slice(&p);
+        s.write_all(&m).unwrap();
+        let w = recv(&s).unwrap();
+        assert_eq!((w.id, w.cmd, w.flags & 0xf), (500, DMA_WRITE, 1));
+        assert_eq!(w.flags & ERROR, 0);
+        // DMA_READ them back.
+        let mut p = Vec::new();
+        p.extend_from_slice(&0x10008u64.to_le_bytes());
+        p.extend_from_slice(&4u64.to_le_bytes());
+        let mut m = header(501, DMA_READ, 32, 0, 0);
+        m.extend_from_slice(&p);
+        s.write_all(&m).unwrap();
+        let rd = recv(&s).unwrap();
+        assert_eq!((rd.id, rd.flags & ERROR), (501, 0));
+        assert_eq!(&rd.payload[16..], &[1, 2, 3, 4]);
+        // A read that runs past the end of the mapping is refused.
+        let mut p = Vec::new();
+        p.extend_from_slice(&0x10ffeu64.to_le_bytes());
+        p.extend_from_slice(&4u64.to_le_bytes());
+        let mut m = header(502, DMA_READ, 32, 0, 0);
+        m.extend_from_slice(&p);
+        s.write_all(&m).unwrap();
+        let bad = recv(&s).unwrap();
+        assert_eq!(bad.id, 502);
+        assert_ne!(
+            bad.flags & ERROR,
+            0,
+            "out-of-range DMA_READ must be refused"
+        );
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    dev.dma_map(
+        0x10000,
+        4096,
+        DmaSource {
+            host_addr,
+            file: None,
+            read_only: false,
+        },
+    )
+    .unwrap();
+    // Wait for the server script to run its DMA messages, then close.
+    let t0 = Instant::now();
+    while memory_at(host_addr, 8) != [1, 2, 3, 4] && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    drop(dev);
+    t.join().unwrap();
+    assert_eq!(&memory[8..12], &[1, 2, 3, 4]);
+    assert!(memory[..8].iter().all(|&b| b == 0));
+}
+
+fn eventfd() -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: eventfd takes no pointers; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor we own (checked above), taken over once.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// The eventfd's counter, or None when it was not signalled.
+fn read_eventfd(fd: &OwnedFd) -> Option<u64> {
+    let mut b = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live 8-byte buffer.
+    let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
+    (n == 8).then(|| u64::from_le_bytes(b))
+}
+
+fn memory_at(addr: u64, off: usize) -> [u8; 4] {
+    let mut b = [0u8; 4];
+    for (i, x) in b.iter_mut().enumerate() {
+        // SAFETY: the caller's buffer is 4096 bytes and alive; volatile
+        // because the client's reader thread writes it.
+        *x = unsafe { std::ptr::read_volatile((addr as *const u8).add(off + i)) };
+    }
+    b
+}
+
+#[test]
+fn garbage_from_the_server_never_panics_the_client() {
+    let mut seed = 0x1234_5678_9abc_def0u64;
+    for round in 0..24 {
+        let mut junk = Vec::new();
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            junk.push(seed as u8);
+        }
+        // Keep the header plausible half of the time.
+        if round % 2 == 0 {
+            junk[4..8].copy_from_slice(&(16u32 + (seed % 48) as u32).to_le_bytes());
+            junk[8..12].copy_from_slice(&REPLY.to_le_bytes());
+        }
+        let (_d, path, t) = fake_server(CAPS, move |mut s| {
+            if let Some(r) = recv(&s) {
+                junk[0..2].copy_from_slice(&r.id.to_le_bytes());
+                junk[2..4].copy_from_slice(&r.cmd.to_le_bytes());
+                let _ = s.write_all(&junk);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        let dev = connect(&path, 300);
+        let _ = dev.irq_info(1);
+        drop(dev);
+        t.join().unwrap();
+    }
+}
+
+#[test]
+fn irq_info_reply_for_another_index_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DEVICE_GET_IRQ_INFO);
+        let mut p = Vec::new();
+        for x in [16u32, 1, 3, 1] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert!(matches!(dev.irq_info(2), Err(Error::Protocol(_))));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn drop_ends_the_client_even_with_a_silent_server() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let mut b = [0u8; 64];
+        // Read until the client hangs up.
+        while s.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
+    });
+    let dev = connect(&path, 5000);
+    let t0 = Instant::now();
+    drop(dev);
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    t.join().unwrap();
+}
