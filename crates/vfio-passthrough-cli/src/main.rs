@@ -1,0 +1,291 @@
+//! `vfio-passthrough`: the operator's tool for VFIO PCI passthrough.
+//!
+//! `check <BDF>` is a read-only preflight of a host PCI function. Exit status: 0 ready (no
+//! problems), 1 problems found, 2 usage or I/O error (e.g. the device does not exist).
+
+mod check;
+mod sysfs;
+
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use clap::{Parser, Subcommand};
+
+use check::{Options, Report};
+use sysfs::{Host, UserIds};
+
+/// VFIO PCI passthrough, from the operator's side.
+#[derive(Debug, Parser)]
+#[command(name = "vfio-passthrough", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Preflight a host PCI function for passthrough; changes nothing.
+    ///
+    /// Checks the IOMMU, the IOMMU group's viability, the bound driver, the access modes the
+    /// host offers (legacy group/container, iommufd + vfio cdev, no-IOMMU), /dev/vfio
+    /// permissions, reset methods, BAR sizes against the VMM's windows, MSI-X placement against
+    /// the host page size, the ROM and RLIMIT_MEMLOCK. Exit status: 0 ready, 1 problems found,
+    /// 2 usage or I/O error.
+    Check(CheckArgs),
+    /// Show what the passthrough stack would present to a guest for a device.
+    Inspect {
+        /// PCI address, DDDD:BB:DD.F or BB:DD.F.
+        bdf: String,
+    },
+    /// Serve the programmable fake PCI device over a vfio-user socket.
+    ServeFake {
+        /// Path of the Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// PCI address of the function, DDDD:BB:DD.F or BB:DD.F (as `lspci -D` prints it).
+    bdf: String,
+    /// Guest memory size (e.g. 4G, 512M) to compare with RLIMIT_MEMLOCK; without it that item is skipped.
+    #[arg(long, value_name = "SIZE", value_parser = check::parse_size)]
+    guest_memory: Option<u64>,
+    /// Size of the VMM's 32-bit MMIO window (the default is 0xC000_0000..0xFEC0_0000); a 32-bit BAR that cannot fit is a problem.
+    #[arg(long, value_name = "SIZE", value_parser = check::parse_size, default_value = "1004M")]
+    mmio32_size: u64,
+    /// Size of the VMM's 64-bit MMIO window; larger 64-bit BARs are warned about.
+    #[arg(long, value_name = "SIZE", value_parser = check::parse_size, default_value = "64G")]
+    mmio64_size: u64,
+    /// Print the items as JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Directory standing for / when reading /sys, /proc and /dev (a copied tree, or tests).
+    #[arg(long, value_name = "DIR", default_value = "/", alias = "sysfs-root")]
+    root: PathBuf,
+    /// Host page size to judge MSI-X placement with, instead of this host's (e.g. 64K).
+    #[arg(long, value_name = "SIZE", value_parser = parse_page_size)]
+    page_size: Option<u64>,
+    /// RLIMIT_MEMLOCK the VMM will have (SIZE or "unlimited"), instead of this shell's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memlock)]
+    memlock_limit: Option<Memlock>,
+    /// Check /dev/vfio access for this uid (the VMM's user) instead of the current one.
+    #[arg(long, value_name = "UID")]
+    vmm_uid: Option<u32>,
+    /// Group ids of the VMM's user (repeat or comma-separate); used with --vmm-uid.
+    #[arg(long, value_name = "GID", value_delimiter = ',', requires = "vmm_uid")]
+    vmm_gid: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Memlock(Option<u64>);
+
+fn parse_memlock(s: &str) -> Result<Memlock, String> {
+    if matches!(s.trim(), "unlimited" | "infinity") {
+        Ok(Memlock(None))
+    } else {
+        check::parse_size(s).map(|v| Memlock(Some(v)))
+    }
+}
+
+fn parse_page_size(s: &str) -> Result<u64, String> {
+    let v = check::parse_size(s)?;
+    if v.is_power_of_two() && (4096..=1 << 30).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{s:?}: a page size is a power of two from 4K to 1G"
+        ))
+    }
+}
+
+/// A status line on stderr for steps that take longer than a moment (terminals only).
+struct Progress {
+    state: Arc<Mutex<(String, Instant, bool)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    const DELAY: Duration = Duration::from_millis(300);
+
+    fn start(enabled: bool) -> Self {
+        let state = Arc::new(Mutex::new((String::new(), Instant::now(), false)));
+        let thread = enabled.then(|| {
+            let state = Arc::clone(&state);
+            std::thread::spawn(move || {
+                let mut shown = String::new();
+                loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let Ok(s) = state.lock() else { return };
+                    let (step, since, done) = (&s.0, s.1, s.2);
+                    let mut err = std::io::stderr();
+                    if done {
+                        if !shown.is_empty() {
+                            let _ = write!(err, "\r\x1b[K");
+                        }
+                        return;
+                    }
+                    if *step != shown && since.elapsed() >= Self::DELAY {
+                        let _ = write!(err, "\r\x1b[K... checking {step}");
+                        let _ = err.flush();
+                        shown.clone_from(step);
+                    }
+                }
+            })
+        });
+        Progress { state, thread }
+    }
+
+    fn step(&self, name: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = name.to_string();
+            s.1 = Instant::now();
+        }
+    }
+
+    fn finish(mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.2 = true;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_check(args: &CheckArgs) -> anyhow::Result<Report> {
+    let bdf = check::normalize_bdf(&args.bdf)?;
+    if !args.root.is_dir() {
+        bail!("--root {}: not a directory", args.root.display());
+    }
+    let memlock = match args.memlock_limit {
+        Some(Memlock(v)) => v,
+        None => sysfs::current_memlock_limit()
+            .map_err(|e| anyhow::anyhow!("getrlimit(RLIMIT_MEMLOCK) failed: {e}"))?,
+    };
+    let user = match args.vmm_uid {
+        Some(uid) => UserIds {
+            uid,
+            gids: args.vmm_gid.clone(),
+        },
+        None => UserIds::current(),
+    };
+    let host = Host {
+        root: args.root.clone(),
+        page_size: args.page_size.unwrap_or_else(sysfs::current_page_size),
+        memlock,
+        user,
+    };
+    let opts = Options {
+        guest_memory: args.guest_memory,
+        mmio32_size: args.mmio32_size,
+        mmio64_size: args.mmio64_size,
+    };
+    let progress = Progress::start(!args.json && std::io::stderr().is_terminal());
+    let report = check::run(&host, &bdf, &opts, &mut |s| progress.step(s));
+    progress.finish();
+    report
+}
+
+fn print_text(r: &Report) {
+    println!("{} {}", r.device, r.identity);
+    let width = r.items.iter().map(|i| i.name.len()).max().unwrap_or(0);
+    for i in &r.items {
+        println!("{} {:<width$}  {}", i.verdict.tag(), i.name, i.detail);
+        if let Some(fix) = &i.fix {
+            println!("       {:<width$}  fix: {fix}", "");
+        }
+    }
+    let s = r.summary;
+    let plural = |n: usize, w: &str| format!("{n} {w}{}", if n == 1 { "" } else { "s" });
+    if r.ready {
+        println!(
+            "{}: ready for passthrough ({}, {} skipped)",
+            r.device,
+            plural(s.warnings, "warning"),
+            s.skipped
+        );
+    } else {
+        println!(
+            "{}: NOT ready: {}, {}",
+            r.device,
+            plural(s.problems, "problem"),
+            plural(s.warnings, "warning")
+        );
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check(args) => run_check(args).and_then(|r| {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_text(&r);
+            }
+            Ok(if r.ready { 0 } else { 1 })
+        }),
+        Command::Inspect { .. } => Err(anyhow::anyhow!(
+            "`inspect` is not yet available in this build of vfio-passthrough (only `check` is)"
+        )),
+        Command::ServeFake { .. } => Err(anyhow::anyhow!(
+            "`serve-fake` is not yet available in this build of vfio-passthrough (only `check` is)"
+        )),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("vfio-passthrough: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn vmm_gid_needs_vmm_uid() {
+        assert!(Cli::try_parse_from(["x", "check", "00:01.0", "--vmm-gid", "5"]).is_err());
+        assert!(Cli::try_parse_from([
+            "x",
+            "check",
+            "00:01.0",
+            "--vmm-uid",
+            "5",
+            "--vmm-gid",
+            "5,6"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn default_windows_match_the_documented_constants() {
+        let cli = Cli::try_parse_from(["x", "check", "00:01.0"]).unwrap();
+        let Command::Check(a) = cli.command else {
+            panic!("not check")
+        };
+        // 0xC000_0000..0xFEC0_0000: below 4 GiB, under the IOAPIC/LAPIC range.
+        assert_eq!(a.mmio32_size, 0xFEC0_0000 - 0xC000_0000);
+        assert_eq!(a.mmio64_size, 64 << 30);
+    }
+
+    #[test]
+    fn page_size_must_be_a_power_of_two() {
+        assert_eq!(parse_page_size("64K"), Ok(65536));
+        assert!(parse_page_size("3000").is_err());
+    }
+}
