@@ -1,8 +1,500 @@
 //! `cargo xtask hwtest`: the kernel backend against real vfio-pci.
+//!
+//! Two ways to get a function bound to vfio-pci:
+//!
+//! * `--device <BDF>`: a host where that function is already bound. The test binary
+//!   (`crates/vfio-hwtest`) runs against it directly.
+//! * `--qemu`: a QEMU guest (TCG, q35, emulated Intel IOMMU) running a Debian kernel whose
+//!   `/init` binds QEMU's `edu` and `nvme` functions to vfio-pci and runs the same binary.
+//!   Results come back on the serial console and through `isa-debug-exit`.
+//!
+//! Everything the guest needs is fetched or built under `target/hwtest/` and reused: the host
+//! tools (apt, when missing), the kernel and busybox packages (`apt-get download` + `dpkg -x`),
+//! the static test binary (its own cargo target dir), the initramfs (rebuilt only when an input
+//! changed) and the NVMe backing file. A second run only boots.
+//!
+//! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
+//! failure, a missing report, an unexpected QEMU exit or the timeout fails the command.
 
-use anyhow::{bail, Result};
+mod console;
+mod host;
+mod initramfs;
+mod kernel;
+
+use crate::{cargo, root, run_cmd};
+use anyhow::{bail, Context, Result};
+use console::{End, Report, Verdict};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const USAGE: &str = "\
+cargo xtask hwtest (--qemu | --device <BDF>...) [options] [-- <vfio-hwtest args>]
+
+  --qemu              boot a Debian kernel in QEMU (TCG, emulated Intel IOMMU) with QEMU's edu
+                      and nvme functions bound to vfio-pci, and run the tests inside
+  --device <BDF>      run the tests on this host against a function bound to vfio-pci
+                      (repeatable)
+  --kernel <series>   guest kernel for --qemu: 6.1 (default; bookworm) or 6.12
+                      (bookworm-backports)
+  --timeout <secs>    kill the guest (or the test binary) after this long (default 120)
+  --refresh           resolve the current kernel package again instead of the cached one
+  -v, --verbose       show the whole console (with timestamps) and the kernel's info messages
+  -- <args>           passed to vfio-hwtest, e.g. `-- --only iommu`
+
+Host setup (installs only what is missing, as root): qemu-system-x86 (from backports when the
+installed qemu-utils is a backports one that breaks the release's qemu), kmod, gzip. Kernel and
+busybox-static are downloaded and unpacked under target/hwtest/, not installed.
+";
+
+/// IDs `/init` binds to vfio-pci: QEMU's edu and its NVMe controller.
+const QEMU_BIND_IDS: &[&str] = &["1234:11e8", "1b36:0010"];
+/// The serial number given to QEMU's nvme device (an NVMe scenario checks it).
+const NVME_SERIAL: &str = "hwtest0";
+/// Size of the NVMe namespace's backing file.
+const NVME_IMAGE_BYTES: u64 = 64 << 20;
+/// The target the guest binary is built for (statically, with glibc).
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Prints a progress line.
+fn step(msg: &str) {
+    println!("== hwtest: {msg}");
+}
+
+/// The parsed command line.
+#[derive(Debug, PartialEq)]
+struct Options {
+    qemu: bool,
+    devices: Vec<String>,
+    kernel: String,
+    timeout: Duration,
+    refresh: bool,
+    verbose: bool,
+    hwtest_args: Vec<String>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut o = Options {
+            qemu: false,
+            devices: Vec::new(),
+            kernel: "6.1".to_string(),
+            timeout: Duration::from_secs(120),
+            refresh: false,
+            verbose: false,
+            hwtest_args: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |flag: &str| {
+                it.next()
+                    .cloned()
+                    .with_context(|| format!("{flag} needs a value"))
+            };
+            match a.as_str() {
+                "--qemu" => o.qemu = true,
+                "--device" => {
+                    let bdf = value("--device")?;
+                    o.devices.push(if bdf.len() == 7 {
+                        format!("0000:{bdf}")
+                    } else {
+                        bdf
+                    });
+                }
+                "--kernel" => o.kernel = value("--kernel")?,
+                "--timeout" => {
+                    let v = value("--timeout")?;
+                    let secs: u64 = v
+                        .parse()
+                        .with_context(|| format!("--timeout {v}: not a number of seconds"))?;
+                    o.timeout = Duration::from_secs(secs);
+                }
+                "--refresh" => o.refresh = true,
+                "-v" | "--verbose" => o.verbose = true,
+                "--" => {
+                    o.hwtest_args = it.by_ref().cloned().collect();
+                }
+                "-h" | "--help" => bail!("{USAGE}"),
+                other => bail!("unknown argument `{other}`\n\n{USAGE}"),
+            }
+        }
+        match (o.qemu, o.devices.is_empty()) {
+            (true, false) => bail!("--qemu and --device exclude each other\n\n{USAGE}"),
+            (false, true) => bail!("give --qemu or --device <BDF>\n\n{USAGE}"),
+            _ => {}
+        }
+        // They end up in the guest's /init: plain words only.
+        for a in o.hwtest_args.iter().chain(&o.devices) {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:@=/,".contains(c));
+            if !plain {
+                bail!("argument `{a}`: only letters, digits and - _ . : @ = / , are allowed");
+            }
+        }
+        Ok(o)
+    }
+}
 
 /// Entry point of `cargo xtask hwtest`.
 pub fn run(args: &[String]) -> Result<()> {
-    bail!("hwtest is not written yet (args: {args:?})")
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    let opts = Options::parse(args)?;
+    let cache = root().join("target/hwtest");
+    fs::create_dir_all(&cache).with_context(|| format!("create {}", cache.display()))?;
+    if opts.qemu {
+        run_qemu(&opts, &cache)
+    } else {
+        run_host(&opts, &cache)
+    }
+}
+
+/// Builds the test binary, statically linked so it runs in an initramfs with no libc, in its
+/// own target dir so the normal build's cache is not invalidated by the different RUSTFLAGS.
+fn build_hwtest(cache: &Path) -> Result<PathBuf> {
+    let target_dir = cache.join("build");
+    let mut c = cargo();
+    c.args([
+        "build",
+        "--release",
+        "-p",
+        "vfio-hwtest",
+        "--target",
+        STATIC_TARGET,
+    ])
+    .env("CARGO_TARGET_DIR", &target_dir)
+    // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
+    .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    .env("RUSTFLAGS", "-C target-feature=+crt-static")
+    // Smaller initramfs: no debug info in the guest binary.
+    .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+    .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+    run_cmd("build vfio-hwtest (static)", c)?;
+    let bin = target_dir.join(STATIC_TARGET).join("release/vfio-hwtest");
+    if elf_interpreter(&bin)? {
+        bail!(
+            "{} is dynamically linked (has PT_INTERP): it cannot run in the initramfs",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Whether an x86-64 ELF file asks for a dynamic loader (has a `PT_INTERP` program header).
+fn elf_interpreter(path: &Path) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let b = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    if b.get(..5) != Some(b"\x7fELF\x02") {
+        bail!("{} is not a 64-bit ELF file", path.display());
+    }
+    // e_phoff at 0x20, e_phentsize at 0x36, e_phnum at 0x38 (ELF-64).
+    let bad = || anyhow::anyhow!("{}: truncated ELF header", path.display());
+    let phoff = usize::try_from(u64_at(0x20).ok_or_else(bad)?)?;
+    let phentsize = usize::from(u16_at(0x36).ok_or_else(bad)?);
+    let phnum = usize::from(u16_at(0x38).ok_or_else(bad)?);
+    for i in 0..phnum {
+        let p_type = u32_at(phoff + i * phentsize).ok_or_else(bad)?;
+        if p_type == PT_INTERP {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Prints one scenario line as the run goes.
+fn print_scenario(s: &console::ScenarioLine) {
+    let word = match s.verdict {
+        Verdict::Pass => "PASS",
+        Verdict::Fail => "FAIL",
+        Verdict::Skip => "SKIP",
+    };
+    if s.detail.is_empty() {
+        println!("{word} {}", s.name);
+    } else {
+        println!("{word} {}  ({})", s.name, s.detail);
+    }
+}
+
+/// The last `n` lines of a log file, for a failure message.
+fn tail(log: &Path, n: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Prints the closing line and turns the report's problems (plus `extra`) into the result.
+fn conclude(report: &Report, mut problems: Vec<String>, log: &Path, verbose: bool) -> Result<()> {
+    println!("{}", report.counts());
+    if problems.is_empty() {
+        return Ok(());
+    }
+    if !verbose {
+        println!("-- last lines of {}:\n{}", log.display(), tail(log, 40));
+    }
+    problems.push(format!("full log: {}", log.display()));
+    bail!("hwtest failed:\n  {}", problems.join("\n  "))
+}
+
+fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
+    let t0 = Instant::now();
+    let mut apt = host::Apt::new()?;
+    let qemu = apt.ensure_qemu()?;
+    apt.ensure_tools(&[
+        ("depmod", "kmod"),
+        ("modprobe", "kmod"),
+        ("gzip", "gzip"),
+        ("dpkg", "dpkg"),
+    ])?;
+    let kernel = kernel::ensure_kernel(&mut apt, cache, &opts.kernel, opts.refresh)?;
+    let busybox = kernel::ensure_busybox(&mut apt, cache)?;
+    let hwtest = build_hwtest(cache)?;
+
+    let mut args = Vec::new();
+    for id in QEMU_BIND_IDS {
+        args.extend(["--require".to_string(), id.to_string()]);
+    }
+    args.extend(opts.hwtest_args.iter().cloned());
+    let (initrd, rebuilt) = initramfs::ensure_initramfs(
+        cache,
+        &initramfs::Inputs {
+            kernel: &kernel,
+            busybox: &busybox,
+            hwtest: &hwtest,
+            bind_ids: QEMU_BIND_IDS,
+            hwtest_args: args,
+        },
+    )?;
+    let size = fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
+    step(&format!(
+        "initramfs {} ({} KiB, {})",
+        initrd.display(),
+        size / 1024,
+        if rebuilt { "rebuilt" } else { "unchanged" }
+    ));
+    let nvme_img = cache.join("nvme.img");
+    if fs::metadata(&nvme_img).map(|m| m.len()).ok() != Some(NVME_IMAGE_BYTES) {
+        fs::File::create(&nvme_img)?.set_len(NVME_IMAGE_BYTES)?;
+    }
+    let prepared = t0.elapsed();
+
+    let mut append = "console=ttyS0 panic=-1 intel_iommu=on".to_string();
+    if !opts.verbose {
+        // Kernel info messages would interleave with the report on the console.
+        append.push_str(" loglevel=4");
+    }
+    let mut c = Command::new(&qemu);
+    c.args([
+        "-machine",
+        "q35,kernel-irqchip=split",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+    ])
+    .args([
+        "-smp",
+        "2",
+        "-m",
+        "512",
+        "-nodefaults",
+        "-nographic",
+        "-serial",
+        "stdio",
+    ])
+    .args([
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+    ])
+    .args([
+        "-device",
+        "intel-iommu,intremap=on,caching-mode=on",
+        "-device",
+        "edu",
+    ])
+    .arg("-drive")
+    .arg(format!(
+        "file={},if=none,id=nvm0,format=raw",
+        nvme_img.display()
+    ))
+    .args(["-device", &format!("nvme,serial={NVME_SERIAL},drive=nvm0")])
+    .arg("-kernel")
+    .arg(kernel.vmlinuz())
+    .arg("-initrd")
+    .arg(&initrd)
+    .args(["-append", &append]);
+    let log = cache.join(format!("console-{}.log", kernel.release));
+    step(&format!(
+        "booting {} in QEMU (TCG, intel-iommu, edu, nvme); console log {}",
+        kernel.release,
+        log.display()
+    ));
+    let mut report = Report::default();
+    let boot_start = Instant::now();
+    let end = console::run_streamed(c, opts.timeout, &log, |t, line| {
+        if opts.verbose {
+            println!("[{t:7.3}] {line}");
+        }
+        if let Some(s) = report.feed(line) {
+            if !opts.verbose {
+                print_scenario(s);
+            }
+        }
+    })?;
+    let booted = boot_start.elapsed();
+
+    let mut problems = Vec::new();
+    match end {
+        End::TimedOut => problems.push(format!(
+            "QEMU killed after the {} s timeout",
+            opts.timeout.as_secs()
+        )),
+        // isa-debug-exit: QEMU exits with (value << 1) | 1, /init writes 0 on pass and 1 on
+        // failure. QEMU's own errors exit 1 as well: the report's status line settles that.
+        End::Exited(s) => match s.code() {
+            Some(1) => {}
+            Some(3) => problems.push("the guest signalled failure through isa-debug-exit".into()),
+            _ => problems.push(format!(
+                "QEMU exited with {s} without the guest's isa-debug-exit (kernel panic, \
+                 early poweroff or a QEMU error)"
+            )),
+        },
+    }
+    problems.extend(report.problems(true));
+    step(&format!(
+        "kernel {}: prepared in {:.1} s, boot and tests {:.1} s, total {:.1} s",
+        kernel.release,
+        prepared.as_secs_f64(),
+        booted.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    ));
+    conclude(&report, problems, &log, opts.verbose)
+}
+
+fn run_host(opts: &Options, cache: &Path) -> Result<()> {
+    for bdf in &opts.devices {
+        let dev = Path::new("/sys/bus/pci/devices").join(bdf);
+        if !dev.exists() {
+            bail!(
+                "no PCI function {bdf} on this host ({} does not exist)",
+                dev.display()
+            );
+        }
+        let driver = fs::read_link(dev.join("driver"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        if driver.as_deref() != Some("vfio-pci") {
+            step(&format!(
+                "{bdf} is bound to {}, not vfio-pci; to bind it (as root):\n    \
+                 modprobe vfio-pci; echo vfio-pci > {dev}/driver_override; \
+                 [ -e {dev}/driver ] && echo {bdf} > {dev}/driver/unbind; \
+                 echo {bdf} > /sys/bus/pci/drivers_probe",
+                driver.as_deref().unwrap_or("no driver"),
+                dev = dev.display()
+            ));
+        }
+    }
+    let hwtest = build_hwtest(cache)?;
+    let mut c = Command::new(&hwtest);
+    for bdf in &opts.devices {
+        c.args(["--device", bdf]);
+    }
+    c.args(&opts.hwtest_args);
+    let log = cache.join("host-run.log");
+    step(&format!(
+        "running {} on {}",
+        hwtest.display(),
+        opts.devices.join(" ")
+    ));
+    let mut report = Report::default();
+    let end = console::run_streamed(c, opts.timeout, &log, |_, line| {
+        if opts.verbose {
+            println!("{line}");
+        }
+        if let Some(s) = report.feed(line) {
+            if !opts.verbose {
+                print_scenario(s);
+            }
+        }
+    })?;
+    let mut problems = Vec::new();
+    match end {
+        End::TimedOut => problems.push(format!(
+            "vfio-hwtest killed after the {} s timeout",
+            opts.timeout.as_secs()
+        )),
+        End::Exited(s) if !s.success() => problems.push(format!("vfio-hwtest exited with {s}")),
+        End::Exited(_) => {}
+    }
+    problems.extend(report.problems(false));
+    conclude(&report, problems, &log, opts.verbose)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[&str]) -> Result<Options> {
+        Options::parse(&s.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn qemu_defaults_to_the_6_1_kernel_and_passes_args_after_double_dash() {
+        let o = parse(&["--qemu", "--", "--only", "iommu"]).unwrap();
+        assert!(o.qemu);
+        assert_eq!(o.kernel, "6.1");
+        assert_eq!(o.hwtest_args, ["--only", "iommu"]);
+        assert_eq!(
+            parse(&["--qemu", "--kernel", "6.12"]).unwrap().kernel,
+            "6.12"
+        );
+    }
+
+    #[test]
+    fn exactly_one_of_qemu_or_device_is_required() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--qemu", "--device", "0000:00:01.0"]).is_err());
+        assert_eq!(
+            parse(&["--device", "00:01.0"]).unwrap().devices,
+            ["0000:00:01.0"]
+        );
+    }
+
+    #[test]
+    fn args_that_could_break_the_init_script_are_refused() {
+        assert!(parse(&["--qemu", "--", "--only", "x; reboot"]).is_err());
+        assert!(parse(&["--qemu", "--", "$(id)"]).is_err());
+        assert!(parse(&["--qemu", "--timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn static_check_tells_a_dynamic_elf_from_a_static_one() {
+        // The running test binary is dynamically linked (no crt-static in tests).
+        let me = std::env::current_exe().unwrap();
+        assert!(elf_interpreter(&me).unwrap());
+        let tmp = std::env::temp_dir().join(format!("xtask-elf-{}", std::process::id()));
+        // A minimal ELF-64 header with no program headers.
+        let mut h = vec![0u8; 64];
+        h[..5].copy_from_slice(b"\x7fELF\x02");
+        fs::write(&tmp, &h).unwrap();
+        assert!(!elf_interpreter(&tmp).unwrap());
+        fs::write(&tmp, b"#!/bin/sh\n").unwrap();
+        assert!(elf_interpreter(&tmp).is_err());
+        let _ = fs::remove_file(&tmp);
+    }
 }

@@ -1,0 +1,169 @@
+//! `vfio-hwtest`: hardware scenarios against PCI functions bound to the kernel's `vfio-pci`.
+//!
+//! ```text
+//! vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--list]
+//! ```
+//!
+//! Without `--device`, every function bound to `vfio-pci` is tested. Each scenario prints one
+//! `HWTEST <PASS|FAIL|SKIP> <name> [<detail>]` line (see [`harness`]); the exit code is 0 only
+//! if none failed, 1 if one did, 2 for a usage error.
+//!
+//! `cargo xtask hwtest` builds this statically and runs it in a QEMU guest (`--qemu`) or on
+//! the host (`--device`).
+
+mod device;
+mod harness;
+mod scenarios;
+
+use anyhow::{bail, Context, Result};
+use device::{canonical_bdf, Device, PciId};
+use harness::RunOptions;
+use std::process::ExitCode;
+
+// The kernel-backend scenarios will drive devices through `vfio_backend::kernel`; linking it
+// now keeps the static guest build honest about the backend's dependencies.
+use vfio_backend as _;
+
+const USAGE: &str = "\
+usage: vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--list]
+
+  --device BDF               a function bound to vfio-pci (repeatable); default: every one
+  --require VENDOR:DEVICE    fail unless a device under test has this id (repeatable)
+  --only SUBSTRING           run only scenarios whose name contains SUBSTRING
+  --list                     print the scenario names and exit
+";
+
+/// The parsed command line.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Args {
+    devices: Vec<String>,
+    required: Vec<PciId>,
+    only: Option<String>,
+    list: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut out = Args::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value"))
+        };
+        match a.as_str() {
+            "--device" => out.devices.push(canonical_bdf(&value("--device")?)?),
+            "--require" => out.required.push(PciId::parse(&value("--require")?)?),
+            "--only" => out.only = Some(value("--only")?),
+            "--list" => out.list = true,
+            other => bail!("unknown argument `{other}`"),
+        }
+    }
+    Ok(out)
+}
+
+fn run(args: &Args) -> Result<bool> {
+    if args.list {
+        for s in scenarios::SCENARIOS {
+            println!("{}", s.name);
+        }
+        return Ok(true);
+    }
+    let bdfs = if args.devices.is_empty() {
+        device::bound_to_vfio_pci()?
+    } else {
+        args.devices.clone()
+    };
+    let mut devices = Vec::new();
+    let mut problems = Vec::new();
+    for bdf in &bdfs {
+        match Device::open(bdf) {
+            Ok(d) => devices.push(d),
+            Err(e) => problems.push(format!("{bdf}: {e:#}")),
+        }
+    }
+    harness::install_quiet_panic_hook();
+    let opts = RunOptions {
+        only: args.only.as_deref(),
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let summary = harness::run_all(
+        scenarios::SCENARIOS,
+        &devices,
+        &problems,
+        &args.required,
+        opts,
+        &mut out,
+    )?;
+    Ok(summary.failed == 0)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("vfio-hwtest: {e:#}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("vfio-hwtest: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn repeated_devices_and_requirements_are_all_kept_in_canonical_form() {
+        let a = parse_args(&argv(&[
+            "--device",
+            "00:01.0",
+            "--device",
+            "0000:00:02.0",
+            "--require",
+            "1234:11e8",
+        ]))
+        .unwrap();
+        assert_eq!(a.devices, ["0000:00:01.0", "0000:00:02.0"]);
+        assert_eq!(a.required, [scenarios::EDU]);
+    }
+
+    #[test]
+    fn missing_value_bad_address_and_unknown_flag_are_usage_errors() {
+        assert!(parse_args(&argv(&["--device"])).is_err());
+        assert!(parse_args(&argv(&["--device", "../x"])).is_err());
+        assert!(parse_args(&argv(&["--frobnicate"])).is_err());
+    }
+
+    #[test]
+    fn scenario_names_are_unique_single_tokens() {
+        let names: Vec<&str> = scenarios::SCENARIOS.iter().map(|s| s.name).collect();
+        for n in &names {
+            assert!(
+                !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+                "{n}"
+            );
+        }
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len());
+    }
+}

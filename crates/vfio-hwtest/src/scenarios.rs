@@ -1,0 +1,298 @@
+//! The scenario table.
+//!
+//! The scenarios here need nothing but the kernel (sysfs, `/dev/vfio`) and libc. Scenarios that
+//! drive a device through `vfio_backend::kernel` and `vfio_pci::VfioPciDevice` are added to
+//! [`SCENARIOS`] the same way: a function `fn(&Ctx) -> Result<Outcome>` and a [`Needs`] that says
+//! whether it runs once, on every device, or on devices of one ID (for example QEMU's edu,
+//! [`EDU`], or nvme, [`QEMU_NVME`]).
+
+use crate::device::{link_name, PciId};
+use crate::harness::{Ctx, Needs, Outcome, Scenario};
+use anyhow::{bail, ensure, Context, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// QEMU's `edu` teaching device (its scenarios come with the kernel backend).
+#[cfg_attr(not(test), allow(dead_code))]
+pub const EDU: PciId = PciId {
+    vendor: 0x1234,
+    device: 0x11e8,
+};
+/// QEMU's emulated NVMe controller.
+pub const QEMU_NVME: PciId = PciId {
+    vendor: 0x1b36,
+    device: 0x0010,
+};
+
+/// Every scenario, in the order they run.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "devices-under-test",
+        needs: Needs::Nothing,
+        run: devices_under_test,
+    },
+    Scenario {
+        name: "required-devices-present",
+        needs: Needs::Nothing,
+        run: required_devices_present,
+    },
+    Scenario {
+        name: "vfio-container-api",
+        needs: Needs::Nothing,
+        run: vfio_container_api,
+    },
+    Scenario {
+        name: "sysfs-bound-to-vfio-pci",
+        needs: Needs::EachDevice,
+        run: sysfs_bound_to_vfio_pci,
+    },
+    Scenario {
+        name: "iommu-group-present",
+        needs: Needs::EachDevice,
+        run: iommu_group_present,
+    },
+    Scenario {
+        name: "iommu-group-viable",
+        needs: Needs::EachDevice,
+        run: iommu_group_viable,
+    },
+    Scenario {
+        name: "config-space-readable-via-sysfs",
+        needs: Needs::EachDevice,
+        run: config_space_readable_via_sysfs,
+    },
+    Scenario {
+        name: "nvme-class-code",
+        needs: Needs::DeviceId(QEMU_NVME),
+        run: nvme_class_code,
+    },
+];
+
+// ioctls of linux/vfio.h: _IO(VFIO_TYPE = ';', VFIO_BASE + n) with VFIO_BASE = 100.
+const VFIO_GET_API_VERSION: u64 = 0x3b64;
+const VFIO_CHECK_EXTENSION: u64 = 0x3b65;
+const VFIO_GROUP_GET_STATUS: u64 = 0x3b67;
+/// `VFIO_API_VERSION`: the only version the kernel has ever reported.
+const VFIO_API_VERSION: i32 = 0;
+const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
+const VFIO_NOIOMMU_IOMMU: libc::c_ulong = 8;
+/// `VFIO_GROUP_FLAGS_VIABLE` of `struct vfio_group_status`.
+const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
+
+/// `struct vfio_group_status`.
+#[repr(C)]
+struct GroupStatus {
+    argsz: u32,
+    flags: u32,
+}
+
+/// Opens a VFIO character device read-write, close-on-exec.
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+/// `ioctl(fd, request, arg)` with an integer argument; the kernel's return value or the errno.
+fn ioctl_int(file: &File, request: u64, arg: libc::c_ulong) -> Result<i32> {
+    // SAFETY: the VFIO ioctls used here (GET_API_VERSION, CHECK_EXTENSION) take an integer
+    // argument by value and touch no user memory; the fd is open for the call's duration.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), request as _, arg) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("ioctl {request:#x}"));
+    }
+    Ok(r)
+}
+
+/// The device node of an IOMMU group: `/dev/vfio/<g>`, or `/dev/vfio/noiommu-<g>`.
+fn group_node(group: &str) -> Option<PathBuf> {
+    [
+        format!("/dev/vfio/{group}"),
+        format!("/dev/vfio/noiommu-{group}"),
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+fn devices_under_test(ctx: &Ctx<'_>) -> Result<Outcome> {
+    ensure!(ctx.problems.is_empty(), "{}", ctx.problems.join("; "));
+    ensure!(
+        !ctx.devices.is_empty(),
+        "no device given (--device) and none bound to vfio-pci"
+    );
+    let list: Vec<String> = ctx
+        .devices
+        .iter()
+        .map(|d| format!("{} [{}]", d.bdf, d.id))
+        .collect();
+    Ok(Outcome::Pass(list.join(", ")))
+}
+
+fn required_devices_present(ctx: &Ctx<'_>) -> Result<Outcome> {
+    if ctx.required.is_empty() {
+        return Ok(Outcome::Skip("nothing required (--require)".into()));
+    }
+    let missing: Vec<String> = ctx
+        .required
+        .iter()
+        .filter(|id| !ctx.devices.iter().any(|d| d.id == **id))
+        .map(|id| id.to_string())
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "no device under test with id {}",
+        missing.join(", ")
+    );
+    let have: Vec<String> = ctx.required.iter().map(|id| id.to_string()).collect();
+    Ok(Outcome::Pass(have.join(" ")))
+}
+
+/// `/dev/vfio/vfio` answers `VFIO_GET_API_VERSION` with `VFIO_API_VERSION` and offers an IOMMU
+/// backend (type1v2, or no-IOMMU).
+fn vfio_container_api(_ctx: &Ctx<'_>) -> Result<Outcome> {
+    let container = open_rw(Path::new("/dev/vfio/vfio"))?;
+    let api = ioctl_int(&container, VFIO_GET_API_VERSION, 0)?;
+    ensure!(
+        api == VFIO_API_VERSION,
+        "VFIO_GET_API_VERSION = {api}, expected {VFIO_API_VERSION}"
+    );
+    let type1v2 = ioctl_int(&container, VFIO_CHECK_EXTENSION, VFIO_TYPE1V2_IOMMU)?;
+    let noiommu = ioctl_int(&container, VFIO_CHECK_EXTENSION, VFIO_NOIOMMU_IOMMU)?;
+    let detail = format!("api {api}, type1v2 {type1v2}, noiommu {noiommu}");
+    ensure!(
+        type1v2 > 0 || noiommu > 0,
+        "no IOMMU backend offered: {detail}"
+    );
+    Ok(Outcome::Pass(detail))
+}
+
+fn sysfs_bound_to_vfio_pci(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    match dev.driver()? {
+        Some(d) if d == "vfio-pci" => Ok(Outcome::Pass(format!("[{}] driver vfio-pci", dev.id))),
+        Some(d) => bail!("[{}] is bound to {d}, not vfio-pci", dev.id),
+        None => bail!("[{}] is bound to no driver", dev.id),
+    }
+}
+
+/// The function has an IOMMU group in sysfs, and the group's VFIO node is a character device.
+fn iommu_group_present(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    let group = dev
+        .iommu_group()?
+        .context("no iommu_group link in sysfs (IOMMU off, or no-IOMMU mode not enabled)")?;
+    let node =
+        group_node(&group).with_context(|| format!("group {group} has no /dev/vfio node"))?;
+    let meta = fs::metadata(&node).with_context(|| format!("stat {}", node.display()))?;
+    ensure!(
+        meta.file_type().is_char_device(),
+        "{} is not a character device",
+        node.display()
+    );
+    Ok(Outcome::Pass(format!("group {group}, {}", node.display())))
+}
+
+/// `VFIO_GROUP_GET_STATUS` reports the group viable: every function in it is bound to a
+/// driver that lets VFIO own the group (or to none). The sysfs drivers are listed as detail.
+fn iommu_group_viable(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    let group = dev.iommu_group()?.context("no IOMMU group")?;
+    let members_dir = PathBuf::from(format!("/sys/kernel/iommu_groups/{group}/devices"));
+    let mut members = Vec::new();
+    for e in
+        fs::read_dir(&members_dir).with_context(|| format!("list {}", members_dir.display()))?
+    {
+        let e = e?;
+        let driver = link_name(&e.path().join("driver"))?.unwrap_or_else(|| "none".into());
+        members.push(format!("{}={driver}", e.file_name().to_string_lossy()));
+    }
+    members.sort();
+    let node =
+        group_node(&group).with_context(|| format!("group {group} has no /dev/vfio node"))?;
+    let file = open_rw(&node)?;
+    let mut status = GroupStatus {
+        argsz: std::mem::size_of::<GroupStatus>() as u32,
+        flags: 0,
+    };
+    // SAFETY: VFIO_GROUP_GET_STATUS writes at most `argsz` bytes into the `vfio_group_status`
+    // it is given; `status` is that struct (repr(C)), alive and exclusively borrowed for the call.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            VFIO_GROUP_GET_STATUS as _,
+            &mut status as *mut GroupStatus,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error()).context("VFIO_GROUP_GET_STATUS");
+    }
+    let detail = format!(
+        "group {group} flags {:#x}: {}",
+        status.flags,
+        members.join(" ")
+    );
+    ensure!(
+        status.flags & VFIO_GROUP_FLAGS_VIABLE != 0,
+        "group not viable: {detail}"
+    );
+    Ok(Outcome::Pass(detail))
+}
+
+/// The first bytes of sysfs `config` hold the same vendor and device IDs as the `vendor` and
+/// `device` attributes (PCI config space offsets 0x00 and 0x02, little endian).
+fn config_space_readable_via_sysfs(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    let path = dev.sysfs.join("config");
+    let mut header = [0u8; 16];
+    File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .with_context(|| format!("read {}", path.display()))?;
+    let vendor = u16::from_le_bytes([header[0], header[1]]);
+    let device = u16::from_le_bytes([header[2], header[3]]);
+    ensure!(
+        vendor != 0xffff,
+        "config space reads all-ones (function not responding)"
+    );
+    let seen = PciId { vendor, device };
+    ensure!(
+        seen == dev.id,
+        "config space says {seen}, sysfs attributes say {}",
+        dev.id
+    );
+    // Header type is at offset 0x0e; bit 7 is the multi-function bit.
+    Ok(Outcome::Pass(format!(
+        "{seen}, header type {:#04x}",
+        header[0x0e] & 0x7f
+    )))
+}
+
+/// An NVMe controller reports class code 01h/08h/02h (mass storage, non-volatile memory,
+/// NVM Express), both in the sysfs `class` attribute and at config offsets 0x09-0x0b.
+fn nvme_class_code(ctx: &Ctx<'_>) -> Result<Outcome> {
+    const NVME_CLASS: u64 = 0x01_08_02;
+    let dev = ctx.device()?;
+    let attr = crate::device::read_hex_attr(&dev.sysfs.join("class"))?;
+    ensure!(
+        attr == NVME_CLASS,
+        "sysfs class {attr:#08x}, expected {NVME_CLASS:#08x}"
+    );
+    let path = dev.sysfs.join("config");
+    let mut header = [0u8; 12];
+    File::open(&path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .with_context(|| format!("read {}", path.display()))?;
+    let cfg =
+        u64::from(header[0x0b]) << 16 | u64::from(header[0x0a]) << 8 | u64::from(header[0x09]);
+    ensure!(
+        cfg == NVME_CLASS,
+        "config space class {cfg:#08x}, expected {NVME_CLASS:#08x}"
+    );
+    Ok(Outcome::Pass(format!("class {cfg:#08x}")))
+}

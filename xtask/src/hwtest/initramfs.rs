@@ -1,0 +1,458 @@
+//! The guest's initramfs: busybox, the kernel modules vfio-pci needs, the test binary and an
+//! `/init` script, written as a cpio "newc" archive by hand and compressed with `gzip`.
+
+use super::host::tool;
+use super::kernel::{module_plan, Kernel};
+use anyhow::{bail, Context, Result};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The modules `/init` loads: nvme first (so vfio-pci takes the controller over from a real
+/// driver), then the VFIO type1 IOMMU backend and vfio-pci. Their dependencies come along.
+pub const GUEST_MODULES: &[&str] = &["nvme", "vfio_iommu_type1", "vfio_pci"];
+
+/// The line `/init` prints with its final status; the host requires it besides QEMU's exit code.
+pub const STATUS_PREFIX: &str = "HWTEST-STATUS: ";
+/// The prefix of `/init`'s own progress lines.
+pub const INIT_PREFIX: &str = "HWTEST-INIT: ";
+
+// ---------------------------------------------------------------------------------------------
+// cpio newc
+
+/// File type bits of `st_mode`.
+const S_IFDIR: u32 = 0o040000;
+const S_IFREG: u32 = 0o100000;
+const S_IFCHR: u32 = 0o020000;
+
+/// A cpio "newc" (SVR4, no CRC) archive under construction, in memory.
+///
+/// Each member: the 6-byte magic `070701`, thirteen 8-digit hex fields (inode, mode, uid, gid,
+/// nlink, mtime, file size, dev major/minor, rdev major/minor, name size including its NUL,
+/// check = 0), the name and its NUL padded to a multiple of 4, then the data padded likewise.
+/// The archive ends with a member named `TRAILER!!!`. Owners are root, mtimes 0.
+pub struct Cpio {
+    buf: Vec<u8>,
+    next_ino: u32,
+    dirs: Vec<String>,
+}
+
+impl Cpio {
+    /// An empty archive.
+    pub fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            next_ino: 1,
+            dirs: Vec::new(),
+        }
+    }
+
+    fn pad4(&mut self) {
+        while self.buf.len() & 3 != 0 {
+            self.buf.push(0);
+        }
+    }
+
+    fn member(
+        &mut self,
+        name: &str,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) -> Result<()> {
+        let size = u32::try_from(data.len()).context("cpio newc members are limited to 4 GiB")?;
+        let namesize = u32::try_from(name.len() + 1).context("name too long")?;
+        let ino = if name == "TRAILER!!!" {
+            0
+        } else {
+            self.next_ino
+        };
+        self.next_ino += 1;
+        let fields = [
+            ino, mode, 0, 0, nlink, 0, size, 0, 0, rdev.0, rdev.1, namesize, 0,
+        ];
+        self.buf.extend_from_slice(b"070701");
+        for f in fields {
+            self.buf.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad4();
+        self.buf.extend_from_slice(data);
+        self.pad4();
+        Ok(())
+    }
+
+    /// Adds a directory and any missing parents (`a/b/c` adds `a`, `a/b`, `a/b/c`).
+    pub fn dir(&mut self, path: &str) -> Result<()> {
+        let mut sofar = String::new();
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            if !sofar.is_empty() {
+                sofar.push('/');
+            }
+            sofar.push_str(part);
+            if !self.dirs.contains(&sofar) {
+                self.dirs.push(sofar.clone());
+                let name = sofar.clone();
+                self.member(&name, S_IFDIR | 0o755, 2, (0, 0), &[])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a regular file (its parent directories first).
+    pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> Result<()> {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.member(path, S_IFREG | perm, 1, (0, 0), data)
+    }
+
+    /// Adds a character device node.
+    pub fn char_dev(&mut self, path: &str, perm: u32, major: u32, minor: u32) -> Result<()> {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            self.dir(parent)?;
+        }
+        self.member(path, S_IFCHR | perm, 1, (major, minor), &[])
+    }
+
+    /// Ends the archive and returns its bytes.
+    pub fn finish(mut self) -> Result<Vec<u8>> {
+        self.member("TRAILER!!!", 0, 1, (0, 0), &[])?;
+        Ok(self.buf)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /init
+
+/// What `/init` does: which modules to load, which functions to bind, what to run.
+pub struct InitPlan<'a> {
+    /// Modules to `modprobe`, in order (built-in ones left out).
+    pub modprobe: Vec<&'a str>,
+    /// `vendor:device` IDs (hex, no `0x`) of the functions to bind to vfio-pci.
+    pub bind_ids: &'a [&'a str],
+    /// Arguments for `/vfio-hwtest` after the `--device` ones (already checked to be plain words).
+    pub hwtest_args: Vec<String>,
+}
+
+/// The text of `/init`, a busybox `sh` script.
+pub fn init_script(plan: &InitPlan<'_>) -> String {
+    let patterns: Vec<String> = plan
+        .bind_ids
+        .iter()
+        .map(|id| {
+            let (v, d) = id.split_once(':').unwrap_or((id, ""));
+            format!("0x{v}:0x{d}")
+        })
+        .collect();
+    let modules = plan.modprobe.join(" ");
+    let case = if patterns.is_empty() {
+        "none".to_string()
+    } else {
+        patterns.join("|")
+    };
+    let args = plan.hwtest_args.join(" ");
+    format!(
+        r#"#!/bin/busybox sh
+# /init of the `cargo xtask hwtest --qemu` guest. Generated by xtask/src/hwtest/initramfs.rs.
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+say() {{ echo "{INIT_PREFIX}$*"; }}
+uptime_s() {{ cut -d' ' -f1 /proc/uptime; }}
+say "kernel $(uname -r), userspace after $(uptime_s) s"
+STATUS=0
+
+for m in {modules}; do
+  modprobe "$m" || {{ say "modprobe $m failed"; STATUS=1; }}
+done
+# Let nvme claim its controller first (at most 3 s), so vfio-pci takes it over from a driver.
+n=0
+while [ $n -lt 30 ] && ! ls /sys/bus/pci/drivers/nvme 2>/dev/null | grep -q :; do
+  sleep 0.1; n=$((n + 1))
+done
+
+DEVICES=
+for dev in /sys/bus/pci/devices/*; do
+  id="$(cat "$dev/vendor"):$(cat "$dev/device")"
+  case "$id" in {case}) ;; *) continue ;; esac
+  bdf=${{dev##*/}}
+  was=none; [ -e "$dev/driver" ] && was=$(basename "$(readlink "$dev/driver")")
+  echo vfio-pci > "$dev/driver_override"
+  [ -e "$dev/driver" ] && echo "$bdf" > "$dev/driver/unbind"
+  echo "$bdf" > /sys/bus/pci/drivers_probe
+  group=none; [ -e "$dev/iommu_group" ] && group=$(basename "$(readlink "$dev/iommu_group")")
+  # devtmpfs creates /dev/vfio/<group> shortly after the bind, not at once: wait up to 5 s.
+  n=0
+  while [ "$group" != none ] && [ ! -e "/dev/vfio/$group" ] && [ $n -lt 50 ]; do
+    sleep 0.1; n=$((n + 1))
+  done
+  now=none; [ -e "$dev/driver" ] && now=$(basename "$(readlink "$dev/driver")")
+  node=missing; [ -e "/dev/vfio/$group" ] && node="/dev/vfio/$group"
+  say "$bdf [$id] driver $was -> $now, iommu group $group, node $node"
+  DEVICES="$DEVICES --device $bdf"
+done
+
+say "running vfio-hwtest at $(uptime_s) s"
+/vfio-hwtest $DEVICES {args}
+rc=$?
+say "vfio-hwtest exited $rc at $(uptime_s) s"
+[ $rc = 0 ] || STATUS=1
+echo "{STATUS_PREFIX}$STATUS"
+# isa-debug-exit (port 0xf4): QEMU exits with (value << 1) | 1, so 1 = pass, 3 = fail.
+if [ $STATUS = 0 ]; then printf '\000'; else printf '\001'; fi |
+  dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+poweroff -f
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image
+
+/// Inputs of one initramfs build.
+pub struct Inputs<'a> {
+    /// The unpacked kernel whose modules go in.
+    pub kernel: &'a Kernel,
+    /// The static busybox.
+    pub busybox: &'a Path,
+    /// The static test binary.
+    pub hwtest: &'a Path,
+    /// IDs to bind to vfio-pci.
+    pub bind_ids: &'a [&'a str],
+    /// Extra arguments for the test binary.
+    pub hwtest_args: Vec<String>,
+}
+
+/// A 64-bit FNV-1a hash: a stable fingerprint (std's hasher may change between toolchains).
+fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// A fingerprint line for a file: path, size and modification time.
+fn file_stamp(path: &Path) -> Result<String> {
+    let m = fs::metadata(path).with_context(|| format!("stat {}", path.display()))?;
+    let mtime = m
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{} {} {mtime}\n", path.display(), m.len()))
+}
+
+/// Builds `<cache>/initramfs-<release>.cpio.gz` unless an image of the same inputs is there.
+/// Returns its path and whether it was (re)built.
+pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool)> {
+    let k = inp.kernel;
+    let image = cache.join(format!("initramfs-{}.cpio.gz", k.release));
+    let stamp_path = cache.join(format!("initramfs-{}.inputs", k.release));
+
+    let plan = module_plan(k, GUEST_MODULES)?;
+    let init = init_script(&InitPlan {
+        modprobe: GUEST_MODULES
+            .iter()
+            .copied()
+            .filter(|m| !plan.builtin.iter().any(|b| b == m))
+            .collect(),
+        bind_ids: inp.bind_ids,
+        hwtest_args: inp.hwtest_args.clone(),
+    });
+    let mut stamp = format!(
+        "init {:016x}\n",
+        fnv1a(0xcbf2_9ce4_8422_2325, init.as_bytes())
+    );
+    stamp.push_str(&file_stamp(inp.busybox)?);
+    stamp.push_str(&file_stamp(inp.hwtest)?);
+    for f in &plan.files {
+        stamp.push_str(&file_stamp(&k.root.join(f))?);
+    }
+    if image.is_file() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
+        return Ok((image, false));
+    }
+
+    let mut cpio = Cpio::new();
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root",
+    ] {
+        cpio.dir(d)?;
+    }
+    // The kernel opens /dev/console before /init runs (devtmpfs is not mounted yet).
+    cpio.char_dev("dev/console", 0o600, 5, 1)?;
+    cpio.file("init", 0o755, init.as_bytes())?;
+    cpio.file("bin/busybox", 0o755, &read(inp.busybox)?)?;
+    cpio.file("vfio-hwtest", 0o755, &read(inp.hwtest)?)?;
+
+    // The modules, and a modules.dep that names only them (busybox modprobe reads the text
+    // form; dependencies of an included module are included, so no line points outside).
+    let mod_root = format!("lib/modules/{}/", k.release);
+    let mut rel_names = Vec::new();
+    for f in &plan.files {
+        cpio.file(f, 0o644, &read(&k.root.join(f))?)?;
+        rel_names.push(f.strip_prefix(&mod_root).unwrap_or(f).to_string());
+    }
+    let dep = read_text(&k.modules_dir().join("modules.dep"))?;
+    let kept: String = dep
+        .lines()
+        .filter(|l| {
+            l.split_once(':')
+                .is_some_and(|(m, _)| rel_names.iter().any(|r| r == m))
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.lines().count() != rel_names.len() {
+        bail!("modules.dep of {} lacks some of {rel_names:?}", k.release);
+    }
+    cpio.file(&format!("{mod_root}modules.dep"), 0o644, kept.as_bytes())?;
+    for extra in ["modules.builtin", "modules.order"] {
+        let p = k.modules_dir().join(extra);
+        if p.is_file() {
+            cpio.file(&format!("{mod_root}{extra}"), 0o644, &read(&p)?)?;
+        }
+    }
+    let archive = cpio.finish()?;
+
+    let tmp = image.with_extension("gz.partial");
+    gzip(&archive, &tmp)?;
+    fs::rename(&tmp, &image)?;
+    fs::write(&stamp_path, stamp)?;
+    Ok((image, true))
+}
+
+fn read(p: &Path) -> Result<Vec<u8>> {
+    fs::read(p).with_context(|| format!("read {}", p.display()))
+}
+
+fn read_text(p: &Path) -> Result<String> {
+    fs::read_to_string(p).with_context(|| format!("read {}", p.display()))
+}
+
+/// `gzip -1 -n` of `data` into the file `out`.
+fn gzip(data: &[u8], out: &Path) -> Result<()> {
+    let file = File::create(out).with_context(|| format!("create {}", out.display()))?;
+    let mut child = Command::new(tool("gzip", "gzip")?)
+        .args(["-1", "-n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(file))
+        .spawn()
+        .context("could not start gzip")?;
+    // gzip writes to a file, not back to us, so feeding it all here cannot deadlock.
+    child
+        .stdin
+        .take()
+        .context("gzip has no stdin")?
+        .write_all(data)
+        .context("feed gzip")?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("gzip failed ({status})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Splits a newc archive into (name, mode, rdev major, rdev minor, data) members.
+    fn parse(mut b: &[u8]) -> Vec<(String, u32, u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let total = b.len();
+        loop {
+            assert_eq!(&b[..6], b"070701");
+            let field = |i: usize| {
+                u32::from_str_radix(std::str::from_utf8(&b[6 + 8 * i..14 + 8 * i]).unwrap(), 16)
+                    .unwrap()
+            };
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6), field(9), field(10), field(11));
+            let name_end = 110 + namesize as usize;
+            let name = std::str::from_utf8(&b[110..name_end - 1])
+                .unwrap()
+                .to_string();
+            assert_eq!(b[name_end - 1], 0, "name is NUL terminated");
+            let data_start = name_end.next_multiple_of(4);
+            let data_end = data_start + size as usize;
+            let data = b[data_start..data_end].to_vec();
+            let next = data_end.next_multiple_of(4);
+            assert_eq!((total - b.len() + next) % 4, 0);
+            b = &b[next..];
+            if name == "TRAILER!!!" {
+                assert!(b.is_empty(), "nothing after the trailer");
+                return out;
+            }
+            out.push((name, mode, rmaj, rmin, data));
+        }
+    }
+
+    #[test]
+    fn newc_archive_holds_parents_before_children_and_ends_with_trailer() {
+        let mut c = Cpio::new();
+        c.file("lib/modules/x/a.ko", 0o644, b"hello").unwrap();
+        c.char_dev("dev/console", 0o600, 5, 1).unwrap();
+        c.file("init", 0o755, b"#!/bin/sh\n").unwrap();
+        let members = parse(&c.finish().unwrap());
+        let names: Vec<&str> = members.iter().map(|m| m.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "lib",
+                "lib/modules",
+                "lib/modules/x",
+                "lib/modules/x/a.ko",
+                "dev",
+                "dev/console",
+                "init"
+            ]
+        );
+        assert_eq!(members[0].1, S_IFDIR | 0o755);
+        assert_eq!(members[3].1, S_IFREG | 0o644);
+        assert_eq!(members[3].4, b"hello");
+        assert_eq!(
+            (members[5].1, members[5].2, members[5].3),
+            (S_IFCHR | 0o600, 5, 1)
+        );
+        assert_eq!(members[6].4, b"#!/bin/sh\n");
+    }
+
+    #[test]
+    fn directories_are_added_once() {
+        let mut c = Cpio::new();
+        c.file("bin/a", 0o755, b"1").unwrap();
+        c.file("bin/b", 0o755, b"22").unwrap();
+        c.dir("bin").unwrap();
+        let names: Vec<String> = parse(&c.finish().unwrap())
+            .into_iter()
+            .map(|m| m.0)
+            .collect();
+        assert_eq!(names, ["bin", "bin/a", "bin/b"]);
+    }
+
+    #[test]
+    fn init_binds_the_requested_ids_and_reports_status_via_debug_exit() {
+        let s = init_script(&InitPlan {
+            modprobe: vec!["nvme", "vfio_pci"],
+            bind_ids: &["1234:11e8", "1b36:0010"],
+            hwtest_args: vec!["--require".into(), "1234:11e8".into()],
+        });
+        assert!(s.starts_with("#!/bin/busybox sh\n"));
+        assert!(s.contains("for m in nvme vfio_pci; do"));
+        assert!(s.contains("case \"$id\" in 0x1234:0x11e8|0x1b36:0x0010)"));
+        assert!(s.contains("/vfio-hwtest $DEVICES --require 1234:11e8"));
+        assert!(s.contains("echo \"HWTEST-STATUS: $STATUS\""));
+        assert!(s.contains("seek=244"), "0xf4 = 244");
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        // Published FNV-1a 64 test vectors: "" and "a".
+        assert_eq!(fnv1a(0xcbf2_9ce4_8422_2325, b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(0xcbf2_9ce4_8422_2325, b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
