@@ -61,6 +61,7 @@ impl IntxPin {
 /// The device model asserts and deasserts the line; the guest's command register writes go to
 /// [`set_command`](Self::set_command). The group's vector 0 is masked while Interrupt Disable is
 /// set; an assertion that happens meanwhile is delivered when the guest clears it.
+#[derive(Clone)]
 pub struct IntxState {
     pin: IntxPin,
     line: u8,

@@ -44,6 +44,7 @@ const MAX_WINDOW: usize = 0x18;
 /// [`write`](Self::write) (offsets relative to the capability). Message control's enable bit
 /// enables and disables the bound group; routes and masks of the vectors the guest allocated
 /// are pushed to it when they change, and only then.
+#[derive(Clone)]
 pub struct MsiState {
     /// Register image; bytes past `window` are unused.
     image: [u8; MAX_WINDOW],

@@ -122,6 +122,7 @@ impl MsixBarLocation {
 /// [`pba_read`](Self::pba_read)/[`pba_write`](Self::pba_write), each with offsets relative to
 /// the structure. The table and PBA take aligned dword and qword accesses only (§6.8.2); others
 /// are logged and ignored. None of the access paths allocates.
+#[derive(Clone)]
 pub struct MsixState {
     cap: [u8; MSIX_CAP_LEN],
     entries: Vec<MsixTableEntry>,

@@ -1,0 +1,424 @@
+//! The guest's accesses: config space and trapped BAR ranges.
+//!
+//! Hot paths: an emulated config read, an MSI-X table access and a trapped
+//! BAR access take the device lock once and allocate nothing. A passed-
+//! through config read takes no lock at all.
+
+use pci_config::{WriteEffect, ROM_BAR};
+use vfio_backend::region;
+
+use super::{Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
+use crate::{Error, Result};
+
+/// Checks a guest access: 1, 2 or 4 bytes (8 for BARs) inside `limit`.
+fn access_ok(offset: u64, len: usize, limit: u64, max: usize) -> bool {
+    matches!(len, 1 | 2 | 4 | 8)
+        && len <= max
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= limit)
+}
+
+impl VfioPciDevice {
+    /// The guest reads `data.len()` (1, 2 or 4) bytes of config space at
+    /// `offset`. Bad accesses read as all ones and are logged; nothing
+    /// here fails.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if !access_ok(offset, data.len(), CONFIG_SPACE_SIZE as u64, 4) {
+            log::debug!("config read of {} bytes at {offset:#x} ignored", data.len());
+            data.fill(0xff);
+            return;
+        }
+        // Split at dword boundaries: each dword has its own policy.
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset as usize + done;
+            let chunk = (4 - off % 4).min(data.len() - done);
+            if let Some(buf) = data.get_mut(done..done + chunk) {
+                self.read_chunk(off, buf);
+            }
+            done += chunk;
+        }
+    }
+
+    /// The dword at config register `reg` (offset `4 * reg`).
+    pub fn read_config_register(&self, reg: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read_config((reg as u64).saturating_mul(4), &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn read_chunk(&self, off: usize, buf: &mut [u8]) {
+        let policy = self.policy.get(off / 4).copied().unwrap_or(Dword::Emulated);
+        match policy {
+            Dword::Passthrough | Dword::Command => {
+                if let Err(e) = self.vfio.region_read(region::CONFIG, off as u64, buf) {
+                    log::warn!("config read at {off:#x} failed: {e}");
+                    buf.fill(0xff);
+                }
+            }
+            Dword::Emulated | Dword::Msi | Dword::Msix => {
+                let Ok(inner) = self.inner.lock() else {
+                    buf.fill(0xff);
+                    return;
+                };
+                if inner.config.read(off, buf).is_err() {
+                    buf.fill(0xff);
+                    return;
+                }
+                let cap = match policy {
+                    Dword::Msi => inner.msi.as_ref().map(|m| (m.offset, Some(&m.state), None)),
+                    Dword::Msix => inner
+                        .msix
+                        .as_ref()
+                        .map(|m| (m.offset, None, Some(&m.state))),
+                    _ => None,
+                };
+                if let Some((cap_off, msi, msix)) = cap {
+                    // The capability's own registers, except its id and
+                    // next pointer (bytes 0 and 1), which the emulated
+                    // config space owns because hiding may rewrite them.
+                    let Some(rel) = off.checked_sub(cap_off) else {
+                        return;
+                    };
+                    let mut tmp = [0u8; 4];
+                    let Some(t) = tmp.get_mut(..buf.len()) else {
+                        return;
+                    };
+                    if let Some(s) = msi {
+                        s.read(rel as u64, t);
+                    } else if let Some(s) = msix {
+                        s.read(rel as u64, t);
+                    }
+                    for (i, (b, v)) in buf.iter_mut().zip(t.iter()).enumerate() {
+                        if rel + i >= 2 {
+                            *b = *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The guest writes `data` (1, 2 or 4 bytes) to config space at
+    /// `offset`. Garbage is handled (ignored, masked or refused and logged);
+    /// an `Err` reports a backend or VMM failure, after which the device
+    /// keeps its previous consistent state.
+    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if !access_ok(offset, data.len(), CONFIG_SPACE_SIZE as u64, 4) {
+            log::debug!(
+                "config write of {} bytes at {offset:#x} ignored",
+                data.len()
+            );
+            return Ok(());
+        }
+        let mut result = Ok(());
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset as usize + done;
+            let chunk = (4 - off % 4).min(data.len() - done);
+            if let Some(buf) = data.get(done..done + chunk) {
+                if let Err(e) = self.write_chunk(off, buf) {
+                    result = Err(e);
+                }
+            }
+            done += chunk;
+        }
+        result
+    }
+
+    /// Writes `len` bytes of `value` at byte `offset` of config register
+    /// `reg` (the Cloud Hypervisor-style entry point).
+    pub fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_config((reg as u64).saturating_mul(4).saturating_add(offset), data)
+    }
+
+    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<()> {
+        let policy = self.policy.get(off / 4).copied().unwrap_or(Dword::Emulated);
+        match policy {
+            Dword::Passthrough => self
+                .vfio
+                .region_write(region::CONFIG, off as u64, buf)
+                .map_err(|e| Error::backend(format!("config write at {off:#x}"), e)),
+            Dword::Command => {
+                // The device sees command and status writes (bus master,
+                // decode enables, RW1C status bits) ...
+                let fwd = self
+                    .vfio
+                    .region_write(region::CONFIG, off as u64, buf)
+                    .map_err(|e| Error::backend(format!("command/status write at {off:#x}"), e));
+                // ... and we track decode changes and INTx disable.
+                let mut inner = self
+                    .inner
+                    .lock()
+                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                let r = self.emulated_write(&mut inner, off, buf);
+                fwd.and(r)
+            }
+            Dword::Emulated => {
+                let mut inner = self
+                    .inner
+                    .lock()
+                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                self.emulated_write(&mut inner, off, buf)
+            }
+            Dword::Msi | Dword::Msix => {
+                let mut inner = self
+                    .inner
+                    .lock()
+                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                let cap_off = match policy {
+                    Dword::Msi => inner.msi.as_ref().map(|m| m.offset),
+                    _ => inner.msix.as_ref().map(|m| m.offset),
+                };
+                let Some(rel) = cap_off.and_then(|c| off.checked_sub(c)) else {
+                    return Ok(());
+                };
+                // Bytes 0 and 1 (id, next pointer) are read-only: skip them.
+                let skip = 2usize.saturating_sub(rel).min(buf.len());
+                let Some(rest) = buf.get(skip..) else {
+                    return Ok(());
+                };
+                if rest.is_empty() {
+                    return Ok(());
+                }
+                let at = (rel + skip) as u64;
+                let r = match policy {
+                    Dword::Msi => match inner.msi.as_mut() {
+                        Some(m) => m.state.write(at, rest),
+                        None => Ok(()),
+                    },
+                    _ => match inner.msix.as_mut() {
+                        Some(m) => m.state.write(at, rest),
+                        None => Ok(()),
+                    },
+                };
+                let r = r.map_err(|e| Error::Interrupts(e.to_string()));
+                let m = self.apply_irq_mode(&mut inner);
+                r.and(m)
+            }
+        }
+    }
+
+    /// A write to the emulated config space, and what it means.
+    fn emulated_write(&self, inner: &mut Inner, off: usize, buf: &[u8]) -> Result<()> {
+        let effects = match inner.config.write(off, buf) {
+            Ok(e) => e,
+            Err(e) => {
+                log::debug!("config write at {off:#x} ignored: {e}");
+                return Ok(());
+            }
+        };
+        let mut result = Ok(());
+        for effect in effects.iter() {
+            match *effect {
+                WriteEffect::BarReprogram { bar, new_base, .. } => {
+                    if let Err(e) = self.move_bar_locked(inner, bar, new_base) {
+                        log::warn!("guest BAR move refused: {e}");
+                    }
+                }
+                WriteEffect::CommandChange { new, .. } => {
+                    if let Some(intx) = inner.intx.as_mut() {
+                        if let Err(e) = intx.state.set_command(new) {
+                            result = Err(Error::Interrupts(e.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    /// The guest reads `data.len()` (1, 2, 4 or 8) bytes at `offset` of a
+    /// trapped range of BAR `index` (6 = ROM). Bad accesses read as all
+    /// ones and are logged.
+    pub fn read_bar(&self, index: usize, offset: u64, data: &mut [u8]) {
+        let Ok(inner) = self.inner.lock() else {
+            data.fill(0xff);
+            return;
+        };
+        let bar = if index == ROM_BAR {
+            inner.rom.as_ref()
+        } else {
+            inner.bars.get(index).and_then(|b| b.as_ref())
+        };
+        let Some(bar) = bar else {
+            data.fill(0xff);
+            return;
+        };
+        if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
+            log::debug!(
+                "BAR{index} read of {} bytes at {offset:#x} ignored",
+                data.len()
+            );
+            data.fill(0xff);
+            return;
+        }
+        let len = data.len() as u64;
+        if let Some(m) = inner.msix.as_ref() {
+            if m.table.0 == index && within(offset, len, m.table.1.offset, m.table.1.len) {
+                m.state.table_read(offset - m.table.1.offset, data);
+                return;
+            }
+            if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
+                m.state.pba_read(offset - m.pba.1.offset, data);
+                return;
+            }
+        }
+        if let Some(hm) = bar
+            .maps
+            .iter()
+            .find(|h| within(offset, len, h.area.offset, h.area.len))
+        {
+            // SAFETY: the range lies inside the live mapping (checked by
+            // `within`), which this device owns until drop.
+            unsafe { volatile_read(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
+            return;
+        }
+        if offset.saturating_add(len) <= bar.region.size {
+            let idx = u32::try_from(index).unwrap_or(u32::MAX);
+            if let Err(e) = self.vfio.region_read(idx, offset, data) {
+                log::warn!("BAR{index} read at {offset:#x} failed: {e}");
+                data.fill(0xff);
+            }
+        } else {
+            // Padding beyond the device's region (rounded-up or relocated BAR).
+            data.fill(0);
+        }
+    }
+
+    /// The guest writes `data` (1, 2, 4 or 8 bytes) at `offset` of a trapped
+    /// range of BAR `index`. Bad accesses are ignored and logged; an `Err`
+    /// reports a backend failure.
+    pub fn write_bar(&self, index: usize, offset: u64, data: &[u8]) -> Result<()> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+        let inner = &mut *inner;
+        let bar = if index == ROM_BAR {
+            // The ROM is read-only.
+            return Ok(());
+        } else {
+            inner.bars.get(index).and_then(|b| b.as_ref())
+        };
+        let Some(bar) = bar else {
+            return Ok(());
+        };
+        if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
+            log::debug!(
+                "BAR{index} write of {} bytes at {offset:#x} ignored",
+                data.len()
+            );
+            return Ok(());
+        }
+        let len = data.len() as u64;
+        if let Some(m) = inner.msix.as_mut() {
+            if m.table.0 == index && within(offset, len, m.table.1.offset, m.table.1.len) {
+                return m
+                    .state
+                    .table_write(offset - m.table.1.offset, data)
+                    .map_err(|e| Error::Interrupts(e.to_string()));
+            }
+            if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
+                m.state.pba_write(offset - m.pba.1.offset, data);
+                return Ok(());
+            }
+        }
+        if let Some(hm) = bar
+            .maps
+            .iter()
+            .find(|h| within(offset, len, h.area.offset, h.area.len))
+        {
+            if !bar.region.writable() {
+                return Ok(());
+            }
+            // SAFETY: the range lies inside the live mapping (checked by
+            // `within`), which this device owns until drop.
+            unsafe { volatile_write(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
+            return Ok(());
+        }
+        if offset.saturating_add(len) <= bar.region.size {
+            let idx = u32::try_from(index).unwrap_or(u32::MAX);
+            self.vfio
+                .region_write(idx, offset, data)
+                .map_err(|e| Error::backend(format!("BAR{index} write at {offset:#x}"), e))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn within(offset: u64, len: u64, start: u64, size: u64) -> bool {
+    offset >= start
+        && offset
+            .checked_add(len)
+            .is_some_and(|end| end <= start.saturating_add(size))
+}
+
+/// Reads device memory with one access of the guest's width where aligned.
+///
+/// # Safety
+/// `base + off .. base + off + data.len()` must lie inside a live mapping.
+unsafe fn volatile_read(base: *mut u8, off: u64, data: &mut [u8]) {
+    // SAFETY: the caller guarantees the range is mapped.
+    let p = unsafe { base.add(off as usize) };
+    let aligned = (p as usize) % data.len().max(1) == 0;
+    match data.len() {
+        2 if aligned => {
+            // SAFETY: two mapped bytes (caller), aligned (checked).
+            let v = unsafe { p.cast::<u16>().read_volatile() };
+            data.copy_from_slice(&v.to_ne_bytes());
+        }
+        4 if aligned => {
+            // SAFETY: four mapped bytes (caller), aligned (checked).
+            let v = unsafe { p.cast::<u32>().read_volatile() };
+            data.copy_from_slice(&v.to_ne_bytes());
+        }
+        8 if aligned => {
+            // SAFETY: eight mapped bytes (caller), aligned (checked).
+            let v = unsafe { p.cast::<u64>().read_volatile() };
+            data.copy_from_slice(&v.to_ne_bytes());
+        }
+        _ => {
+            for (i, b) in data.iter_mut().enumerate() {
+                // SAFETY: byte i of the mapped range (caller).
+                *b = unsafe { p.add(i).read_volatile() };
+            }
+        }
+    }
+}
+
+/// Writes device memory with one access of the guest's width where aligned.
+///
+/// # Safety
+/// `base + off .. base + off + data.len()` must lie inside a live, writable mapping.
+unsafe fn volatile_write(base: *mut u8, off: u64, data: &[u8]) {
+    // SAFETY: the caller guarantees the range is mapped.
+    let p = unsafe { base.add(off as usize) };
+    let aligned = (p as usize) % data.len().max(1) == 0;
+    match *data {
+        [a, b] if aligned => {
+            // SAFETY: two mapped, writable bytes (caller), aligned (checked).
+            unsafe { p.cast::<u16>().write_volatile(u16::from_ne_bytes([a, b])) }
+        }
+        [a, b, c, d] if aligned => {
+            // SAFETY: four mapped, writable bytes (caller), aligned (checked).
+            unsafe {
+                p.cast::<u32>()
+                    .write_volatile(u32::from_ne_bytes([a, b, c, d]))
+            }
+        }
+        [a, b, c, d, e, f, g, h] if aligned => {
+            let v = u64::from_ne_bytes([a, b, c, d, e, f, g, h]);
+            // SAFETY: eight mapped, writable bytes (caller), aligned (checked).
+            unsafe { p.cast::<u64>().write_volatile(v) }
+        }
+        _ => {
+            for (i, b) in data.iter().enumerate() {
+                // SAFETY: byte i of the mapped, writable range (caller).
+                unsafe { p.add(i).write_volatile(*b) };
+            }
+        }
+    }
+}

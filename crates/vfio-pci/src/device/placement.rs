@@ -1,0 +1,241 @@
+//! Placing BARs in the VMM's windows, mapping them into the guest, and
+//! moving them when the guest reprograms a BAR.
+
+use pci_bar_alloc::BarPlacement;
+use pci_config::{BarKind, ROM_BAR};
+use vfio_backend::SparseArea;
+
+use super::{lock, request_for, Bar, HostMap, Inner, VfioPciDevice};
+use crate::{Error, Result};
+
+impl VfioPciDevice {
+    /// Places every BAR and the ROM, makes the host mappings and maps them
+    /// into the guest. Called once at attach.
+    pub(super) fn place_all(&self, inner: &mut Inner) -> Result<()> {
+        for i in 0..inner.bars.len() {
+            let Some(bar) = inner.bars.get_mut(i).and_then(|b| b.as_mut()) else {
+                continue;
+            };
+            self.host_map(bar);
+            let mmappable = !bar.maps.is_empty();
+            let req = request_for(bar.kind, bar.layout.guest_size, mmappable);
+            let placed = lock(&self.resources.allocator, "BAR allocator")?.allocate(req);
+            match placed {
+                Ok(p) => {
+                    inner
+                        .config
+                        .set_bar_address(i, p.base)
+                        .map_err(|e| Error::BarPlacement(format!("BAR{i}: {e}")))?;
+                    if let Some(bar) = inner.bars.get_mut(i).and_then(|b| b.as_mut()) {
+                        bar.placement = Some(p);
+                        self.guest_map(bar)?;
+                    }
+                }
+                Err(e) if bar.kind == BarKind::Io => {
+                    log::warn!(
+                        "BAR{i} (I/O, {:#x} ports) not placed: {e}; the guest may place it",
+                        bar.layout.guest_size
+                    );
+                }
+                Err(e) => {
+                    return Err(Error::BarPlacement(format!(
+                        "BAR{i} ({:#x} bytes): {e}",
+                        bar.layout.guest_size
+                    )))
+                }
+            }
+        }
+        if let Some(rom) = inner.rom.as_mut() {
+            let req = request_for(rom.kind, rom.layout.guest_size, false);
+            let placed = lock(&self.resources.allocator, "BAR allocator")?.allocate(req);
+            match placed {
+                Ok(p) => {
+                    inner
+                        .config
+                        .set_rom_address(p.base)
+                        .map_err(|e| Error::BarPlacement(format!("ROM: {e}")))?;
+                    rom.placement = Some(p);
+                }
+                Err(e) => log::warn!("ROM not placed: {e}; the guest will not see it mapped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the host mappings of a BAR's mappable areas. An area the
+    /// backend refuses to map is trapped instead.
+    pub(super) fn host_map(&self, bar: &mut Bar) {
+        let Ok(index) = u32::try_from(bar.index) else {
+            return;
+        };
+        for area in &bar.layout.mapped {
+            match self.vfio.mmap_region(
+                index,
+                SparseArea {
+                    offset: area.offset,
+                    size: area.len,
+                },
+            ) {
+                Ok(mapping) => bar.maps.push(HostMap {
+                    area: *area,
+                    mapping,
+                    guest: None,
+                }),
+                Err(e) => log::warn!(
+                    "BAR{}: mmap of {:#x}+{:#x} failed ({e}); that range traps",
+                    bar.index,
+                    area.offset,
+                    area.len
+                ),
+            }
+        }
+    }
+
+    /// Maps a placed BAR's host mappings into the guest. A mapper that
+    /// answers `Unsupported` leaves the range trapped; any other error
+    /// undoes this BAR's guest mappings and fails.
+    pub(super) fn guest_map(&self, bar: &mut Bar) -> Result<()> {
+        let Some(base) = bar.placement.as_ref().map(|p| p.base) else {
+            return Ok(());
+        };
+        let read_only = !bar.region.writable();
+        let mut failed = None;
+        for m in bar.maps.iter_mut() {
+            let gpa = base.wrapping_add(m.area.offset);
+            match self
+                .resources
+                .mapper
+                .map(gpa, m.area.len, m.mapping.as_ptr(), read_only)
+            {
+                Ok(id) => m.guest = Some(id),
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => m.guest = None,
+                Err(e) => {
+                    failed = Some(Error::GuestMapping(format!(
+                        "BAR{} at {gpa:#x} (+{:#x}): {e}",
+                        bar.index, m.area.len
+                    )));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            self.guest_unmap(bar);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a BAR's guest mappings (the host mappings stay).
+    pub(super) fn guest_unmap(&self, bar: &mut Bar) {
+        for m in bar.maps.iter_mut() {
+            if let Some(id) = m.guest.take() {
+                if let Err(e) = self.resources.mapper.unmap(id) {
+                    log::warn!("BAR{}: guest unmap failed: {e}", bar.index);
+                }
+            }
+        }
+    }
+
+    /// Moves BAR `index` (6 = ROM) to `new_base`, as the guest or the VMM
+    /// asked. Refused unless the new range lies inside the VMM's windows and
+    /// overlaps nothing; on any failure the old placement and mappings stay.
+    pub fn move_bar(&self, index: usize, new_base: u64) -> Result<()> {
+        let mut inner = lock(&self.inner, "device")?;
+        self.move_bar_locked(&mut inner, index, new_base)
+    }
+
+    pub(super) fn move_bar_locked(
+        &self,
+        inner: &mut Inner,
+        index: usize,
+        new_base: u64,
+    ) -> Result<()> {
+        let bar = if index == ROM_BAR {
+            inner.rom.as_mut()
+        } else {
+            inner.bars.get_mut(index).and_then(|b| b.as_mut())
+        };
+        let Some(bar) = bar else {
+            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+        };
+        let Some(old) = bar.placement else {
+            // Never placed (an I/O BAR without an I/O window): nothing the
+            // guest may move it onto is known to be free.
+            return Err(Error::BarPlacement(format!(
+                "BAR{index} has no placement in the VMM's windows; moves are refused"
+            )));
+        };
+        if old.base == new_base {
+            return Ok(());
+        }
+        let moved: BarPlacement =
+            match lock(&self.resources.allocator, "BAR allocator")?.relocate(&old, new_base) {
+                Ok(p) => p,
+                Err(e) => {
+                    restore_register(inner, index, old.base);
+                    return Err(Error::BarPlacement(format!(
+                        "BAR{index}: move from {:#x} to {new_base:#x} refused: {e}",
+                        old.base
+                    )));
+                }
+            };
+        let bar = if index == ROM_BAR {
+            inner.rom.as_mut()
+        } else {
+            inner.bars.get_mut(index).and_then(|b| b.as_mut())
+        };
+        let Some(bar) = bar else {
+            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+        };
+        self.guest_unmap(bar);
+        bar.placement = Some(moved);
+        if let Err(e) = self.guest_map(bar) {
+            // Put everything back where it was.
+            bar.placement = Some(old);
+            if let Ok(mut a) = self.resources.allocator.lock() {
+                if let Err(r) = a.relocate(&moved, old.base) {
+                    log::error!("BAR{index}: could not return to {:#x}: {r}", old.base);
+                }
+            }
+            if let Err(r) = self.guest_map(bar) {
+                log::error!("BAR{index}: could not remap at {:#x}: {r}", old.base);
+            }
+            restore_register(inner, index, old.base);
+            return Err(e);
+        }
+        log::debug!("BAR{index} moved from {:#x} to {new_base:#x}", old.base);
+        Ok(())
+    }
+
+    /// Gives every placement back to the allocator and removes every guest
+    /// mapping (detach).
+    pub(super) fn release_all(&self, inner: &mut Inner) {
+        let mut released = Vec::new();
+        for bar in inner.bars.iter_mut().flatten().chain(inner.rom.iter_mut()) {
+            self.guest_unmap(bar);
+            if let Some(p) = bar.placement.take() {
+                released.push(p);
+            }
+        }
+        if let Ok(mut a) = self.resources.allocator.lock() {
+            for p in released {
+                if let Err(e) = a.release(&p) {
+                    log::warn!("releasing BAR at {:#x}: {e}", p.base);
+                }
+            }
+        }
+    }
+}
+
+/// Writes the kept base back into the BAR register after a refused move, so
+/// the guest reads where the BAR really is.
+fn restore_register(inner: &mut Inner, index: usize, base: u64) {
+    let r = if index == ROM_BAR {
+        inner.config.set_rom_address(base)
+    } else {
+        inner.config.set_bar_address(index, base)
+    };
+    if let Err(e) = r {
+        log::error!("BAR{index}: could not restore the register to {base:#x}: {e}");
+    }
+}

@@ -1,0 +1,284 @@
+//! Snapshot, restore and reset of the guest-visible state.
+//!
+//! A snapshot holds what this crate emulates: the emulated config space,
+//! BAR placements and the MSI, MSI-X and INTx state. The device's own
+//! internal state is not ours to save (that is VFIO migration's job).
+
+use pci_bar_alloc::BarPlacement;
+use pci_config::{ConfigSpace, ConfigSpaceSnapshot, ROM_BAR};
+use pci_interrupts::{IntxSnapshot, MsiSnapshot, MsixSnapshot};
+use serde::{Deserialize, Serialize};
+
+use super::{lock, Inner, IrqMode, VfioPciDevice};
+use crate::{Error, Result};
+
+/// Format version of [`DeviceState`] inside a [`DeviceSnapshot`].
+pub const DEVICE_SNAPSHOT_VERSION: u32 = 1;
+
+/// The guest-visible state of a [`VfioPciDevice`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The emulated config space.
+    pub config: ConfigSpaceSnapshot,
+    /// Placement of BARs 0..=5 (`None`: absent or not placed).
+    pub bars: Vec<Option<BarPlacement>>,
+    /// Placement of the ROM.
+    pub rom: Option<BarPlacement>,
+    /// MSI state.
+    pub msi: Option<MsiSnapshot>,
+    /// MSI-X state.
+    pub msix: Option<MsixSnapshot>,
+    /// INTx state.
+    pub intx: Option<IntxSnapshot>,
+    /// Which interrupt was wired through VFIO.
+    pub irq_mode: IrqMode,
+}
+
+/// A versioned envelope around [`DeviceState`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceSnapshot {
+    /// Format version of the payload.
+    pub version: u32,
+    /// The state.
+    pub payload: DeviceState,
+}
+
+impl VfioPciDevice {
+    /// Takes a snapshot of the guest-visible state.
+    pub fn snapshot(&self) -> Result<DeviceSnapshot> {
+        let inner = lock(&self.inner, "device")?;
+        Ok(DeviceSnapshot {
+            version: DEVICE_SNAPSHOT_VERSION,
+            payload: DeviceState {
+                config: inner.config.snapshot(),
+                bars: inner
+                    .bars
+                    .iter()
+                    .map(|b| b.as_ref().and_then(|b| b.placement))
+                    .collect(),
+                rom: inner.rom.as_ref().and_then(|r| r.placement),
+                msi: inner.msi.as_ref().map(|m| m.state.snapshot()),
+                msix: inner.msix.as_ref().map(|m| m.state.snapshot()),
+                intx: inner.intx.as_ref().map(|m| m.state.snapshot()),
+                irq_mode: inner.irq_mode,
+            },
+        })
+    }
+
+    /// Restores a snapshot taken from a device of the same shape: the guest
+    /// then sees exactly the config space, BAR placement and interrupt
+    /// routes it had. On error nothing changes.
+    pub fn restore(&self, snapshot: &DeviceSnapshot) -> Result<()> {
+        if snapshot.version != DEVICE_SNAPSHOT_VERSION {
+            return Err(Error::Snapshot(format!(
+                "snapshot format version {} is not supported (this build reads {})",
+                snapshot.version, DEVICE_SNAPSHOT_VERSION
+            )));
+        }
+        let s = &snapshot.payload;
+        let config = ConfigSpace::restore(&s.config)
+            .map_err(|e| Error::Snapshot(format!("config space: {e}")))?;
+        let mut inner = lock(&self.inner, "device")?;
+        check_shape(&inner, s)?;
+
+        // Interrupt state first, on unbound copies: a refusal changes nothing.
+        let msi = restored(
+            inner.msi.as_ref().map(|m| &m.state),
+            s.msi.as_ref(),
+            "MSI",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+        let msix = restored(
+            inner.msix.as_ref().map(|m| &m.state),
+            s.msix.as_ref(),
+            "MSI-X",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+        let intx = restored(
+            inner.intx.as_ref().map(|m| &m.state),
+            s.intx.as_ref(),
+            "INTx",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+
+        // Placements: give ours back, take the snapshot's; undo on refusal.
+        let current: Vec<(usize, BarPlacement)> = placements(&inner);
+        let wanted: Vec<(usize, BarPlacement)> = s
+            .bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (i, p)))
+            .chain(s.rom.map(|p| (ROM_BAR, p)))
+            .collect();
+        {
+            let mut alloc = lock(&self.resources.allocator, "BAR allocator")?;
+            for (_, p) in &current {
+                if let Err(e) = alloc.release(p) {
+                    log::warn!("restore: releasing {:#x}: {e}", p.base);
+                }
+            }
+            let mut taken = Vec::new();
+            for (i, p) in &wanted {
+                if let Err(e) = alloc.reserve_exact(p) {
+                    for t in &taken {
+                        let _ = alloc.release(t);
+                    }
+                    for (_, p) in &current {
+                        let _ = alloc.reserve_exact(p);
+                    }
+                    return Err(Error::Snapshot(format!(
+                        "BAR{i} at {:#x} cannot be placed again: {e}",
+                        p.base
+                    )));
+                }
+                taken.push(*p);
+            }
+        }
+
+        // Commit: move the guest mappings, then install the state.
+        self.disable_irq_mode(&mut inner);
+        for (i, p) in &wanted {
+            let bar = if *i == ROM_BAR {
+                inner.rom.as_mut()
+            } else {
+                inner.bars.get_mut(*i).and_then(|b| b.as_mut())
+            };
+            if let Some(bar) = bar {
+                self.guest_unmap(bar);
+                bar.placement = Some(*p);
+                if let Err(e) = self.guest_map(bar) {
+                    log::error!("restore: mapping BAR{i} at {:#x}: {e}", p.base);
+                }
+            }
+        }
+        inner.config = config;
+        // Each group goes back to its fresh state (disabled, all masked),
+        // then the restored state brings it up to date.
+        let mut result = Ok(());
+        if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
+            let _ = m.group.disable();
+            if let Err(e) = st.set_group(Some(m.group.clone())) {
+                result = Err(Error::Interrupts(format!("MSI after restore: {e}")));
+            }
+            m.state = st;
+        }
+        if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
+            let _ = m.group.disable();
+            if let Err(e) = st.set_group(Some(m.group.clone())) {
+                result = Err(Error::Interrupts(format!("MSI-X after restore: {e}")));
+            }
+            m.state = st;
+        }
+        if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
+            let _ = m.group.disable();
+            if let Err(e) = st.set_group(Some(m.group.clone())) {
+                result = Err(Error::Interrupts(format!("INTx after restore: {e}")));
+            }
+            m.state = st;
+        }
+        let m = self.apply_irq_mode(&mut inner);
+        result.and(m)
+    }
+
+    /// Resets the device (function-level reset through VFIO) and the
+    /// emulated interrupt state. BAR placements stay, so the VMM's memory
+    /// map does not change; decoding and bus mastering are off afterwards,
+    /// as after a reset on bare metal.
+    pub fn reset(&self) -> Result<()> {
+        let mut inner = lock(&self.inner, "device")?;
+        self.disable_irq_mode(&mut inner);
+        let r = self
+            .vfio
+            .reset()
+            .map_err(|e| Error::backend("device reset", e));
+        if let Some(m) = inner.msi.as_mut() {
+            if let Err(e) = m.state.reset() {
+                log::warn!("MSI reset: {e}");
+            }
+        }
+        if let Some(m) = inner.msix.as_mut() {
+            if let Err(e) = m.state.reset() {
+                log::warn!("MSI-X reset: {e}");
+            }
+        }
+        if let Some(m) = inner.intx.as_mut() {
+            if let Err(e) = m.state.reset() {
+                log::warn!("INTx reset: {e}");
+            }
+        }
+        inner.config.set_command(0);
+        let m = self.apply_irq_mode(&mut inner);
+        r.and(m)
+    }
+}
+
+/// A copy of `state` with `snap` restored into it (unbound from its group).
+fn restored<T: Clone, S>(
+    state: Option<&T>,
+    snap: Option<&S>,
+    what: &str,
+    f: impl FnOnce(&mut T, &S) -> pci_interrupts::Result<()>,
+) -> Result<Option<T>> {
+    match (state, snap) {
+        (Some(st), Some(sn)) => {
+            let mut c = st.clone();
+            f(&mut c, sn).map_err(|e| Error::Snapshot(format!("{what}: {e}")))?;
+            Ok(Some(c))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn placements(inner: &Inner) -> Vec<(usize, BarPlacement)> {
+    inner
+        .bars
+        .iter()
+        .flatten()
+        .chain(inner.rom.iter())
+        .filter_map(|b| b.placement.map(|p| (b.index, p)))
+        .collect()
+}
+
+fn check_shape(inner: &Inner, s: &DeviceState) -> Result<()> {
+    if s.bars.len() != inner.bars.len() {
+        return Err(Error::Snapshot(format!(
+            "snapshot has {} BARs, the device {}",
+            s.bars.len(),
+            inner.bars.len()
+        )));
+    }
+    for (i, (ours, theirs)) in inner.bars.iter().zip(s.bars.iter()).enumerate() {
+        match (ours, theirs) {
+            (Some(b), Some(p)) if p.size != b.layout.guest_size => {
+                return Err(Error::Snapshot(format!(
+                    "BAR{i} is {:#x} bytes here but {:#x} in the snapshot",
+                    b.layout.guest_size, p.size
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(Error::Snapshot(format!(
+                    "the snapshot places BAR{i}, which this device does not have"
+                )))
+            }
+            _ => {}
+        }
+    }
+    if s.msi.is_some() != inner.msi.is_some()
+        || s.msix.is_some() != inner.msix.is_some()
+        || s.intx.is_some() != inner.intx.is_some()
+    {
+        return Err(Error::Snapshot(
+            "the snapshot's interrupt capabilities differ from this device's".into(),
+        ));
+    }
+    Ok(())
+}
