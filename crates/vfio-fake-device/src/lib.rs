@@ -1,1 +1,42 @@
-//! A programmable fake PCI function served through the Vfio trait and over a vfio-user socket.
+//! A programmable fake PCI function for tests, benchmarks and demos, served
+//! in-process through the [`vfio_backend::Vfio`] trait.
+//!
+//! Describe a function with a [`DeviceTemplate`] (a [`TemplateBuilder`],
+//! raw config bytes, an `lspci -xxx` dump, or a built-in profile such as
+//! QEMU's `edu`), then create a [`FakeDevice`]. The device behaves like a
+//! function behind the kernel's `vfio-pci`:
+//!
+//! - config space (region 7) with writable / write-1-to-clear masks and BAR
+//!   registers that answer the all-ones sizing protocol, ROM in region 6;
+//! - BARs backed by memfds (mmap-able and shareable), with trapped register
+//!   blocks: read-only ids, doorbells that raise interrupts, DMA engines
+//!   that go through the DMA mappings, the `edu` register file, the MSI-X
+//!   table and PBA (their pages are left out of the sparse mmap areas);
+//! - INTx (level, automasked), MSI and MSI-X through eventfds, one index
+//!   enabled at a time;
+//! - a fake IOMMU (`dma_map` / `dma_unmap` with overlap checks);
+//! - [`Counters`] of every call, and [`Faults`] to make it fail.
+
+mod bar;
+mod config;
+mod device;
+mod dma;
+mod error;
+mod inject;
+mod irq;
+pub mod lspci;
+mod profiles;
+mod regs;
+mod template;
+
+pub use device::FakeDevice;
+pub use dma::{DmaFault, MAX_DMA_MAPPINGS};
+pub use error::{FakeError, FakeResult};
+pub use inject::{Counters, Faults, Op, MAX_HANG};
+pub use profiles::{nvme_like, profile_template, profiles};
+pub use regs::{dma_engine, edu};
+pub use template::{
+    cap_id, ext_cap_id, BarContents, BarKind, BarSpec, Capability, DeviceTemplate, ExtCapability,
+    MsiInfo, MsixInfo, RegisterBlock, RegisterKind, ResizableBarEntry, TemplateBuilder,
+    MAX_BAR_SIZE, MAX_ROM_SIZE, PAGE_SIZE, PCIE_CONFIG_SIZE, PCI_CONFIG_SIZE,
+};

@@ -1,0 +1,289 @@
+//! Call counters and failure injection.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// One operation of the [`vfio_backend::Vfio`] trait, for counters and
+/// failure injection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `device_info`.
+    DeviceInfo,
+    /// `region_info`.
+    RegionInfo,
+    /// `region_read`.
+    RegionRead,
+    /// `region_write`.
+    RegionWrite,
+    /// `mmap_region`.
+    MmapRegion,
+    /// `irq_info`.
+    IrqInfo,
+    /// `set_irq_eventfds`.
+    SetIrqEventfds,
+    /// `disable_irqs`.
+    DisableIrqs,
+    /// `unmask_irq`.
+    UnmaskIrq,
+    /// `mask_irq`.
+    MaskIrq,
+    /// `set_irq_unmask_eventfd`.
+    SetIrqUnmaskEventfd,
+    /// `reset`.
+    Reset,
+    /// `dma_map`.
+    DmaMap,
+    /// `dma_unmap`.
+    DmaUnmap,
+    /// `iova_ranges`.
+    IovaRanges,
+}
+
+impl Op {
+    /// Every operation.
+    pub const ALL: [Op; 15] = [
+        Op::DeviceInfo,
+        Op::RegionInfo,
+        Op::RegionRead,
+        Op::RegionWrite,
+        Op::MmapRegion,
+        Op::IrqInfo,
+        Op::SetIrqEventfds,
+        Op::DisableIrqs,
+        Op::UnmaskIrq,
+        Op::MaskIrq,
+        Op::SetIrqUnmaskEventfd,
+        Op::Reset,
+        Op::DmaMap,
+        Op::DmaUnmap,
+        Op::IovaRanges,
+    ];
+
+    /// The trait method's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::DeviceInfo => "device_info",
+            Op::RegionInfo => "region_info",
+            Op::RegionRead => "region_read",
+            Op::RegionWrite => "region_write",
+            Op::MmapRegion => "mmap_region",
+            Op::IrqInfo => "irq_info",
+            Op::SetIrqEventfds => "set_irq_eventfds",
+            Op::DisableIrqs => "disable_irqs",
+            Op::UnmaskIrq => "unmask_irq",
+            Op::MaskIrq => "mask_irq",
+            Op::SetIrqUnmaskEventfd => "set_irq_unmask_eventfd",
+            Op::Reset => "reset",
+            Op::DmaMap => "dma_map",
+            Op::DmaUnmap => "dma_unmap",
+            Op::IovaRanges => "iova_ranges",
+        }
+    }
+
+    fn idx(self) -> usize {
+        self as usize
+    }
+}
+
+/// Cheap atomic counters of what the device was asked to do and did.
+#[derive(Debug, Default)]
+pub struct Counters {
+    calls: [AtomicU64; 15],
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    interrupts_signalled: AtomicU64,
+    interrupts_dropped: AtomicU64,
+    dma_transfers: AtomicU64,
+    dma_errors: AtomicU64,
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+pub(crate) fn bump(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// Calls of `op` so far (failed ones included).
+    pub fn calls(&self, op: Op) -> u64 {
+        self.calls.get(op.idx()).map_or(0, get)
+    }
+
+    /// Bytes read through `region_read` (all regions).
+    pub fn bytes_read(&self) -> u64 {
+        get(&self.bytes_read)
+    }
+
+    /// Bytes written through `region_write` (all regions).
+    pub fn bytes_written(&self) -> u64 {
+        get(&self.bytes_written)
+    }
+
+    /// Interrupts delivered to an eventfd.
+    pub fn interrupts_signalled(&self) -> u64 {
+        get(&self.interrupts_signalled)
+    }
+
+    /// Interrupts the device raised that reached no eventfd (no index
+    /// enabled, no eventfd for the vector, or INTx masked).
+    pub fn interrupts_dropped(&self) -> u64 {
+        get(&self.interrupts_dropped)
+    }
+
+    /// DMA transfers completed.
+    pub fn dma_transfers(&self) -> u64 {
+        get(&self.dma_transfers)
+    }
+
+    /// DMA transfers refused (unmapped IOVA, read-only mapping, out of the
+    /// device's range).
+    pub fn dma_errors(&self) -> u64 {
+        get(&self.dma_errors)
+    }
+
+    /// Sets every counter to zero.
+    pub fn reset(&self) {
+        for c in &self.calls {
+            c.store(0, Ordering::Relaxed);
+        }
+        for c in [
+            &self.bytes_read,
+            &self.bytes_written,
+            &self.interrupts_signalled,
+            &self.interrupts_dropped,
+            &self.dma_transfers,
+            &self.dma_errors,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn call(&self, op: Op) {
+        if let Some(c) = self.calls.get(op.idx()) {
+            bump(c, 1);
+        }
+    }
+
+    pub(crate) fn read(&self, n: usize) {
+        bump(&self.bytes_read, n as u64);
+    }
+
+    pub(crate) fn written(&self, n: usize) {
+        bump(&self.bytes_written, n as u64);
+    }
+
+    pub(crate) fn signalled(&self) {
+        bump(&self.interrupts_signalled, 1);
+    }
+
+    pub(crate) fn dropped(&self) {
+        bump(&self.interrupts_dropped, 1);
+    }
+
+    pub(crate) fn dma_ok(&self) {
+        bump(&self.dma_transfers, 1);
+    }
+
+    pub(crate) fn dma_err(&self) {
+        bump(&self.dma_errors, 1);
+    }
+}
+
+/// The longest a call may be made to hang.
+pub const MAX_HANG: Duration = Duration::from_secs(30);
+
+const FOREVER: u32 = u32::MAX;
+
+#[derive(Debug, Default)]
+struct OpFault {
+    errno: AtomicI32,
+    remaining: AtomicU32,
+}
+
+/// Failure injection: make the device stop answering, answer slowly, or
+/// fail chosen operations.
+#[derive(Debug, Default)]
+pub struct Faults {
+    dead: AtomicBool,
+    hang_ms: AtomicU64,
+    ops: [OpFault; 15],
+}
+
+/// What an injected fault does to a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Injected {
+    /// The device is dead: fail with `EIO`.
+    Dead,
+    /// This operation fails with this errno.
+    Fail(i32),
+}
+
+impl Faults {
+    /// While `dead`, every trait call fails with `EIO` (and
+    /// `region_mmap_fd` returns `None`), as a device that fell off the bus.
+    pub fn set_dead(&self, dead: bool) {
+        self.dead.store(dead, Ordering::Relaxed);
+    }
+
+    /// Whether the device plays dead.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Every trait call first sleeps this long (`None` or zero: no delay);
+    /// capped at [`MAX_HANG`].
+    pub fn set_hang(&self, hang: Option<Duration>) {
+        let d = hang.unwrap_or_default().min(MAX_HANG);
+        self.hang_ms
+            .store(u64::try_from(d.as_millis()).unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Makes `op` fail with `errno`: the next `times` calls, or every call
+    /// until [`Faults::clear`] when `times` is `None`.
+    pub fn fail(&self, op: Op, errno: i32, times: Option<u32>) {
+        if let Some(f) = self.ops.get(op.idx()) {
+            f.remaining.store(
+                times.map_or(FOREVER, |t| t.min(FOREVER - 1)),
+                Ordering::Relaxed,
+            );
+            f.errno.store(errno, Ordering::Relaxed);
+        }
+    }
+
+    /// Removes every injected fault (dead, hang and failing operations).
+    pub fn clear(&self) {
+        self.set_dead(false);
+        self.set_hang(None);
+        for f in &self.ops {
+            f.errno.store(0, Ordering::Relaxed);
+            f.remaining.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies the faults to one call of `op`.
+    pub(crate) fn check(&self, op: Op) -> Option<Injected> {
+        let ms = self.hang_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        if self.is_dead() {
+            return Some(Injected::Dead);
+        }
+        let f = self.ops.get(op.idx())?;
+        let errno = f.errno.load(Ordering::Relaxed);
+        if errno == 0 {
+            return None;
+        }
+        let took = f
+            .remaining
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| match r {
+                0 => None,
+                FOREVER => Some(FOREVER),
+                n => Some(n - 1),
+            })
+            .is_ok();
+        took.then_some(Injected::Fail(errno))
+    }
+}

@@ -1,0 +1,283 @@
+//! Interrupt state, modelled on the kernel's `vfio-pci`: one index (INTx,
+//! MSI or MSI-X) is enabled at a time, eventfds are per vector, and INTx is
+//! level-triggered and masked by the host each time it fires.
+
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
+use vfio_backend::{irq, Error, Result};
+
+use crate::inject::Counters;
+
+/// Writes 1 to an eventfd-like file. Returns whether the write went through.
+fn signal(fd: &OwnedFd) -> bool {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live local u64 to a file descriptor we
+    // own; the kernel does not keep the pointer.
+    let n = unsafe {
+        libc::write(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&one).cast::<libc::c_void>(),
+            std::mem::size_of::<u64>(),
+        )
+    };
+    n == 8
+}
+
+fn einval(context: String) -> Error {
+    Error::Refused {
+        context,
+        errno: libc::EINVAL,
+    }
+}
+
+/// How the device raises an interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Trigger {
+    /// An edge: one message (MSI/MSI-X), or one INTx assertion that is not
+    /// held (doorbells, DMA completion).
+    Pulse,
+    /// The INTx line is held asserted until [`IrqState::deassert`]
+    /// (MSI/MSI-X still send one message).
+    Level,
+}
+
+#[derive(Debug)]
+pub(crate) struct IrqState {
+    active: Option<u32>,
+    intx: Option<OwnedFd>,
+    intx_masked: bool,
+    intx_level: bool,
+    msi: Vec<Option<OwnedFd>>,
+    msi_enabled: u32,
+    msix: Vec<Option<OwnedFd>>,
+    msix_enabled: u32,
+    intx_count: u32,
+}
+
+impl IrqState {
+    pub(crate) fn new(intx: bool, msi: u32, msix: u32) -> Self {
+        IrqState {
+            active: None,
+            intx: None,
+            intx_masked: false,
+            intx_level: false,
+            msi: (0..msi).map(|_| None).collect(),
+            msi_enabled: 0,
+            msix: (0..msix).map(|_| None).collect(),
+            msix_enabled: 0,
+            intx_count: u32::from(intx),
+        }
+    }
+
+    /// Vectors of an index (0 for ERR, REQ and anything unknown).
+    pub(crate) fn count(&self, index: u32) -> u32 {
+        match index {
+            irq::INTX => self.intx_count,
+            irq::MSI => self.msi.len() as u32,
+            irq::MSIX => self.msix.len() as u32,
+            _ => 0,
+        }
+    }
+
+    pub(crate) fn active(&self) -> Option<u32> {
+        self.active
+    }
+
+    pub(crate) fn intx_masked(&self) -> bool {
+        self.intx_masked
+    }
+
+    pub(crate) fn set_eventfds(
+        &mut self,
+        index: u32,
+        start: u32,
+        fds: &[Option<BorrowedFd<'_>>],
+        counters: &Counters,
+    ) -> Result<()> {
+        let count = self.count(index);
+        let len = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        let end = start.checked_add(len);
+        if fds.is_empty() || count == 0 || end.is_none_or(|e| e > count) {
+            return Err(einval(format!(
+                "set eventfds {start}+{len} of interrupt index {index} with {count} vectors"
+            )));
+        }
+        let end = end.unwrap_or(0);
+        if let Some(a) = self.active {
+            if a != index {
+                return Err(einval(format!(
+                    "interrupt index {index} while index {a} is enabled"
+                )));
+            }
+        }
+        if index == irq::INTX && start != 0 {
+            return Err(einval(format!("INTx vector {start}")));
+        }
+        if index == irq::MSI && self.active == Some(irq::MSI) && end > self.msi_enabled {
+            return Err(einval(format!(
+                "MSI vectors up to {end} while {} are enabled (MSI cannot grow)",
+                self.msi_enabled
+            )));
+        }
+        let mut dups = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let dup = match fd {
+                Some(b) => Some(
+                    b.try_clone_to_owned()
+                        .map_err(|e| Error::io("dup of an interrupt eventfd", e))?,
+                ),
+                None => None,
+            };
+            dups.push(dup);
+        }
+        let was_active = self.active == Some(index);
+        match index {
+            irq::INTX => {
+                self.intx = dups.pop().flatten();
+                if !was_active {
+                    self.intx_masked = false;
+                }
+                self.active = Some(index);
+                if !was_active && self.intx_level {
+                    self.fire_intx(counters);
+                }
+            }
+            irq::MSI => {
+                if !was_active {
+                    self.msi_enabled = end;
+                }
+                store(&mut self.msi, start, dups);
+                self.active = Some(index);
+            }
+            _ => {
+                // MSI-X may grow while enabled (dynamic allocation).
+                self.msix_enabled = if was_active {
+                    self.msix_enabled.max(end)
+                } else {
+                    end
+                };
+                store(&mut self.msix, start, dups);
+                self.active = Some(index);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn disable(&mut self, index: u32) -> Result<()> {
+        if self.active != Some(index) {
+            return Err(einval(format!(
+                "disable interrupt index {index}, which is not enabled"
+            )));
+        }
+        self.disable_all();
+        Ok(())
+    }
+
+    pub(crate) fn disable_all(&mut self) {
+        self.active = None;
+        self.intx = None;
+        self.intx_masked = false;
+        for v in self.msi.iter_mut().chain(self.msix.iter_mut()) {
+            *v = None;
+        }
+        self.msi_enabled = 0;
+        self.msix_enabled = 0;
+    }
+
+    /// Forgets the INTx line level too (device reset).
+    pub(crate) fn reset(&mut self) {
+        self.disable_all();
+        self.intx_level = false;
+    }
+
+    fn check_intx(&self, index: u32, what: &str) -> Result<()> {
+        match index {
+            irq::INTX if self.active == Some(irq::INTX) => Ok(()),
+            irq::INTX => Err(einval(format!("{what} INTx, which is not enabled"))),
+            irq::MSI | irq::MSIX | irq::ERR | irq::REQ => Err(Error::Refused {
+                context: format!("{what} interrupt index {index}: only INTx can be masked"),
+                errno: libc::ENOTTY,
+            }),
+            _ => Err(Error::InvalidArgument(format!("interrupt index {index}"))),
+        }
+    }
+
+    pub(crate) fn mask(&mut self, index: u32) -> Result<()> {
+        self.check_intx(index, "mask")?;
+        self.intx_masked = true;
+        Ok(())
+    }
+
+    pub(crate) fn unmask(&mut self, index: u32, counters: &Counters) -> Result<()> {
+        self.check_intx(index, "unmask")?;
+        self.unmask_intx(counters);
+        Ok(())
+    }
+
+    /// Unmasks INTx; a line still asserted fires again at once.
+    pub(crate) fn unmask_intx(&mut self, counters: &Counters) {
+        if self.active != Some(irq::INTX) {
+            return;
+        }
+        self.intx_masked = false;
+        if self.intx_level {
+            self.fire_intx(counters);
+        }
+    }
+
+    pub(crate) fn check_unmask_fd(&self, index: u32) -> Result<()> {
+        self.check_intx(index, "set the unmask eventfd of")
+    }
+
+    fn fire_intx(&mut self, counters: &Counters) {
+        if self.intx_masked {
+            counters.dropped();
+            return;
+        }
+        // The host masks the line each time it fires (automasked).
+        self.intx_masked = true;
+        match &self.intx {
+            Some(fd) if signal(fd) => counters.signalled(),
+            _ => counters.dropped(),
+        }
+    }
+
+    /// The device raises `vector` through whichever index is enabled.
+    pub(crate) fn raise(&mut self, vector: u32, trigger: Trigger, counters: &Counters) {
+        let (fds, enabled) = match self.active {
+            Some(irq::MSIX) => (&self.msix, self.msix_enabled),
+            Some(irq::MSI) => (&self.msi, self.msi_enabled),
+            active => {
+                if trigger == Trigger::Level {
+                    self.intx_level = true;
+                }
+                if active == Some(irq::INTX) {
+                    self.fire_intx(counters);
+                } else {
+                    counters.dropped();
+                }
+                return;
+            }
+        };
+        let fd = if vector < enabled {
+            fds.get(vector as usize).and_then(Option::as_ref)
+        } else {
+            None
+        };
+        match fd {
+            Some(fd) if signal(fd) => counters.signalled(),
+            _ => counters.dropped(),
+        }
+    }
+
+    /// Lowers the INTx line.
+    pub(crate) fn deassert(&mut self) {
+        self.intx_level = false;
+    }
+}
+
+fn store(slots: &mut [Option<OwnedFd>], start: u32, fds: Vec<Option<OwnedFd>>) {
+    for (slot, fd) in slots.iter_mut().skip(start as usize).zip(fds) {
+        *slot = fd;
+    }
+}
