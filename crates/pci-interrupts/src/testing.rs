@@ -191,6 +191,19 @@ impl TestInterruptGroup {
         self.eventfd(vector).map_or(0, read_nonblocking)
     }
 
+    /// What a guest would receive now on `vector`, as a VMM with irqfds
+    /// delivers it: while the vector is deliverable (group enabled, vector
+    /// unmasked) the signals latched in its eventfd are consumed and counted;
+    /// while it is not, they stay latched (0 is returned) and arrive once it
+    /// becomes deliverable again.
+    pub fn take_delivered(&self, vector: u32) -> u64 {
+        if self.is_deliverable(vector) {
+            self.take_signals(vector)
+        } else {
+            0
+        }
+    }
+
     /// Whether `vector`'s eventfd was signalled since the last read (consumes the signals).
     pub fn was_signalled(&self, vector: u32) -> bool {
         self.take_signals(vector) > 0

@@ -161,6 +161,15 @@ impl VfioPciDevice {
             }
         }
         inner.config = config;
+        // The command register lives in the device too: give it back the
+        // decode enables and bus mastering the guest had programmed.
+        let cmd = inner.config.command();
+        if let Err(e) = self
+            .vfio
+            .region_write(vfio_backend::region::CONFIG, 4, &cmd.to_le_bytes())
+        {
+            log::warn!("restore: writing the command register: {e}");
+        }
         // Each group goes back to its fresh state (disabled, all masked),
         // then the restored state brings it up to date.
         let mut result = Ok(());
