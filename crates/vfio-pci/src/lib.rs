@@ -8,6 +8,42 @@
 //! guest through the VMM's [`GuestMapper`], wires interrupts from VFIO
 //! eventfds to the VMM's [`pci_interrupts::InterruptSourceGroup`]s, and maps
 //! guest RAM for the device's DMA with [`DmaMapper`].
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
+//! use pci_interrupts::testing::TestInterruptManager;
+//! use vfio_backend::Vfio;
+//! use vfio_fake_device::FakeDevice;
+//! use vfio_pci::{DeviceOptions, DeviceResources, TrapAllMapper, VfioPciDevice};
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//!
+//! // Any backend: here the fake device; a VMM uses the kernel or vfio-user one.
+//! let vfio: Arc<dyn Vfio> = Arc::new(FakeDevice::profile("edu")?);
+//! // What the VMM lends: interrupt delivery, guest mappings, BAR windows.
+//! let windows = BarWindows {
+//!     mmio32: AddressWindow { base: 0xc000_0000, size: 0x1000_0000 },
+//!     mmio64: Some(AddressWindow { base: 1 << 40, size: 1 << 40 }),
+//!     io: None,
+//! };
+//! let resources = DeviceResources {
+//!     interrupts: Arc::new(TestInterruptManager::new()),
+//!     mapper: Arc::new(TrapAllMapper),
+//!     allocator: Arc::new(Mutex::new(BarAllocator::new(windows)?)),
+//! };
+//! let dev = VfioPciDevice::new(vfio, resources, DeviceOptions::default())?;
+//! // Guest RAM for the device's DMA, at its guest physical addresses.
+//! let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)])?;
+//! dev.dma().map_guest_memory(&ram)?;
+//!
+//! // The guest's config and BAR accesses go through the device.
+//! let mut id = [0u8; 4];
+//! dev.read_config(0, &mut id);
+//! assert_eq!(u32::from_le_bytes(id), 0x11e8_1234);
+//! let bar0 = &dev.bars()[0];
+//! println!("BAR0 at {:#x}, {} bytes trapped", bar0.base.unwrap_or(0), bar0.trapped_bytes());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod device;
 mod dma;
