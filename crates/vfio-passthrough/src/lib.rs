@@ -1,6 +1,11 @@
 //! One dependency for a VMM: the VFIO PCI passthrough stack re-exported, and
 //! the KVM glue behind the `kvm` feature.
 
+mod error;
+#[cfg(feature = "kvm")]
+pub mod kvm;
+
+pub use error::{Error, Result};
 pub use pci_bar_alloc;
 pub use pci_config;
 pub use pci_interrupts;

@@ -1,0 +1,101 @@
+//! The error type of this crate.
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A KVM ioctl failed (errno kept in `source`).
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The ioctl or operation, e.g. `KVM_SET_GSI_ROUTING`.
+        op: &'static str,
+        /// The OS error, with its errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be created or used.
+    #[error("eventfd {op} failed: {source}")]
+    EventFd {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error, with its errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Every number of a range the VMM handed over (GSIs, memory slots) is in use.
+    #[error("{requested} {resource} asked for, fewer are free in {start}..{end}")]
+    Exhausted {
+        /// `GSI` or `memory slot`.
+        resource: &'static str,
+        /// How many were asked for.
+        requested: u32,
+        /// Start of the range given by the VMM.
+        start: u32,
+        /// End (exclusive) of the range given by the VMM.
+        end: u32,
+    },
+    /// A parameter outside what KVM accepts.
+    #[error("invalid {what} {value:#x}: {reason}")]
+    Invalid {
+        /// The parameter.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A guest mapping that would overlap one made earlier.
+    #[error(
+        "guest range {gpa:#x}..{end:#x} overlaps the mapping at {other_gpa:#x}..{other_end:#x}",
+        end = gpa.saturating_add(*size),
+        other_end = other_gpa.saturating_add(*other_size)
+    )]
+    Overlap {
+        /// Guest physical address asked for.
+        gpa: u64,
+        /// Size asked for.
+        size: u64,
+        /// Guest physical address of the existing mapping.
+        other_gpa: u64,
+        /// Size of the existing mapping.
+        other_size: u64,
+    },
+    /// A mapping id this mapper did not hand out, or already unmapped.
+    #[error("no guest mapping with id {0}")]
+    UnknownMapping(u64),
+    /// Something the VMM did not configure (e.g. an INTx group without an INTx line).
+    #[error("not configured: {0}")]
+    NotConfigured(&'static str),
+}
+
+impl Error {
+    /// The [`std::io::ErrorKind`] that best describes this error, for trait methods that return
+    /// [`std::io::Error`].
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        use std::io::ErrorKind;
+        match self {
+            Self::Kvm { source, .. } | Self::EventFd { source, .. } => source.kind(),
+            Self::Exhausted { .. } => ErrorKind::OutOfMemory,
+            Self::Invalid { .. } => ErrorKind::InvalidInput,
+            Self::Overlap { .. } => ErrorKind::AlreadyExists,
+            Self::UnknownMapping(_) => ErrorKind::NotFound,
+            Self::NotConfigured(_) => ErrorKind::Unsupported,
+        }
+    }
+
+    /// The errno of the underlying OS error, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Kvm { source, .. } | Self::EventFd { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(err: Error) -> Self {
+        std::io::Error::new(err.io_kind(), err)
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
