@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::Mutex;
 
 /// The prefix of every scenario line.
 pub const LINE_PREFIX: &str = "HWTEST";
@@ -143,8 +144,72 @@ pub fn install_quiet_panic_hook() {
     }));
 }
 
-/// Runs one scenario instance, turning errors and panics into a FAIL.
+/// Keeps the warnings and errors our crates log (through `log`) while a scenario runs, so the
+/// report line can show them instead of them being lost (or interleaved with the report).
+struct LogCapture {
+    lines: Mutex<Vec<String>>,
+}
+
+/// At most this many log lines are kept per scenario.
+const MAX_LOG_LINES: usize = 8;
+
+static LOG_CAPTURE: LogCapture = LogCapture {
+    lines: Mutex::new(Vec::new()),
+};
+
+impl log::Log for LogCapture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        if let Ok(mut l) = self.lines.lock() {
+            if l.len() < MAX_LOG_LINES {
+                l.push(format!(
+                    "{} {}: {}",
+                    record.level(),
+                    record.target(),
+                    record.args()
+                ));
+            }
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Routes `log` warnings and errors into the report (see [`LogCapture`]).
+pub fn install_log_capture() {
+    if log::set_logger(&LOG_CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// The log lines captured since the last call.
+fn take_log() -> Vec<String> {
+    LOG_CAPTURE
+        .lines
+        .lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default()
+}
+
+/// Runs one scenario instance, turning errors and panics into a FAIL; warnings logged by our
+/// crates meanwhile are appended to the detail.
 fn run_one(s: &Scenario, ctx: &Ctx<'_>) -> (Verdict, String) {
+    take_log();
+    let (v, mut d) = run_one_inner(s, ctx);
+    let log = take_log();
+    if !log.is_empty() {
+        d = format!("{d} [log: {}]", log.join("; "));
+    }
+    (v, d)
+}
+
+fn run_one_inner(s: &Scenario, ctx: &Ctx<'_>) -> (Verdict, String) {
     PANIC_LOCATION.with(|p| *p.borrow_mut() = None);
     match panic::catch_unwind(AssertUnwindSafe(|| (s.run)(ctx))) {
         Ok(Ok(Outcome::Pass(d))) => (Verdict::Pass, d),

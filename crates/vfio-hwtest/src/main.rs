@@ -12,17 +12,17 @@
 //! the host (`--device`).
 
 mod device;
+mod edu;
 mod harness;
+mod nvme;
 mod scenarios;
+mod stack;
+mod vmm;
 
 use anyhow::{bail, Context, Result};
 use device::{canonical_bdf, Device, PciId};
 use harness::RunOptions;
 use std::process::ExitCode;
-
-// The kernel-backend scenarios will drive devices through `vfio_backend::kernel`; linking it
-// now keeps the static guest build honest about the backend's dependencies.
-use vfio_backend as _;
 
 const USAGE: &str = "\
 usage: vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--list]
@@ -83,6 +83,7 @@ fn run(args: &Args) -> Result<bool> {
         }
     }
     harness::install_quiet_panic_hook();
+    harness::install_log_capture();
     let opts = RunOptions {
         only: args.only.as_deref(),
     };

@@ -1,13 +1,15 @@
 //! The scenario table.
 //!
-//! The scenarios here need nothing but the kernel (sysfs, `/dev/vfio`) and libc. Scenarios that
-//! drive a device through `vfio_backend::kernel` and `vfio_pci::VfioPciDevice` are added to
-//! [`SCENARIOS`] the same way: a function `fn(&Ctx) -> Result<Outcome>` and a [`Needs`] that says
-//! whether it runs once, on every device, or on devices of one ID (for example QEMU's edu,
-//! [`EDU`], or nvme, [`QEMU_NVME`]).
+//! The first scenarios need nothing but the kernel (sysfs, `/dev/vfio`) and libc. The rest
+//! drive devices through our stack (`vfio_backend::kernel` under `vfio_pci::VfioPciDevice`),
+//! the test playing both VMM and guest: [`crate::stack`] for any function, [`crate::edu`] for
+//! QEMU's edu ([`EDU`]) and [`crate::nvme`] for QEMU's NVMe controller ([`QEMU_NVME`]). Each is
+//! a function `fn(&Ctx) -> Result<Outcome>` and a [`Needs`] that says whether it runs once, on
+//! every device, or on devices of one ID.
 
 use crate::device::{link_name, PciId};
 use crate::harness::{Ctx, Needs, Outcome, Scenario};
+use crate::{edu, nvme, stack};
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -15,8 +17,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// QEMU's `edu` teaching device (its scenarios come with the kernel backend).
-#[cfg_attr(not(test), allow(dead_code))]
+/// QEMU's `edu` teaching device.
 pub const EDU: PciId = PciId {
     vendor: 0x1234,
     device: 0x11e8,
@@ -68,6 +69,74 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "nvme-class-code",
         needs: Needs::DeviceId(QEMU_NVME),
         run: nvme_class_code,
+    },
+    // Through our stack, any function.
+    Scenario {
+        name: "bar-sizing-matches-regions",
+        needs: Needs::EachDevice,
+        run: stack::bar_sizing,
+    },
+    Scenario {
+        name: "capability-walk",
+        needs: Needs::EachDevice,
+        run: stack::capability_walk,
+    },
+    Scenario {
+        name: "irq-mode-switch",
+        needs: Needs::EachDevice,
+        run: stack::irq_modes,
+    },
+    Scenario {
+        name: "unplug-no-leaks",
+        needs: Needs::EachDevice,
+        run: stack::unplug_no_leaks,
+    },
+    Scenario {
+        name: "iova-ranges",
+        needs: Needs::EachDevice,
+        run: stack::iova_ranges,
+    },
+    Scenario {
+        name: "hot-reset",
+        needs: Needs::EachDevice,
+        run: stack::hot_reset,
+    },
+    // QEMU's edu.
+    Scenario {
+        name: "edu-registers",
+        needs: Needs::DeviceId(EDU),
+        run: edu::registers,
+    },
+    Scenario {
+        name: "edu-factorial-msi",
+        needs: Needs::DeviceId(EDU),
+        run: edu::factorial_msi,
+    },
+    Scenario {
+        name: "edu-dma-roundtrip",
+        needs: Needs::DeviceId(EDU),
+        run: edu::dma_roundtrip,
+    },
+    Scenario {
+        name: "edu-intx-unmask",
+        needs: Needs::DeviceId(EDU),
+        run: edu::intx_unmask,
+    },
+    // QEMU's NVMe controller.
+    Scenario {
+        name: "nvme-identify",
+        needs: Needs::DeviceId(QEMU_NVME),
+        run: nvme::identify,
+    },
+    Scenario {
+        name: "nvme-io-msix",
+        needs: Needs::DeviceId(QEMU_NVME),
+        run: nvme::io_roundtrip,
+    },
+    Scenario {
+        name: "nvme-reset-reinit",
+        needs: Needs::DeviceId(QEMU_NVME),
+        run: nvme::reset_reinit,
     },
 ];
 

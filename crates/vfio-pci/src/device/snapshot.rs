@@ -205,6 +205,11 @@ impl VfioPciDevice {
     pub fn reset(&self) -> Result<()> {
         let mut inner = lock(&self.inner, "device")?;
         self.disable_irq_mode(&mut inner);
+        // The kernel saves config space before a function reset and restores
+        // it after, command register included: turn I/O and memory decoding,
+        // bus mastering and INTx disable off first, so the device comes back
+        // with the command register a reset leaves (PCIe Base 7.5.1.1.3).
+        quiesce_command(self.vfio.as_ref());
         let r = self
             .vfio
             .reset()
@@ -227,6 +232,22 @@ impl VfioPciDevice {
         inner.config.set_command(0);
         let m = self.apply_irq_mode(&mut inner);
         r.and(m)
+    }
+}
+
+/// Clears I/O, memory, bus master and INTx disable in the device's command
+/// register (not the emulated one); failures are logged.
+fn quiesce_command(vfio: &dyn vfio_backend::Vfio) {
+    const QUIESCE: u16 = 0x1 | 0x2 | 0x4 | 0x400;
+    let mut cmd = [0u8; 2];
+    let r = vfio
+        .region_read(vfio_backend::region::CONFIG, 0x04, &mut cmd)
+        .and_then(|()| {
+            let v = u16::from_le_bytes(cmd) & !QUIESCE;
+            vfio.region_write(vfio_backend::region::CONFIG, 0x04, &v.to_le_bytes())
+        });
+    if let Err(e) = r {
+        log::warn!("clearing the command register before reset: {e}");
     }
 }
 
