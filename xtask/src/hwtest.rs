@@ -324,15 +324,26 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     .args([
         "-device",
         "intel-iommu,intremap=on,caching-mode=on",
+        // Each device behind a root port of its own, so that a secondary
+        // bus reset (VFIO hot reset) affects only that device; x-speed=5
+        // makes the port report its link active, which the kernel waits
+        // for after a bus reset.
         "-device",
-        "edu",
+        "pcie-root-port,id=rp1,chassis=1,slot=1,x-speed=5",
+        "-device",
+        "edu,bus=rp1",
+        "-device",
+        "pcie-root-port,id=rp2,chassis=2,slot=2,x-speed=5",
     ])
     .arg("-drive")
     .arg(format!(
         "file={},if=none,id=nvm0,format=raw",
         nvme_img.display()
     ))
-    .args(["-device", &format!("nvme,serial={NVME_SERIAL},drive=nvm0")])
+    .args([
+        "-device",
+        &format!("nvme,serial={NVME_SERIAL},drive=nvm0,bus=rp2"),
+    ])
     .arg("-kernel")
     .arg(kernel.vmlinuz())
     .arg("-initrd")

@@ -242,6 +242,10 @@ fn dropping_the_device_releases_mappings_placements_and_irqs() {
     assert!(vm.mapper.live().is_empty());
     assert_eq!(vm.alloc.lock().unwrap().placements().count(), 0);
     assert_eq!(f.active_irq(), None);
+    assert!(
+        vm.irqs.groups().iter().all(|g| !g.is_enabled()),
+        "groups the VMM keeps deliver nothing after unplug"
+    );
 }
 
 #[test]

@@ -968,6 +968,17 @@ impl Drop for VfioPciDevice {
             },
         );
         self.disable_irq_mode(&mut taken);
+        // The VMM may keep its groups: leave them delivering nothing.
+        let groups = [
+            taken.msi.as_ref().map(|m| m.group.clone()),
+            taken.msix.as_ref().map(|m| m.group.clone()),
+            taken.intx.as_ref().map(|m| m.group.clone()),
+        ];
+        for g in groups.into_iter().flatten() {
+            if let Err(e) = g.disable() {
+                log::warn!("disabling an interrupt group on unplug: {e}");
+            }
+        }
         self.release_all(&mut taken);
         // Host mappings unmap as `taken` drops here.
     }
