@@ -340,92 +340,75 @@ impl<'a> Writer<'a> {
     }
 }
 
-/// The payload of `DEVICE_GET_INFO` (request and reply), 16 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DeviceInfoPayload {
-    /// Request: maximum reply size; reply: size of the full reply.
-    pub argsz: u32,
-    /// `VFIO_DEVICE_FLAGS_*`.
-    pub flags: u32,
-    /// Number of regions.
-    pub num_regions: u32,
-    /// Number of interrupt indices.
-    pub num_irqs: u32,
+/// Defines a fixed-size little-endian payload struct with `SIZE`, `encode`
+/// and a bounds-checked `decode` (fields in wire order).
+macro_rules! wire_struct {
+    (
+        $(#[$meta:meta])*
+        $name:ident, $size:literal, $what:literal {
+            $( $(#[$fmeta:meta])* $field:ident : $ty:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct $name {
+            $( $(#[$fmeta])* pub $field: $ty, )*
+        }
+
+        // The declared size is the sum of the fields: checked at compile time.
+        const _: () = assert!(0 $( + std::mem::size_of::<$ty>() )* == $size);
+
+        impl $name {
+            /// Encoded size.
+            pub const SIZE: usize = $size;
+
+            /// The bytes on the wire.
+            pub fn encode(&self) -> [u8; Self::SIZE] {
+                let mut b = [0u8; Self::SIZE];
+                let mut w = Writer::new(&mut b);
+                $( w.$ty(self.$field); )*
+                b
+            }
+
+            /// Decodes the first `SIZE` bytes of `bytes`.
+            pub fn decode(bytes: &[u8]) -> Result<Self> {
+                let mut r = Reader::new(bytes, $what);
+                Ok($name { $( $field: r.$ty()?, )* })
+            }
+        }
+    };
 }
 
-impl DeviceInfoPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u32(self.num_regions);
-        w.u32(self.num_irqs);
-        b
-    }
-
-    /// Decodes the first 16 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DEVICE_GET_INFO payload");
-        Ok(DeviceInfoPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            num_regions: r.u32()?,
-            num_irqs: r.u32()?,
-        })
+wire_struct! {
+    /// The payload of `DEVICE_GET_INFO` (request and reply), 16 bytes.
+    DeviceInfoPayload, 16, "DEVICE_GET_INFO payload" {
+        /// Request: maximum reply size; reply: size of the full reply.
+        argsz: u32,
+        /// `VFIO_DEVICE_FLAGS_*`.
+        flags: u32,
+        /// Number of regions.
+        num_regions: u32,
+        /// Number of interrupt indices.
+        num_irqs: u32,
     }
 }
 
-/// The fixed part of the `DEVICE_GET_REGION_INFO` payload (`struct
-/// vfio_region_info`), 32 bytes; capabilities follow in a reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionInfoPayload {
-    /// Request: maximum reply size; reply: size of the full reply.
-    pub argsz: u32,
-    /// `VFIO_REGION_INFO_FLAG_*`.
-    pub flags: u32,
-    /// Region index.
-    pub index: u32,
-    /// Offset of the first capability from the start of this structure, or 0.
-    pub cap_offset: u32,
-    /// Region size.
-    pub size: u64,
-    /// mmap offset of the region in the region fd.
-    pub offset: u64,
-}
-
-impl RegionInfoPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 32;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u32(self.index);
-        w.u32(self.cap_offset);
-        w.u64(self.size);
-        w.u64(self.offset);
-        b
-    }
-
-    /// Decodes the first 32 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DEVICE_GET_REGION_INFO payload");
-        Ok(RegionInfoPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            cap_offset: r.u32()?,
-            size: r.u64()?,
-            offset: r.u64()?,
-        })
+wire_struct! {
+    /// The fixed part of the `DEVICE_GET_REGION_INFO` payload (`struct
+    /// vfio_region_info`), 32 bytes; capabilities follow in a reply.
+    RegionInfoPayload, 32, "DEVICE_GET_REGION_INFO payload" {
+        /// Request: maximum reply size; reply: size of the full reply.
+        argsz: u32,
+        /// `VFIO_REGION_INFO_FLAG_*`.
+        flags: u32,
+        /// Region index.
+        index: u32,
+        /// Offset of the first capability from the start of this structure, or 0.
+        cap_offset: u32,
+        /// Region size.
+        size: u64,
+        /// mmap offset of the region in the region fd.
+        offset: u64,
     }
 }
 
@@ -595,241 +578,87 @@ pub fn encode_region_info(info: &RegionInfo, offset: u64, max_argsz: u32) -> Vec
     out
 }
 
-/// The payload of `DEVICE_GET_IRQ_INFO` (request and reply), 16 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IrqInfoPayload {
-    /// Request: maximum reply size; reply: size of the full reply.
-    pub argsz: u32,
-    /// `VFIO_IRQ_INFO_*`.
-    pub flags: u32,
-    /// Interrupt index.
-    pub index: u32,
-    /// Number of vectors.
-    pub count: u32,
-}
-
-impl IrqInfoPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u32(self.index);
-        w.u32(self.count);
-        b
-    }
-
-    /// Decodes the first 16 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DEVICE_GET_IRQ_INFO payload");
-        Ok(IrqInfoPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            count: r.u32()?,
-        })
+wire_struct! {
+    /// The payload of `DEVICE_GET_IRQ_INFO` (request and reply), 16 bytes.
+    IrqInfoPayload, 16, "DEVICE_GET_IRQ_INFO payload" {
+        /// Request: maximum reply size; reply: size of the full reply.
+        argsz: u32,
+        /// `VFIO_IRQ_INFO_*`.
+        flags: u32,
+        /// Interrupt index.
+        index: u32,
+        /// Number of vectors.
+        count: u32,
     }
 }
 
-/// The fixed part of a `DEVICE_SET_IRQS` request (`struct vfio_irq_set`), 20
-/// bytes; booleans follow for `DATA_BOOL`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SetIrqsPayload {
-    /// Size of the request payload, data included.
-    pub argsz: u32,
-    /// See [`irq_set`].
-    pub flags: u32,
-    /// Interrupt index.
-    pub index: u32,
-    /// First vector.
-    pub start: u32,
-    /// Number of vectors.
-    pub count: u32,
-}
-
-impl SetIrqsPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 20;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u32(self.index);
-        w.u32(self.start);
-        w.u32(self.count);
-        b
-    }
-
-    /// Decodes the first 20 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DEVICE_SET_IRQS payload");
-        Ok(SetIrqsPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            index: r.u32()?,
-            start: r.u32()?,
-            count: r.u32()?,
-        })
+wire_struct! {
+    /// The fixed part of a `DEVICE_SET_IRQS` request (`struct vfio_irq_set`), 20
+    /// bytes; booleans follow for `DATA_BOOL`.
+    SetIrqsPayload, 20, "DEVICE_SET_IRQS payload" {
+        /// Size of the request payload, data included.
+        argsz: u32,
+        /// See [`irq_set`].
+        flags: u32,
+        /// Interrupt index.
+        index: u32,
+        /// First vector.
+        start: u32,
+        /// Number of vectors.
+        count: u32,
     }
 }
 
-/// The fixed part of `REGION_READ` / `REGION_WRITE` (request and reply), 16
-/// bytes; data follows in a read reply and a write request.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RegionAccessPayload {
-    /// Offset in the region.
-    pub offset: u64,
-    /// Region index.
-    pub region: u32,
-    /// Number of bytes.
-    pub count: u32,
-}
-
-impl RegionAccessPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u64(self.offset);
-        w.u32(self.region);
-        w.u32(self.count);
-        b
-    }
-
-    /// Decodes the first 16 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "REGION_READ/WRITE payload");
-        Ok(RegionAccessPayload {
-            offset: r.u64()?,
-            region: r.u32()?,
-            count: r.u32()?,
-        })
+wire_struct! {
+    /// The fixed part of `REGION_READ` / `REGION_WRITE` (request and reply), 16
+    /// bytes; data follows in a read reply and a write request.
+    RegionAccessPayload, 16, "REGION_READ/WRITE payload" {
+        /// Offset in the region.
+        offset: u64,
+        /// Region index.
+        region: u32,
+        /// Number of bytes.
+        count: u32,
     }
 }
 
-/// The fixed part of `DMA_READ` / `DMA_WRITE` (request and reply), 16 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaAccessPayload {
-    /// DMA address.
-    pub address: u64,
-    /// Number of bytes.
-    pub count: u64,
-}
-
-impl DmaAccessPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 16;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u64(self.address);
-        w.u64(self.count);
-        b
-    }
-
-    /// Decodes the first 16 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DMA_READ/WRITE payload");
-        Ok(DmaAccessPayload {
-            address: r.u64()?,
-            count: r.u64()?,
-        })
+wire_struct! {
+    /// The fixed part of `DMA_READ` / `DMA_WRITE` (request and reply), 16 bytes.
+    DmaAccessPayload, 16, "DMA_READ/WRITE payload" {
+        /// DMA address.
+        address: u64,
+        /// Number of bytes.
+        count: u64,
     }
 }
 
-/// A `DMA_MAP` request, 32 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaMapPayload {
-    /// Size of this structure (32).
-    pub argsz: u32,
-    /// See [`dma_flags`].
-    pub flags: u32,
-    /// Offset of the range in the file sent with the message.
-    pub offset: u64,
-    /// DMA address of the range.
-    pub address: u64,
-    /// Size of the range.
-    pub size: u64,
-}
-
-impl DmaMapPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 32;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u64(self.offset);
-        w.u64(self.address);
-        w.u64(self.size);
-        b
-    }
-
-    /// Decodes the first 32 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DMA_MAP payload");
-        Ok(DmaMapPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            offset: r.u64()?,
-            address: r.u64()?,
-            size: r.u64()?,
-        })
+wire_struct! {
+    /// A `DMA_MAP` request, 32 bytes.
+    DmaMapPayload, 32, "DMA_MAP payload" {
+        /// Size of this structure (32).
+        argsz: u32,
+        /// See [`dma_flags`].
+        flags: u32,
+        /// Offset of the range in the file sent with the message.
+        offset: u64,
+        /// DMA address of the range.
+        address: u64,
+        /// Size of the range.
+        size: u64,
     }
 }
 
-/// A `DMA_UNMAP` request (and its reply), 24 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DmaUnmapPayload {
-    /// Maximum reply size.
-    pub argsz: u32,
-    /// Unused in this protocol version (0).
-    pub flags: u32,
-    /// DMA address of the mapping.
-    pub address: u64,
-    /// Size of the mapping.
-    pub size: u64,
-}
-
-impl DmaUnmapPayload {
-    /// Encoded size.
-    pub const SIZE: usize = 24;
-
-    /// The bytes on the wire.
-    pub fn encode(&self) -> [u8; Self::SIZE] {
-        let mut b = [0u8; Self::SIZE];
-        let mut w = Writer::new(&mut b);
-        w.u32(self.argsz);
-        w.u32(self.flags);
-        w.u64(self.address);
-        w.u64(self.size);
-        b
-    }
-
-    /// Decodes the first 24 bytes of `bytes`.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let mut r = Reader::new(bytes, "DMA_UNMAP payload");
-        Ok(DmaUnmapPayload {
-            argsz: r.u32()?,
-            flags: r.u32()?,
-            address: r.u64()?,
-            size: r.u64()?,
-        })
+wire_struct! {
+    /// A `DMA_UNMAP` request (and its reply), 24 bytes.
+    DmaUnmapPayload, 24, "DMA_UNMAP payload" {
+        /// Maximum reply size.
+        argsz: u32,
+        /// Unused in this protocol version (0).
+        flags: u32,
+        /// DMA address of the mapping.
+        address: u64,
+        /// Size of the mapping.
+        size: u64,
     }
 }
 
