@@ -100,6 +100,10 @@ pub fn parse(text: &str) -> FakeResult<LspciDump> {
     let mut extended = false;
     let mut bar_sizes = [None; 6];
     let mut rom_size = None;
+    // `lspci -vv` prints the function's own Region and Expansion ROM lines
+    // before its capabilities; Region lines inside a capability (the VF
+    // BARs of SR-IOV) describe other functions and are not ours.
+    let mut in_capabilities = false;
     for (i, raw) in text.lines().enumerate() {
         let no = i + 1;
         let line = raw.trim();
@@ -120,6 +124,10 @@ pub fn parse(text: &str) -> FakeResult<LspciDump> {
             if offset >= PCI_CONFIG_SIZE {
                 extended = true;
             }
+        } else if line.starts_with("Capabilities:") {
+            in_capabilities = true;
+        } else if in_capabilities {
+            continue;
         } else if let Some(rest) = line.strip_prefix("Region ") {
             let Some((idx, _)) = rest.split_once(':') else {
                 continue;

@@ -1124,3 +1124,19 @@ fn fake_device_is_send_sync_and_usable_as_dyn_vfio() {
     };
     assert_eq!(t.join().unwrap(), edu::ID_VALUE);
 }
+
+#[test]
+fn lspci_region_lines_inside_the_sriov_capability_are_not_the_functions_bars() {
+    // lspci -vv prints the VF BARs of an SR-IOV capability as indented
+    // `Region N:` lines inside the capability: they describe the VFs.
+    let text = LSPCI_VVXXXX.replace(
+        "\tCapabilities: [100 v2] Advanced Error Reporting\n",
+        "\tCapabilities: [100 v2] Advanced Error Reporting\n\
+         \tCapabilities: [160 v1] Single Root I/O Virtualization (SR-IOV)\n\
+         \t\tRegion 0: Memory at 00000000fd000000 (64-bit, prefetchable) [size=1M]\n\
+         \t\tRegion 2: Memory at 00000000fc000000 (64-bit, prefetchable) [size=4M]\n",
+    );
+    let dump = vfio_fake_device::lspci::parse(&text).unwrap();
+    assert_eq!(dump.bar_sizes[0], Some(16 << 10));
+    assert_eq!(dump.bar_sizes[2], Some(256));
+}

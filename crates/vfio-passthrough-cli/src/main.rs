@@ -2,8 +2,14 @@
 //!
 //! `check <BDF>` is a read-only preflight of a host PCI function. Exit status: 0 ready (no
 //! problems), 1 problems found, 2 usage or I/O error (e.g. the device does not exist).
+//! `inspect` attaches a device as a VMM would and shows what the guest sees (exit status 1 when
+//! a self-check step fails); `serve-fake` serves the fake device over vfio-user.
 
 mod check;
+mod inspect;
+mod names;
+mod serve;
+mod source;
 mod sysfs;
 
 use std::io::{IsTerminal as _, Write as _};
@@ -36,17 +42,64 @@ enum Command {
     /// the host page size, the ROM and RLIMIT_MEMLOCK. Exit status: 0 ready, 1 problems found,
     /// 2 usage or I/O error.
     Check(CheckArgs),
-    /// Show what the passthrough stack would present to a guest for a device.
-    Inspect {
-        /// PCI address, DDDD:BB:DD.F or BB:DD.F.
-        bdf: String,
-    },
-    /// Serve the programmable fake PCI device over a vfio-user socket.
-    ServeFake {
-        /// Path of the Unix socket to listen on.
-        #[arg(long)]
-        socket: PathBuf,
-    },
+    /// Attach a device exactly as a VMM would and show what the guest will see.
+    ///
+    /// Prints the guest-visible identity, each BAR (size, type, placement, which ranges are
+    /// mapped into the guest and which trap), the capabilities kept and hidden (and why) and the
+    /// interrupts, then a timed self-check: BAR sizing, capability chains, MSI-X and MSI routed
+    /// and fired, DMA. Without a device named, the built-in fake device (profile nvme-like) is
+    /// used. Exit status: 0 fine, 1 a self-check step failed, 2 usage or I/O error.
+    Inspect(InspectArgs),
+    /// Serve the fake PCI device over a vfio-user socket (mode 0600) until Ctrl-C.
+    ServeFake(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("source").multiple(false))]
+struct InspectArgs {
+    /// A host PCI function bound to vfio-pci (DDDD:BB:DD.F or BB:DD.F).
+    #[arg(long, value_name = "BDF", group = "source")]
+    device: Option<String>,
+    /// A device served by a vfio-user server listening on this socket.
+    #[arg(long, value_name = "SOCKET", group = "source")]
+    vfio_user: Option<PathBuf>,
+    /// A built-in fake device profile (edu, nvme-like); the default is nvme-like.
+    #[arg(long, value_name = "PROFILE", group = "source")]
+    fake: Option<String>,
+    /// A fake device made from an `lspci -xxx`/`-xxxx` hex dump of any device (better
+    /// `lspci -vvxxxx`, which also gives the BAR sizes).
+    #[arg(long, value_name = "DUMP", group = "source")]
+    fake_config: Option<PathBuf>,
+    /// BAR size for --fake-config when the dump has none, as N=SIZE (N 0..5 or rom); repeatable.
+    #[arg(long = "bar-size", value_name = "N=SIZE", value_parser = source::parse_bar_size, requires = "fake_config")]
+    bar_size: Vec<(usize, u64)>,
+    /// Write the guest-visible config space to FILE, in the format `lspci -F FILE -vvv` decodes.
+    #[arg(long, value_name = "FILE")]
+    dump: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Lay the BARs out for this host page size (e.g. 64K) instead of this host's.
+    #[arg(long, value_name = "SIZE", value_parser = parse_page_size)]
+    page_size: Option<u64>,
+    /// Only show the guest's view; do not enable interrupts or DMA.
+    #[arg(long)]
+    no_self_check: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Path of the Unix socket to create and listen on.
+    socket: PathBuf,
+    /// Built-in profile to serve (edu, nvme-like); the default is nvme-like.
+    #[arg(long, value_name = "PROFILE", conflicts_with = "config")]
+    profile: Option<String>,
+    /// Serve a fake device made from an `lspci -xxx`/`-vvxxxx` dump instead.
+    #[arg(long, value_name = "DUMP")]
+    config: Option<PathBuf>,
+    /// BAR size for --config when the dump has none, as N=SIZE (N 0..5 or rom); repeatable.
+    #[arg(long = "bar-size", value_name = "N=SIZE", value_parser = source::parse_bar_size, requires = "config")]
+    bar_size: Vec<(usize, u64)>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,10 +163,15 @@ struct Progress {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Whether progress lines go to stderr: a terminal, and not machine output.
+fn progress_wanted(json: bool) -> bool {
+    !json && std::io::stderr().is_terminal()
+}
+
 impl Progress {
     const DELAY: Duration = Duration::from_millis(300);
 
-    fn start(enabled: bool) -> Self {
+    fn start(enabled: bool, verb: &'static str) -> Self {
         let state = Arc::new(Mutex::new((String::new(), Instant::now(), false)));
         let thread = enabled.then(|| {
             let state = Arc::clone(&state);
@@ -131,7 +189,7 @@ impl Progress {
                         return;
                     }
                     if *step != shown && since.elapsed() >= Self::DELAY {
-                        let _ = write!(err, "\r\x1b[K... checking {step}");
+                        let _ = write!(err, "\r\x1b[K... {verb}{step}");
                         let _ = err.flush();
                         shown.clone_from(step);
                     }
@@ -186,10 +244,67 @@ fn run_check(args: &CheckArgs) -> anyhow::Result<Report> {
         mmio32_size: args.mmio32_size,
         mmio64_size: args.mmio64_size,
     };
-    let progress = Progress::start(!args.json && std::io::stderr().is_terminal());
+    let progress = Progress::start(progress_wanted(args.json), "checking ");
     let report = check::run(&host, &bdf, &opts, &mut |s| progress.step(s));
     progress.finish();
     report
+}
+
+fn run_inspect(args: &InspectArgs) -> anyhow::Result<u8> {
+    let spec = if let Some(bdf) = &args.device {
+        source::Spec::Device(bdf.clone())
+    } else if let Some(path) = &args.vfio_user {
+        source::Spec::VfioUser(path.clone())
+    } else if let Some(path) = &args.fake_config {
+        source::Spec::Dump {
+            path: path.clone(),
+            bar_sizes: args.bar_size.clone(),
+        }
+    } else {
+        source::Spec::Profile(
+            args.fake
+                .clone()
+                .unwrap_or_else(|| source::DEFAULT_PROFILE.to_string()),
+        )
+    };
+    let progress = Progress::start(progress_wanted(args.json), "");
+    let opened = source::open(&spec);
+    let result = opened.and_then(|o| {
+        let opts = inspect::Options {
+            page_size: args.page_size,
+            no_self_check: args.no_self_check,
+        };
+        inspect::run(&o, &opts, &|s| progress.step(s))
+    });
+    progress.finish();
+    let r = result?;
+    if let Some(path) = &args.dump {
+        std::fs::write(path, &r.lspci_dump)
+            .map_err(|e| anyhow::anyhow!("cannot write the dump to {}: {e}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        inspect::print_text(&r);
+        if let Some(path) = &args.dump {
+            println!();
+            println!(
+                "Guest config space written to {} (decode it with `lspci -F {} -vvv`)",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    Ok(if r.passed() { 0 } else { 1 })
+}
+
+fn run_serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let what = match (&args.config, &args.profile) {
+        (Some(path), _) => serve::What::Config(path, &args.bar_size),
+        (None, Some(p)) => serve::What::Profile(p),
+        (None, None) => serve::What::Profile(source::DEFAULT_PROFILE),
+    };
+    serve::run(&args.socket, &what)
 }
 
 fn print_text(r: &Report) {
@@ -231,12 +346,8 @@ fn main() -> ExitCode {
             }
             Ok(if r.ready { 0 } else { 1 })
         }),
-        Command::Inspect { .. } => Err(anyhow::anyhow!(
-            "`inspect` is not yet available in this build of vfio-passthrough (only `check` is)"
-        )),
-        Command::ServeFake { .. } => Err(anyhow::anyhow!(
-            "`serve-fake` is not yet available in this build of vfio-passthrough (only `check` is)"
-        )),
+        Command::Inspect(args) => run_inspect(args),
+        Command::ServeFake(args) => run_serve(args).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -281,6 +392,44 @@ mod tests {
         // 0xC000_0000..0xFEC0_0000: below 4 GiB, under the IOAPIC/LAPIC range.
         assert_eq!(a.mmio32_size, 0xFEC0_0000 - 0xC000_0000);
         assert_eq!(a.mmio64_size, 64 << 30);
+    }
+
+    #[test]
+    fn inspect_takes_at_most_one_device_source() {
+        assert!(Cli::try_parse_from(["x", "inspect"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "inspect", "--fake", "edu"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["x", "inspect", "--fake", "edu", "--device", "00:01.0"]).is_err()
+        );
+        // --bar-size only means something for a dump.
+        assert!(Cli::try_parse_from(["x", "inspect", "--bar-size", "0=16K"]).is_err());
+        assert!(Cli::try_parse_from([
+            "x",
+            "inspect",
+            "--fake-config",
+            "d.txt",
+            "--bar-size",
+            "0=16K",
+            "--bar-size",
+            "rom=64K"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn serve_fake_takes_a_socket_and_one_device() {
+        assert!(Cli::try_parse_from(["x", "serve-fake", "/tmp/s"]).is_ok());
+        assert!(Cli::try_parse_from(["x", "serve-fake"]).is_err());
+        assert!(Cli::try_parse_from([
+            "x",
+            "serve-fake",
+            "/tmp/s",
+            "--profile",
+            "edu",
+            "--config",
+            "d.txt"
+        ])
+        .is_err());
     }
 
     #[test]

@@ -804,13 +804,3 @@ fn short_bdf_is_accepted() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.starts_with(BDF));
 }
-
-#[test]
-fn later_subcommands_say_they_are_not_available_yet() {
-    let r = run_bin(&["inspect".into(), BDF.into()]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("not yet available"), "{}", r.stderr);
-    let r = run_bin(&["serve-fake".into(), "--socket".into(), "/tmp/x.sock".into()]);
-    assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("not yet available"), "{}", r.stderr);
-}

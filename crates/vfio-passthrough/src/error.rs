@@ -65,6 +65,44 @@ pub enum Error {
     /// Something the VMM did not configure (e.g. an INTx group without an INTx line).
     #[error("not configured: {0}")]
     NotConfigured(&'static str),
+    /// The device builder could not open or reach the VFIO device.
+    #[error("cannot open {what}: {source}; {hint}")]
+    OpenDevice {
+        /// The device: sysfs path or socket path, and the backend.
+        what: String,
+        /// What the operator can check.
+        hint: String,
+        /// The backend's error (errno kept).
+        #[source]
+        source: vfio_backend::Error,
+    },
+    /// The device builder was not given a resource it needs.
+    #[error("the device builder needs {what}: call DeviceBuilder::{call}() before build()")]
+    MissingResource {
+        /// The resource, e.g. `an interrupt manager`.
+        what: &'static str,
+        /// The builder method that provides it.
+        call: &'static str,
+    },
+    /// The device could not be attached as a PCI function.
+    #[error("attaching {what}: {source}")]
+    AttachDevice {
+        /// The device.
+        what: String,
+        /// Why (errno kept where the backend gave one).
+        #[source]
+        source: vfio_pci::Error,
+    },
+    /// Guest RAM could not be DMA-mapped for the device; the device was
+    /// detached again.
+    #[error("mapping guest RAM for DMA of {what}: {source}")]
+    MapGuestMemory {
+        /// The device.
+        what: String,
+        /// Why (errno kept where the backend gave one).
+        #[source]
+        source: vfio_pci::Error,
+    },
 }
 
 impl Error {
@@ -79,6 +117,16 @@ impl Error {
             Self::Overlap { .. } => ErrorKind::AlreadyExists,
             Self::UnknownMapping(_) => ErrorKind::NotFound,
             Self::NotConfigured(_) => ErrorKind::Unsupported,
+            Self::MissingResource { .. } => ErrorKind::InvalidInput,
+            Self::OpenDevice {
+                source: vfio_backend::Error::NotAvailable { source, .. },
+                ..
+            } => source.kind(),
+            Self::OpenDevice { .. } | Self::AttachDevice { .. } | Self::MapGuestMemory { .. } => {
+                self.errno().map_or(ErrorKind::Other, |e| {
+                    std::io::Error::from_raw_os_error(e).kind()
+                })
+            }
         }
     }
 
@@ -86,6 +134,10 @@ impl Error {
     pub fn errno(&self) -> Option<i32> {
         match self {
             Self::Kvm { source, .. } | Self::EventFd { source, .. } => source.raw_os_error(),
+            Self::OpenDevice { source, .. } => source.errno(),
+            Self::AttachDevice { source, .. } | Self::MapGuestMemory { source, .. } => {
+                source.errno()
+            }
             _ => None,
         }
     }

@@ -1,10 +1,12 @@
 //! One dependency for a VMM: the VFIO PCI passthrough stack re-exported, and
 //! the KVM glue behind the `kvm` feature.
 
+mod builder;
 mod error;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 
+pub use builder::{DeviceBackend, DeviceBuilder, PassthroughDevice};
 pub use error::{Error, Result};
 pub use pci_bar_alloc;
 pub use pci_config;

@@ -1,0 +1,524 @@
+//! Where the device that `inspect` attaches (or `serve-fake` serves) comes
+//! from: a host PCI function bound to vfio-pci, a vfio-user server, a
+//! built-in fake profile, or a fake made from an `lspci` hex dump.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context as _};
+use serde::Serialize;
+use vfio_backend::Vfio;
+use vfio_fake_device::{lspci, DeviceTemplate, FakeDevice};
+
+/// The profile used when no device is named.
+pub const DEFAULT_PROFILE: &str = "nvme-like";
+
+/// What the user named.
+#[derive(Clone, Debug)]
+pub enum Spec {
+    /// A host PCI function, `DDDD:BB:DD.F`.
+    Device(String),
+    /// A vfio-user server's socket.
+    VfioUser(PathBuf),
+    /// A built-in fake profile.
+    Profile(String),
+    /// A fake built from an `lspci -xxx`/`-xxxx` dump, with BAR sizes given
+    /// on the command line (index 6 is the ROM).
+    Dump {
+        /// The dump file.
+        path: PathBuf,
+        /// `--bar-size` options.
+        bar_sizes: Vec<(usize, u64)>,
+    },
+}
+
+/// Where one BAR's size came from, for a fake built from a dump.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SizeNote {
+    /// BAR index, 6 for the ROM.
+    pub bar: usize,
+    /// The size used.
+    pub size: u64,
+    /// `dump` (a `[size=...]` tag), `option` (`--bar-size`) or `guessed`.
+    pub source: &'static str,
+    /// How a guessed size was chosen.
+    pub how: Option<String>,
+}
+
+/// An opened device.
+pub struct Opened {
+    /// The device, as a VMM reaches it.
+    pub vfio: Arc<dyn Vfio>,
+    /// The in-process fake, when it is one (lets the self-check fire interrupts).
+    pub fake: Option<Arc<FakeDevice>>,
+    /// `kernel`, `vfio-user`, `fake` or `fake-config`.
+    pub kind: &'static str,
+    /// What it is, for people.
+    pub description: String,
+    /// For a dump: where each BAR size came from.
+    pub size_notes: Vec<SizeNote>,
+    /// What the user should know about the input (e.g. a partial dump).
+    pub warnings: Vec<String>,
+}
+
+/// Opens what `spec` names.
+pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
+    match spec {
+        Spec::Device(bdf) => open_kernel(bdf),
+        Spec::VfioUser(path) => {
+            let dev = vfio_backend::user::UserDevice::connect(path).map_err(|e| {
+                anyhow!(
+                    "cannot reach the vfio-user server at {}: {e}\n  \
+                     Is a server listening there? `vfio-passthrough serve-fake {}` starts one \
+                     serving the fake device.",
+                    path.display(),
+                    path.display()
+                )
+            })?;
+            let (maj, min) = dev.protocol_version();
+            Ok(Opened {
+                vfio: Arc::new(dev),
+                fake: None,
+                kind: "vfio-user",
+                description: format!(
+                    "vfio-user server at {} (protocol {maj}.{min})",
+                    path.display()
+                ),
+                size_notes: Vec::new(),
+                warnings: Vec::new(),
+            })
+        }
+        Spec::Profile(name) => {
+            let fake = Arc::new(profile(name)?);
+            Ok(Opened {
+                vfio: fake.clone(),
+                fake: Some(fake),
+                kind: "fake",
+                description: format!("built-in fake device, profile {name:?} (in-process)"),
+                size_notes: Vec::new(),
+                warnings: Vec::new(),
+            })
+        }
+        Spec::Dump { path, bar_sizes } => {
+            let (template, notes, first_line) = template_from_file(path, bar_sizes)?;
+            let warnings = dump_warnings(&std::fs::read_to_string(path).unwrap_or_default());
+            let fake = Arc::new(
+                FakeDevice::new(template)
+                    .map_err(|e| anyhow!("{}: cannot build a fake device: {e}", path.display()))?,
+            );
+            let what = first_line.map(|l| format!(" ({l})")).unwrap_or_default();
+            Ok(Opened {
+                vfio: fake.clone(),
+                fake: Some(fake),
+                kind: "fake-config",
+                description: format!(
+                    "fake device made from the dump {}{what} (in-process)",
+                    path.display()
+                ),
+                size_notes: notes,
+                warnings,
+            })
+        }
+    }
+}
+
+/// A fake from a built-in profile, with an error that lists the profiles.
+pub fn profile(name: &str) -> anyhow::Result<FakeDevice> {
+    FakeDevice::profile(name).map_err(|e| anyhow!("{e}"))
+}
+
+fn open_kernel(bdf: &str) -> anyhow::Result<Opened> {
+    let bdf = crate::check::normalize_bdf(bdf)?;
+    let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&bdf);
+    if !sysfs.exists() {
+        bail!(
+            "no PCI device {bdf} on this host ({} does not exist); `lspci -D` lists the devices",
+            sysfs.display()
+        );
+    }
+    let dev = vfio_backend::kernel::KernelDevice::open(&sysfs).map_err(|e| {
+        anyhow!(
+            "cannot open {bdf} through VFIO: {e}\n  \
+             Run `vfio-passthrough check {bdf}` to see what is missing (vfio-pci binding, \
+             IOMMU group, /dev/vfio permissions)."
+        )
+    })?;
+    Ok(Opened {
+        vfio: Arc::new(dev),
+        fake: None,
+        kind: "kernel",
+        description: format!("host PCI function {bdf} through the kernel's vfio-pci"),
+        size_notes: Vec::new(),
+        warnings: Vec::new(),
+    })
+}
+
+/// Parses a `--bar-size N=SIZE` option (`N` 0 to 5, or 6 / `rom` for the ROM).
+pub fn parse_bar_size(s: &str) -> Result<(usize, u64), String> {
+    let usage = || format!("{s:?}: expected N=SIZE with N a BAR index 0..5 or `rom`, e.g. 0=16K");
+    let (n, size) = s.split_once('=').ok_or_else(usage)?;
+    let n = match n.trim() {
+        "rom" | "ROM" | "6" => 6,
+        other => other
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n < 6)
+            .ok_or_else(usage)?,
+    };
+    let size = crate::check::parse_size(size)?;
+    if !size.is_power_of_two() {
+        return Err(format!("{s:?}: a BAR size is a power of two"));
+    }
+    Ok((n, size))
+}
+
+/// Reads a dump file and builds its template.
+pub fn template_from_file(
+    path: &Path,
+    given: &[(usize, u64)],
+) -> anyhow::Result<(DeviceTemplate, Vec<SizeNote>, Option<String>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the dump {}", path.display()))?;
+    let first = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .filter(|l| looks_like_bdf_line(l))
+        .map(str::to_string);
+    let (t, notes) = template_from_text(&text, given).map_err(|e| {
+        anyhow!(
+            "{}: {e:#}\n  A dump is what `lspci -xxx -s <BDF>` or (better, it also gives the BAR \
+             sizes) `sudo lspci -vvxxxx -s <BDF>` prints for one function.",
+            path.display()
+        )
+    })?;
+    Ok((t, notes, first))
+}
+
+/// Warnings about a dump that shows less than the whole config space.
+pub fn dump_warnings(text: &str) -> Vec<String> {
+    let last = text
+        .lines()
+        .filter_map(|l| {
+            let (off, rest) = l.trim().split_once(':')?;
+            let ok = (2..=3).contains(&off.len())
+                && off.bytes().all(|b| b.is_ascii_hexdigit())
+                && rest.split_whitespace().count() == 16;
+            ok.then(|| usize::from_str_radix(off, 16).ok()).flatten()
+        })
+        .max()
+        .unwrap_or(0);
+    if last < 0x40 {
+        vec!["the dump shows only the 64-byte header (`lspci -x`): the capabilities are unknown \
+              and read as zeros; a dump made as root with `lspci -xxx` (or `lspci -vvxxxx`) has them"
+            .into()]
+    } else {
+        Vec::new()
+    }
+}
+
+fn looks_like_bdf_line(l: &str) -> bool {
+    let head = l.split_whitespace().next().unwrap_or("");
+    head.contains(':') && head.contains('.') && !head.ends_with(':')
+}
+
+/// BAR and ROM sizes from the `Region N:` and `Expansion ROM` lines of the
+/// function itself: lines after the first `Capabilities:` line belong to a
+/// capability (the VF BARs of SR-IOV) and are not the function's.
+fn sizes_from_text(text: &str) -> ([Option<u64>; 7], bool) {
+    let mut sizes = [None; 7];
+    let mut any_text = false;
+    for line in text.lines() {
+        let l = line.trim();
+        if l.starts_with("Capabilities:") {
+            break;
+        }
+        let slot = if let Some(rest) = l.strip_prefix("Region ") {
+            any_text = true;
+            rest.split_once(':')
+                .and_then(|(n, _)| n.trim().parse::<usize>().ok())
+                .filter(|n| *n < 6)
+        } else if l.starts_with("Expansion ROM at") {
+            any_text = true;
+            Some(6)
+        } else {
+            None
+        };
+        let size = l
+            .find("[size=")
+            .and_then(|i| l.get(i + 6..))
+            .and_then(|r| r.split_once(']'))
+            .and_then(|(s, _)| lspci::parse_size(s));
+        if let (Some(i), Some(size)) = (slot, size) {
+            if let Some(s) = sizes.get_mut(i) {
+                *s = Some(size);
+            }
+        }
+    }
+    (sizes, any_text)
+}
+
+fn rd32(c: &[u8], off: usize) -> u32 {
+    c.get(off..off + 4)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// The end of the MSI-X table and PBA in each BAR: a lower bound on its size.
+fn msix_extent(config: &[u8]) -> [u64; 6] {
+    let mut ext = [0u64; 6];
+    let (caps, _) = pci_config::parse_capabilities_lenient(config);
+    if let Some(c) = caps.iter().find(|c| c.id == 0x11) {
+        let off = usize::from(c.offset);
+        let ctrl = rd32(config, off) >> 16;
+        let vectors = u64::from(ctrl & 0x7ff) + 1;
+        let table = rd32(config, off + 4);
+        let pba = rd32(config, off + 8);
+        let t_end = u64::from(table & !7) + 16 * vectors;
+        let p_end = u64::from(pba & !7) + vectors.div_ceil(64) * 8;
+        for (reg, end) in [(table, t_end), (pba, p_end)] {
+            if let Some(e) = ext.get_mut((reg & 7) as usize) {
+                *e = (*e).max(end);
+            }
+        }
+    }
+    ext
+}
+
+/// Builds a template from dump text, taking BAR sizes from `given`, else
+/// the dump's `[size=...]` tags, else a guess (noted).
+pub fn template_from_text(
+    text: &str,
+    given: &[(usize, u64)],
+) -> anyhow::Result<(DeviceTemplate, Vec<SizeNote>)> {
+    let dump = lspci::parse(text).map_err(|e| anyhow!("{e}"))?;
+    let config = dump.config;
+    let (tagged, _) = sizes_from_text(text);
+    let msix = msix_extent(&config);
+    let mut sizes: [Option<u64>; 6] = [None; 6];
+    let mut notes = Vec::new();
+    let mut i = 0usize;
+    while i < 6 {
+        let reg = rd32(&config, 0x10 + 4 * i);
+        let io = reg & 1 != 0;
+        let is64 = !io && (reg >> 1) & 3 == 2;
+        let opt = given.iter().rev().find(|(n, _)| *n == i).map(|g| g.1);
+        if is64 && given.iter().any(|(n, _)| *n == i + 1) {
+            bail!(
+                "--bar-size {}=...: BAR register {} is the upper half of 64-bit BAR {i}; \
+                 give the size as {i}=SIZE",
+                i + 1,
+                i + 1
+            );
+        }
+        let tag = tagged.get(i).copied().flatten();
+        let chosen = if let Some(s) = opt {
+            Some((s, "option", None))
+        } else if let Some(s) = tag {
+            Some((s, "dump", None))
+        } else if reg != 0 {
+            let (s, how) = guess_size(&config, i, reg, is64, msix.get(i).copied().unwrap_or(0));
+            Some((s, "guessed", Some(how)))
+        } else {
+            None
+        };
+        if let Some((size, source, how)) = chosen {
+            if let Some(s) = sizes.get_mut(i) {
+                *s = Some(size);
+            }
+            notes.push(SizeNote {
+                bar: i,
+                size,
+                source,
+                how,
+            });
+        }
+        i += if is64 { 2 } else { 1 };
+    }
+    let mut template = DeviceTemplate::from_config(config.clone(), &sizes).map_err(|e| {
+        anyhow!(
+            "{e}\n  BAR sizes used: {}",
+            if notes.is_empty() {
+                "none".to_string()
+            } else {
+                notes
+                    .iter()
+                    .map(|n| format!("BAR{}={} ({})", n.bar, n.size, n.source))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        )
+    })?;
+    // The ROM: its size from --bar-size rom=, else the Expansion ROM line.
+    let rom_reg = rd32(&config, 0x30);
+    let rom = given
+        .iter()
+        .rev()
+        .find(|(n, _)| *n == 6)
+        .map(|g| (g.1, "option"))
+        .or_else(|| tagged.get(6).copied().flatten().map(|s| (s, "dump")));
+    match rom {
+        Some((size, source)) => {
+            let len = usize::try_from(size).map_err(|_| anyhow!("ROM size {size} too large"))?;
+            template = template
+                .with_rom(vec![0; len])
+                .map_err(|e| anyhow!("expansion ROM of {size} bytes: {e}"))?;
+            notes.push(SizeNote {
+                bar: 6,
+                size,
+                source,
+                how: None,
+            });
+        }
+        None if rom_reg & 0xffff_f800 != 0 => notes.push(SizeNote {
+            bar: 6,
+            size: 0,
+            source: "guessed",
+            how: Some(
+                "the ROM BAR holds an address but the dump gives no size: the ROM is left out \
+                 (give it with --bar-size rom=SIZE)"
+                    .into(),
+            ),
+        }),
+        None => {}
+    }
+    Ok((template, notes))
+}
+
+/// Guesses the size of BAR `i` from what the dump shows: at least the end
+/// of the MSI-X structures it holds, at most the alignment of its address.
+fn guess_size(config: &[u8], i: usize, reg: u32, is64: bool, msix_end: u64) -> (u64, String) {
+    let io = reg & 1 != 0;
+    let mut addr = u64::from(reg & if io { !3 } else { !0xf });
+    if is64 {
+        addr |= u64::from(rd32(config, 0x14 + 4 * i)) << 32;
+    }
+    let align = (addr != 0).then(|| 1u64 << addr.trailing_zeros());
+    let hint = format!("give the real size with --bar-size {i}=SIZE, or use a dump made with `lspci -vvxxxx`, which shows it");
+    if io {
+        let size = align.unwrap_or(256).clamp(4, 256);
+        let why = match align {
+            Some(a) if a <= 256 => format!("the alignment of its port address {addr:#x}"),
+            _ => "the largest I/O BAR the PCI spec allows".to_string(),
+        };
+        return (size, format!("{size} ports: {why}; {hint}"));
+    }
+    let lower = msix_end
+        .max(16)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 63);
+    let size = match align {
+        Some(a) => lower.max(4096.min(a)),
+        None => lower.max(4096),
+    };
+    let mut why = if msix_end > 0 {
+        format!(
+            "the smallest power of two that holds its MSI-X structures (up to {msix_end:#x}), at least a 4 KiB page"
+        )
+    } else {
+        "one 4 KiB page, the smallest a mappable BAR takes".to_string()
+    };
+    if let Some(a) = align {
+        why.push_str(&format!(
+            "; its address {addr:#x} allows up to {}",
+            crate::check::human_size(a)
+        ));
+    }
+    (
+        size,
+        format!("{}: {why}; {hint}", crate::check::human_size(size)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(config: &[u8], header: &str) -> String {
+        let mut s = format!("{header}\n");
+        for (row, chunk) in config.chunks(16).enumerate() {
+            s.push_str(&format!("{:02x}:", row * 16));
+            for b in chunk {
+                s.push_str(&format!(" {b:02x}"));
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    /// A 256-byte function: BAR0 64-bit memory at 0xfe600000, MSI-X with 33
+    /// vectors, table at BAR0+0x3000, PBA at BAR0+0x2000.
+    fn nvme_like_config() -> Vec<u8> {
+        let mut c = vec![0u8; 256];
+        c[0..4].copy_from_slice(&[0x34, 0x12, 0x10, 0x0a]);
+        c[6] = 0x10;
+        c[0x0b] = 0x01;
+        c[0x10..0x14].copy_from_slice(&0xfe60_0004u32.to_le_bytes());
+        c[0x34] = 0x40;
+        c[0x40] = 0x11;
+        c[0x42..0x44].copy_from_slice(&32u16.to_le_bytes());
+        c[0x44..0x48].copy_from_slice(&0x3000u32.to_le_bytes());
+        c[0x48..0x4c].copy_from_slice(&0x2000u32.to_le_bytes());
+        c
+    }
+
+    #[test]
+    fn guessed_size_holds_the_msix_table_and_respects_the_address_alignment() {
+        let text = hex(
+            &nvme_like_config(),
+            "03:00.0 Non-Volatile memory controller",
+        );
+        let (t, notes) = template_from_text(&text, &[]).unwrap();
+        // 33 vectors * 16 bytes end at 0x3210: the next power of two is 16 KiB.
+        assert_eq!(t.bar(0).unwrap().size, 0x4000);
+        assert_eq!(notes.len(), 1);
+        assert_eq!(notes[0].source, "guessed");
+        assert!(notes[0].how.as_deref().unwrap().contains("MSI-X"));
+    }
+
+    #[test]
+    fn bar_size_option_wins_over_the_guess() {
+        let text = hex(&nvme_like_config(), "03:00.0 x");
+        let (t, notes) = template_from_text(&text, &[(0, 0x10000)]).unwrap();
+        assert_eq!(t.bar(0).unwrap().size, 0x10000);
+        assert_eq!(notes[0].source, "option");
+    }
+
+    #[test]
+    fn size_for_the_upper_half_of_a_64_bit_bar_is_refused_with_the_right_index() {
+        let text = hex(&nvme_like_config(), "03:00.0 x");
+        let e = template_from_text(&text, &[(1, 0x4000)]).unwrap_err();
+        assert!(e.to_string().contains("give the size as 0=SIZE"), "{e}");
+    }
+
+    #[test]
+    fn vf_region_lines_inside_sriov_do_not_size_the_function_bars() {
+        let mut text = String::from(
+            "03:00.0 x\n\tRegion 0: Memory at fe600000 (64-bit, non-prefetchable) [size=16K]\n",
+        );
+        text.push_str("\tCapabilities: [160 v1] Single Root I/O Virtualization (SR-IOV)\n");
+        text.push_str(
+            "\t\tRegion 0: Memory at 0000000000000000 (64-bit, prefetchable) [size=4K]\n",
+        );
+        let (sizes, _) = sizes_from_text(&text);
+        assert_eq!(sizes[0], Some(16 << 10));
+    }
+
+    #[test]
+    fn io_bar_guess_follows_its_port_alignment() {
+        let mut c = nvme_like_config();
+        c[0x18..0x1c].copy_from_slice(&0xe021u32.to_le_bytes());
+        let text = hex(&c, "03:00.0 x");
+        let (t, _) = template_from_text(&text, &[]).unwrap();
+        assert_eq!(t.bar(2).unwrap().size, 32);
+    }
+
+    #[test]
+    fn bar_size_option_parses_rom_and_rejects_bad_indices() {
+        assert_eq!(parse_bar_size("0=16K"), Ok((0, 16384)));
+        assert_eq!(parse_bar_size("rom=512K"), Ok((6, 512 << 10)));
+        assert!(parse_bar_size("7=4K").is_err());
+        assert!(parse_bar_size("0=3000").is_err());
+    }
+}

@@ -1,0 +1,387 @@
+//! [`DeviceBuilder`]: one way to make a [`VfioPciDevice`] from a host device
+//! bound to `vfio-pci` (sysfs path), a vfio-user socket, or any
+//! [`Vfio`] backend, with the VMM's resources and options, and guest RAM
+//! DMA-mapped at build time.
+
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use pci_bar_alloc::BarAllocator;
+use pci_interrupts::InterruptManager;
+use vfio_backend::kernel::{KernelContainer, KernelDevice};
+use vfio_backend::user::{UserDevice, UserOptions};
+use vfio_backend::Vfio;
+use vfio_pci::{
+    DeviceOptions, DeviceResources, DmaMapper, DmaMode, GuestMapper, MsixRelocation, TrapAllMapper,
+    VfioPciDevice,
+};
+use vm_memory::GuestMemoryBackend;
+
+use crate::error::{Error, Result};
+
+/// Where the device comes from.
+enum Source {
+    Sysfs {
+        path: PathBuf,
+        container: Option<Arc<KernelContainer>>,
+    },
+    VfioUser {
+        path: PathBuf,
+        options: UserOptions,
+    },
+    Vfio(Arc<dyn Vfio>),
+}
+
+impl Source {
+    fn describe(&self) -> String {
+        match self {
+            Source::Sysfs { path, .. } => format!("host device {}", path.display()),
+            Source::VfioUser { path, .. } => format!("vfio-user device at {}", path.display()),
+            Source::Vfio(_) => "VFIO device".to_owned(),
+        }
+    }
+}
+
+type MapMemory<'m> = Box<dyn FnOnce(&DmaMapper) -> vfio_pci::Result<usize> + 'm>;
+
+/// Builds a [`PassthroughDevice`]: picks the backend, lends the VMM's
+/// resources, sets the options, and maps guest RAM for DMA.
+///
+/// ```no_run
+/// # fn demo(
+/// #     interrupts: std::sync::Arc<dyn vfio_passthrough::pci_interrupts::InterruptManager>,
+/// #     allocator: std::sync::Arc<std::sync::Mutex<vfio_passthrough::pci_bar_alloc::BarAllocator>>,
+/// #     guest_ram: &vm_memory::GuestMemoryMmap,
+/// # ) -> vfio_passthrough::Result<()> {
+/// use vfio_passthrough::DeviceBuilder;
+///
+/// let nic = DeviceBuilder::sysfs("/sys/bus/pci/devices/0000:01:00.0")
+///     .interrupts(interrupts)
+///     .allocator(allocator)
+///     .hide_capability(0x01) // no power management for the guest
+///     .guest_memory(guest_ram)
+///     .build()?;
+/// let _vendor = nic.read_config_register(0) & 0xffff;
+/// # Ok(()) }
+/// ```
+///
+/// The interrupt manager and the BAR allocator are required. Without a
+/// [`mapper`](Self::mapper), every BAR access traps ([`TrapAllMapper`]).
+#[must_use = "a builder does nothing until build() is called"]
+pub struct DeviceBuilder<'m> {
+    source: Source,
+    interrupts: Option<Arc<dyn InterruptManager>>,
+    mapper: Option<Arc<dyn GuestMapper>>,
+    allocator: Option<Arc<Mutex<BarAllocator>>>,
+    options: DeviceOptions,
+    memory: Option<MapMemory<'m>>,
+}
+
+impl std::fmt::Debug for DeviceBuilder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBuilder")
+            .field("source", &self.source.describe())
+            .field("interrupts", &self.interrupts.is_some())
+            .field("mapper", &self.mapper.is_some())
+            .field("allocator", &self.allocator.is_some())
+            .field("options", &self.options)
+            .field("guest_memory", &self.memory.is_some())
+            .finish()
+    }
+}
+
+impl DeviceBuilder<'static> {
+    fn with_source(source: Source) -> Self {
+        DeviceBuilder {
+            source,
+            interrupts: None,
+            mapper: None,
+            allocator: None,
+            options: DeviceOptions::default(),
+            memory: None,
+        }
+    }
+
+    /// A host PCI function bound to `vfio-pci`, by its sysfs path (e.g.
+    /// `/sys/bus/pci/devices/0000:01:00.0`), in a type1v2 container of
+    /// its own (kernel backend).
+    pub fn sysfs(path: impl Into<PathBuf>) -> Self {
+        Self::with_source(Source::Sysfs {
+            path: path.into(),
+            container: None,
+        })
+    }
+
+    /// Like [`sysfs`](Self::sysfs), in a container shared with other
+    /// devices: they then share one IOMMU address space, so guest RAM is
+    /// DMA-mapped once for all of them (map it with the first device only).
+    pub fn sysfs_in(container: Arc<KernelContainer>, path: impl Into<PathBuf>) -> Self {
+        Self::with_source(Source::Sysfs {
+            path: path.into(),
+            container: Some(container),
+        })
+    }
+
+    /// A device served by a vfio-user server listening at `path`.
+    pub fn vfio_user(path: impl Into<PathBuf>) -> Self {
+        Self::vfio_user_with_options(path, UserOptions::default())
+    }
+
+    /// Like [`vfio_user`](Self::vfio_user), with connection options
+    /// (request timeouts, transfer sizes).
+    pub fn vfio_user_with_options(path: impl Into<PathBuf>, options: UserOptions) -> Self {
+        Self::with_source(Source::VfioUser {
+            path: path.into(),
+            options,
+        })
+    }
+
+    /// Any [`Vfio`] backend the caller opened itself.
+    pub fn vfio(vfio: Arc<dyn Vfio>) -> Self {
+        Self::with_source(Source::Vfio(vfio))
+    }
+}
+
+impl<'m> DeviceBuilder<'m> {
+    /// The VMM's interrupt manager (required).
+    pub fn interrupts(mut self, interrupts: Arc<dyn InterruptManager>) -> Self {
+        self.interrupts = Some(interrupts);
+        self
+    }
+
+    /// The VMM's guest mapper for mmap-able BAR ranges (default: trap
+    /// everything).
+    pub fn mapper(mut self, mapper: Arc<dyn GuestMapper>) -> Self {
+        self.mapper = Some(mapper);
+        self
+    }
+
+    /// The VMM's BAR allocator, shared with its other devices (required).
+    pub fn allocator(mut self, allocator: Arc<Mutex<BarAllocator>>) -> Self {
+        self.allocator = Some(allocator);
+        self
+    }
+
+    /// All three resources at once.
+    pub fn resources(self, resources: DeviceResources) -> Self {
+        self.interrupts(resources.interrupts)
+            .mapper(resources.mapper)
+            .allocator(resources.allocator)
+    }
+
+    /// Replaces every option at once.
+    pub fn options(mut self, options: DeviceOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Hides a standard capability (by id) from the guest.
+    pub fn hide_capability(mut self, id: u8) -> Self {
+        self.options.hide_capabilities.push(id);
+        self
+    }
+
+    /// Hides an extended (PCIe) capability (by id) from the guest.
+    pub fn hide_extended_capability(mut self, id: u16) -> Self {
+        self.options.hide_extended_capabilities.push(id);
+        self
+    }
+
+    /// How guest memory reaches the device's DMA (default: guest physical
+    /// addresses; [`DmaMode::External`] for a VMM with a virtual IOMMU).
+    pub fn dma_mode(mut self, mode: DmaMode) -> Self {
+        self.options.dma_mode = mode;
+        self
+    }
+
+    /// The host page size (default: asked from the OS).
+    pub fn page_size(mut self, page_size: u64) -> Self {
+        self.options.page_size = Some(page_size);
+        self
+    }
+
+    /// When the MSI-X table is moved out of the way of mapped memory.
+    pub fn msix_relocation(mut self, relocation: MsixRelocation) -> Self {
+        self.options.msix_relocation = relocation;
+        self
+    }
+
+    /// Guest RAM to DMA-map (every region at its guest physical address)
+    /// when the device is built. For a vfio-user device the regions must
+    /// be file-backed (e.g. a memfd) so the server can map them.
+    pub fn guest_memory<'a, M: GuestMemoryBackend>(self, memory: &'a M) -> DeviceBuilder<'a>
+    where
+        'm: 'a,
+    {
+        DeviceBuilder {
+            source: self.source,
+            interrupts: self.interrupts,
+            mapper: self.mapper,
+            allocator: self.allocator,
+            options: self.options,
+            memory: Some(Box::new(move |dma: &DmaMapper| {
+                dma.map_guest_memory(memory)
+            })),
+        }
+    }
+
+    /// Opens the backend, attaches the device (config space, BAR placement
+    /// and mapping, interrupt groups) and maps guest RAM if given. On any
+    /// failure nothing is left behind.
+    pub fn build(self) -> Result<PassthroughDevice> {
+        let what = self.source.describe();
+        // Check what we were given before touching the host.
+        let interrupts = self.interrupts.ok_or(Error::MissingResource {
+            what: "an interrupt manager",
+            call: "interrupts",
+        })?;
+        let allocator = self.allocator.ok_or(Error::MissingResource {
+            what: "a BAR allocator",
+            call: "allocator",
+        })?;
+        let mapper: Arc<dyn GuestMapper> = self.mapper.unwrap_or_else(|| Arc::new(TrapAllMapper));
+        let (vfio, backend) = open(self.source)?;
+        let device = VfioPciDevice::new(
+            vfio,
+            DeviceResources {
+                interrupts,
+                mapper,
+                allocator,
+            },
+            self.options,
+        )
+        .map_err(|source| Error::AttachDevice {
+            what: what.clone(),
+            source,
+        })?;
+        if let Some(map) = self.memory {
+            // On error the device drops here, releasing what it took.
+            let regions = map(device.dma()).map_err(|source| Error::MapGuestMemory {
+                what: what.clone(),
+                source,
+            })?;
+            log::debug!("{what}: {regions} guest RAM regions mapped for DMA");
+        }
+        Ok(PassthroughDevice {
+            device,
+            backend,
+            what,
+        })
+    }
+}
+
+fn sysfs_hint(path: &Path) -> String {
+    format!(
+        "check that {} exists, that the device is bound to vfio-pci (driver_override), that its \
+         IOMMU group is viable (every device of the group bound to vfio-pci or unbound), and that \
+         /dev/vfio/vfio and /dev/vfio/<group> are accessible to this user",
+        path.display()
+    )
+}
+
+fn open(source: Source) -> Result<(Arc<dyn Vfio>, DeviceBackend)> {
+    match source {
+        Source::Sysfs { path, container } => {
+            let opened = match &container {
+                Some(c) => c.open_device(&path),
+                None => KernelDevice::open(&path),
+            };
+            let dev = Arc::new(opened.map_err(|source| Error::OpenDevice {
+                what: format!("host device {} (kernel VFIO backend)", path.display()),
+                hint: sysfs_hint(&path),
+                source,
+            })?);
+            Ok((dev.clone(), DeviceBackend::Kernel(dev)))
+        }
+        Source::VfioUser { path, options } => {
+            let dev = Arc::new(UserDevice::connect_with_options(&path, options).map_err(
+                |source| Error::OpenDevice {
+                    what: format!("vfio-user socket {}", path.display()),
+                    hint: format!(
+                        "check that a vfio-user server listens on {} and that this user may \
+                         connect to it",
+                        path.display()
+                    ),
+                    source,
+                },
+            )?);
+            Ok((dev.clone(), DeviceBackend::User(dev)))
+        }
+        Source::Vfio(vfio) => Ok((vfio, DeviceBackend::Other)),
+    }
+}
+
+/// The backend a [`PassthroughDevice`] was built on, for what only that
+/// backend offers (the kernel device's IOMMU group for the KVM-VFIO device
+/// or a hot reset; the vfio-user connection's negotiated capabilities).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum DeviceBackend {
+    /// A host device through the kernel's VFIO.
+    Kernel(Arc<KernelDevice>),
+    /// A vfio-user connection.
+    User(Arc<UserDevice>),
+    /// A backend given with [`DeviceBuilder::vfio`].
+    Other,
+}
+
+/// A device made by [`DeviceBuilder`]: the [`VfioPciDevice`] (also
+/// reachable through `Deref`) and the backend it runs on. Dropping it
+/// unplugs the device: interrupts off, mappings, BAR placements and DMA
+/// mappings given back.
+#[derive(Debug)]
+pub struct PassthroughDevice {
+    // Declared first so that it drops first, before the backend handle.
+    device: VfioPciDevice,
+    backend: DeviceBackend,
+    what: String,
+}
+
+impl PassthroughDevice {
+    /// The PCI device the VMM puts on its bus.
+    pub fn device(&self) -> &VfioPciDevice {
+        &self.device
+    }
+
+    /// The backend the device runs on.
+    pub fn backend(&self) -> &DeviceBackend {
+        &self.backend
+    }
+
+    /// The kernel device, when built from a sysfs path (its
+    /// [`KernelDevice::group`] is what the KVM-VFIO device needs).
+    pub fn kernel_device(&self) -> Option<&Arc<KernelDevice>> {
+        match &self.backend {
+            DeviceBackend::Kernel(k) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// The vfio-user connection, when built from a socket path.
+    pub fn user_device(&self) -> Option<&Arc<UserDevice>> {
+        match &self.backend {
+            DeviceBackend::User(u) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// What the device was built from, for logs (e.g. `host device
+    /// /sys/bus/pci/devices/0000:01:00.0`).
+    pub fn description(&self) -> &str {
+        &self.what
+    }
+
+    /// The PCI device alone; the backend lives on inside it.
+    pub fn into_device(self) -> VfioPciDevice {
+        self.device
+    }
+}
+
+impl Deref for PassthroughDevice {
+    type Target = VfioPciDevice;
+
+    fn deref(&self) -> &VfioPciDevice {
+        &self.device
+    }
+}
