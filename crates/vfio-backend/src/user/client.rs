@@ -868,6 +868,24 @@ impl Vfio for UserDevice {
         let file_offset = r.info.offset.checked_add(area.offset).ok_or_else(|| {
             Error::InvalidArgument(format!("region {index} mmap offset overflows"))
         })?;
+        // A server may share a file smaller than the region it describes;
+        // touching a mapping past the end of its file raises SIGBUS in
+        // whoever touches it (the VMM or, through KVM, the guest). Refuse
+        // such a mapping: the caller then traps the range instead.
+        let meta = fd
+            .try_clone()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .map_err(|e| Error::io(format!("fstat of the fd of region {index}"), e))?;
+        let end = file_offset.checked_add(area.size);
+        if meta.file_type().is_file() && end.is_none_or(|e| e > meta.len()) {
+            return Err(Error::Protocol(format!(
+                "region {index}: the server's file has {:#x} bytes, the mapping needs {:#x}+{:#x}",
+                meta.len(),
+                file_offset,
+                area.size
+            )));
+        }
         Mapping::map_fd(fd.as_fd(), file_offset, area.size, prot)
     }
 
