@@ -4,6 +4,8 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod bench;
+mod fuzz;
 mod hwtest;
 
 const HELP: &str = "\
@@ -14,6 +16,10 @@ Tasks:
             then every test in the workspace. Installs cargo-deny if missing.
   hwtest    the kernel backend against real vfio-pci:
             --device <BDF> on a host, or --qemu [--kernel 6.1|6.12] in a QEMU guest
+  bench     criterion benchmarks + summary table (also target/vfio-bench/summary.json);
+            --quick: the same table in under two minutes
+  fuzz      each cargo-fuzz target in fuzz/ for --seconds N (default 60);
+            installs cargo-fuzz if missing
   help      this text
 ";
 
@@ -31,6 +37,8 @@ fn run() -> Result<()> {
     match task.as_str() {
         "test" => test(&rest),
         "hwtest" => hwtest::run(&rest),
+        "bench" => bench::run(&rest),
+        "fuzz" => fuzz::run(&rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())

@@ -1,0 +1,180 @@
+//! [`CountingVfio`]: a [`Vfio`] wrapper that counts calls.
+//!
+//! On the kernel backend every trait call is one system call (an ioctl, a
+//! pread or pwrite of the device fd, or an mmap); on the vfio-user backend
+//! every call is one message (or a few, for transfers split at the
+//! server's maximum). Counting calls at the trait therefore counts the
+//! system calls or messages a guest operation costs, whatever the backend.
+
+use std::ops::RangeInclusive;
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use vfio_backend::{DeviceInfo, DmaSource, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
+
+/// The trait methods, for [`CountingVfio::calls`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Call {
+    /// `device_info`.
+    DeviceInfo,
+    /// `region_info`.
+    RegionInfo,
+    /// `region_read`.
+    RegionRead,
+    /// `region_write`.
+    RegionWrite,
+    /// `mmap_region`.
+    MmapRegion,
+    /// `irq_info`.
+    IrqInfo,
+    /// `set_irq_eventfds`.
+    SetIrqEventfds,
+    /// `disable_irqs`.
+    DisableIrqs,
+    /// `unmask_irq`.
+    UnmaskIrq,
+    /// `mask_irq`.
+    MaskIrq,
+    /// `set_irq_unmask_eventfd`.
+    SetIrqUnmaskEventfd,
+    /// `reset`.
+    Reset,
+    /// `dma_map`.
+    DmaMap,
+    /// `dma_unmap`.
+    DmaUnmap,
+    /// `iova_ranges`.
+    IovaRanges,
+}
+
+const CALLS: usize = 15;
+
+/// Counts every call it forwards to the wrapped backend.
+pub struct CountingVfio {
+    inner: Arc<dyn Vfio>,
+    counts: [AtomicU64; CALLS],
+}
+
+impl std::fmt::Debug for CountingVfio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingVfio")
+            .field("total", &self.total())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CountingVfio {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Vfio>) -> CountingVfio {
+        CountingVfio {
+            inner,
+            counts: Default::default(),
+        }
+    }
+
+    fn bump(&self, c: Call) {
+        if let Some(a) = self.counts.get(c as usize) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Calls of one method so far.
+    pub fn calls(&self, c: Call) -> u64 {
+        self.counts
+            .get(c as usize)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// Calls of every method so far: the system calls (kernel backend) or
+    /// request messages (vfio-user) the device has cost.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl Vfio for CountingVfio {
+    fn device_info(&self) -> Result<DeviceInfo> {
+        self.bump(Call::DeviceInfo);
+        self.inner.device_info()
+    }
+
+    fn region_info(&self, index: u32) -> Result<RegionInfo> {
+        self.bump(Call::RegionInfo);
+        self.inner.region_info(index)
+    }
+
+    fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<()> {
+        self.bump(Call::RegionRead);
+        self.inner.region_read(index, offset, data)
+    }
+
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        self.bump(Call::RegionWrite);
+        self.inner.region_write(index, offset, data)
+    }
+
+    fn mmap_region(&self, index: u32, area: SparseArea) -> Result<Mapping> {
+        self.bump(Call::MmapRegion);
+        self.inner.mmap_region(index, area)
+    }
+
+    fn irq_info(&self, index: u32) -> Result<IrqInfo> {
+        self.bump(Call::IrqInfo);
+        self.inner.irq_info(index)
+    }
+
+    fn set_irq_eventfds(
+        &self,
+        index: u32,
+        start: u32,
+        fds: &[Option<BorrowedFd<'_>>],
+    ) -> Result<()> {
+        self.bump(Call::SetIrqEventfds);
+        self.inner.set_irq_eventfds(index, start, fds)
+    }
+
+    fn disable_irqs(&self, index: u32) -> Result<()> {
+        self.bump(Call::DisableIrqs);
+        self.inner.disable_irqs(index)
+    }
+
+    fn unmask_irq(&self, index: u32) -> Result<()> {
+        self.bump(Call::UnmaskIrq);
+        self.inner.unmask_irq(index)
+    }
+
+    fn mask_irq(&self, index: u32) -> Result<()> {
+        self.bump(Call::MaskIrq);
+        self.inner.mask_irq(index)
+    }
+
+    fn set_irq_unmask_eventfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
+        self.bump(Call::SetIrqUnmaskEventfd);
+        self.inner.set_irq_unmask_eventfd(index, fd)
+    }
+
+    fn reset(&self) -> Result<()> {
+        self.bump(Call::Reset);
+        self.inner.reset()
+    }
+
+    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        self.bump(Call::DmaMap);
+        self.inner.dma_map(iova, size, host)
+    }
+
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        self.bump(Call::DmaUnmap);
+        self.inner.dma_unmap(iova, size)
+    }
+
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+        self.bump(Call::IovaRanges);
+        self.inner.iova_ranges()
+    }
+
+    fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
+        self.inner.region_mmap_fd(index)
+    }
+}

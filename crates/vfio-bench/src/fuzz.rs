@@ -1,0 +1,771 @@
+//! The fuzz targets' bodies, as plain functions of the input bytes.
+//!
+//! `fuzz/fuzz_targets/*.rs` (cargo-fuzz) call these; the regression tests
+//! in `tests/fuzz_regressions.rs` replay the committed corpora and every
+//! input that once crashed through the same functions, so that a crash
+//! found by the fuzzer stays fixed without cargo-fuzz.
+//!
+//! Each function panics (with `assert!`) when an invariant breaks: that is
+//! the fuzzer's oracle. Invariants: no panic and no hang anywhere in the
+//! stack; what the spec makes read-only stays so; detaching leaves no guest
+//! mapping and no interrupt enabled; a vfio-user client never hangs past
+//! its timeout.
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pci_interrupts::InterruptSourceGroup;
+use vfio_backend::user::protocol::{self, header_flags, Header, HEADER_SIZE};
+use vfio_backend::user::{UserDevice, UserOptions};
+use vfio_backend::{DmaFile, DmaSource, SparseArea, Vfio};
+use vfio_fake_device::{DeviceTemplate, FakeDevice};
+use vfio_pci::VfioPciDevice;
+
+use crate::guest::*;
+use crate::vmm::Vm;
+
+/// Reads the fuzzer's bytes as numbers; zeros once they run out.
+#[derive(Debug)]
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    /// Over `data`.
+    pub fn new(data: &'a [u8]) -> Input<'a> {
+        Input { data }
+    }
+
+    /// Bytes left.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// No bytes left.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The next `n` bytes (fewer at the end).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        head
+    }
+
+    fn fixed<const N: usize>(&mut self) -> [u8; N] {
+        let mut b = [0u8; N];
+        for (d, s) in b.iter_mut().zip(self.bytes(N)) {
+            *d = *s;
+        }
+        b
+    }
+
+    /// The next byte.
+    pub fn u8(&mut self) -> u8 {
+        self.fixed::<1>()[0]
+    }
+
+    /// The next two bytes, little endian.
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.fixed())
+    }
+
+    /// The next four bytes, little endian.
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.fixed())
+    }
+
+    /// The next eight bytes, little endian.
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.fixed())
+    }
+}
+
+/// The most operations one input drives (keeps each run short).
+const MAX_OPS: usize = 512;
+
+/// A device for a fuzz case, picked by `which`: mostly nvme-like, then
+/// edu, MSI-X with 1 vector, and (rarely: 2048 eventfds per attach) MSI-X
+/// with 2048 vectors.
+fn pick_device(which: u8) -> Option<Arc<FakeDevice>> {
+    match which % 8 {
+        0..=3 => crate::devices::profile("nvme-like").ok(),
+        4 | 5 => crate::devices::profile("edu").ok(),
+        6 => crate::devices::msix_device(1).ok(),
+        _ => crate::devices::msix_device(2048).ok(),
+    }
+}
+
+/// What must hold of any attached device whatever the guest did.
+fn check_and_detach(vm: &Vm, fake: &FakeDevice, dev: VfioPciDevice, ids: u32, class: u32) {
+    // Vendor, device and class codes are read-only (PCI 3.0 6.2.1).
+    assert_eq!(cfg_read32(&dev, 0), ids, "vendor/device id changed");
+    assert_eq!(cfg_read32(&dev, 8) >> 8, class >> 8, "class code changed");
+    // Every placed BAR is naturally aligned (PCI 3.0 6.2.5.1).
+    for b in dev.bars() {
+        if let Some(base) = b.base {
+            assert_eq!(base % b.guest_size.max(1), 0, "BAR{} misaligned", b.index);
+        }
+    }
+    drop(dev);
+    assert!(vm.mapper.live().is_empty(), "guest mappings left behind");
+    assert_eq!(fake.active_irq(), None, "interrupts left enabled");
+    assert_eq!(fake.dma_mapping_count(), 0, "DMA mappings left behind");
+}
+
+fn attach(which: u8) -> Option<(Vm, Arc<FakeDevice>, VfioPciDevice)> {
+    let fake = pick_device(which)?;
+    let vm = Vm::new().ok()?;
+    let dev = vm.attach(fake.clone()).ok()?;
+    Some((vm, fake, dev))
+}
+
+fn access_len(sel: u8, max: usize) -> usize {
+    // Mostly valid widths, sometimes anything up to 9 bytes.
+    let len = match sel % 8 {
+        0 | 1 => 4,
+        2 => 2,
+        3 => 1,
+        4 => 8,
+        _ => usize::from(sel >> 3) % 10,
+    };
+    len.min(max)
+}
+
+/// Guest config-space reads and writes on a device over the fake.
+pub fn config_space(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let Some((vm, fake, dev)) = attach(inp.u8()) else {
+        return;
+    };
+    let (ids, class) = (cfg_read32(&dev, 0), cfg_read32(&dev, 8));
+    for _ in 0..MAX_OPS {
+        if inp.is_empty() {
+            break;
+        }
+        let op = inp.u8();
+        let off = u64::from(inp.u16() % 0x1100);
+        let len = access_len(inp.u8(), 8);
+        let val = inp.u64().to_le_bytes();
+        match op % 8 {
+            0..=3 => {
+                let mut b = [0u8; 9];
+                if let Some(buf) = b.get_mut(..len) {
+                    dev.read_config(off, buf);
+                }
+            }
+            4..=6 => {
+                let _ = dev.write_config(off, val.get(..len).unwrap_or(&[]));
+            }
+            _ => {
+                let _ = dev.reset();
+            }
+        }
+    }
+    check_and_detach(&vm, &fake, dev, ids, class);
+}
+
+/// MSI-X table and PBA accesses, enable/disable and device interrupts.
+pub fn msix(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let which = inp.u8();
+    let Some((vm, fake, dev)) = attach(match which % 4 {
+        0 | 1 => 0,
+        2 => 6,
+        _ => 7,
+    }) else {
+        return;
+    };
+    let (ids, class) = (cfg_read32(&dev, 0), cfg_read32(&dev, 8));
+    let Some((cap, bar, table)) = msix_table(&dev) else {
+        return;
+    };
+    let pba = msix_pba(&dev).map_or(table, |p| p.1);
+    let vectors = u64::from(dev.msix_vectors().max(1));
+    let _ = enable_device(&dev);
+    for _ in 0..MAX_OPS {
+        if inp.is_empty() {
+            break;
+        }
+        let op = inp.u8();
+        let arg = inp.u32();
+        let len = access_len(inp.u8(), 8);
+        let val = inp.u64().to_le_bytes();
+        let data = val.get(..len).unwrap_or(&[]);
+        match op % 10 {
+            0 | 1 => {
+                // Anywhere in the table, aligned or not.
+                let off = table + u64::from(arg) % (vectors * MSIX_ENTRY + 16);
+                let _ = dev.write_bar(bar, off, data);
+            }
+            2 => {
+                let off = table + u64::from(arg) % (vectors * MSIX_ENTRY + 16);
+                let mut b = [0u8; 9];
+                if let Some(buf) = b.get_mut(..len) {
+                    dev.read_bar(bar, off, buf);
+                }
+            }
+            3 => {
+                let off = pba + u64::from(arg) % 0x110;
+                let mut b = [0u8; 9];
+                if let Some(buf) = b.get_mut(..len) {
+                    dev.read_bar(bar, off, buf);
+                }
+            }
+            4 => {
+                let _ = dev.write_bar(bar, pba + u64::from(arg) % 0x110, data);
+            }
+            5 => {
+                // Message control: enable, function mask, anything.
+                let _ = dev.write_config(cap + 2, &(arg as u16).to_le_bytes());
+            }
+            6 => {
+                let _ = msix_enable(&dev, cap, arg & 1 == 1);
+            }
+            7 => {
+                let v = u64::from(arg) % vectors;
+                let _ = mask_msix_vector(&dev, bar, table, v, arg & 0x8000_0000 != 0);
+            }
+            8 => fake.raise_irq(arg % 4096),
+            _ => {
+                // The read-only dwords of the capability (table and PBA offsets).
+                let _ = dev.write_config(cap + 4 + u64::from(arg % 8), data);
+            }
+        }
+        // Whatever the guest did: VFIO's MSI-X wiring follows the enable bit.
+        let enabled = cfg_read16(&dev, cap + 2) & 0x8000 != 0;
+        if enabled && dev.irq_mode() != vfio_pci::IrqMode::Msix {
+            // Only a refused SET_IRQS may leave MSI-X unwired.
+            assert_eq!(dev.irq_mode(), vfio_pci::IrqMode::None);
+        }
+    }
+    check_and_detach(&vm, &fake, dev, ids, class);
+}
+
+/// Trapped BAR (and ROM) accesses, with BAR moves and decode toggles.
+pub fn bar_access(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let Some((vm, fake, dev)) = attach(inp.u8()) else {
+        return;
+    };
+    let (ids, class) = (cfg_read32(&dev, 0), cfg_read32(&dev, 8));
+    let _ = enable_device(&dev);
+    for _ in 0..MAX_OPS {
+        if inp.is_empty() {
+            break;
+        }
+        let op = inp.u8();
+        let index = usize::from(inp.u8() % 8);
+        let off = u64::from(inp.u32() % 0x3_0000);
+        let len = access_len(inp.u8(), 8);
+        let val = inp.u64().to_le_bytes();
+        match op % 8 {
+            0..=2 => {
+                let mut b = [0u8; 9];
+                if let Some(buf) = b.get_mut(..len) {
+                    dev.read_bar(index, off, buf);
+                }
+            }
+            3..=5 => {
+                let _ = dev.write_bar(index, off, val.get(..len).unwrap_or(&[]));
+            }
+            6 => {
+                // The guest reprograms a BAR register (or the ROM BAR).
+                let reg = if index >= 6 {
+                    0x30
+                } else {
+                    0x10 + 4 * index as u64
+                };
+                let _ = cfg_write32(
+                    &dev,
+                    reg,
+                    u32::from_le_bytes([val[0], val[1], val[2], val[3]]),
+                );
+            }
+            _ => {
+                let _ = cfg_write16(&dev, 4, u16::from_le_bytes([val[0], val[1]]));
+            }
+        }
+    }
+    check_and_detach(&vm, &fake, dev, ids, class);
+}
+
+/// Config-space templates and capability chains from arbitrary bytes: the
+/// parsers, the fake's template derivation, and attaching the result.
+pub fn templates(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let sel = inp.u8();
+    let mut sizes = [None; 6];
+    for s in &mut sizes {
+        let v = inp.u8();
+        if v != 0 {
+            *s = Some(1u64 << (v % 24).max(4));
+        }
+    }
+    let rest = inp.bytes(usize::MAX);
+    let len = match sel % 3 {
+        0 => 64,
+        1 => 256,
+        _ => 4096,
+    };
+    let mut config = rest.to_vec();
+    config.resize(len, 0);
+    // Status: the capability list bit, most of the time.
+    if sel & 0x80 == 0 {
+        if let Some(b) = config.get_mut(6) {
+            *b |= 0x10;
+        }
+    }
+
+    let _ = pci_config::parse_capabilities(&config);
+    let (caps, _) = pci_config::parse_capabilities_lenient(&config);
+    assert!(caps.len() <= 64, "more standard capabilities than dwords");
+    let _ = pci_config::parse_extended_capabilities(&config);
+    let (ext, _) = pci_config::parse_extended_capabilities_lenient(&config);
+    assert!(ext.len() <= 960, "more extended capabilities than dwords");
+    let _ = pci_config::ConfigSpace::from_bytes(&config);
+    if let Ok(t) = DeviceTemplate::from_config(config, &sizes) {
+        let Ok(fake) = FakeDevice::new(t) else {
+            return;
+        };
+        let fake = Arc::new(fake);
+        let Ok(vm) = Vm::new() else {
+            return;
+        };
+        if let Ok(dev) = vm.attach(fake.clone()) {
+            let caps = walk_caps(&dev);
+            let ext = walk_ext_caps(&dev);
+            assert!(
+                caps.len() < 48 && ext.len() < 480,
+                "guest chain does not end"
+            );
+            for i in 0..6 {
+                let _ = size_bar(&dev, i);
+            }
+            let _ = enable_device(&dev);
+            let _ = enable_msix_all(&dev);
+            drop(dev);
+            assert!(vm.mapper.live().is_empty(), "guest mappings left behind");
+        }
+    }
+}
+
+/// The pure decoders facing the kernel and a vfio-user peer.
+pub fn backend_parsers(data: &[u8]) {
+    use vfio_backend::kernel::ioctls;
+    let mut inp = Input::new(data);
+    let sel = inp.u8();
+    let first = inp.u32();
+    let rest = inp.bytes(usize::MAX);
+    match sel % 8 {
+        0 => drop(ioctls::parse_region_info(rest)),
+        1 => drop(ioctls::parse_cap_chain(rest, first % 0x1_0000, 8)),
+        2 => drop(ioctls::parse_iommu_type1_info(rest)),
+        3 => drop(ioctls::parse_hot_reset_info(rest)),
+        4 => drop(Header::decode(rest)),
+        5 => drop(protocol::decode_region_info(rest)),
+        6 => drop(protocol::decode_version(rest)),
+        _ => {
+            drop(protocol::DmaMapPayload::decode(rest));
+            drop(protocol::SetIrqsPayload::decode(rest));
+            drop(protocol::RegionAccessPayload::decode(rest));
+            drop(protocol::DeviceInfoPayload::decode(rest));
+            drop(protocol::IrqInfoPayload::decode(rest));
+            drop(protocol::DmaUnmapPayload::decode(rest));
+            drop(protocol::DmaAccessPayload::decode(rest));
+        }
+    }
+}
+
+/// How long the client waits for a reply in [`user_client`].
+pub const CLIENT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// A malicious vfio-user server: answers each message it receives with the
+/// next chunk of the input. A chunk is `[mode, len_lo, len_hi, bytes..]`:
+/// mode bit 0 frames the bytes as a reply to the message (its id and
+/// command, error flag from bit 1, an fd from bit 2), else they are sent as
+/// they are and the connection is closed after them. When the input runs
+/// out the connection is closed.
+fn malicious_server(stream: UnixStream, data: Vec<u8>) {
+    let mut inp = Input::new(&data);
+    let memfd = crate::user::memfd(c"fuzz-region", 0x1000).ok();
+    loop {
+        let m = match protocol::read_message(stream.as_fd(), 1 << 22, 64) {
+            Ok(Some(m)) => m,
+            _ => break,
+        };
+        if inp.is_empty() {
+            break;
+        }
+        let mode = inp.u8();
+        let n = usize::from(inp.u16() % 0x2000);
+        let bytes = inp.bytes(n);
+        if mode & 1 == 0 {
+            let _ = (&stream).write_all(bytes);
+            break;
+        }
+        let mut h = Header {
+            id: m.header.id,
+            command: m.header.command,
+            size: 0,
+            flags: header_flags::TYPE_REPLY,
+            error: 0,
+        };
+        if mode & 2 != 0 {
+            h.flags |= header_flags::ERROR;
+            h.error = u32::from(mode >> 4);
+        }
+        if mode & 8 != 0 {
+            // Sometimes lie about the id or command.
+            h.id = h.id.wrapping_add(u16::from(mode >> 6));
+            h.command = h.command.wrapping_add(u16::from((mode >> 4) & 3));
+        }
+        h.size = (HEADER_SIZE + bytes.len()) as u32;
+        let fds: Vec<_> = match (&memfd, mode & 4 != 0) {
+            (Some(f), true) => vec![f.as_fd()],
+            _ => Vec::new(),
+        };
+        if protocol::write_message(stream.as_fd(), &h, &[bytes], &fds).is_err() {
+            break;
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// The vfio-user client facing a malicious server: every call returns (an
+/// error is fine) within its timeout, and nothing panics.
+pub fn user_client(data: &[u8]) {
+    let Ok((ours, theirs)) = UnixStream::pair() else {
+        return;
+    };
+    let data = data.to_vec();
+    let Ok(server) = std::thread::Builder::new()
+        .name("fuzz-malicious-server".into())
+        .spawn(move || malicious_server(theirs, data))
+    else {
+        return;
+    };
+    let options = UserOptions {
+        timeout: CLIENT_TIMEOUT,
+        reset_timeout: CLIENT_TIMEOUT,
+        ..UserOptions::default()
+    };
+    let bounded = |what: &str, t: Instant| {
+        // A generous bound: the timeout plus scheduling on a loaded machine.
+        assert!(
+            t.elapsed() < CLIENT_TIMEOUT * 20,
+            "{what} took {:?}",
+            t.elapsed()
+        );
+    };
+    let t = Instant::now();
+    let client = UserDevice::from_stream(ours, options);
+    bounded("connect", t);
+    if let Ok(dev) = client {
+        exercise_client(Arc::new(dev), &bounded);
+    }
+    let _ = server.join();
+}
+
+fn exercise_client(dev: Arc<UserDevice>, bounded: &dyn Fn(&str, Instant)) {
+    let irqs = crate::vmm::EventGroup::new(1, false).ok();
+    let memfd = crate::user::memfd(c"fuzz-dma", 0x2000).ok();
+    // First as a PCI device: what the server says is config space and BARs.
+    let t = Instant::now();
+    if let Ok(vm) = Vm::new() {
+        if let Ok(pci) = vm.attach(dev.clone()) {
+            let _ = walk_caps(&pci);
+            let _ = walk_ext_caps(&pci);
+            let _ = size_bar(&pci, 0);
+            let _ = enable_msix_all(&pci);
+            // Touch what is mapped into the guest, as the guest would: a
+            // mapping past the end of the server's file would raise SIGBUS.
+            for b in pci.bars() {
+                let base = b.base.unwrap_or(0);
+                for (gpa, _) in b.mapped {
+                    let mut d = [0u8; 4];
+                    pci.read_bar(b.index, gpa.wrapping_sub(base), &mut d);
+                }
+            }
+            drop(pci);
+            assert!(vm.mapper.live().is_empty(), "guest mappings left behind");
+        }
+    }
+    bounded("attach", t);
+    let t = Instant::now();
+    let _ = dev.device_info();
+    for i in 0..10 {
+        if let Ok(info) = dev.region_info(i) {
+            for a in info.mmap_areas().into_iter().take(2) {
+                // Map only what is page sized and small; never touch it (a
+                // server may share a file smaller than the region).
+                if a.size <= 0x10_0000 {
+                    let _ = dev.mmap_region(
+                        i,
+                        SparseArea {
+                            offset: a.offset,
+                            size: a.size,
+                        },
+                    );
+                }
+            }
+        }
+        let mut b = [0u8; 8];
+        let _ = dev.region_read(i, 0, &mut b);
+        let _ = dev.region_write(i, 4, &b[..4]);
+        let _ = dev.irq_info(i % 5);
+    }
+    bounded("region and irq calls", t);
+    let t = Instant::now();
+    if let Some(e) = irqs.as_ref().and_then(|g| g.notifier(0)) {
+        let _ = dev.set_irq_eventfds(2, 0, &[Some(e)]);
+        let _ = dev.set_irq_unmask_eventfd(0, Some(e));
+    }
+    let _ = dev.disable_irqs(2);
+    let _ = dev.unmask_irq(0);
+    let _ = dev.mask_irq(0);
+    if let Some(f) = &memfd {
+        let _ = dev.dma_map(
+            0x10_0000,
+            0x2000,
+            DmaSource {
+                host_addr: 0,
+                file: Some(DmaFile {
+                    fd: f.as_fd(),
+                    offset: 0,
+                }),
+                read_only: false,
+            },
+        );
+        let _ = dev.dma_unmap(0x10_0000, 0x2000);
+    }
+    let _ = dev.iova_ranges();
+    let _ = dev.reset();
+    bounded("irq, dma and reset calls", t);
+}
+
+/// The body of a fuzz target.
+pub type Target = fn(&[u8]);
+
+/// The fuzz targets, by name, with their bodies.
+pub const TARGETS: [(&str, Target); 6] = [
+    ("config_space", config_space),
+    ("msix", msix),
+    ("bar_access", bar_access),
+    ("user_client", user_client),
+    ("templates", templates),
+    ("backend_parsers", backend_parsers),
+];
+
+/// Encodes one operation of [`config_space`].
+fn cfg_op(out: &mut Vec<u8>, op: u8, off: u16, len_sel: u8, val: u64) {
+    out.push(op);
+    out.extend_from_slice(&off.to_le_bytes());
+    out.push(len_sel);
+    out.extend_from_slice(&val.to_le_bytes());
+}
+
+/// Encodes one operation of [`msix`].
+fn msix_op(out: &mut Vec<u8>, op: u8, arg: u32, len_sel: u8, val: u64) {
+    out.push(op);
+    out.extend_from_slice(&arg.to_le_bytes());
+    out.push(len_sel);
+    out.extend_from_slice(&val.to_le_bytes());
+}
+
+/// Encodes one operation of [`bar_access`].
+fn bar_op(out: &mut Vec<u8>, op: u8, index: u8, off: u32, len_sel: u8, val: u64) {
+    out.push(op);
+    out.push(index);
+    out.extend_from_slice(&off.to_le_bytes());
+    out.push(len_sel);
+    out.extend_from_slice(&val.to_le_bytes());
+}
+
+/// A session of a real server (the fake behind [`vfio_backend::user::serve_connection`])
+/// answering exactly what [`user_client`] asks, recorded in the malicious
+/// server's chunk format: a seed that reaches deep into the client.
+fn recorded_user_session(fake: Arc<FakeDevice>) -> Vec<u8> {
+    let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let Ok((ours, proxy_client)) = UnixStream::pair() else {
+        return Vec::new();
+    };
+    let Ok((proxy_server, theirs)) = UnixStream::pair() else {
+        return Vec::new();
+    };
+    let server = std::thread::spawn(move || {
+        let _ = vfio_backend::user::serve_connection(theirs, fake);
+    });
+    let rec = recorded.clone();
+    let proxy = std::thread::spawn(move || loop {
+        let Ok(Some(req)) = protocol::read_message(proxy_client.as_fd(), 1 << 22, 64) else {
+            break;
+        };
+        let fds: Vec<_> = req.fds.iter().map(|f| f.as_fd()).collect();
+        if protocol::write_message(proxy_server.as_fd(), &req.header, &[&req.payload], &fds)
+            .is_err()
+        {
+            break;
+        }
+        let Ok(Some(rep)) = protocol::read_message(proxy_server.as_fd(), 1 << 22, 64) else {
+            break;
+        };
+        let mut mode = 1u8;
+        if rep.header.is_error() {
+            mode |= 2 | (u8::try_from(rep.header.error.min(15)).unwrap_or(5) << 4);
+        }
+        if !rep.fds.is_empty() {
+            mode |= 4;
+        }
+        if let Ok(mut r) = rec.lock() {
+            r.push(mode);
+            r.extend_from_slice(&(rep.payload.len() as u16).to_le_bytes());
+            r.extend_from_slice(&rep.payload);
+        }
+        let fds: Vec<_> = rep.fds.iter().map(|f| f.as_fd()).collect();
+        if protocol::write_message(proxy_client.as_fd(), &rep.header, &[&rep.payload], &fds)
+            .is_err()
+        {
+            break;
+        }
+    });
+    let options = UserOptions {
+        timeout: Duration::from_secs(5),
+        ..UserOptions::default()
+    };
+    if let Ok(dev) = UserDevice::from_stream(ours, options) {
+        exercise_client(Arc::new(dev), &|_, _| {});
+    }
+    let _ = proxy.join();
+    let _ = server.join();
+    let out = recorded.lock().map(|r| r.clone()).unwrap_or_default();
+    out
+}
+
+/// Seed inputs for each target: (target, seed name, bytes).
+pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let mut out = Vec::new();
+
+    // config_space: a driver's probe of each device.
+    for (which, name) in [(0u8, "probe-nvme"), (4, "probe-edu"), (7, "probe-msix2048")] {
+        let mut s = vec![which];
+        for off in (0..0x40).step_by(4) {
+            cfg_op(&mut s, 0, off, 0, 0);
+        }
+        // Size BAR 0 and restore, enable decoding, walk capabilities.
+        cfg_op(&mut s, 4, 0x10, 0, u64::from(u32::MAX));
+        cfg_op(&mut s, 0, 0x10, 0, 0);
+        cfg_op(&mut s, 4, 0x10, 0, 0xc000_0000);
+        cfg_op(&mut s, 4, 0x04, 2, 0x0006);
+        cfg_op(&mut s, 0, 0x34, 3, 0);
+        cfg_op(&mut s, 0, 0x40, 0, 0);
+        cfg_op(&mut s, 0, 0x100, 0, 0);
+        out.push(("config_space", name, s));
+    }
+    let mut s = vec![0u8];
+    cfg_op(&mut s, 4, 0x30, 0, 0xffff_f801);
+    cfg_op(&mut s, 4, 0x62, 2, 0x8000);
+    cfg_op(&mut s, 7, 0, 0, 0);
+    out.push(("config_space", "rom-msix-reset", s));
+
+    // msix: program, enable, mask, fire, read the PBA.
+    for (which, name) in [(0u8, "enable-fire-nvme"), (3, "enable-fire-2048")] {
+        let mut s = vec![which];
+        msix_op(&mut s, 0, 0, 0, 0xfee0_0000);
+        msix_op(&mut s, 0, 8, 0, 0x41);
+        msix_op(&mut s, 0, 12, 0, 0);
+        msix_op(&mut s, 6, 1, 0, 0);
+        msix_op(&mut s, 8, 0, 0, 0);
+        msix_op(&mut s, 7, 0x8000_0000, 0, 0);
+        msix_op(&mut s, 8, 0, 0, 0);
+        msix_op(&mut s, 3, 0, 4, 0);
+        msix_op(&mut s, 7, 0, 0, 0);
+        msix_op(&mut s, 5, 0xc000, 0, 0);
+        msix_op(&mut s, 6, 0, 0, 0);
+        out.push(("msix", name, s));
+    }
+
+    // bar_access: registers of each device, a BAR move, the ROM.
+    for (which, name) in [(0u8, "nvme-regs"), (4, "edu-regs")] {
+        let mut s = vec![which];
+        bar_op(&mut s, 0, 0, 0, 0, 0);
+        bar_op(&mut s, 0, 0, 8, 0, 0);
+        bar_op(&mut s, 3, 0, 0x14, 0, 1);
+        bar_op(&mut s, 3, 0, 0x1000, 0, 1);
+        bar_op(&mut s, 0, 0, 0x2000, 4, 0);
+        bar_op(&mut s, 6, 0, 0, 0, 0xd000_0000);
+        bar_op(&mut s, 0, 6, 0, 0, 0);
+        bar_op(&mut s, 7, 0, 0, 0, 0);
+        out.push(("bar_access", name, s));
+    }
+
+    // templates: the configs of the built-in profiles.
+    for (name, prof) in [("nvme-like", "nvme-like"), ("edu", "edu")] {
+        if let Ok(t) = vfio_fake_device::profile_template(prof) {
+            let config = t.config();
+            let mut s = vec![if config.len() == 4096 { 2u8 } else { 1 }];
+            for i in 0..6u8 {
+                let size = t.bar(i).map_or(0, |b| b.size);
+                s.push(if size == 0 {
+                    0
+                } else {
+                    size.trailing_zeros() as u8
+                });
+            }
+            s.extend_from_slice(config);
+            // Trailing zeros add nothing: the target pads.
+            while s.last() == Some(&0) && s.len() > 7 {
+                s.pop();
+            }
+            out.push(("templates", name, s));
+        }
+    }
+
+    // backend_parsers: a header, a VERSION payload, a region info.
+    let mut s = vec![4u8, 0, 0, 0, 0];
+    s.extend_from_slice(
+        &Header {
+            id: 1,
+            command: protocol::command::REGION_READ,
+            size: 36,
+            flags: header_flags::TYPE_REPLY,
+            error: 0,
+        }
+        .encode(),
+    );
+    out.push(("backend_parsers", "header", s));
+    let mut s = vec![6u8, 0, 0, 0, 0];
+    s.extend_from_slice(&protocol::encode_version(
+        0,
+        1,
+        &vfio_backend::user::Capabilities::default(),
+    ));
+    out.push(("backend_parsers", "version", s));
+    let mut s = vec![5u8, 0, 0, 0, 0];
+    s.extend_from_slice(
+        &protocol::RegionInfoPayload {
+            argsz: 32,
+            flags: 7,
+            index: 0,
+            cap_offset: 0,
+            size: 0x4000,
+            offset: 0,
+        }
+        .encode(),
+    );
+    out.push(("backend_parsers", "region-info", s));
+
+    // user_client: a real server's answers.
+    if let Ok(f) = crate::devices::profile("nvme-like") {
+        out.push(("user_client", "nvme-like-session", recorded_user_session(f)));
+    }
+    if let Ok(f) = crate::devices::profile("edu") {
+        out.push(("user_client", "edu-session", recorded_user_session(f)));
+    }
+    out
+}
