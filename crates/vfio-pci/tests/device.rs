@@ -332,3 +332,72 @@ fn bad_config_accesses_read_all_ones_and_write_nothing() {
     dev.write_config(0, &[1, 2, 3]).unwrap();
     assert_eq!(cfg_read32(&dev, 0) & 0xffff, 0x1234);
 }
+
+#[test]
+fn registers_past_a_broken_extended_chain_are_not_forwarded_to_the_device() {
+    use vfio_backend::{region, Vfio};
+    // AER at 0x100 points back at itself: the SR-IOV capability behind it
+    // can no longer be found, so it cannot be hidden by the chain walk.
+    let f = patched_nvme(|c| {
+        let hdr = u32::from_le_bytes(c[0x100..0x104].try_into().unwrap());
+        let looped = (hdr & 0x000f_ffff) | (0x100 << 20);
+        c[0x100..0x104].copy_from_slice(&looped.to_le_bytes());
+    });
+    let vm = Vm::new();
+    let dev = attach(&vm, &f);
+    assert_eq!(walk_ext_caps(&dev), vec![(0x0001, 0x100)]);
+    // SR-IOV control (capability + 8): VF Enable is bit 0.
+    let sriov_ctl = 0x148 + 8;
+    let mut raw = [0u8; 4];
+    f.region_read(region::CONFIG, 0x148, &mut raw).unwrap();
+    assert_eq!(u32::from_le_bytes(raw) & 0xffff, 0x0010, "SR-IOV is there");
+    let writes = f.counters().calls(Op::RegionWrite);
+    cfg_write16(&dev, sriov_ctl, 0x0001);
+    assert_eq!(
+        f.counters().calls(Op::RegionWrite),
+        writes,
+        "the guest's write must not reach the device"
+    );
+    // A register of the kept AER capability is still the device's.
+    cfg_write32(&dev, 0x100 + 0x08, 0);
+    assert_eq!(f.counters().calls(Op::RegionWrite), writes + 1);
+}
+
+#[test]
+fn an_msi_capability_running_past_0xff_is_hidden_not_emulated() {
+    // Move the MSI capability's header (64-bit with per-vector masking:
+    // 24 bytes) to 0xf0 by pointing the chain at it.
+    let f = patched_nvme(|c| {
+        let mut at = c[0x34] as usize;
+        let mut msi = None;
+        while at != 0 {
+            if c[at] == 0x05 {
+                msi = Some(at);
+            }
+            at = c[at + 1] as usize;
+        }
+        let msi = msi.unwrap();
+        let body: Vec<u8> = c[msi..msi + 24].to_vec();
+        // Unlink the original, append the copy at 0xf0 as the last one.
+        let mut prev = 0x34;
+        while c[prev] as usize != msi {
+            prev = c[prev] as usize + 1;
+        }
+        c[prev] = c[msi + 1];
+        let mut last = c[0x34] as usize;
+        while c[last + 1] != 0 {
+            last = c[last + 1] as usize;
+        }
+        c[last + 1] = 0xf0;
+        c[0xf0..0x100].copy_from_slice(&body[..16]);
+        c[0xf1] = 0;
+    });
+    let vm = Vm::new();
+    let dev = attach(&vm, &f);
+    assert!(walk_caps(&dev).iter().all(|&(id, _)| id != 0x05));
+    assert!(dev
+        .hidden_capabilities()
+        .iter()
+        .any(|h| !h.extended && h.id == 0x05 && h.offset == 0xf0));
+    assert!(dev.msi_group().is_none());
+}

@@ -368,7 +368,7 @@ impl VfioPciDevice {
         let mut kept = Vec::new();
         let mut hidden = Vec::new();
         let (caps, cap_err) = pci_config::parse_capabilities_lenient(&raw);
-        if let Some(e) = cap_err {
+        if let Some(e) = &cap_err {
             log::warn!("device capability list is broken ({e}); keeping the {} capabilities before the break", caps.len());
             // End the chain at the last good capability so the guest never
             // follows the broken pointer.
@@ -384,7 +384,7 @@ impl VfioPciDevice {
         } else {
             (Vec::new(), None)
         };
-        if let Some(e) = ext_err {
+        if let Some(e) = &ext_err {
             log::warn!(
                 "device extended capability list is broken ({e}); keeping the {} before the break",
                 ext_caps.len()
@@ -421,6 +421,28 @@ impl VfioPciDevice {
                 .unwrap_or(config_size)
                 .min(config_size)
         };
+
+        // Past a broken chain, capabilities (an SR-IOV we would have hidden,
+        // say) can no longer be found: keep the guest away from every byte
+        // that is not a kept capability's.
+        // The last capability before the break has no known end: it gets
+        // the length the spec gives its id.
+        if cap_err.is_some() {
+            set_policy(&mut policy, 0x40, 0x100.min(config_size), Dword::Emulated);
+            for c in &caps {
+                let off = usize::from(c.offset);
+                let end = std_extent(off).min(off + std_cap_len(c.id, &raw, off));
+                set_policy(&mut policy, off, end, Dword::Passthrough);
+            }
+        }
+        if ext_err.is_some() {
+            set_policy(&mut policy, 0x100, config_size, Dword::Emulated);
+            for c in &ext_caps {
+                let off = usize::from(c.offset);
+                let end = ext_extent(off).min(off + ext_cap_len(c.id));
+                set_policy(&mut policy, off, end, Dword::Passthrough);
+            }
+        }
 
         let mut msi_cap = None;
         let mut msix_cap = None;
@@ -540,7 +562,9 @@ impl VfioPciDevice {
         }
 
         // MSI-X: where the table and PBA live.
-        let msix_bytes = msix_cap.and_then(|off| raw.get(off..off + 12).map(|b| (off, b.to_vec())));
+        let msix_bytes = msix_cap
+            .filter(|off| off + 12 <= 0x100)
+            .and_then(|off| raw.get(off..off + 12).map(|b| (off, b.to_vec())));
         let msix_device = match &msix_bytes {
             Some((off, b)) => match MsixState::from_bytes(b) {
                 Ok(s) => Some((*off, s)),
@@ -587,17 +611,14 @@ impl VfioPciDevice {
         }
         if msix_places.is_none() {
             if let Some(off) = msix_cap {
-                if let Err(e) = config.hide_capability(u16::try_from(off).unwrap_or(0)) {
-                    log::warn!("could not hide the unusable MSI-X capability: {e}");
-                }
-                kept.retain(|k| k.id != u16::from(cap_id::MSIX) || k.extended);
-                hidden.push(HiddenCapability {
-                    id: u16::from(cap_id::MSIX),
-                    extended: false,
-                    offset: u16::try_from(off).unwrap_or(0),
-                    reason: "its table or PBA lies outside the BAR it names".into(),
-                });
-                set_policy(&mut policy, off, off + 12, Dword::Emulated);
+                hide_unusable(
+                    &mut config,
+                    &mut policy,
+                    &mut kept,
+                    &mut hidden,
+                    (off, std_extent(off), cap_id::MSIX),
+                    "MSI-X unusable: its table or PBA lies outside the BAR it names, or the capability runs past 0xff",
+                );
             }
         }
 
@@ -690,7 +711,7 @@ impl VfioPciDevice {
             Some(off) => {
                 let end = (off + 24).min(config_size);
                 match raw.get(off..end).map(MsiState::from_bytes) {
-                    Some(Ok(mut state)) => {
+                    Some(Ok(mut state)) if off + state.cap_len() <= 0x100 => {
                         let group = irqs.create_msi_group(state.max_vectors()).map_err(|e| {
                             Error::Interrupts(format!("creating the MSI group: {e}"))
                         })?;
@@ -706,6 +727,14 @@ impl VfioPciDevice {
                     }
                     _ => {
                         log::warn!("MSI capability at {off:#x} unusable; MSI is left out");
+                        hide_unusable(
+                            &mut config,
+                            &mut policy,
+                            &mut kept,
+                            &mut hidden,
+                            (off, std_extent(off), cap_id::MSI),
+                            "MSI capability unusable: truncated or running past 0xff",
+                        );
                         None
                     }
                 }
@@ -904,6 +933,75 @@ impl VfioPciDevice {
                 (off < b.layout.guest_size).then_some((b.index, off))
             })
     }
+}
+
+/// Length of a standard capability by id (PCI Local Bus 3.0, PCIe Base),
+/// for capabilities whose end is not given by the next one.
+fn std_cap_len(id: u8, raw: &[u8], off: usize) -> usize {
+    match id {
+        cap_id::POWER_MANAGEMENT => 8,
+        cap_id::MSIX => 12,
+        cap_id::PCI_EXPRESS => 0x3c,
+        // MSI: 10 bytes, +4 for a 64-bit address, +10 with per-vector masking.
+        cap_id::MSI => {
+            let ctl = raw.get(off + 2..off + 4).map_or(0, |b| {
+                u16::from_le_bytes([
+                    b.first().copied().unwrap_or(0),
+                    b.get(1).copied().unwrap_or(0),
+                ])
+            });
+            let addr64 = if ctl & 0x80 != 0 { 4 } else { 0 };
+            let masking = if ctl & 0x100 != 0 { 10 } else { 0 };
+            10 + addr64 + masking
+        }
+        // Vendor specific: its length is in byte 2.
+        cap_id::VENDOR_SPECIFIC => usize::from(raw.get(off + 2).copied().unwrap_or(4)).max(4),
+        _ => 4,
+    }
+}
+
+/// Length of an extended capability by id (PCIe Base 6.0 chapter 7), for
+/// capabilities whose end is not given by the next one.
+fn ext_cap_len(id: u16) -> usize {
+    match id {
+        ext_cap_id::AER => 0x48,
+        ext_cap_id::SRIOV => 0x40,
+        ext_cap_id::PRI | ext_cap_id::L1_PM_SUBSTATES => 0x10,
+        ext_cap_id::DEVICE_SERIAL_NUMBER | ext_cap_id::PTM => 0x0c,
+        ext_cap_id::ARI
+        | ext_cap_id::ATS
+        | ext_cap_id::LTR
+        | ext_cap_id::PASID
+        | ext_cap_id::ACS => 0x08,
+        // Unknown length: the header only.
+        _ => 4,
+    }
+}
+
+/// Hides a standard capability the device model cannot use, and keeps the
+/// guest away from its registers.
+fn hide_unusable(
+    config: &mut ConfigSpace,
+    policy: &mut [Dword; DWORDS],
+    kept: &mut Vec<KeptCapability>,
+    hidden: &mut Vec<HiddenCapability>,
+    (off, end, id): (usize, usize, u8),
+    reason: &str,
+) {
+    let offset = u16::try_from(off).unwrap_or(0);
+    if let Err(e) = config.hide_capability(offset) {
+        log::warn!("could not hide the unusable capability {id:#x} at {off:#x}: {e}");
+    }
+    kept.retain(|k| k.extended || k.offset != offset);
+    hidden.push(HiddenCapability {
+        id: u16::from(id),
+        extended: false,
+        offset,
+        reason: reason.into(),
+    });
+    // Its registers, up to the next capability, are no longer forwarded:
+    // the guest reads them as they were at attach.
+    set_policy(policy, off, end, Dword::Emulated);
 }
 
 fn set_policy(policy: &mut [Dword; DWORDS], start: usize, end: usize, p: Dword) {

@@ -301,3 +301,18 @@ pub fn msix_enable(dev: &VfioPciDevice, cap: u64, on: bool) {
     };
     cfg_write16(dev, cap + 2, ctl);
 }
+
+/// The nvme-like fake with its config bytes patched by `patch`.
+pub fn patched_nvme(
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> std::sync::Arc<vfio_fake_device::FakeDevice> {
+    use vfio_fake_device::{DeviceTemplate, FakeDevice};
+    let base = FakeDevice::profile("nvme-like").unwrap();
+    let t = base.template();
+    let mut config = t.config().to_vec();
+    patch(&mut config);
+    let sizes: Vec<Option<u64>> = (0..6).map(|i| t.bar(i).map(|b| b.size)).collect();
+    std::sync::Arc::new(
+        FakeDevice::new(DeviceTemplate::from_config(config, &sizes).unwrap()).unwrap(),
+    )
+}
