@@ -20,11 +20,30 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::error::{Error, Result};
 
+/// How the kernel backend reaches a host device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelMode {
+    /// iommufd + the device's vfio cdev when this build has the `iommufd`
+    /// feature and the host offers both (`/dev/iommu` and
+    /// `<sysfs>/vfio-dev/vfioN`), else the legacy group and container.
+    #[default]
+    Auto,
+    /// The legacy VFIO group in a type1v2 container.
+    Legacy,
+    /// iommufd + vfio cdev (needs the `iommufd` feature).
+    Iommufd,
+    /// No-IOMMU mode (`VFIO_NOIOMMU_IOMMU`). The device can then DMA
+    /// anywhere in host memory: the guest gets no isolation and DMA mapping
+    /// is refused. Only for hosts without an IOMMU, and only on request.
+    NoIommu,
+}
+
 /// Where the device comes from.
 enum Source {
     Sysfs {
         path: PathBuf,
         container: Option<Arc<KernelContainer>>,
+        mode: KernelMode,
     },
     VfioUser {
         path: PathBuf,
@@ -110,6 +129,18 @@ impl DeviceBuilder<'static> {
         Self::with_source(Source::Sysfs {
             path: path.into(),
             container: None,
+            mode: KernelMode::Auto,
+        })
+    }
+
+    /// Like [`sysfs`](Self::sysfs), choosing how the kernel backend reaches
+    /// the device. [`KernelMode::NoIommu`] is the explicit opt-in that
+    /// no-IOMMU mode needs.
+    pub fn sysfs_with_mode(path: impl Into<PathBuf>, mode: KernelMode) -> Self {
+        Self::with_source(Source::Sysfs {
+            path: path.into(),
+            container: None,
+            mode,
         })
     }
 
@@ -120,6 +151,7 @@ impl DeviceBuilder<'static> {
         Self::with_source(Source::Sysfs {
             path: path.into(),
             container: Some(container),
+            mode: KernelMode::Legacy,
         })
     }
 
@@ -280,12 +312,57 @@ fn sysfs_hint(path: &Path) -> String {
     )
 }
 
+/// What [`KernelMode::Auto`] means on this host for the device at `path`.
+fn resolve_mode(mode: KernelMode, path: &Path) -> KernelMode {
+    match mode {
+        KernelMode::Auto if cfg!(feature = "iommufd") && iommufd_offered(path) => {
+            KernelMode::Iommufd
+        }
+        KernelMode::Auto => KernelMode::Legacy,
+        other => other,
+    }
+}
+
+/// The host offers iommufd (`/dev/iommu`) and the device has a vfio cdev.
+fn iommufd_offered(path: &Path) -> bool {
+    Path::new("/dev/iommu").exists()
+        && std::fs::read_dir(path.join("vfio-dev"))
+            .map(|mut d| {
+                d.any(|e| {
+                    e.ok()
+                        .and_then(|e| e.file_name().into_string().ok())
+                        .is_some_and(|n| n.starts_with("vfio"))
+                })
+            })
+            .unwrap_or(false)
+}
+
+#[cfg(feature = "iommufd")]
+fn open_iommufd(path: &Path) -> vfio_backend::Result<KernelDevice> {
+    vfio_backend::kernel::IommufdIoas::new().and_then(|ioas| ioas.open_device(path))
+}
+
+#[cfg(not(feature = "iommufd"))]
+fn open_iommufd(_path: &Path) -> vfio_backend::Result<KernelDevice> {
+    Err(vfio_backend::Error::Unsupported(
+        "iommufd + vfio cdev needs vfio-passthrough's `iommufd` feature".into(),
+    ))
+}
+
 fn open(source: Source) -> Result<(Arc<dyn Vfio>, DeviceBackend)> {
     match source {
-        Source::Sysfs { path, container } => {
-            let opened = match &container {
-                Some(c) => c.open_device(&path),
-                None => KernelDevice::open(&path),
+        Source::Sysfs {
+            path,
+            container,
+            mode,
+        } => {
+            let opened = match (&container, resolve_mode(mode, &path)) {
+                (Some(c), _) => c.open_device(&path),
+                (None, KernelMode::NoIommu) => {
+                    KernelContainer::new_noiommu().and_then(|c| c.open_device(&path))
+                }
+                (None, KernelMode::Iommufd) => open_iommufd(&path),
+                (None, _) => KernelDevice::open(&path),
             };
             let dev = Arc::new(opened.map_err(|source| Error::OpenDevice {
                 what: format!("host device {} (kernel VFIO backend)", path.display()),

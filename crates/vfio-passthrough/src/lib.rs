@@ -6,7 +6,7 @@ mod error;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 
-pub use builder::{DeviceBackend, DeviceBuilder, PassthroughDevice};
+pub use builder::{DeviceBackend, DeviceBuilder, KernelMode, PassthroughDevice};
 pub use error::{Error, Result};
 pub use pci_bar_alloc;
 pub use pci_config;

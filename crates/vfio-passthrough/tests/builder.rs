@@ -228,3 +228,29 @@ fn a_sysfs_path_without_dev_vfio_fails_with_a_clear_error() {
     assert!(msg.contains("/dev/vfio"), "{msg}");
     assert_eq!(err.io_kind(), std::io::ErrorKind::NotFound, "{err:?}");
 }
+
+#[test]
+fn no_iommu_is_used_only_when_asked_for_and_fails_clearly_without_vfio() {
+    use vfio_passthrough::KernelMode;
+    // Without /dev/vfio every mode fails with an error that names the device;
+    // with it, this path does not exist. Either way: an error, never a panic.
+    let path = "/sys/bus/pci/devices/0000:ff:1f.7";
+    for mode in [
+        KernelMode::Auto,
+        KernelMode::Legacy,
+        KernelMode::Iommufd,
+        KernelMode::NoIommu,
+    ] {
+        let built = vfio_passthrough::DeviceBuilder::sysfs_with_mode(path, mode)
+            .interrupts(std::sync::Arc::new(
+                vfio_passthrough::pci_interrupts::testing::TestInterruptManager::new(),
+            ))
+            .allocator(allocator())
+            .build();
+        let Err(err) = built else {
+            panic!("{mode:?}: a device that does not exist was attached");
+        };
+        assert!(err.to_string().contains("0000:ff:1f.7"), "{mode:?}: {err}");
+    }
+    assert_eq!(KernelMode::default(), KernelMode::Auto);
+}
