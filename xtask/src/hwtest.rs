@@ -17,6 +17,7 @@
 //! failure, a missing report, an unexpected QEMU exit or the timeout fails the command.
 
 mod console;
+mod custom;
 mod host;
 mod initramfs;
 mod kernel;
@@ -36,8 +37,12 @@ cargo xtask hwtest (--qemu | --device <BDF>...) [options] [-- <vfio-hwtest args>
                       and nvme functions bound to vfio-pci, and run the tests inside
   --device <BDF>      run the tests on this host against a function bound to vfio-pci
                       (repeatable)
-  --kernel <series>   guest kernel for --qemu: 6.1 (default; bookworm) or 6.12
-                      (bookworm-backports)
+  --kernel <series>   guest kernel for --qemu: 6.1 (default; bookworm), 6.12
+                      (bookworm-backports), or custom: built from linux-source-6.12 with
+                      iommufd, vfio cdev and no-IOMMU mode (cached under target/hwtest/custom/),
+                      booted three times: legacy container, iommufd + cdev, no-IOMMU
+  --mode <name>       with --kernel custom: boot only this mode (legacy, iommufd, noiommu;
+                      repeatable)
   --timeout <secs>    kill the guest (or the test binary) after this long (default 120)
   --refresh           resolve the current kernel package again instead of the cached one
   -v, --verbose       show the whole console (with timestamps) and the kernel's info messages
@@ -45,7 +50,9 @@ cargo xtask hwtest (--qemu | --device <BDF>...) [options] [-- <vfio-hwtest args>
 
 Host setup (installs only what is missing, as root): qemu-system-x86 (from backports when the
 installed qemu-utils is a backports one that breaks the release's qemu), kmod, gzip. Kernel and
-busybox-static are downloaded and unpacked under target/hwtest/, not installed.
+busybox-static are downloaded and unpacked under target/hwtest/, not installed. --kernel custom
+also installs the kernel's build dependencies: build-essential flex bison bc libelf-dev
+libssl-dev xz-utils.
 ";
 
 /// IDs `/init` binds to vfio-pci: QEMU's edu and its NVMe controller.
@@ -71,6 +78,7 @@ struct Options {
     timeout: Duration,
     refresh: bool,
     verbose: bool,
+    modes: Vec<String>,
     hwtest_args: Vec<String>,
 }
 
@@ -83,6 +91,7 @@ impl Options {
             timeout: Duration::from_secs(120),
             refresh: false,
             verbose: false,
+            modes: Vec::new(),
             hwtest_args: Vec::new(),
         };
         let mut it = args.iter();
@@ -111,6 +120,13 @@ impl Options {
                     o.timeout = Duration::from_secs(secs);
                 }
                 "--refresh" => o.refresh = true,
+                "--mode" => {
+                    let m = value("--mode")?;
+                    if !BOOT_MODES.iter().any(|b| b.name == m) {
+                        bail!("--mode {m}: expected legacy, iommufd or noiommu");
+                    }
+                    o.modes.push(m);
+                }
                 "-v" | "--verbose" => o.verbose = true,
                 "--" => {
                     o.hwtest_args = it.by_ref().cloned().collect();
@@ -118,6 +134,9 @@ impl Options {
                 "-h" | "--help" => bail!("{USAGE}"),
                 other => bail!("unknown argument `{other}`\n\n{USAGE}"),
             }
+        }
+        if !o.modes.is_empty() && o.kernel != custom::SERIES {
+            bail!("--mode needs --kernel custom (stock kernels have only the legacy mode)");
         }
         match (o.qemu, o.devices.is_empty()) {
             (true, false) => bail!("--qemu and --device exclude each other\n\n{USAGE}"),
@@ -250,6 +269,65 @@ fn conclude(report: &Report, mut problems: Vec<String>, log: &Path, verbose: boo
     bail!("hwtest failed:\n  {}", problems.join("\n  "))
 }
 
+/// One boot of the guest: how the IOMMU is set up and which VFIO path the tests take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BootMode {
+    /// `legacy`, `iommufd` or `noiommu`: also what `/init` passes to `vfio-hwtest --mode`.
+    name: &'static str,
+    /// Whether the VM has QEMU's emulated Intel IOMMU.
+    intel_iommu: bool,
+    /// Kernel command line words besides the console ones.
+    append: &'static str,
+}
+
+/// The modes of `--kernel custom`, in the order they boot. Stock kernels boot only the first.
+const BOOT_MODES: &[BootMode] = &[
+    BootMode {
+        name: "legacy",
+        intel_iommu: true,
+        append: "intel_iommu=on hwtest.mode=legacy",
+    },
+    BootMode {
+        name: "iommufd",
+        intel_iommu: true,
+        append: "intel_iommu=on hwtest.mode=iommufd",
+    },
+    BootMode {
+        name: "noiommu",
+        intel_iommu: false,
+        append: "vfio.enable_unsafe_noiommu_mode=1 hwtest.mode=noiommu",
+    },
+];
+
+/// The modes this run boots.
+fn boot_modes(opts: &Options) -> Vec<BootMode> {
+    if opts.kernel != custom::SERIES {
+        return BOOT_MODES.iter().take(1).copied().collect();
+    }
+    BOOT_MODES
+        .iter()
+        .filter(|m| opts.modes.is_empty() || opts.modes.iter().any(|o| o == m.name))
+        .copied()
+        .collect()
+}
+
+/// What one boot left: its report, what went wrong, its console log and how long it took.
+struct BootResult {
+    mode: BootMode,
+    report: Report,
+    problems: Vec<String>,
+    log: PathBuf,
+    took: Duration,
+}
+
+/// The files one boot needs.
+struct Guest<'a> {
+    qemu: &'a Path,
+    kernel: &'a kernel::Kernel,
+    initrd: &'a Path,
+    nvme_img: &'a Path,
+}
+
 fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     let t0 = Instant::now();
     let mut apt = host::Apt::new()?;
@@ -260,7 +338,11 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         ("gzip", "gzip"),
         ("dpkg", "dpkg"),
     ])?;
-    let kernel = kernel::ensure_kernel(&mut apt, cache, &opts.kernel, opts.refresh)?;
+    let kernel = if opts.kernel == custom::SERIES {
+        custom::ensure_kernel(&mut apt, cache, opts.refresh)?
+    } else {
+        kernel::ensure_kernel(&mut apt, cache, &opts.kernel, opts.refresh)?
+    };
     let busybox = kernel::ensure_busybox(&mut apt, cache)?;
     let hwtest = build_hwtest(cache)?;
 
@@ -292,12 +374,91 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     }
     let prepared = t0.elapsed();
 
-    let mut append = "console=ttyS0 panic=-1 intel_iommu=on".to_string();
+    let guest = Guest {
+        qemu: &qemu,
+        kernel: &kernel,
+        initrd: &initrd,
+        nvme_img: &nvme_img,
+    };
+    let modes = boot_modes(opts);
+    let mut results = Vec::new();
+    for mode in &modes {
+        let r = boot(opts, cache, &guest, *mode, modes.len() > 1)?;
+        // The closing line of this mode, then its summary.
+        println!("{}", r.report.counts());
+        println!("{}", mode_summary(&r));
+        results.push(r);
+    }
+    let booted: Duration = results.iter().map(|r| r.took).sum();
+    step(&format!(
+        "kernel {}: prepared in {:.1} s, {} boot(s) and tests {:.1} s, total {:.1} s",
+        kernel.release,
+        prepared.as_secs_f64(),
+        results.len(),
+        booted.as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    ));
+    if results.len() > 1 {
+        for r in &results {
+            println!("{}", mode_summary(r));
+        }
+    }
+    let mut problems = Vec::new();
+    for r in &results {
+        if r.problems.is_empty() {
+            continue;
+        }
+        if !opts.verbose {
+            println!(
+                "-- mode {}: last lines of {}:\n{}",
+                r.mode.name,
+                r.log.display(),
+                tail(&r.log, 40)
+            );
+        }
+        for p in &r.problems {
+            problems.push(format!("mode {}: {p}", r.mode.name));
+        }
+        problems.push(format!(
+            "mode {}: full log: {}",
+            r.mode.name,
+            r.log.display()
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("hwtest failed:\n  {}", problems.join("\n  "))
+}
+
+/// `mode <name>: N passed, M failed, K skipped`.
+fn mode_summary(r: &BootResult) -> String {
+    let c = r.report.counts();
+    let note = if !r.problems.is_empty() && c.failed == 0 {
+        " (run incomplete: see below)"
+    } else {
+        ""
+    };
+    format!(
+        "mode {}: {} passed, {} failed, {} skipped{note}",
+        r.mode.name, c.passed, c.failed, c.skipped
+    )
+}
+
+/// Boots the guest once in `mode` and collects the report.
+fn boot(
+    opts: &Options,
+    cache: &Path,
+    g: &Guest<'_>,
+    mode: BootMode,
+    label: bool,
+) -> Result<BootResult> {
+    let mut append = format!("console=ttyS0 panic=-1 {}", mode.append);
     if !opts.verbose {
         // Kernel info messages would interleave with the report on the console.
         append.push_str(" loglevel=4");
     }
-    let mut c = Command::new(&qemu);
+    let mut c = Command::new(g.qemu);
     c.args([
         "-machine",
         "q35,kernel-irqchip=split",
@@ -320,14 +481,15 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         "-no-reboot",
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
-    ])
-    .args([
-        "-device",
-        "intel-iommu,intremap=on,caching-mode=on",
-        // Each device behind a root port of its own, so that a secondary
-        // bus reset (VFIO hot reset) affects only that device; x-speed=5
-        // makes the port report its link active, which the kernel waits
-        // for after a bus reset.
+    ]);
+    if mode.intel_iommu {
+        c.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+    }
+    // Each device behind a root port of its own, so that a secondary bus
+    // reset (VFIO hot reset) affects only that device; x-speed=5 makes the
+    // port report its link active, which the kernel waits for after a bus
+    // reset. On the root bus the kernel answers hot-reset info with ENODEV.
+    c.args([
         "-device",
         "pcie-root-port,id=rp1,chassis=1,slot=1,x-speed=5",
         "-device",
@@ -338,21 +500,31 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     .arg("-drive")
     .arg(format!(
         "file={},if=none,id=nvm0,format=raw",
-        nvme_img.display()
+        g.nvme_img.display()
     ))
     .args([
         "-device",
         &format!("nvme,serial={NVME_SERIAL},drive=nvm0,bus=rp2"),
     ])
     .arg("-kernel")
-    .arg(kernel.vmlinuz())
+    .arg(g.kernel.vmlinuz())
     .arg("-initrd")
-    .arg(&initrd)
+    .arg(g.initrd)
     .args(["-append", &append]);
-    let log = cache.join(format!("console-{}.log", kernel.release));
+    let log = if label {
+        cache.join(format!("console-{}-{}.log", g.kernel.release, mode.name))
+    } else {
+        cache.join(format!("console-{}.log", g.kernel.release))
+    };
     step(&format!(
-        "booting {} in QEMU (TCG, intel-iommu, edu, nvme); console log {}",
-        kernel.release,
+        "booting {} in QEMU (TCG, {}, edu, nvme), mode {}; console log {}",
+        g.kernel.release,
+        if mode.intel_iommu {
+            "intel-iommu"
+        } else {
+            "no IOMMU"
+        },
+        mode.name,
         log.display()
     ));
     let mut report = Report::default();
@@ -367,7 +539,7 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
             }
         }
     })?;
-    let booted = boot_start.elapsed();
+    let took = boot_start.elapsed();
 
     let mut problems = Vec::new();
     match end {
@@ -387,14 +559,13 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         },
     }
     problems.extend(report.problems(true));
-    step(&format!(
-        "kernel {}: prepared in {:.1} s, boot and tests {:.1} s, total {:.1} s",
-        kernel.release,
-        prepared.as_secs_f64(),
-        booted.as_secs_f64(),
-        t0.elapsed().as_secs_f64()
-    ));
-    conclude(&report, problems, &log, opts.verbose)
+    Ok(BootResult {
+        mode,
+        report,
+        problems,
+        log,
+        took,
+    })
 }
 
 fn run_host(opts: &Options, cache: &Path) -> Result<()> {
@@ -474,6 +645,29 @@ mod tests {
             parse(&["--qemu", "--kernel", "6.12"]).unwrap().kernel,
             "6.12"
         );
+    }
+
+    #[test]
+    fn custom_kernel_boots_three_modes_and_mode_narrows_them() {
+        let names = |o: &Options| boot_modes(o).iter().map(|m| m.name).collect::<Vec<_>>();
+        let all = parse(&["--qemu", "--kernel", "custom"]).unwrap();
+        assert_eq!(names(&all), ["legacy", "iommufd", "noiommu"]);
+        let one = parse(&["--qemu", "--kernel", "custom", "--mode", "noiommu"]).unwrap();
+        assert_eq!(names(&one), ["noiommu"]);
+        assert_eq!(names(&parse(&["--qemu"]).unwrap()), ["legacy"]);
+        assert!(parse(&["--qemu", "--mode", "iommufd"]).is_err());
+        assert!(parse(&["--qemu", "--kernel", "custom", "--mode", "fast"]).is_err());
+    }
+
+    #[test]
+    fn no_iommu_boot_has_no_emulated_iommu_and_enables_unsafe_mode() {
+        let m = BOOT_MODES.iter().find(|m| m.name == "noiommu").unwrap();
+        assert!(!m.intel_iommu);
+        assert!(m.append.contains("vfio.enable_unsafe_noiommu_mode=1"));
+        assert!(!m.append.contains("intel_iommu=on"));
+        for m in BOOT_MODES {
+            assert!(m.append.contains(&format!("hwtest.mode={}", m.name)));
+        }
     }
 
     #[test]

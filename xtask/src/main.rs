@@ -15,7 +15,8 @@ Tasks:
   test      fmt check, clippy (-D warnings), cargo deny (bans licenses sources),
             then every test in the workspace. Installs cargo-deny if missing.
   hwtest    the kernel backend against real vfio-pci:
-            --device <BDF> on a host, or --qemu [--kernel 6.1|6.12] in a QEMU guest
+            --device <BDF> on a host, or --qemu [--kernel 6.1|6.12|custom] in a QEMU guest
+            (custom: a kernel with iommufd, cdev and no-IOMMU, three modes)
   bench     criterion benchmarks + summary table (also target/vfio-bench/summary.json);
             --quick: the same table in under two minutes
   fuzz      each cargo-fuzz target in fuzz/ for --seconds N (default 60);

@@ -14,6 +14,7 @@
 //! panics is a FAIL; its detail is the error chain or the panic message.
 
 use crate::device::{Device, PciId};
+use crate::modes::{ByDesign, Mode};
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
 use std::fmt;
@@ -65,6 +66,9 @@ pub struct Ctx<'a> {
     pub problems: &'a [String],
     /// IDs that must be among the devices under test (`--require`).
     pub required: &'a [PciId],
+    /// How the kernel backend opens devices in this run (`--mode`); open them with
+    /// [`crate::modes::open_device`] / [`crate::modes::open_kernel`].
+    pub mode: Mode,
 }
 
 impl Ctx<'_> {
@@ -214,6 +218,8 @@ fn run_one_inner(s: &Scenario, ctx: &Ctx<'_>) -> (Verdict, String) {
     match panic::catch_unwind(AssertUnwindSafe(|| (s.run)(ctx))) {
         Ok(Ok(Outcome::Pass(d))) => (Verdict::Pass, d),
         Ok(Ok(Outcome::Skip(d))) => (Verdict::Skip, d),
+        // A step this mode does not offer by design (DMA in no-IOMMU mode): not a failure.
+        Ok(Err(e)) if e.downcast_ref::<ByDesign>().is_some() => (Verdict::Skip, format!("{e:#}")),
         Ok(Err(e)) => (Verdict::Fail, format!("{e:#}")),
         Err(payload) => {
             let msg = payload
@@ -249,6 +255,8 @@ pub fn report_line(verdict: Verdict, name: &str, detail: &str) -> String {
 pub struct RunOptions<'a> {
     /// Only scenarios whose name contains this run (`--only`).
     pub only: Option<&'a str>,
+    /// The mode scenarios see in [`Ctx::mode`].
+    pub mode: Mode,
 }
 
 /// Runs the table, writes one line per scenario instance and the closing summary line.
@@ -266,6 +274,7 @@ pub fn run_all(
         devices,
         problems,
         required,
+        mode: opts.mode,
     };
     for s in table {
         if opts.only.is_some_and(|o| !s.name.contains(o)) {
@@ -449,13 +458,44 @@ mod tests {
             },
         ];
         let mut out = Vec::new();
-        let opts = RunOptions { only: Some("keep") };
+        let opts = RunOptions {
+            only: Some("keep"),
+            ..RunOptions::default()
+        };
         let s = run_all(&table, &[], &[], &[], opts, &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HWTEST PASS keep-me fine\n1 passed, 0 failed\n"
         );
         assert_eq!(s.failed, 0);
+    }
+
+    fn needs_dma(ctx: &Ctx<'_>) -> Result<Outcome> {
+        crate::modes::require_dma(ctx.mode)?;
+        Ok(Outcome::Pass("mapped".into()))
+    }
+
+    #[test]
+    fn a_step_refused_by_design_is_a_skip_with_its_reason_not_a_pass_or_failure() {
+        let table = [Scenario {
+            name: "dma",
+            needs: Needs::Nothing,
+            run: needs_dma,
+        }];
+        let mut out = Vec::new();
+        let opts = RunOptions {
+            mode: Mode::NoIommu,
+            ..RunOptions::default()
+        };
+        let s = run_all(&table, &[], &[], &[], opts, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("HWTEST SKIP dma needs DMA mapping"),
+            "{out}"
+        );
+        assert_eq!((s.passed, s.failed, s.skipped), (0, 0, 1));
+        let (s, out) = run(&table, &[]);
+        assert_eq!((s.passed, s.skipped), (1, 0), "{out}");
     }
 
     #[test]

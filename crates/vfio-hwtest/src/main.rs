@@ -14,6 +14,7 @@
 mod device;
 mod edu;
 mod harness;
+mod modes;
 mod nvme;
 mod scenarios;
 mod stack;
@@ -25,7 +26,13 @@ use harness::RunOptions;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
-usage: vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--list]
+usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING]
+                   [--list]
+
+  --mode MODE                how devices are opened: legacy (container + group, default),
+                             iommufd (/dev/iommu + vfio cdev) or noiommu (explicit opt-in;
+                             scenarios needing DMA are skipped by design); adds that mode's
+                             own scenarios
 
   --device BDF               a function bound to vfio-pci (repeatable); default: every one
   --require VENDOR:DEVICE    fail unless a device under test has this id (repeatable)
@@ -40,6 +47,7 @@ struct Args {
     required: Vec<PciId>,
     only: Option<String>,
     list: bool,
+    mode: modes::Mode,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -56,6 +64,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--require" => out.required.push(PciId::parse(&value("--require")?)?),
             "--only" => out.only = Some(value("--only")?),
             "--list" => out.list = true,
+            "--mode" => out.mode = modes::Mode::parse(&value("--mode")?)?,
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -64,7 +73,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 fn run(args: &Args) -> Result<bool> {
     if args.list {
-        for s in scenarios::SCENARIOS {
+        let mode_only = modes::Mode::ALL.into_iter().flat_map(modes::scenarios);
+        for s in scenarios::SCENARIOS.iter().chain(mode_only) {
             println!("{}", s.name);
         }
         return Ok(true);
@@ -84,19 +94,20 @@ fn run(args: &Args) -> Result<bool> {
     }
     harness::install_quiet_panic_hook();
     harness::install_log_capture();
+    modes::set_current(args.mode);
     let opts = RunOptions {
         only: args.only.as_deref(),
+        mode: args.mode,
     };
+    // The common set, then the scenarios of this mode.
+    let table: Vec<harness::Scenario> = scenarios::SCENARIOS
+        .iter()
+        .chain(modes::scenarios(args.mode))
+        .copied()
+        .collect();
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let summary = harness::run_all(
-        scenarios::SCENARIOS,
-        &devices,
-        &problems,
-        &args.required,
-        opts,
-        &mut out,
-    )?;
+    let summary = harness::run_all(&table, &devices, &problems, &args.required, opts, &mut out)?;
     Ok(summary.failed == 0)
 }
 

@@ -7,7 +7,6 @@ use crate::vmm::{self, Vm, CAP_MSI, CAP_MSIX, CMD_MEMORY, RAM_BASE, RAM_SIZE};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use vfio_backend::kernel::{KernelContainer, KernelDevice};
 use vfio_backend::{region, DmaSource, Vfio};
 use vfio_pci::{DmaMapper, DmaMode, IrqMode};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -413,7 +412,10 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
         after == before,
         "fds/maps {before:?} before attach, {during:?} attached, {after:?} after unplug"
     );
-    drop(KernelDevice::open(&dev.sysfs).context("re-opening the device after unplug")?);
+    drop(
+        crate::modes::open_kernel(ctx.mode, &dev.sysfs)
+            .context("re-opening the device after unplug")?,
+    );
     Ok(Outcome::Pass(format!(
         "attached: {} fds (+{}), {} maps (+{}), {live_maps} guest mapping(s), kernel {irqs_during}; \
          after unplug all back to {before:?} ({enabled} released group(s) left enabled)",
@@ -429,7 +431,8 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// `DmaMapper` before it reaches the kernel.
 pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
-    let kernel = Arc::new(KernelDevice::open(&dev.sysfs)?);
+    crate::modes::require_dma(ctx.mode)?;
+    let kernel = Arc::new(crate::modes::open_kernel(ctx.mode, &dev.sysfs)?);
     let ranges = kernel.iova_ranges().context("iova_ranges")?;
     ensure!(!ranges.is_empty(), "no IOVA ranges reported");
     for w in ranges.windows(2) {
@@ -438,11 +441,14 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
             "IOVA ranges unsorted or overlapping: {ranges:x?}"
         );
     }
-    let info = kernel
-        .container()
-        .context("no container")?
-        .iommu_info()
-        .context("VFIO_IOMMU_GET_INFO")?;
+    // Page sizes come from the type1 container; iommufd reports no such thing per IOAS.
+    let pgsizes = match kernel.container() {
+        Some(c) => format!(
+            "{:#x}",
+            c.iommu_info().context("VFIO_IOMMU_GET_INFO")?.iova_pgsizes
+        ),
+        None => "n/a (iommufd)".to_string(),
+    };
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGE as usize)])
         .context("one page of memory")?;
     let host = mem
@@ -518,13 +524,12 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
     );
     drop(mapper);
     Ok(Outcome::Pass(format!(
-        "ranges {}; page sizes {:#x}; map at {inside:#x} ok; refused: {}",
+        "ranges {}; page sizes {pgsizes}; map at {inside:#x} ok; refused: {}",
         ranges
             .iter()
             .map(|r| format!("{:#x}..={:#x}", r.start(), r.end()))
             .collect::<Vec<_>>()
             .join(" "),
-        info.iova_pgsizes,
         refused.join(", ")
     )))
 }
@@ -533,13 +538,14 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// under test opened in one container), performs the hot reset and checks the device answers.
 pub fn hot_reset(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
-    let container = KernelContainer::new().context("container")?;
+    // Every device under test in one container (or one IOAS), in this run's mode.
     let mut me = None;
     let mut others = Vec::new();
-    for d in ctx.devices {
-        let k = container
-            .open_device(&d.sysfs)
-            .with_context(|| format!("open {}", d.bdf))?;
+    for (d, k) in ctx
+        .devices
+        .iter()
+        .zip(crate::modes::open_all_shared(ctx.mode, ctx.devices)?)
+    {
         if d.bdf == dev.bdf {
             me = Some(k);
         } else {
@@ -560,12 +566,21 @@ pub fn hot_reset(ctx: &Ctx<'_>) -> Result<Outcome> {
         affected.contains(&dev.bdf),
         "hot reset info {affected:?} does not list the device itself"
     );
-    let held: Vec<u32> = container.groups().iter().map(|g| g.id()).collect();
+    let held: Vec<u32> = me
+        .container()
+        .map(|c| c.groups().iter().map(|g| g.id()).collect())
+        .unwrap_or_default();
     let missing: Vec<u32> = info
         .group_ids()
         .into_iter()
         .filter(|g| !held.contains(g))
         .collect();
+    // cdev/iommufd: the kernel says whether this iommufd owns every affected device.
+    if info.by_dev_id() && !info.all_owned() {
+        return Ok(Outcome::Skip(format!(
+            "a hot reset also resets {affected:?}, not all bound to this iommufd"
+        )));
+    }
     if !missing.is_empty() {
         return Ok(Outcome::Skip(format!(
             "a hot reset also resets {affected:?}, in groups {missing:?} this test does not hold"

@@ -2,7 +2,7 @@
 //! `/init` script, written as a cpio "newc" archive by hand and compressed with `gzip`.
 
 use super::host::tool;
-use super::kernel::{module_plan, Kernel};
+use super::kernel::{module_plan, Kernel, ModulePlan};
 use anyhow::{bail, Context, Result};
 use std::fs::{self, File};
 use std::io::Write;
@@ -167,6 +167,13 @@ say() {{ echo "{INIT_PREFIX}$*"; }}
 uptime_s() {{ cut -d' ' -f1 /proc/uptime; }}
 say "kernel $(uname -r), userspace after $(uptime_s) s"
 STATUS=0
+# `hwtest.mode=<legacy|iommufd|noiommu>` on the kernel command line picks the VFIO path.
+MODE=
+for w in $(cat /proc/cmdline); do
+  case "$w" in hwtest.mode=*) MODE=${{w#hwtest.mode=}} ;; esac
+done
+MODEARGS=
+[ -n "$MODE" ] && MODEARGS="--mode $MODE"
 
 for m in {modules}; do
   modprobe "$m" || {{ say "modprobe $m failed"; STATUS=1; }}
@@ -187,19 +194,28 @@ for dev in /sys/bus/pci/devices/*; do
   [ -e "$dev/driver" ] && echo "$bdf" > "$dev/driver/unbind"
   echo "$bdf" > /sys/bus/pci/drivers_probe
   group=none; [ -e "$dev/iommu_group" ] && group=$(basename "$(readlink "$dev/iommu_group")")
-  # devtmpfs creates /dev/vfio/<group> shortly after the bind, not at once: wait up to 5 s.
+  # devtmpfs creates /dev/vfio/<group> (no-IOMMU: noiommu-<group>) and the cdev
+  # /dev/vfio/devices/vfioN shortly after the bind, not at once: wait up to 5 s.
   n=0
-  while [ "$group" != none ] && [ ! -e "/dev/vfio/$group" ] && [ $n -lt 50 ]; do
+  while [ "$group" != none ] && [ ! -e "/dev/vfio/$group" ] && [ ! -e "/dev/vfio/noiommu-$group" ] \
+      && [ $n -lt 50 ]; do
+    sleep 0.1; n=$((n + 1))
+  done
+  # A no-IOMMU device is listed in vfio-dev/ too, but has no cdev (no `dev` attribute).
+  cdev=none
+  for c in "$dev"/vfio-dev/vfio*; do [ -e "$c/dev" ] && cdev=${{c##*/}}; done
+  while [ "$cdev" != none ] && [ ! -e "/dev/vfio/devices/$cdev" ] && [ $n -lt 50 ]; do
     sleep 0.1; n=$((n + 1))
   done
   now=none; [ -e "$dev/driver" ] && now=$(basename "$(readlink "$dev/driver")")
-  node=missing; [ -e "/dev/vfio/$group" ] && node="/dev/vfio/$group"
-  say "$bdf [$id] driver $was -> $now, iommu group $group, node $node"
+  node=missing
+  for p in "/dev/vfio/$group" "/dev/vfio/noiommu-$group"; do [ -e "$p" ] && node=$p; done
+  say "$bdf [$id] driver $was -> $now, iommu group $group, node $node, cdev $cdev"
   DEVICES="$DEVICES --device $bdf"
 done
 
-say "running vfio-hwtest at $(uptime_s) s"
-/vfio-hwtest $DEVICES {args}
+say "running vfio-hwtest (mode ${{MODE:-default}}) at $(uptime_s) s"
+/vfio-hwtest $MODEARGS $DEVICES {args}
 rc=$?
 say "vfio-hwtest exited $rc at $(uptime_s) s"
 [ $rc = 0 ] || STATUS=1
@@ -230,7 +246,7 @@ pub struct Inputs<'a> {
 }
 
 /// A 64-bit FNV-1a hash: a stable fingerprint (std's hasher may change between toolchains).
-fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
+pub(super) fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()
         .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
@@ -254,7 +270,15 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
     let image = cache.join(format!("initramfs-{}.cpio.gz", k.release));
     let stamp_path = cache.join(format!("initramfs-{}.inputs", k.release));
 
-    let plan = module_plan(k, GUEST_MODULES)?;
+    // A kernel without a module tree (`--kernel custom`) has everything built in.
+    let plan = if k.modules_dir().is_dir() {
+        module_plan(k, GUEST_MODULES)?
+    } else {
+        ModulePlan {
+            files: Vec::new(),
+            builtin: GUEST_MODULES.iter().map(|m| m.to_string()).collect(),
+        }
+    };
     let init = init_script(&InitPlan {
         modprobe: GUEST_MODULES
             .iter()
@@ -297,6 +321,9 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
         cpio.file(f, 0o644, &read(&k.root.join(f))?)?;
         rel_names.push(f.strip_prefix(&mod_root).unwrap_or(f).to_string());
     }
+    if plan.files.is_empty() {
+        return write_image(cpio, &image, &stamp_path, &stamp);
+    }
     let dep = read_text(&k.modules_dir().join("modules.dep"))?;
     let kept: String = dep
         .lines()
@@ -316,13 +343,22 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
             cpio.file(&format!("{mod_root}{extra}"), 0o644, &read(&p)?)?;
         }
     }
-    let archive = cpio.finish()?;
+    write_image(cpio, &image, &stamp_path, &stamp)
+}
 
+/// Ends the archive, compresses it into `image` and records the inputs' stamp.
+fn write_image(
+    cpio: Cpio,
+    image: &Path,
+    stamp_path: &Path,
+    stamp: &str,
+) -> Result<(PathBuf, bool)> {
+    let archive = cpio.finish()?;
     let tmp = image.with_extension("gz.partial");
     gzip(&archive, &tmp)?;
-    fs::rename(&tmp, &image)?;
-    fs::write(&stamp_path, stamp)?;
-    Ok((image, true))
+    fs::rename(&tmp, image)?;
+    fs::write(stamp_path, stamp)?;
+    Ok((image.to_path_buf(), true))
 }
 
 fn read(p: &Path) -> Result<Vec<u8>> {
@@ -444,7 +480,9 @@ mod tests {
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("for m in nvme vfio_pci; do"));
         assert!(s.contains("case \"$id\" in 0x1234:0x11e8|0x1b36:0x0010)"));
-        assert!(s.contains("/vfio-hwtest $DEVICES --require 1234:11e8"));
+        assert!(s.contains("/vfio-hwtest $MODEARGS $DEVICES --require 1234:11e8"));
+        assert!(s.contains("hwtest.mode=*) MODE=${w#hwtest.mode=}"));
+        assert!(s.contains("/dev/vfio/noiommu-$group"));
         assert!(s.contains("echo \"HWTEST-STATUS: $STATUS\""));
         assert!(s.contains("seek=244"), "0xf4 = 244");
     }

@@ -176,6 +176,13 @@ impl IommufdIoas {
             .and_then(|n| n.to_str())
             .unwrap_or(cdev.as_str())
             .to_string();
+        // The kernel lists a no-IOMMU device in vfio-dev/ too, but gives it no cdev.
+        if sysfs::probe(sysfs_path).is_ok_and(|d| d.noiommu) {
+            return Err(Error::Unsupported(format!(
+                "{name} is in a no-IOMMU group: the kernel offers no vfio cdev (iommufd) for \
+                 it; open it through the legacy API with KernelContainer::new_noiommu()"
+            )));
+        }
         let file = open_node(&Path::new(DEV_VFIO_DEVICES).join(&cdev))?;
         self.attach(OwnedFd::from(file), name, Some(sysfs_path.to_path_buf()))
     }
