@@ -307,18 +307,13 @@ const STATUS: usize = 0x06;
 const STATUS_CAP_LIST: u16 = 1 << 4;
 /// Offset of the header type register.
 const HEADER_TYPE: usize = 0x0E;
-/// Offset of the capabilities pointer (type 0 and type 1 headers).
-const CAP_PTR: usize = 0x34;
-/// First byte after the standard header; capabilities live above it.
-const HEADER_END: usize = 0x40;
 /// Size of conventional config space.
 const CONFIG_END: usize = 0x100;
-/// At most this many capabilities fit in conventional config space (4 bytes each above 0x40).
-const MAX_CAPS: usize = (CONFIG_END - HEADER_END) / 4;
 
-/// Parses the header type and walks the standard capability list. The walk is bounded: a
-/// pointer into the header, past the readable bytes, a revisited offset or more than 48
-/// entries stops it and is reported in `cap_error` (never a hang or a panic).
+/// Parses the header type and walks the standard capability list with
+/// `pci-config`'s guarded walk: a pointer into the header or past the end, a
+/// loop or a short read stops it and is reported in `cap_error` (never a
+/// hang or a panic); the capabilities found before that are kept.
 pub fn parse_config(cfg: &[u8]) -> ConfigInfo {
     let mut info = ConfigInfo {
         len: cfg.len(),
@@ -329,40 +324,23 @@ pub fn parse_config(cfg: &[u8]) -> ConfigInfo {
     if status & STATUS_CAP_LIST == 0 {
         return info;
     }
-    let Some(first) = byte(cfg, CAP_PTR) else {
-        info.cap_error = Some("config space too short for the capabilities pointer".into());
+    if cfg.len() < CONFIG_END {
+        // An unprivileged read of sysfs `config` gives the header only.
+        info.cap_error = Some(format!(
+            "the capability list is beyond the {} readable bytes",
+            cfg.len()
+        ));
         return info;
-    };
-    let mut ptr = usize::from(first & 0xfc);
-    let mut seen = [false; CONFIG_END];
-    while ptr != 0 {
-        if info.caps.len() >= MAX_CAPS {
-            info.cap_error = Some(format!("more than {MAX_CAPS} capabilities: list loops"));
-            break;
-        }
-        if ptr < HEADER_END {
-            info.cap_error = Some(format!(
-                "capability pointer {ptr:#04x} points into the header"
-            ));
-            break;
-        }
-        let (Some(id), Some(next)) = (byte(cfg, ptr), byte(cfg, ptr + 1)) else {
-            info.cap_error = Some(format!(
-                "capability at {ptr:#04x} is beyond the {} readable bytes",
-                cfg.len()
-            ));
-            break;
-        };
-        match seen.get_mut(ptr) {
-            Some(s) if !*s => *s = true,
-            _ => {
-                info.cap_error = Some(format!("capability list loops back to {ptr:#04x}"));
-                break;
-            }
-        }
-        info.caps.push(Capability { id, offset: ptr });
-        ptr = usize::from(next & 0xfc);
     }
+    let (caps, err) = pci_config::parse_capabilities_lenient(cfg);
+    info.caps = caps
+        .iter()
+        .map(|c| Capability {
+            id: c.id,
+            offset: usize::from(c.offset),
+        })
+        .collect();
+    info.cap_error = err.map(|e| e.to_string());
     info
 }
 
@@ -503,7 +481,10 @@ mod tests {
     #[test]
     fn capability_pointer_into_header_is_reported() {
         let cfg = cfg_with_caps(&[(0x40, 0x01, 0x10)]);
-        assert!(parse_config(&cfg).cap_error.unwrap().contains("header"));
+        assert!(parse_config(&cfg)
+            .cap_error
+            .unwrap()
+            .contains("outside the capability area"));
     }
 
     #[test]

@@ -742,7 +742,7 @@ fn capability_loop_is_a_warning_and_does_not_hang() {
     assert_eq!(r.code, 0, "{}", r.stdout);
     let line = r.item("config space").0;
     assert!(
-        line.starts_with("[warn]") && line.contains("loops back to 0x40"),
+        line.starts_with("[warn]") && line.contains("loops back to offset 0x40"),
         "{line}"
     );
     assert_eq!(r.tag("MSI-X"), "[skip]");
