@@ -1,10 +1,18 @@
 //! [`UserDevice`]: a vfio-user client implementing [`crate::Vfio`].
 //!
-//! One reader thread receives every message from the server. Replies are
-//! matched to the waiting caller by message id; each caller waits at most
-//! its timeout. Commands from the server (`DMA_READ`, `DMA_WRITE`) are
-//! answered by the reader thread itself from the DMA ranges the client
-//! registered with a host address.
+//! Requests are answered by a leader/follower receive, with no thread in
+//! between on the fast path: the calling thread sends its command, and when
+//! no other thread is receiving it takes the reader role and reads its own
+//! reply from the socket. While it reads, any reply for another waiting
+//! thread is put in that thread's slot (matched by message id) and the
+//! thread woken; when it has its own reply it hands the reader role to a
+//! waiting thread, if any. Commands from the server (`DMA_READ`,
+//! `DMA_WRITE`) are answered by whoever reads them: a caller, or, while no
+//! caller is active, an idle thread that watches the socket (it never reads
+//! while a caller waits, so it does not take replies off the fast path).
+//! Replies are read through one buffered [`MessageReader`] (usually one
+//! `recvmsg` per reply) and their payloads land in recycled buffers, so a
+//! region access allocates nothing.
 //!
 //! Failure policy (the connection never hangs a caller):
 //! - an error reply fails that request with [`Error::Refused`] (errno 0 is
@@ -19,20 +27,19 @@
 //!   every waiting and later request fails with [`Error::Protocol`], and the
 //!   socket is shut down.
 
-use std::collections::{HashMap, VecDeque};
-use std::ops::RangeInclusive;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut, RangeInclusive};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
     DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message,
-    RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
+    MessageReader, Received, RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
 use crate::{DeviceInfo, DmaSource, Error, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
 
@@ -42,6 +49,12 @@ pub const MAX_REGIONS: u32 = 256;
 const MAX_REGION_INFO_ARGSZ: u32 = 64 * 1024;
 /// How many timed-out message ids we remember, to drop their late replies.
 const TIMED_OUT_MEMORY: usize = 1024;
+/// How long after the last request the idle thread starts watching the
+/// socket for commands from the server (callers read them until then).
+const IDLE_AFTER: Duration = Duration::from_millis(2);
+/// How many payload buffers we keep for reuse, and the largest we keep.
+const POOL_BUFFERS: usize = 16;
+const POOL_BUFFER_MAX: usize = 64 * 1024;
 
 /// Options of a vfio-user connection.
 #[derive(Clone, Copy, Debug)]
@@ -99,16 +112,67 @@ impl Dead {
     }
 }
 
-struct Waiter {
+/// Where one request waits for its reply. Slots are reused; their index is
+/// stable for the life of the connection.
+struct Slot {
+    in_use: bool,
+    id: u16,
     command: u16,
-    tx: SyncSender<Result<Message>>,
+    /// The owner sleeps on `cv` waiting for its reply or the reader role.
+    sleeping: bool,
+    /// The reply, put here by whoever read it.
+    reply: Option<Message>,
+    cv: Arc<Condvar>,
 }
 
 struct State {
     next_id: u16,
-    pending: HashMap<u16, Waiter>,
+    slots: Vec<Slot>,
     timed_out: VecDeque<u16>,
     dead: Option<Dead>,
+    /// A thread is reading from the socket (the reader role).
+    reader_active: bool,
+    /// Requests in flight (from registration to return).
+    callers: usize,
+    /// Requests started so far (the idle thread watches it change).
+    activity: u64,
+}
+
+impl State {
+    /// When nobody holds the reader role, wakes one thread that waits for
+    /// its reply so that it takes the role.
+    fn hand_off(&self) {
+        if self.reader_active {
+            return;
+        }
+        if let Some(s) = self
+            .slots
+            .iter()
+            .find(|s| s.in_use && s.sleeping && s.reply.is_none())
+        {
+            s.cv.notify_one();
+        }
+    }
+
+    /// Frees a slot; remembers its id as timed out when asked to, so that
+    /// a late reply to it is dropped.
+    fn release(&mut self, idx: usize, timed_out: bool) {
+        let mut id = None;
+        if let Some(s) = self.slots.get_mut(idx) {
+            s.in_use = false;
+            s.sleeping = false;
+            s.reply = None;
+            id = Some(s.id);
+        }
+        if let (true, Some(id)) = (timed_out, id) {
+            if self.timed_out.len() >= TIMED_OUT_MEMORY {
+                self.timed_out.pop_front();
+            }
+            self.timed_out.push_back(id);
+        }
+        self.callers = self.callers.saturating_sub(1);
+        self.hand_off();
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -119,26 +183,77 @@ struct DmaEntry {
     read_only: bool,
 }
 
-/// What the reader thread and the callers share.
+/// What only the holder of the reader role touches.
+struct ReaderState {
+    messages: MessageReader,
+    /// The receive timeout currently set on the socket.
+    rcvtimeo: Option<Duration>,
+}
+
+/// One request in flight: its slot, id and command.
+#[derive(Clone, Copy, Debug)]
+struct Me {
+    idx: usize,
+    id: u16,
+    command: u16,
+}
+
+/// How a spell as reader ended for a caller.
+enum LeadEnd {
+    Mine(Message),
+    TimedOut,
+    Failed(Error),
+}
+
+/// What the callers and the idle thread share.
 struct Shared {
     stream: UnixStream,
     send_lock: Mutex<()>,
     state: Mutex<State>,
+    /// Wakes the idle thread (on death).
+    idle_cv: Condvar,
+    reader: Mutex<ReaderState>,
+    /// Payload buffers for reuse.
+    pool: Mutex<Vec<Vec<u8>>>,
     dma: Mutex<Vec<DmaEntry>>,
     options: UserOptions,
-    /// The largest message we accept.
-    max_message: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A reply: derefs to the message; its payload buffer goes back to the
+/// pool when dropped.
+struct Reply<'a> {
+    shared: &'a Shared,
+    msg: Message,
+}
+
+impl Deref for Reply<'_> {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.msg
+    }
+}
+
+impl DerefMut for Reply<'_> {
+    fn deref_mut(&mut self) -> &mut Message {
+        &mut self.msg
+    }
+}
+
+impl Drop for Reply<'_> {
+    fn drop(&mut self) {
+        self.shared.recycle(std::mem::take(&mut self.msg.payload));
+    }
+}
+
 impl Shared {
-    /// Marks the connection unusable (the first reason wins), fails every
-    /// waiter and shuts the socket down so the reader thread ends.
+    /// Marks the connection unusable (the first reason wins), wakes every
+    /// waiter and shuts the socket down, which ends any receive in progress.
     fn die(&self, reason: Dead) {
-        let waiters: Vec<Waiter> = {
+        {
             let mut st = lock(&self.state);
             if st.dead.is_none() {
                 match &reason {
@@ -148,13 +263,38 @@ impl Shared {
                 }
                 st.dead = Some(reason);
             }
-            st.pending.drain().map(|(_, w)| w).collect()
-        };
-        let dead = lock(&self.state).dead.clone().unwrap_or(Dead::Closed);
-        for w in waiters {
-            let _ = w.tx.try_send(Err(dead.to_error()));
+            for s in st.slots.iter().filter(|s| s.in_use) {
+                s.cv.notify_all();
+            }
         }
+        self.idle_cv.notify_all();
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// [`Shared::die`], then the error every caller now gets.
+    fn fail(&self, reason: Dead) -> Error {
+        let fallback = reason.to_error();
+        self.die(reason);
+        lock(&self.state)
+            .dead
+            .as_ref()
+            .map_or(fallback, Dead::to_error)
+    }
+
+    /// A payload buffer (recycled when one is free).
+    fn take_buf(&self) -> Vec<u8> {
+        lock(&self.pool).pop().unwrap_or_default()
+    }
+
+    fn recycle(&self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > POOL_BUFFER_MAX {
+            return;
+        }
+        buf.clear();
+        let mut pool = lock(&self.pool);
+        if pool.len() < POOL_BUFFERS {
+            pool.push(buf);
+        }
     }
 
     fn send(&self, header: &Header, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<()> {
@@ -176,10 +316,14 @@ impl Shared {
         parts: &[&[u8]],
         fds: &[BorrowedFd<'_>],
         timeout: Duration,
-    ) -> Result<Message> {
+    ) -> Result<Reply<'_>> {
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
-        let (tx, rx) = mpsc::sync_channel(1);
-        let id = {
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(now);
+        let (me, header) = {
             let mut st = lock(&self.state);
             if let Some(d) = &st.dead {
                 return Err(d.to_error());
@@ -188,46 +332,58 @@ impl Shared {
             for _ in 0..=u16::MAX as u32 {
                 let candidate = st.next_id;
                 st.next_id = st.next_id.wrapping_add(1);
-                if !st.pending.contains_key(&candidate) && !st.timed_out.contains(&candidate) {
+                let busy = st.slots.iter().any(|s| s.in_use && s.id == candidate)
+                    || st.timed_out.contains(&candidate);
+                if !busy {
                     id = Some(candidate);
                     break;
                 }
             }
             let id = id
                 .ok_or_else(|| Error::Unsupported("every vfio-user message id is in use".into()))?;
-            st.pending.insert(id, Waiter { command: cmd, tx });
-            id
+            let header = Header::command(id, cmd, payload_len)?;
+            let idx = match st.slots.iter().position(|s| !s.in_use) {
+                Some(i) => i,
+                None => {
+                    st.slots.push(Slot {
+                        in_use: false,
+                        id: 0,
+                        command: 0,
+                        sleeping: false,
+                        reply: None,
+                        cv: Arc::new(Condvar::new()),
+                    });
+                    st.slots.len() - 1
+                }
+            };
+            if let Some(s) = st.slots.get_mut(idx) {
+                s.in_use = true;
+                s.id = id;
+                s.command = cmd;
+                s.sleeping = false;
+                s.reply = None;
+            }
+            st.callers += 1;
+            st.activity = st.activity.wrapping_add(1);
+            (
+                Me {
+                    idx,
+                    id,
+                    command: cmd,
+                },
+                header,
+            )
         };
-        let header = Header::command(id, cmd, payload_len)?;
         if let Err(e) = self.send(&header, parts, fds) {
-            lock(&self.state).pending.remove(&id);
+            lock(&self.state).release(me.idx, false);
             // A message may have been half sent: the stream is unusable.
             self.die(Dead::from_error(&e));
             return Err(e);
         }
-        let reply = match rx.recv_timeout(timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                let mut st = lock(&self.state);
-                if st.pending.remove(&id).is_some() {
-                    if st.timed_out.len() >= TIMED_OUT_MEMORY {
-                        st.timed_out.pop_front();
-                    }
-                    st.timed_out.push_back(id);
-                    return Err(Error::Timeout {
-                        request: command_name(cmd),
-                        after: timeout,
-                    });
-                }
-                drop(st);
-                // The reply raced with the timeout: it is in the channel.
-                rx.try_recv()
-                    .unwrap_or_else(|_| Err(Error::Disconnected("the reader thread ended".into())))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(Error::Disconnected("the reader thread ended".into()))
-            }
-        }?;
+        let reply = Reply {
+            shared: self,
+            msg: self.wait_reply(me, deadline, timeout)?,
+        };
         if reply.header.is_error() {
             let errno = match reply.header.error {
                 0 => libc::EIO,
@@ -239,6 +395,295 @@ impl Shared {
             });
         }
         Ok(reply)
+    }
+
+    /// Waits for the reply of `me`: as a follower until its reply is put in
+    /// its slot, or as the reader when the role is free.
+    fn wait_reply(&self, me: Me, deadline: Instant, timeout: Duration) -> Result<Message> {
+        let timed_out = || Error::Timeout {
+            request: command_name(me.command),
+            after: timeout,
+        };
+        {
+            let mut st = lock(&self.state);
+            loop {
+                let Some(slot) = st.slots.get_mut(me.idx) else {
+                    return Err(Error::Protocol("vfio-user request slot lost".into()));
+                };
+                slot.sleeping = false;
+                if let Some(m) = slot.reply.take() {
+                    st.release(me.idx, false);
+                    return Ok(m);
+                }
+                if let Some(e) = st.dead.as_ref().map(Dead::to_error) {
+                    st.release(me.idx, false);
+                    return Err(e);
+                }
+                if !st.reader_active {
+                    st.reader_active = true;
+                    break;
+                }
+                let now = Instant::now();
+                let Some(left) = deadline
+                    .checked_duration_since(now)
+                    .filter(|d| !d.is_zero())
+                else {
+                    st.release(me.idx, true);
+                    return Err(timed_out());
+                };
+                let Some(slot) = st.slots.get_mut(me.idx) else {
+                    return Err(Error::Protocol("vfio-user request slot lost".into()));
+                };
+                slot.sleeping = true;
+                let cv = Arc::clone(&slot.cv);
+                st = cv
+                    .wait_timeout(st, left)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        // We hold the reader role.
+        let end = self.lead(me, deadline);
+        let mut st = lock(&self.state);
+        st.reader_active = false;
+        match end {
+            LeadEnd::Mine(m) => {
+                st.release(me.idx, false);
+                Ok(m)
+            }
+            LeadEnd::TimedOut => {
+                st.release(me.idx, true);
+                Err(timed_out())
+            }
+            LeadEnd::Failed(e) => {
+                st.release(me.idx, false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads as the holder of the reader role until our own reply arrives,
+    /// the deadline passes or the connection dies. Before returning with
+    /// the reply, handles every complete message already buffered (nobody
+    /// else would notice them: they are no longer in the socket).
+    fn lead(&self, me: Me, deadline: Instant) -> LeadEnd {
+        let mut rd = lock(&self.reader);
+        let end = loop {
+            match self.dispatch_buffered(&mut rd.messages, Some(me)) {
+                Ok(Some(m)) => break LeadEnd::Mine(m),
+                Ok(None) => {}
+                Err(e) => break LeadEnd::Failed(e),
+            }
+            let Some(left) = deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+            else {
+                break LeadEnd::TimedOut;
+            };
+            if let Err(e) = self.arm_receive_timeout(&mut rd, left) {
+                break LeadEnd::Failed(self.fail(Dead::from_error(&e)));
+            }
+            match rd.messages.recv(self.stream.as_fd(), false) {
+                Ok(Received::Data(_)) | Ok(Received::WouldBlock) => {}
+                Ok(Received::Closed) => {
+                    break LeadEnd::Failed(self.fail(Dead::Disconnected(
+                        "the server closed the connection".into(),
+                    )))
+                }
+                Err(e) => break LeadEnd::Failed(self.fail(Dead::from_error(&e))),
+            }
+        };
+        if let LeadEnd::Mine(_) = end {
+            // A failure here poisons the connection, but our reply stands.
+            if let Ok(Some(dup)) = self.dispatch_buffered(&mut rd.messages, Some(me)) {
+                self.die(Dead::Protocol(format!(
+                    "reply {} ({}) repeats a reply",
+                    dup.header.id,
+                    command_name(dup.header.command)
+                )));
+            }
+        }
+        end
+    }
+
+    /// Sets the socket's receive timeout so that a blocking receive ends
+    /// about `left` from now (within 1 ms + 1/32): only when the current
+    /// one would overshoot by more, or end before half of it.
+    fn arm_receive_timeout(&self, rd: &mut ReaderState, left: Duration) -> Result<()> {
+        let slack = left / 32 + Duration::from_millis(1);
+        let fine = rd
+            .rcvtimeo
+            .is_some_and(|t| t <= left.saturating_add(slack) && t >= left / 2);
+        if !fine {
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_micros(1))))
+                .map_err(|e| Error::io("set the vfio-user receive timeout", e))?;
+            rd.rcvtimeo = Some(left);
+        }
+        Ok(())
+    }
+
+    /// Handles every complete message in the buffer; returns our own reply
+    /// (`me`) as soon as it comes. An error has poisoned the connection.
+    fn dispatch_buffered(
+        &self,
+        messages: &mut MessageReader,
+        mut me: Option<Me>,
+    ) -> Result<Option<Message>> {
+        loop {
+            let m = match messages.next_message(|| self.take_buf()) {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(self.fail(Dead::from_error(&e))),
+            };
+            if let Some(m) = self.dispatch(m, &mut me)? {
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// Handles one message: answers a command, hands a reply to its waiter
+    /// (or returns it when it is ours), drops a late reply.
+    fn dispatch(&self, m: Message, me: &mut Option<Me>) -> Result<Option<Message>> {
+        if m.fds_dropped {
+            return Err(self.fail(Dead::Protocol(format!(
+                "{} message carries more than {} file descriptors",
+                command_name(m.header.command),
+                self.options.max_msg_fds
+            ))));
+        }
+        if m.header.is_command() {
+            self.serve_server_command(m);
+            return Ok(None);
+        }
+        if !m.header.is_reply() {
+            return Err(self.fail(Dead::Protocol(format!(
+                "message of unknown type {:#x}",
+                m.header.flags & protocol::header_flags::TYPE_MASK
+            ))));
+        }
+        let id = m.header.id;
+        if let Some(mine) = me.filter(|mine| mine.id == id) {
+            if mine.command != m.header.command {
+                return Err(self.fail(Dead::Protocol(format!(
+                    "reply {id} is for command {} but the request was another",
+                    command_name(m.header.command)
+                ))));
+            }
+            // Any later reply with this id is a duplicate.
+            *me = None;
+            return Ok(Some(m));
+        }
+        let mut st = lock(&self.state);
+        let slot = st.slots.iter_mut().find(|s| s.in_use && s.id == id);
+        match slot {
+            Some(s) if s.command == m.header.command && s.reply.is_none() => {
+                s.reply = Some(m);
+                s.cv.notify_one();
+                Ok(None)
+            }
+            Some(_) => {
+                drop(st);
+                Err(self.fail(Dead::Protocol(format!(
+                    "reply {id} ({}) does not match its request or repeats a reply",
+                    command_name(m.header.command)
+                ))))
+            }
+            None => {
+                if let Some(pos) = st.timed_out.iter().position(|&t| t == id) {
+                    st.timed_out.remove(pos);
+                    drop(st);
+                    log::warn!(
+                        "vfio-user: dropping late reply {id} ({}) to a timed-out request",
+                        command_name(m.header.command)
+                    );
+                    self.recycle(m.payload);
+                    return Ok(None);
+                }
+                drop(st);
+                Err(self.fail(Dead::Protocol(format!(
+                    "reply to message id {id} ({}) that was never sent",
+                    command_name(m.header.command)
+                ))))
+            }
+        }
+    }
+
+    /// The idle thread: while no request is in flight (for a little while),
+    /// watches the socket and handles what the server sends on its own
+    /// (commands, a close); it leaves the socket to callers otherwise.
+    fn idle_loop(self: Arc<Self>) {
+        let mut seen = u64::MAX;
+        loop {
+            {
+                let mut st = lock(&self.state);
+                loop {
+                    if st.dead.is_some() {
+                        return;
+                    }
+                    if st.callers == 0 && !st.reader_active && st.activity == seen {
+                        break;
+                    }
+                    seen = st.activity;
+                    st = self
+                        .idle_cv
+                        .wait_timeout(st, IDLE_AFTER)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.stream.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, for the duration of the call.
+            let r = unsafe { libc::poll(&mut pfd, 1, 1000) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    self.die(Dead::Disconnected(format!(
+                        "poll of the vfio-user socket: {e}"
+                    )));
+                    return;
+                }
+                continue;
+            }
+            if r == 0 {
+                continue;
+            }
+            {
+                let mut st = lock(&self.state);
+                if st.dead.is_some() {
+                    return;
+                }
+                if st.callers > 0 || st.reader_active {
+                    // A caller reads; it will handle what arrived.
+                    seen = st.activity;
+                    continue;
+                }
+                st.reader_active = true;
+            }
+            {
+                let mut rd = lock(&self.reader);
+                let got = match rd.messages.recv(self.stream.as_fd(), true) {
+                    Ok(Received::Data(_)) | Ok(Received::WouldBlock) => Ok(()),
+                    Ok(Received::Closed) => Err(Dead::Disconnected(
+                        "the server closed the connection".into(),
+                    )),
+                    Err(e) => Err(Dead::from_error(&e)),
+                };
+                match got {
+                    Ok(()) => {
+                        let _ = self.dispatch_buffered(&mut rd.messages, None);
+                    }
+                    Err(reason) => self.die(reason),
+                }
+            }
+            let mut st = lock(&self.state);
+            st.reader_active = false;
+            st.hand_off();
+        }
     }
 
     /// A protocol violation found by a caller in its reply: poison the
@@ -335,7 +780,7 @@ impl Shared {
         )))
     }
 
-    /// Answers a command the server sent us (reader thread).
+    /// Answers a command the server sent us (whoever holds the reader role).
     fn serve_server_command(&self, m: Message) {
         let h = m.header;
         let reply = match h.command {
@@ -350,6 +795,7 @@ impl Shared {
                 Err(libc::ENOTSUP)
             }
         };
+        self.recycle(m.payload);
         if h.no_reply() {
             return;
         }
@@ -444,91 +890,20 @@ impl Shared {
         }
         Ok(e)
     }
-
-    /// The reader thread.
-    fn reader_loop(self: Arc<Self>, stream: UnixStream) {
-        let max_fds = self.options.max_msg_fds as usize;
-        loop {
-            let m = match protocol::read_message(stream.as_fd(), self.max_message, max_fds) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    self.die(Dead::Disconnected(
-                        "the server closed the connection".into(),
-                    ));
-                    return;
-                }
-                Err(e) => {
-                    self.die(Dead::from_error(&e));
-                    return;
-                }
-            };
-            if m.fds_dropped {
-                self.die(Dead::Protocol(format!(
-                    "{} message carries more than {max_fds} file descriptors",
-                    command_name(m.header.command)
-                )));
-                return;
-            }
-            if m.header.is_command() {
-                self.serve_server_command(m);
-                continue;
-            }
-            if !m.header.is_reply() {
-                self.die(Dead::Protocol(format!(
-                    "message of unknown type {:#x}",
-                    m.header.flags & protocol::header_flags::TYPE_MASK
-                )));
-                return;
-            }
-            let id = m.header.id;
-            let mut st = lock(&self.state);
-            match st.pending.remove(&id) {
-                Some(w) if w.command == m.header.command => {
-                    drop(st);
-                    let _ = w.tx.try_send(Ok(m));
-                }
-                Some(w) => {
-                    st.pending.insert(id, w);
-                    drop(st);
-                    self.die(Dead::Protocol(format!(
-                        "reply {id} is for command {} but the request was another",
-                        command_name(m.header.command)
-                    )));
-                    return;
-                }
-                None => {
-                    if let Some(pos) = st.timed_out.iter().position(|&t| t == id) {
-                        st.timed_out.remove(pos);
-                        log::warn!(
-                            "vfio-user: dropping late reply {id} ({}) to a timed-out request",
-                            command_name(m.header.command)
-                        );
-                        continue;
-                    }
-                    drop(st);
-                    self.die(Dead::Protocol(format!(
-                        "reply to message id {id} ({}) that was never sent",
-                        command_name(m.header.command)
-                    )));
-                    return;
-                }
-            }
-        }
-    }
 }
 
-/// The connection: shared state plus the reader thread, ended on drop.
+/// The connection: shared state plus the idle thread, ended on drop.
 struct Connection {
     shared: Arc<Shared>,
-    reader: Option<JoinHandle<()>>,
+    idle: Option<JoinHandle<()>>,
 }
 
 impl Drop for Connection {
     fn drop(&mut self) {
         self.shared.die(Dead::Closed);
-        if let Some(h) = self.reader.take() {
+        if let Some(h) = self.idle.take() {
             if h.join().is_err() {
-                log::error!("vfio-user reader thread panicked");
+                log::error!("vfio-user idle thread panicked");
             }
         }
     }
@@ -542,7 +917,7 @@ struct CachedRegion {
 /// A device served by a vfio-user server, reached over a Unix socket.
 ///
 /// Implements [`Vfio`]; every method may be called from several threads at
-/// once. Dropping it closes the socket and ends its reader thread.
+/// once. Dropping it closes the socket and ends its idle thread.
 pub struct UserDevice {
     conn: Connection,
     info: DeviceInfo,
@@ -591,9 +966,6 @@ impl UserDevice {
         stream
             .set_write_timeout(Some(options.timeout.max(Duration::from_millis(1))))
             .map_err(|e| Error::io("set the vfio-user send timeout", e))?;
-        let reader_stream = stream
-            .try_clone()
-            .map_err(|e| Error::io("clone the vfio-user socket", e))?;
         let max_message = HEADER_SIZE
             .saturating_add(64 * 1024)
             .saturating_add(options.max_data_xfer_size as usize);
@@ -602,22 +974,30 @@ impl UserDevice {
             send_lock: Mutex::new(()),
             state: Mutex::new(State {
                 next_id: 0,
-                pending: HashMap::new(),
+                slots: Vec::new(),
                 timed_out: VecDeque::new(),
                 dead: None,
+                reader_active: false,
+                callers: 0,
+                activity: 0,
             }),
+            idle_cv: Condvar::new(),
+            reader: Mutex::new(ReaderState {
+                messages: MessageReader::new(max_message, options.max_msg_fds as usize),
+                rcvtimeo: None,
+            }),
+            pool: Mutex::new(Vec::with_capacity(POOL_BUFFERS)),
             dma: Mutex::new(Vec::new()),
             options,
-            max_message,
         });
-        let reader_shared = Arc::clone(&shared);
-        let reader = std::thread::Builder::new()
-            .name("vfio-user-reader".into())
-            .spawn(move || reader_shared.reader_loop(reader_stream))
-            .map_err(|e| Error::io("spawn the vfio-user reader thread", e))?;
+        let idle_shared = Arc::clone(&shared);
+        let idle = std::thread::Builder::new()
+            .name("vfio-user-idle".into())
+            .spawn(move || idle_shared.idle_loop())
+            .map_err(|e| Error::io("spawn the vfio-user idle thread", e))?;
         let conn = Connection {
             shared,
-            reader: Some(reader),
+            idle: Some(idle),
         };
         let s = &conn.shared;
 
@@ -633,6 +1013,7 @@ impl UserDevice {
         s.expect_at_least(&m, 4)?;
         let (major, minor, server_caps) =
             protocol::decode_version(&m.payload).map_err(|e| s.violation(e.to_string()))?;
+        drop(m);
         if major != protocol::VERSION_MAJOR || minor > protocol::VERSION_MINOR {
             return Err(s.violation(format!(
                 "server answered version {major}.{minor} to our {}.{}",
@@ -657,6 +1038,7 @@ impl UserDevice {
         )?;
         s.expect_at_least(&m, DeviceInfoPayload::SIZE)?;
         let d = DeviceInfoPayload::decode(&m.payload).map_err(|e| s.violation(e.to_string()))?;
+        drop(m);
         if d.num_regions > MAX_REGIONS || d.num_irqs > MAX_REGIONS {
             return Err(s.violation(format!(
                 "server announced {} regions and {} interrupt indices",
@@ -1078,5 +1460,169 @@ impl Vfio for UserDevice {
             Some(Some(r)) => r.fd.as_ref().map(|fd| (fd.as_fd(), r.info.offset)),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::user::protocol::read_message;
+    use std::io::Write;
+
+    fn wire(h: &Header, payload: &[u8]) -> Vec<u8> {
+        let mut v = h.encode().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn irq_info_reply(req: &Message, count: u32) -> Vec<u8> {
+        let asked = IrqInfoPayload::decode(&req.payload).unwrap();
+        let p = IrqInfoPayload {
+            argsz: IrqInfoPayload::SIZE as u32,
+            flags: 0,
+            index: asked.index,
+            count,
+        }
+        .encode();
+        wire(&Header::reply(&req.header, p.len()).unwrap(), &p)
+    }
+
+    /// A scripted server on a socket pair: answers VERSION and
+    /// DEVICE_GET_INFO (no regions, 4 interrupt indices), then runs `script`.
+    fn connect(
+        options: UserOptions,
+        script: impl FnOnce(UnixStream) + Send + 'static,
+    ) -> (UserDevice, JoinHandle<()>) {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let v = read_message(theirs.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            let p = protocol::encode_version(0, 1, &Capabilities::default());
+            theirs
+                .write_all(&wire(&Header::reply(&v.header, p.len()).unwrap(), &p))
+                .unwrap();
+            let d = read_message(theirs.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            let p = DeviceInfoPayload {
+                argsz: DeviceInfoPayload::SIZE as u32,
+                flags: 0,
+                num_regions: 0,
+                num_irqs: 4,
+            }
+            .encode();
+            theirs
+                .write_all(&wire(&Header::reply(&d.header, p.len()).unwrap(), &p))
+                .unwrap();
+            script(theirs);
+        });
+        (UserDevice::from_stream(ours, options).unwrap(), server)
+    }
+
+    #[test]
+    fn replies_sent_together_in_reverse_order_reach_their_own_callers() {
+        let (dev, server) = connect(UserOptions::default(), |mut s| {
+            let a = read_message(s.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            let b = read_message(s.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            // Both replies in one write, the later request's first: the
+            // thread reading them must hand one to the other thread.
+            let index = |m: &Message| IrqInfoPayload::decode(&m.payload).unwrap().index;
+            let mut both = irq_info_reply(&b, 10 * index(&b));
+            both.extend(irq_info_reply(&a, 10 * index(&a)));
+            s.write_all(&both).unwrap();
+            let _ = read_message(s.as_fd(), 1 << 20, 8);
+        });
+        let dev = Arc::new(dev);
+        let threads: Vec<_> = (1..=2u32)
+            .map(|i| {
+                let dev = Arc::clone(&dev);
+                std::thread::spawn(move || (i, dev.irq_info(i)))
+            })
+            .collect();
+        for t in threads {
+            let (i, info) = t.join().unwrap();
+            assert_eq!(info.unwrap().count, 10 * i);
+        }
+        drop(dev);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn a_reader_that_times_out_leaves_the_socket_to_the_next_waiter() {
+        let options = UserOptions {
+            timeout: Duration::from_secs(5),
+            reset_timeout: Duration::from_millis(200),
+            ..UserOptions::default()
+        };
+        let (dev, server) = connect(options, |mut s| {
+            let mut reset = None;
+            let mut irq = None;
+            for _ in 0..2 {
+                let m = read_message(s.as_fd(), 1 << 20, 8).unwrap().unwrap();
+                if m.header.command == command::DEVICE_RESET {
+                    reset = Some(m);
+                } else {
+                    irq = Some(m);
+                }
+            }
+            // Answer the interrupt query well after the reset timed out,
+            // then the reset (a late reply, to be dropped).
+            std::thread::sleep(Duration::from_millis(600));
+            s.write_all(&irq_info_reply(&irq.unwrap(), 3)).unwrap();
+            let reset = reset.unwrap();
+            s.write_all(&wire(&Header::reply(&reset.header, 0).unwrap(), &[]))
+                .unwrap();
+            // The connection still serves requests.
+            let again = read_message(s.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            s.write_all(&irq_info_reply(&again, 5)).unwrap();
+            let _ = read_message(s.as_fd(), 1 << 20, 8);
+        });
+        let dev = Arc::new(dev);
+        let t0 = Instant::now();
+        let resetter = {
+            let dev = Arc::clone(&dev);
+            std::thread::spawn(move || dev.reset())
+        };
+        // The resetter reads first; the querier waits behind it.
+        std::thread::sleep(Duration::from_millis(50));
+        let querier = {
+            let dev = Arc::clone(&dev);
+            std::thread::spawn(move || dev.irq_info(1))
+        };
+        let reset = resetter.join().unwrap();
+        assert!(matches!(reset, Err(Error::Timeout { .. })), "{reset:?}");
+        assert_eq!(querier.join().unwrap().unwrap().count, 3);
+        assert!(t0.elapsed() < Duration::from_secs(3));
+        assert_eq!(dev.irq_info(2).unwrap().count, 5);
+        drop(dev);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn server_close_while_idle_fails_the_next_request_at_once() {
+        let (dev, server) = connect(UserOptions::default(), drop);
+        server.join().unwrap();
+        // No request was waiting: the idle thread noticed the close.
+        let t0 = Instant::now();
+        while lock(&dev.shared().state).dead.is_none() && t0.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t1 = Instant::now();
+        assert!(matches!(dev.irq_info(0), Err(Error::Disconnected(_))));
+        assert!(t1.elapsed() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_duplicate_reply_poisons_the_connection() {
+        let (dev, server) = connect(UserOptions::default(), |mut s| {
+            let m = read_message(s.as_fd(), 1 << 20, 8).unwrap().unwrap();
+            let r = irq_info_reply(&m, 1);
+            let mut twice = r.clone();
+            twice.extend(r);
+            s.write_all(&twice).unwrap();
+            let _ = read_message(s.as_fd(), 1 << 20, 8);
+        });
+        // The first copy answers the request; the second is a violation.
+        assert_eq!(dev.irq_info(0).unwrap().count, 1);
+        assert!(matches!(dev.irq_info(0), Err(Error::Protocol(_))));
+        drop(dev);
+        server.join().unwrap();
     }
 }

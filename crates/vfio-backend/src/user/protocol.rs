@@ -818,23 +818,39 @@ fn recv_some(
     max_fds: usize,
     fds: &mut Vec<OwnedFd>,
 ) -> std::io::Result<(usize, bool)> {
+    recv_some_flags(fd, buf, max_fds, fds, 0)
+}
+
+/// Room for the control message of the most descriptors the kernel passes
+/// in one message (`SCM_MAX_FD`, 253), in u64 words (aligned for cmsghdr).
+const CONTROL_WORDS: usize = 130;
+
+/// [`recv_some`] with extra `recvmsg` flags (e.g. `MSG_DONTWAIT`). Does not
+/// allocate unless descriptors arrive.
+fn recv_some_flags(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+    fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
+) -> std::io::Result<(usize, bool)> {
     // Room for a few more descriptors than we accept, so that a peer sending
     // slightly too many is detected (and its descriptors closed) rather than
     // silently truncated by the kernel.
     let room = max_fds.saturating_add(4).min(253);
     // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = vec![0u64; cmsg_space(room).div_ceil(8)];
+    let mut control = [0u64; CONTROL_WORDS];
     let mut iov = [IoSliceMut::new(buf)];
     // SAFETY: msghdr is plain data; all-zero is a valid empty value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.as_mut_ptr().cast();
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len() * 8;
+    msg.msg_controllen = cmsg_space(room).min(CONTROL_WORDS * 8);
     let n = loop {
         // SAFETY: msg points at a live iovec over `buf` and at `control`,
         // both valid for the lengths given, and outlive the call.
-        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         if n >= 0 {
             break n as usize;
         }
@@ -955,8 +971,346 @@ pub fn read_message(
     }))
 }
 
+/// Bytes a [`MessageReader`] buffers. Messages up to this size are parsed
+/// out of the buffer; bigger ones get a buffer of their own.
+pub const READ_BUFFER_SIZE: usize = 16 * 1024;
+
+/// What one [`MessageReader::recv`] got from the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// This many bytes arrived.
+    Data(usize),
+    /// Nothing arrived: the socket's receive timeout expired, or nothing was
+    /// waiting for a non-blocking read.
+    WouldBlock,
+    /// The peer closed the connection.
+    Closed,
+}
+
+/// Descriptors that came with one `recvmsg`, and the stream position just
+/// after its last byte: they belong to the message holding that byte.
+#[derive(Debug)]
+struct FdBatch {
+    end: u64,
+    fds: Vec<OwnedFd>,
+    truncated: bool,
+}
+
+/// A message too big for the shared buffer, being received into its own.
+#[derive(Debug)]
+struct BigMessage {
+    header: Header,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
+/// A buffered reader of messages from a stream socket: one `recvmsg` takes
+/// whatever the socket holds (often a whole message, or several), and
+/// [`MessageReader::next_message`] cuts complete messages out of it without
+/// further system calls. It keeps partial messages between calls, so it can
+/// be used with receive timeouts and non-blocking reads, by one thread at a
+/// time.
+///
+/// File descriptors are given to the message that holds the last byte of
+/// the `recvmsg` that brought them. Linux ends a `recvmsg` right after the
+/// data that carried descriptors, and a sender attaches them to the first
+/// byte of its message, so this is the message they were sent with.
+#[derive(Debug)]
+pub struct MessageReader {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    big: Option<BigMessage>,
+    /// Stream position of `buf[start]` (or of the big message's start).
+    consumed: u64,
+    /// Stream position after the last byte received.
+    received: u64,
+    batches: std::collections::VecDeque<FdBatch>,
+    max_size: usize,
+    max_fds: usize,
+}
+
+impl MessageReader {
+    /// A reader that refuses messages bigger than `max_size` bytes (header
+    /// included) and keeps at most `max_fds` descriptors per message.
+    pub fn new(max_size: usize, max_fds: usize) -> MessageReader {
+        MessageReader {
+            buf: vec![0u8; READ_BUFFER_SIZE],
+            start: 0,
+            end: 0,
+            big: None,
+            consumed: 0,
+            received: 0,
+            batches: std::collections::VecDeque::new(),
+            max_size,
+            max_fds,
+        }
+    }
+
+    /// No part of a message is buffered: the stream is between messages.
+    pub fn is_idle(&self) -> bool {
+        self.big.is_none() && self.start == self.end
+    }
+
+    /// Cuts the next complete message out of what was received, if there
+    /// is one; no system call. `payload_buf` gives the vector the payload of
+    /// a small message is copied into (so callers can recycle them).
+    /// A header that is malformed or announces more than the size limit is
+    /// [`Error::Protocol`]; the stream cannot be resynchronised after it.
+    pub fn next_message(
+        &mut self,
+        payload_buf: impl FnOnce() -> Vec<u8>,
+    ) -> Result<Option<Message>> {
+        if let Some(big) = &self.big {
+            if big.filled < big.payload.len() {
+                return Ok(None);
+            }
+            let Some(big) = self.big.take() else {
+                return Ok(None);
+            };
+            return Ok(Some(self.finish(big.header, big.payload)));
+        }
+        let avail = self.end.saturating_sub(self.start);
+        if avail < HEADER_SIZE {
+            return Ok(None);
+        }
+        let header = Header::decode(self.buf.get(self.start..self.end).unwrap_or(&[]))?;
+        let size = header.size as usize;
+        if size > self.max_size {
+            return Err(Error::Protocol(format!(
+                "{} message of {} bytes exceeds the limit of {}",
+                command_name(header.command),
+                header.size,
+                self.max_size
+            )));
+        }
+        let body = self.start.saturating_add(HEADER_SIZE);
+        if avail >= size {
+            let end = self.start.saturating_add(size);
+            let mut payload = payload_buf();
+            payload.clear();
+            payload.extend_from_slice(self.buf.get(body..end).unwrap_or(&[]));
+            self.start = end;
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            return Ok(Some(self.finish(header, payload)));
+        }
+        if size > self.buf.len() {
+            // Too big for the buffer: everything buffered belongs to it.
+            let mut payload = vec![0u8; size - HEADER_SIZE];
+            let have = self.buf.get(body..self.end).unwrap_or(&[]);
+            let filled = have.len();
+            if let Some(dst) = payload.get_mut(..filled) {
+                dst.copy_from_slice(have);
+            }
+            self.start = 0;
+            self.end = 0;
+            self.big = Some(BigMessage {
+                header,
+                payload,
+                filled,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Accounts for one complete message of `header.size` bytes starting at
+    /// `consumed` and gives it its descriptors.
+    fn finish(&mut self, header: Header, payload: Vec<u8>) -> Message {
+        self.consumed = self.consumed.saturating_add(u64::from(header.size));
+        let mut fds = Vec::new();
+        let mut dropped = false;
+        while self.batches.front().is_some_and(|b| b.end <= self.consumed) {
+            let Some(batch) = self.batches.pop_front() else {
+                break;
+            };
+            dropped |= batch.truncated;
+            for fd in batch.fds {
+                if fds.len() < self.max_fds {
+                    fds.push(fd);
+                } else {
+                    dropped = true;
+                }
+            }
+        }
+        Message {
+            header,
+            payload,
+            fds,
+            fds_dropped: dropped,
+        }
+    }
+
+    /// One `recvmsg` of whatever the socket holds, up to the free buffer
+    /// space (or the rest of a big message). Blocks as the socket does,
+    /// unless `nonblocking`. Interrupted calls are retried.
+    pub fn recv(&mut self, fd: BorrowedFd<'_>, nonblocking: bool) -> Result<Received> {
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        let mut fds = Vec::new();
+        let target: &mut [u8] = match &mut self.big {
+            Some(big) => big.payload.get_mut(big.filled..).unwrap_or(&mut []),
+            None => {
+                if self.start > 0 {
+                    self.buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                    self.start = 0;
+                }
+                self.buf.get_mut(self.end..).unwrap_or(&mut [])
+            }
+        };
+        if target.is_empty() {
+            // Cannot happen: a message that does not fit gets its own buffer.
+            return Err(Error::Protocol("vfio-user receive buffer full".into()));
+        }
+        let (n, truncated) = match recv_some_flags(fd, target, self.max_fds, &mut fds, flags) {
+            Ok(r) => r,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(Received::WouldBlock)
+            }
+            Err(e) => return Err(io_error("vfio-user receive", e)),
+        };
+        if n == 0 {
+            return Ok(Received::Closed);
+        }
+        match &mut self.big {
+            Some(big) => big.filled = big.filled.saturating_add(n),
+            None => self.end = self.end.saturating_add(n),
+        }
+        self.received = self.received.saturating_add(n as u64);
+        if !fds.is_empty() || truncated {
+            self.batches.push_back(FdBatch {
+                end: self.received,
+                fds,
+                truncated,
+            });
+        }
+        Ok(Received::Data(n))
+    }
+
+    /// Reads the next whole message, blocking as the socket does. Returns
+    /// `Ok(None)` when the peer closed the connection between messages; a
+    /// receive timeout of the socket is [`Error::Timeout`].
+    pub fn read_message(&mut self, fd: BorrowedFd<'_>) -> Result<Option<Message>> {
+        loop {
+            if let Some(m) = self.next_message(Vec::new)? {
+                return Ok(Some(m));
+            }
+            match self.recv(fd, false)? {
+                Received::Data(_) => {}
+                Received::WouldBlock => {
+                    return Err(Error::Timeout {
+                        request: "receive",
+                        after: std::time::Duration::ZERO,
+                    })
+                }
+                Received::Closed if self.is_idle() => return Ok(None),
+                Received::Closed => {
+                    return Err(Error::Disconnected(
+                        "peer closed the connection mid-message".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// Most pieces (header included) a message is sent from without a heap
+/// allocation.
+const STACK_IOVECS: usize = 8;
+
+/// Fills `out` with the not yet sent parts of `pieces` (skipping `sent`
+/// bytes); returns how many entries were used.
+fn remaining_iovecs<'a>(pieces: &[&'a [u8]], mut skip: usize, out: &mut [IoSlice<'a>]) -> usize {
+    let mut used = 0usize;
+    for p in pieces {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let Some(slot) = out.get_mut(used) else {
+            break;
+        };
+        *slot = IoSlice::new(p.get(skip..).unwrap_or(&[]));
+        skip = 0;
+        used += 1;
+    }
+    used
+}
+
+/// Messages up to this size without descriptors are copied into one buffer
+/// and sent with `send`, which costs the kernel less than `sendmsg`.
+const SMALL_MESSAGE: usize = 512;
+
+/// Maps a failed send to our errors (a send timeout is [`Error::Timeout`]).
+fn send_error(header: &Header, e: std::io::Error) -> Error {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        return Error::Timeout {
+            request: command_name(header.command),
+            after: std::time::Duration::ZERO,
+        };
+    }
+    io_error("vfio-user send", e)
+}
+
+/// Sends a message of `total <= SMALL_MESSAGE` bytes without descriptors.
+fn send_small(
+    fd: BorrowedFd<'_>,
+    header: &Header,
+    hdr: &[u8; HEADER_SIZE],
+    parts: &[&[u8]],
+    total: usize,
+) -> Result<()> {
+    let mut buf = [0u8; SMALL_MESSAGE];
+    let mut len = 0usize;
+    for p in std::iter::once(&hdr[..]).chain(parts.iter().copied()) {
+        let end = len.saturating_add(p.len());
+        if let Some(dst) = buf.get_mut(len..end) {
+            dst.copy_from_slice(p);
+        }
+        len = end;
+    }
+    let msg = buf.get(..total.min(len)).unwrap_or(&[]);
+    let mut sent = 0usize;
+    while sent < msg.len() {
+        let rest = msg.get(sent..).unwrap_or(&[]);
+        // SAFETY: `rest` is a live byte slice of the length given; the
+        // kernel only reads it.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(send_error(header, e));
+        }
+        if n == 0 {
+            return Err(Error::Disconnected("vfio-user send wrote nothing".into()));
+        }
+        sent = sent.saturating_add(n as usize);
+    }
+    Ok(())
+}
+
 /// Writes one whole message (the header then `parts`) to a stream socket,
 /// with `fds` as `SCM_RIGHTS` on its first byte. Never raises `SIGPIPE`.
+/// Does not allocate for messages of up to seven non-empty parts.
 pub fn write_message(
     fd: BorrowedFd<'_>,
     header: &Header,
@@ -964,43 +1318,77 @@ pub fn write_message(
     fds: &[BorrowedFd<'_>],
 ) -> Result<()> {
     let hdr = header.encode();
-    let mut slices: Vec<&[u8]> = Vec::with_capacity(parts.len() + 1);
-    slices.push(&hdr);
-    slices.extend(parts.iter().copied().filter(|p| !p.is_empty()));
-    let total: usize = slices.iter().map(|s| s.len()).sum();
+    let mut total = HEADER_SIZE;
+    let mut count = 1usize;
+    for p in parts.iter().filter(|p| !p.is_empty()) {
+        total = total.saturating_add(p.len());
+        count += 1;
+    }
     if total != header.size as usize {
         return Err(Error::InvalidArgument(format!(
             "message of {total} bytes with header size {}",
             header.size
         )));
     }
-    let raw_fds: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let mut control = vec![0u64; cmsg_space(raw_fds.len()).div_ceil(8)];
+    if fds.is_empty() && total <= SMALL_MESSAGE {
+        return send_small(fd, header, &hdr, parts, total);
+    }
+    // The kernel passes at most SCM_MAX_FD (253) descriptors per message.
+    let mut raw_fds = [0 as RawFd; 253];
+    let raw_fds = raw_fds.get_mut(..fds.len()).ok_or_else(|| {
+        Error::InvalidArgument(format!("{} file descriptors in one message", fds.len()))
+    })?;
+    for (r, f) in raw_fds.iter_mut().zip(fds) {
+        *r = f.as_raw_fd();
+    }
+    let mut control = [0u64; CONTROL_WORDS];
+    // The pieces to send, on the stack when they are few.
+    let mut stack_pieces: [&[u8]; STACK_IOVECS] = [&[]; STACK_IOVECS];
+    let heap_pieces: Vec<&[u8]>;
+    let pieces: &[&[u8]] = if count <= STACK_IOVECS {
+        let mut i = 0usize;
+        for p in std::iter::once(&hdr[..]).chain(parts.iter().copied()) {
+            if p.is_empty() {
+                continue;
+            }
+            if let Some(slot) = stack_pieces.get_mut(i) {
+                *slot = p;
+            }
+            i += 1;
+        }
+        stack_pieces.get(..count).unwrap_or(&[])
+    } else {
+        heap_pieces = std::iter::once(&hdr[..])
+            .chain(parts.iter().copied().filter(|p| !p.is_empty()))
+            .collect();
+        &heap_pieces
+    };
+    let mut stack_iov = [IoSlice::new(&[]); STACK_IOVECS];
+    let mut heap_iov: Vec<IoSlice<'_>> = if count > STACK_IOVECS {
+        vec![IoSlice::new(&[]); count]
+    } else {
+        Vec::new()
+    };
     let mut sent = 0usize;
     let mut first = true;
     while sent < total {
-        // Skip what was already sent.
-        let mut skip = sent;
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(slices.len());
-        for s in &slices {
-            if skip >= s.len() {
-                skip -= s.len();
-                continue;
-            }
-            iov.push(IoSlice::new(s.get(skip..).unwrap_or(&[])));
-            skip = 0;
-        }
+        let iov: &mut [IoSlice<'_>] = if count > STACK_IOVECS {
+            &mut heap_iov
+        } else {
+            &mut stack_iov
+        };
+        let used = remaining_iovecs(pieces, sent, iov);
         // SAFETY: msghdr is plain data; all-zero is a valid empty value.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len();
+        msg.msg_iov = iov.as_mut_ptr().cast();
+        msg.msg_iovlen = used;
         if first && !raw_fds.is_empty() {
-            let data_len = raw_fds.len() * std::mem::size_of::<RawFd>();
+            let data_len = std::mem::size_of_val(raw_fds);
             msg.msg_control = control.as_mut_ptr().cast();
             msg.msg_controllen = cmsg_space(raw_fds.len());
-            // SAFETY: the control buffer is CMSG_SPACE(data_len) bytes,
-            // aligned, and zeroed; the first header fits in it and its data
-            // area holds data_len bytes.
+            // SAFETY: the control buffer holds CONTROL_WORDS * 8 bytes, at
+            // least CMSG_SPACE(253 descriptors), aligned, and zeroed; the
+            // first header fits in it and its data area holds data_len bytes.
             unsafe {
                 let cmsg = libc::CMSG_FIRSTHDR(&msg);
                 if !cmsg.is_null() {
@@ -1015,25 +1403,16 @@ pub fn write_message(
                 }
             }
         }
-        // SAFETY: msg points at live iovecs (IoSlice is ABI-compatible with
-        // iovec) and, on the first send, at the control buffer; the kernel
-        // only reads them.
+        // SAFETY: msg points at `used` live iovecs (IoSlice is
+        // ABI-compatible with iovec) and, on the first send, at the control
+        // buffer; the kernel only reads them.
         let n = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) {
-                return Err(Error::Timeout {
-                    request: command_name(header.command),
-                    after: std::time::Duration::ZERO,
-                });
-            }
-            return Err(io_error("vfio-user send", e));
+            return Err(send_error(header, e));
         }
         if n == 0 {
             return Err(Error::Disconnected("vfio-user send wrote nothing".into()));
@@ -1255,6 +1634,151 @@ mod tests {
         assert!(m.fds_dropped);
         drop(a);
         assert!(read_message(b.as_fd(), 4096, 2).unwrap().is_none());
+    }
+
+    /// The wire bytes of a message: header then payload.
+    fn wire(h: &Header, payload: &[u8]) -> Vec<u8> {
+        let mut v = h.encode().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn buffered_reader_cuts_several_messages_out_of_one_receive() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let h1 = Header::command(1, command::REGION_READ, 16).unwrap();
+        let h2 = Header::reply(&h1, 20).unwrap();
+        let h3 = Header::error_reply(&h1, libc::EINVAL);
+        let mut bytes = wire(&h1, &[1; 16]);
+        bytes.extend(wire(&h2, &[2; 20]));
+        bytes.extend(wire(&h3, &[]));
+        a.write_all(&bytes).unwrap();
+        let mut r = MessageReader::new(4096, 4);
+        assert!(r.next_message(Vec::new).unwrap().is_none());
+        assert_eq!(
+            r.recv(b.as_fd(), false).unwrap(),
+            Received::Data(bytes.len())
+        );
+        let m1 = r.next_message(Vec::new).unwrap().unwrap();
+        let m2 = r.next_message(Vec::new).unwrap().unwrap();
+        let m3 = r.next_message(Vec::new).unwrap().unwrap();
+        assert_eq!((m1.header, m1.payload), (h1, vec![1; 16]));
+        assert_eq!((m2.header, m2.payload), (h2, vec![2; 20]));
+        assert_eq!((m3.header, m3.payload.len()), (h3, 0));
+        assert!(r.next_message(Vec::new).unwrap().is_none());
+        assert!(r.is_idle());
+        drop(a);
+        assert_eq!(r.recv(b.as_fd(), false).unwrap(), Received::Closed);
+    }
+
+    #[test]
+    fn buffered_reader_gives_fds_to_the_message_they_were_sent_with() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let f = tempfile::tempfile().unwrap();
+        let plain = Header::command(1, command::REGION_READ, 4).unwrap();
+        let with_fd = Header::command(2, command::DMA_MAP, 8).unwrap();
+        let after = Header::command(3, command::REGION_READ, 4).unwrap();
+        a.write_all(&wire(&plain, &[0; 4])).unwrap();
+        write_message(a.as_fd(), &with_fd, &[&[5; 8]], &[f.as_fd()]).unwrap();
+        a.write_all(&wire(&after, &[0; 4])).unwrap();
+        let mut r = MessageReader::new(4096, 4);
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            if let Some(m) = r.next_message(Vec::new).unwrap() {
+                got.push(m);
+                continue;
+            }
+            assert!(matches!(
+                r.recv(b.as_fd(), false).unwrap(),
+                Received::Data(_)
+            ));
+        }
+        let fds: Vec<(u16, usize)> = got.iter().map(|m| (m.header.id, m.fds.len())).collect();
+        assert_eq!(fds, [(1, 0), (2, 1), (3, 0)]);
+        assert!(got.iter().all(|m| !m.fds_dropped));
+    }
+
+    #[test]
+    fn buffered_reader_keeps_a_partial_message_until_the_rest_arrives() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let h = Header::command(9, command::REGION_WRITE, 100).unwrap();
+        let bytes = wire(&h, &[3; 100]);
+        let mut r = MessageReader::new(4096, 4);
+        a.write_all(&bytes[..10]).unwrap();
+        assert_eq!(r.recv(b.as_fd(), true).unwrap(), Received::Data(10));
+        assert!(r.next_message(Vec::new).unwrap().is_none());
+        a.write_all(&bytes[10..50]).unwrap();
+        assert_eq!(r.recv(b.as_fd(), true).unwrap(), Received::Data(40));
+        assert!(r.next_message(Vec::new).unwrap().is_none());
+        assert!(!r.is_idle());
+        assert_eq!(r.recv(b.as_fd(), true).unwrap(), Received::WouldBlock);
+        a.write_all(&bytes[50..]).unwrap();
+        let m = r.read_message(b.as_fd()).unwrap().unwrap();
+        assert_eq!((m.header, m.payload), (h, vec![3; 100]));
+        drop(a);
+        assert!(r.read_message(b.as_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn buffered_reader_takes_a_message_bigger_than_its_buffer_whole() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let size = READ_BUFFER_SIZE * 3 + 5;
+        let payload: Vec<u8> = (0..size).map(|i| i as u8).collect();
+        let h =
+            Header::reply(&Header::command(4, command::REGION_READ, 16).unwrap(), size).unwrap();
+        let next = Header::command(5, command::DMA_READ, 0).unwrap();
+        let writer = std::thread::spawn(move || {
+            write_message(a.as_fd(), &h, &[&payload], &[]).unwrap();
+            write_message(a.as_fd(), &next, &[], &[]).unwrap();
+            payload
+        });
+        let mut r = MessageReader::new(size + HEADER_SIZE, 4);
+        let m = r.read_message(b.as_fd()).unwrap().unwrap();
+        let payload = writer.join().unwrap();
+        assert_eq!(m.header.id, 4);
+        assert!(m.payload == payload);
+        assert_eq!(r.read_message(b.as_fd()).unwrap().unwrap().header.id, 5);
+    }
+
+    #[test]
+    fn buffered_reader_refuses_a_header_announcing_more_than_the_limit() {
+        use std::io::Write;
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let h = Header {
+            size: 1 << 30,
+            ..Default::default()
+        };
+        a.write_all(&h.encode()).unwrap();
+        let mut r = MessageReader::new(1 << 20, 4);
+        assert!(matches!(r.read_message(b.as_fd()), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn small_and_large_messages_reach_the_peer_byte_for_byte() {
+        let (a, b) = UnixStream::pair().unwrap();
+        for len in [
+            0usize,
+            1,
+            SMALL_MESSAGE - HEADER_SIZE,
+            SMALL_MESSAGE,
+            70_000,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let (x, y) = data.split_at(len / 3);
+            let h = Header::command(len as u16, command::REGION_WRITE, len).unwrap();
+            let sender = {
+                let a = a.try_clone().unwrap();
+                let (x, y) = (x.to_vec(), y.to_vec());
+                std::thread::spawn(move || write_message(a.as_fd(), &h, &[&x, &[], &y], &[]))
+            };
+            let m = read_message(b.as_fd(), 1 << 20, 4).unwrap().unwrap();
+            sender.join().unwrap().unwrap();
+            assert_eq!(m.header, h);
+            assert!(m.payload == data, "{len} bytes");
+        }
     }
 
     #[test]

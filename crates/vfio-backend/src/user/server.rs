@@ -416,8 +416,11 @@ impl Session<'_> {
             .saturating_add(64 * 1024)
             .saturating_add(self.options.max_data_xfer_size as usize);
         let max_fds = self.options.max_msg_fds as usize;
+        // One buffered reader for the connection: usually one recvmsg per
+        // request instead of one for the header and one for the payload.
+        let mut reader = protocol::MessageReader::new(max_message, max_fds);
         loop {
-            let mut m = match protocol::read_message(self.stream.as_fd(), max_message, max_fds) {
+            let mut m = match reader.read_message(self.stream.as_fd()) {
                 Ok(Some(m)) => m,
                 Ok(None) | Err(Error::Disconnected(_)) => return Ok(()),
                 Err(e) => return Err(e),
