@@ -83,7 +83,9 @@ impl Error {
     /// The errno behind this error, where there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Error::Io { source, .. } | Error::NotAvailable { source, .. } => source.raw_os_error(),
+            Error::Io { source, .. } | Error::NotAvailable { source, .. } => source
+                .raw_os_error()
+                .or_else(|| errno_of_kind(source.kind())),
             Error::Refused { errno, .. } => Some(*errno),
             Error::InvalidArgument(_) => Some(libc::EINVAL),
             Error::Unsupported(_) => Some(libc::ENOTSUP),
@@ -92,6 +94,27 @@ impl Error {
             Error::Disconnected(_) => Some(libc::ENOTCONN),
         }
     }
+}
+
+/// The errno an I/O error of this kind stands for, for errors that were
+/// rewrapped with more context and lost their raw OS error.
+fn errno_of_kind(kind: std::io::ErrorKind) -> Option<i32> {
+    use std::io::ErrorKind as K;
+    Some(match kind {
+        K::NotFound => libc::ENOENT,
+        K::PermissionDenied => libc::EACCES,
+        K::AlreadyExists => libc::EEXIST,
+        K::WouldBlock => libc::EAGAIN,
+        K::InvalidInput => libc::EINVAL,
+        K::TimedOut => libc::ETIMEDOUT,
+        K::Interrupted => libc::EINTR,
+        K::Unsupported => libc::ENOTSUP,
+        K::OutOfMemory => libc::ENOMEM,
+        K::BrokenPipe => libc::EPIPE,
+        K::ConnectionReset => libc::ECONNRESET,
+        K::NotConnected => libc::ENOTCONN,
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -107,6 +130,12 @@ mod tests {
         assert_eq!(e.errno(), Some(libc::EIO));
         assert!(e.to_string().contains("REGION_READ"));
         let e = Error::io("open", std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+        // Rewrapped with context, the kind still gives the errno.
+        let e = Error::NotAvailable {
+            path: "/sys/bus/pci/devices/x/iommu_group".into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no IOMMU group"),
+        };
         assert_eq!(e.errno(), Some(libc::ENOENT));
         let e = Error::Timeout {
             request: "DEVICE_RESET",
