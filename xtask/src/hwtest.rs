@@ -43,7 +43,7 @@ cargo xtask hwtest (--qemu | --device <BDF>...) [options] [-- <vfio-hwtest args>
                       booted three times: legacy container, iommufd + cdev, no-IOMMU
   --mode <name>       with --kernel custom: boot only this mode (legacy, iommufd, noiommu;
                       repeatable)
-  --timeout <secs>    kill the guest (or the test binary) after this long (default 120)
+  --timeout <secs>    kill the guest (or the test binary) after this long (default 300)
   --refresh           resolve the current kernel package again instead of the cached one
   -v, --verbose       show the whole console (with timestamps) and the kernel's info messages
   -- <args>           passed to vfio-hwtest, e.g. `-- --only iommu`
@@ -88,7 +88,7 @@ impl Options {
             qemu: false,
             devices: Vec::new(),
             kernel: "6.1".to_string(),
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(300),
             refresh: false,
             verbose: false,
             modes: Vec::new(),

@@ -46,8 +46,9 @@ const EDU_BUFFER_SIZE: usize = 4096;
 /// The identification register of edu 1.0.
 const EDU_IDENT: u32 = 0x0100_00ed;
 
-/// Long enough for TCG, a 100 ms DMA timer and a busy host; waits return as soon as they can.
-const IRQ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough for TCG, a 100 ms DMA timer and a busy host (a vCPU thread of the
+/// guest can be off the host's CPUs for seconds); waits return as soon as they can.
+const IRQ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a masked INTx must stay silent.
 const QUIET: Duration = Duration::from_millis(300);
 

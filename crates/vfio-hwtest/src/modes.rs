@@ -460,8 +460,8 @@ fn edu_raw_dma(k: &KernelDevice, src: u64, dst: u64, len: u64, to_ram: bool) -> 
             return Ok(());
         }
         ensure!(
-            t0.elapsed() < Duration::from_secs(5),
-            "edu DMA {src:#x} -> {dst:#x} still running after 5 s"
+            t0.elapsed() < Duration::from_secs(30),
+            "edu DMA {src:#x} -> {dst:#x} still running after 30 s"
         );
         std::thread::sleep(Duration::from_millis(5));
     }

@@ -68,7 +68,10 @@ const TEST_LBA: u64 = 64;
 const IO_VECTOR: u32 = 1;
 const IO_QID: u16 = 1;
 
-const CMD_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a command's completion and its interrupt may take: generous, because
+/// under TCG on a busy 2-core host a vCPU thread can be off the CPUs for seconds.
+/// Waits return as soon as the interrupt arrives.
+const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One submission/completion queue pair in guest RAM.
 struct Queue {
