@@ -7,7 +7,7 @@
 use pci_config::{WriteEffect, ROM_BAR};
 use vfio_backend::region;
 
-use super::{Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
+use super::{lock, Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
 use crate::{Error, Result};
 
 /// Checks a guest access: 1, 2 or 4 bytes (8 for BARs) inside `limit`.
@@ -148,25 +148,16 @@ impl VfioPciDevice {
                     .region_write(region::CONFIG, off as u64, buf)
                     .map_err(|e| Error::backend(format!("command/status write at {off:#x}"), e));
                 // ... and we track decode changes and INTx disable.
-                let mut inner = self
-                    .inner
-                    .lock()
-                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                let mut inner = lock(&self.inner, "device")?;
                 let r = self.emulated_write(&mut inner, off, buf);
                 fwd.and(r)
             }
             Dword::Emulated => {
-                let mut inner = self
-                    .inner
-                    .lock()
-                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                let mut inner = lock(&self.inner, "device")?;
                 self.emulated_write(&mut inner, off, buf)
             }
             Dword::Msi | Dword::Msix => {
-                let mut inner = self
-                    .inner
-                    .lock()
-                    .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+                let mut inner = lock(&self.inner, "device")?;
                 let cap_off = match policy {
                     Dword::Msi => inner.msi.as_ref().map(|m| m.offset),
                     _ => inner.msix.as_ref().map(|m| m.offset),
@@ -237,12 +228,7 @@ impl VfioPciDevice {
             data.fill(0xff);
             return;
         };
-        let bar = if index == ROM_BAR {
-            inner.rom.as_ref()
-        } else {
-            inner.bars.get(index).and_then(|b| b.as_ref())
-        };
-        let Some(bar) = bar else {
+        let Some(bar) = inner.bar(index) else {
             data.fill(0xff);
             return;
         };
@@ -291,10 +277,7 @@ impl VfioPciDevice {
     /// range of BAR `index`. Bad accesses are ignored and logged; an `Err`
     /// reports a backend failure.
     pub fn write_bar(&self, index: usize, offset: u64, data: &[u8]) -> Result<()> {
-        let mut inner = self
-            .inner
-            .lock()
-            .map_err(|_| Error::InvalidArgument("device lock poisoned".into()))?;
+        let mut inner = lock(&self.inner, "device")?;
         let inner = &mut *inner;
         let bar = if index == ROM_BAR {
             // The ROM is read-only.

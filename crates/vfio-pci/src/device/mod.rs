@@ -225,6 +225,26 @@ struct Inner {
     irq_mode: IrqMode,
 }
 
+impl Inner {
+    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`].
+    fn bar(&self, index: usize) -> Option<&Bar> {
+        if index == ROM_BAR {
+            self.rom.as_ref()
+        } else {
+            self.bars.get(index).and_then(|b| b.as_ref())
+        }
+    }
+
+    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`], to change.
+    fn bar_mut(&mut self, index: usize) -> Option<&mut Bar> {
+        if index == ROM_BAR {
+            self.rom.as_mut()
+        } else {
+            self.bars.get_mut(index).and_then(|b| b.as_mut())
+        }
+    }
+}
+
 /// A host PCI function presented to the guest.
 ///
 /// Built from any [`Vfio`] backend. The guest's config accesses go to

@@ -150,12 +150,7 @@ impl VfioPciDevice {
         index: usize,
         new_base: u64,
     ) -> Result<()> {
-        let bar = if index == ROM_BAR {
-            inner.rom.as_mut()
-        } else {
-            inner.bars.get_mut(index).and_then(|b| b.as_mut())
-        };
-        let Some(bar) = bar else {
+        let Some(bar) = inner.bar_mut(index) else {
             return Err(Error::InvalidArgument(format!("no BAR {index}")));
         };
         let Some(old) = bar.placement else {
@@ -179,12 +174,7 @@ impl VfioPciDevice {
                     )));
                 }
             };
-        let bar = if index == ROM_BAR {
-            inner.rom.as_mut()
-        } else {
-            inner.bars.get_mut(index).and_then(|b| b.as_mut())
-        };
-        let Some(bar) = bar else {
+        let Some(bar) = inner.bar_mut(index) else {
             return Err(Error::InvalidArgument(format!("no BAR {index}")));
         };
         self.guest_unmap(bar);

@@ -147,12 +147,7 @@ impl VfioPciDevice {
         // Commit: move the guest mappings, then install the state.
         self.disable_irq_mode(&mut inner);
         for (i, p) in &wanted {
-            let bar = if *i == ROM_BAR {
-                inner.rom.as_mut()
-            } else {
-                inner.bars.get_mut(*i).and_then(|b| b.as_mut())
-            };
-            if let Some(bar) = bar {
+            if let Some(bar) = inner.bar_mut(*i) {
                 self.guest_unmap(bar);
                 bar.placement = Some(*p);
                 if let Err(e) = self.guest_map(bar) {
