@@ -290,17 +290,13 @@ impl MsiState {
             self.set_pending(vector, true);
             return Ok(Delivery::Pending);
         }
-        let pushed = self.pushed.get(vector as usize).copied().flatten();
-        match &self.group {
-            Some(group) if self.group_enabled && pushed.is_some() => {
-                group.trigger(vector)?;
-                Ok(Delivery::Delivered)
-            }
-            _ => {
-                log::debug!("MSI: vector {vector} fired without a bound, enabled group");
-                Ok(Delivery::Dropped)
-            }
-        }
+        regs::trigger_unmasked(
+            self.group.as_ref(),
+            self.group_enabled,
+            &self.pushed,
+            vector,
+            "MSI",
+        )
     }
 
     /// Returns the guest-writable state to its reset value (MSI disabled, everything zero),

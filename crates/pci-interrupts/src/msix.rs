@@ -421,17 +421,13 @@ impl MsixState {
             self.set_pending(vector, true);
             return Ok(Delivery::Pending);
         }
-        let pushed = self.pushed.get(vector as usize).copied().flatten();
-        match &self.group {
-            Some(group) if self.group_enabled && pushed.is_some() => {
-                group.trigger(vector)?;
-                Ok(Delivery::Delivered)
-            }
-            _ => {
-                log::debug!("MSI-X: vector {vector} fired without a bound, enabled group");
-                Ok(Delivery::Dropped)
-            }
-        }
+        regs::trigger_unmasked(
+            self.group.as_ref(),
+            self.group_enabled,
+            &self.pushed,
+            vector,
+            "MSI-X",
+        )
     }
 
     /// Returns to the reset state (disabled, function unmasked, entries masked and zero, PBA

@@ -1,7 +1,9 @@
 //! Byte-image register helpers shared by the MSI and MSI-X capabilities, and the per-vector
 //! reconciliation with an [`InterruptSourceGroup`].
 
-use crate::{Error, InterruptSourceGroup, MsiRoute, Result};
+use std::sync::Arc;
+
+use crate::{Delivery, Error, InterruptSourceGroup, MsiRoute, Result};
 
 /// Start of `offset..offset + len` as an index, if that range is non-empty and inside `0..size`.
 pub(crate) fn checked_range(offset: u64, len: usize, size: usize) -> Option<usize> {
@@ -94,4 +96,27 @@ pub(crate) fn push_vector(
         *pushed = desired;
     }
     Ok(pushed.is_some())
+}
+
+/// Delivers an unmasked `vector` that fired: triggered through the group when
+/// the group is enabled and the vector's route was pushed, else dropped (and
+/// logged; `what` names the capability).
+pub(crate) fn trigger_unmasked(
+    group: Option<&Arc<dyn InterruptSourceGroup>>,
+    group_enabled: bool,
+    pushed: &[Pushed],
+    vector: u32,
+    what: &str,
+) -> Result<Delivery> {
+    let routed = pushed.get(vector as usize).copied().flatten().is_some();
+    match group {
+        Some(group) if group_enabled && routed => {
+            group.trigger(vector)?;
+            Ok(Delivery::Delivered)
+        }
+        _ => {
+            log::debug!("{what}: vector {vector} fired without a bound, enabled group");
+            Ok(Delivery::Dropped)
+        }
+    }
 }
