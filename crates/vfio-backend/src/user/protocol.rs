@@ -1198,8 +1198,20 @@ impl MessageReader {
     /// `Ok(None)` when the peer closed the connection between messages; a
     /// receive timeout of the socket is [`Error::Timeout`].
     pub fn read_message(&mut self, fd: BorrowedFd<'_>) -> Result<Option<Message>> {
+        self.read_message_reusing(fd, &mut Vec::new())
+    }
+
+    /// [`read_message`](Self::read_message), with the payload copied into
+    /// `spare` (taken, so the caller hands it back from the message when it
+    /// is done): a loop that recycles its buffers receives small messages
+    /// without allocating.
+    pub fn read_message_reusing(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        spare: &mut Vec<u8>,
+    ) -> Result<Option<Message>> {
         loop {
-            if let Some(m) = self.next_message(Vec::new)? {
+            if let Some(m) = self.next_message(|| std::mem::take(spare))? {
                 return Ok(Some(m));
             }
             match self.recv(fd, false)? {

@@ -67,6 +67,9 @@ struct Session<'a> {
     client_caps: Capabilities,
     dma: BTreeMap<u64, DmaRange>,
     irq_indices: BTreeSet<u32>,
+    /// The last reply's payload buffer, reused by the next region access
+    /// so that a steady stream of them allocates nothing.
+    reply_spare: Vec<u8>,
 }
 
 /// What a handler answers: payload parts and at most one fd.
@@ -76,6 +79,18 @@ fn errno_of(e: &Error) -> i32 {
     match e.errno() {
         Some(0) | None => libc::EIO,
         Some(n) => n,
+    }
+}
+
+/// Buffers up to this capacity are kept for the next message; a rare big
+/// one is freed rather than held for the life of the connection.
+const SPARE_CAPACITY: usize = 64 * 1024;
+
+fn recycle(buf: Vec<u8>) -> Vec<u8> {
+    if buf.capacity() <= SPARE_CAPACITY {
+        buf
+    } else {
+        Vec::new()
     }
 }
 
@@ -358,7 +373,7 @@ impl Session<'_> {
         Ok((Vec::new(), None))
     }
 
-    fn region_read(&self, payload: &[u8]) -> Result<Reply> {
+    fn region_read(&mut self, payload: &[u8]) -> Result<Reply> {
         if payload.len() != RegionAccessPayload::SIZE {
             return Err(einval("REGION_READ payload must be 16 bytes"));
         }
@@ -369,14 +384,16 @@ impl Session<'_> {
                 req.count
             )));
         }
-        let mut out = vec![0u8; RegionAccessPayload::SIZE + req.count as usize];
+        let mut out = std::mem::take(&mut self.reply_spare);
+        out.clear();
+        out.resize(RegionAccessPayload::SIZE + req.count as usize, 0);
         let (head, data) = out.split_at_mut(RegionAccessPayload::SIZE);
         self.device.region_read(req.region, req.offset, data)?;
         head.copy_from_slice(&req.encode());
         Ok((out, None))
     }
 
-    fn region_write(&self, payload: &[u8]) -> Result<Reply> {
+    fn region_write(&mut self, payload: &[u8]) -> Result<Reply> {
         let req = RegionAccessPayload::decode(payload)?;
         let data = payload.get(RegionAccessPayload::SIZE..).unwrap_or(&[]);
         if data.len() != req.count as usize {
@@ -390,7 +407,10 @@ impl Session<'_> {
             return Err(einval("REGION_WRITE exceeds max_data_xfer_size"));
         }
         self.device.region_write(req.region, req.offset, data)?;
-        Ok((req.encode().to_vec(), None))
+        let mut out = std::mem::take(&mut self.reply_spare);
+        out.clear();
+        out.extend_from_slice(&req.encode());
+        Ok((out, None))
     }
 
     /// What the spec asks of a server when its client goes away: unmap the
@@ -419,8 +439,10 @@ impl Session<'_> {
         // One buffered reader for the connection: usually one recvmsg per
         // request instead of one for the header and one for the payload.
         let mut reader = protocol::MessageReader::new(max_message, max_fds);
+        // The last request's payload buffer, handed back to the reader.
+        let mut request_spare = Vec::new();
         loop {
-            let mut m = match reader.read_message(self.stream.as_fd()) {
+            let mut m = match reader.read_message_reusing(self.stream.as_fd(), &mut request_spare) {
                 Ok(Some(m)) => m,
                 Ok(None) | Err(Error::Disconnected(_)) => return Ok(()),
                 Err(e) => return Err(e),
@@ -435,13 +457,16 @@ impl Session<'_> {
                 continue;
             }
             let result = self.handle(&mut m);
+            request_spare = recycle(std::mem::take(&mut m.payload));
             drop(m);
             let sent = match result {
                 Ok(_) if h.no_reply() => Ok(()),
                 Ok((payload, fd)) => {
                     let rh = Header::reply(&h, payload.len())?;
                     let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-                    protocol::write_message(self.stream.as_fd(), &rh, &[&payload], &fds)
+                    let sent = protocol::write_message(self.stream.as_fd(), &rh, &[&payload], &fds);
+                    self.reply_spare = recycle(payload);
+                    sent
                 }
                 Err(e) => {
                     log::debug!("vfio-user server: {} failed: {e}", command_name(h.command));
@@ -487,6 +512,7 @@ pub fn serve_connection_with_options(
         client_caps: Capabilities::default(),
         dma: BTreeMap::new(),
         irq_indices: BTreeSet::new(),
+        reply_spare: Vec::new(),
     };
     let result = session.run();
     log::debug!(
