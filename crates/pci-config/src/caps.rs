@@ -361,6 +361,37 @@ fn align_up4(v: u16) -> Option<u16> {
     v.checked_add(3).map(|v| v & !3)
 }
 
+/// Where a new capability of `needed` bytes goes: the first dword-aligned
+/// offset of `free`, which must lie inside `area` and not hold the start of
+/// a capability already in the chain (`chain`, its offsets in order).
+/// Returns that offset and the chain's last capability, to link it after.
+fn place_capability(
+    free: &std::ops::Range<u16>,
+    needed: usize,
+    area: std::ops::Range<usize>,
+    chain: impl Iterator<Item = Result<u16>>,
+) -> Result<(u16, Option<u16>)> {
+    let no_space = || Error::NoCapabilitySpace {
+        needed,
+        start: free.start,
+        end: free.end,
+    };
+    let start = align_up4(free.start).ok_or_else(no_space)?;
+    let end = usize::from(start).saturating_add(needed);
+    if usize::from(start) < area.start || end > usize::from(free.end) || end > area.end {
+        return Err(no_space());
+    }
+    let mut tail = None;
+    for offset in chain {
+        let offset = offset?;
+        if (usize::from(start)..end).contains(&usize::from(offset)) {
+            return Err(no_space());
+        }
+        tail = Some(offset);
+    }
+    Ok((start, tail))
+}
+
 impl ConfigSpace {
     /// Walks this space's standard capability chain without allocating.
     pub fn capability_iter(&self) -> CapabilityIter<'_> {
@@ -409,27 +440,13 @@ impl ConfigSpace {
         body: &[u8],
     ) -> Result<u16> {
         let needed = body.len().saturating_add(2);
-        let no_space = Error::NoCapabilitySpace {
+        let offsets = self.capability_iter().map(|c| c.map(|c| c.offset));
+        let (start, tail) = place_capability(
+            &free,
             needed,
-            start: free.start,
-            end: free.end,
-        };
-        let start = align_up4(free.start).ok_or(no_space.clone())?;
-        let end = usize::from(start).saturating_add(needed);
-        if usize::from(start) < HEADER_SIZE
-            || end > usize::from(free.end)
-            || end > LEGACY_CONFIG_SPACE_SIZE
-        {
-            return Err(no_space);
-        }
-        let mut tail = None;
-        for cap in self.capability_iter() {
-            let cap = cap?;
-            if (start..end as u16).contains(&cap.offset) {
-                return Err(no_space);
-            }
-            tail = Some(cap.offset);
-        }
+            HEADER_SIZE..LEGACY_CONFIG_SPACE_SIZE,
+            offsets,
+        )?;
         self.set_u8(usize::from(start), id)?;
         self.set_u8(usize::from(start) + 1, 0)?;
         self.set_bytes(usize::from(start) + 2, body)?;
@@ -453,31 +470,21 @@ impl ConfigSpace {
         body: &[u8],
     ) -> Result<u16> {
         let needed = body.len().saturating_add(4);
-        let no_space = Error::NoCapabilitySpace {
+        let offsets = self.extended_capability_iter().map(|c| c.map(|c| c.offset));
+        let (start, mut tail) = place_capability(
+            &free,
             needed,
-            start: free.start,
-            end: free.end,
-        };
-        let start = align_up4(free.start).ok_or(no_space.clone())?;
-        let end = usize::from(start).saturating_add(needed);
-        if usize::from(start) < EXTENDED_CONFIG_START
-            || end > usize::from(free.end)
-            || end > CONFIG_SPACE_SIZE
-        {
-            return Err(no_space);
-        }
-        let mut tail = None;
-        for cap in self.extended_capability_iter() {
-            let cap = cap?;
-            if (start..end as u16).contains(&cap.offset) {
-                return Err(no_space);
-            }
-            tail = Some(cap.offset);
-        }
+            EXTENDED_CONFIG_START..CONFIG_SPACE_SIZE,
+            offsets,
+        )?;
         if tail.is_none() && usize::from(start) != EXTENDED_CONFIG_START {
             // The chain must start at 0x100: put a null header there pointing at the new cap.
             if usize::from(start) < EXTENDED_CONFIG_START + 4 {
-                return Err(no_space);
+                return Err(Error::NoCapabilitySpace {
+                    needed,
+                    start: free.start,
+                    end: free.end,
+                });
             }
             self.set_u32(EXTENDED_CONFIG_START, 0)?;
             tail = Some(EXTENDED_CONFIG_START as u16);
