@@ -237,6 +237,87 @@ pub struct DmaSource<'a> {
     pub read_only: bool,
 }
 
+/// One method of the [`Vfio`] trait: what wrappers that count calls or
+/// inject failures key their tables by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VfioOp {
+    /// `device_info`.
+    DeviceInfo,
+    /// `region_info`.
+    RegionInfo,
+    /// `region_read`.
+    RegionRead,
+    /// `region_write`.
+    RegionWrite,
+    /// `mmap_region`.
+    MmapRegion,
+    /// `irq_info`.
+    IrqInfo,
+    /// `set_irq_eventfds`.
+    SetIrqEventfds,
+    /// `disable_irqs`.
+    DisableIrqs,
+    /// `unmask_irq`.
+    UnmaskIrq,
+    /// `mask_irq`.
+    MaskIrq,
+    /// `set_irq_unmask_eventfd`.
+    SetIrqUnmaskEventfd,
+    /// `reset`.
+    Reset,
+    /// `dma_map`.
+    DmaMap,
+    /// `dma_unmap`.
+    DmaUnmap,
+    /// `iova_ranges`.
+    IovaRanges,
+}
+
+impl VfioOp {
+    /// How many methods there are.
+    pub const COUNT: usize = 15;
+
+    /// Every method, in declaration order (`op as usize` is its index here).
+    pub const ALL: [VfioOp; VfioOp::COUNT] = [
+        VfioOp::DeviceInfo,
+        VfioOp::RegionInfo,
+        VfioOp::RegionRead,
+        VfioOp::RegionWrite,
+        VfioOp::MmapRegion,
+        VfioOp::IrqInfo,
+        VfioOp::SetIrqEventfds,
+        VfioOp::DisableIrqs,
+        VfioOp::UnmaskIrq,
+        VfioOp::MaskIrq,
+        VfioOp::SetIrqUnmaskEventfd,
+        VfioOp::Reset,
+        VfioOp::DmaMap,
+        VfioOp::DmaUnmap,
+        VfioOp::IovaRanges,
+    ];
+
+    /// The trait method's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            VfioOp::DeviceInfo => "device_info",
+            VfioOp::RegionInfo => "region_info",
+            VfioOp::RegionRead => "region_read",
+            VfioOp::RegionWrite => "region_write",
+            VfioOp::MmapRegion => "mmap_region",
+            VfioOp::IrqInfo => "irq_info",
+            VfioOp::SetIrqEventfds => "set_irq_eventfds",
+            VfioOp::DisableIrqs => "disable_irqs",
+            VfioOp::UnmaskIrq => "unmask_irq",
+            VfioOp::MaskIrq => "mask_irq",
+            VfioOp::SetIrqUnmaskEventfd => "set_irq_unmask_eventfd",
+            VfioOp::Reset => "reset",
+            VfioOp::DmaMap => "dma_map",
+            VfioOp::DmaUnmap => "dma_unmap",
+            VfioOp::IovaRanges => "iova_ranges",
+        }
+    }
+}
+
 /// What any VFIO device offers, kernel or vfio-user.
 ///
 /// All methods take `&self`: implementations are safe to call from several

@@ -14,41 +14,9 @@ use std::sync::Arc;
 use vfio_backend::{DeviceInfo, DmaSource, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
 
 /// The trait methods, for [`CountingVfio::calls`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Call {
-    /// `device_info`.
-    DeviceInfo,
-    /// `region_info`.
-    RegionInfo,
-    /// `region_read`.
-    RegionRead,
-    /// `region_write`.
-    RegionWrite,
-    /// `mmap_region`.
-    MmapRegion,
-    /// `irq_info`.
-    IrqInfo,
-    /// `set_irq_eventfds`.
-    SetIrqEventfds,
-    /// `disable_irqs`.
-    DisableIrqs,
-    /// `unmask_irq`.
-    UnmaskIrq,
-    /// `mask_irq`.
-    MaskIrq,
-    /// `set_irq_unmask_eventfd`.
-    SetIrqUnmaskEventfd,
-    /// `reset`.
-    Reset,
-    /// `dma_map`.
-    DmaMap,
-    /// `dma_unmap`.
-    DmaUnmap,
-    /// `iova_ranges`.
-    IovaRanges,
-}
+pub use vfio_backend::VfioOp as Call;
 
-const CALLS: usize = 15;
+const CALLS: usize = Call::COUNT;
 
 /// Counts every call it forwards to the wrapped backend.
 pub struct CountingVfio {

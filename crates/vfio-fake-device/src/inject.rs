@@ -5,90 +5,16 @@ use std::time::Duration;
 
 /// One operation of the [`vfio_backend::Vfio`] trait, for counters and
 /// failure injection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// `device_info`.
-    DeviceInfo,
-    /// `region_info`.
-    RegionInfo,
-    /// `region_read`.
-    RegionRead,
-    /// `region_write`.
-    RegionWrite,
-    /// `mmap_region`.
-    MmapRegion,
-    /// `irq_info`.
-    IrqInfo,
-    /// `set_irq_eventfds`.
-    SetIrqEventfds,
-    /// `disable_irqs`.
-    DisableIrqs,
-    /// `unmask_irq`.
-    UnmaskIrq,
-    /// `mask_irq`.
-    MaskIrq,
-    /// `set_irq_unmask_eventfd`.
-    SetIrqUnmaskEventfd,
-    /// `reset`.
-    Reset,
-    /// `dma_map`.
-    DmaMap,
-    /// `dma_unmap`.
-    DmaUnmap,
-    /// `iova_ranges`.
-    IovaRanges,
-}
+pub use vfio_backend::VfioOp as Op;
 
-impl Op {
-    /// Every operation.
-    pub const ALL: [Op; 15] = [
-        Op::DeviceInfo,
-        Op::RegionInfo,
-        Op::RegionRead,
-        Op::RegionWrite,
-        Op::MmapRegion,
-        Op::IrqInfo,
-        Op::SetIrqEventfds,
-        Op::DisableIrqs,
-        Op::UnmaskIrq,
-        Op::MaskIrq,
-        Op::SetIrqUnmaskEventfd,
-        Op::Reset,
-        Op::DmaMap,
-        Op::DmaUnmap,
-        Op::IovaRanges,
-    ];
-
-    /// The trait method's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::DeviceInfo => "device_info",
-            Op::RegionInfo => "region_info",
-            Op::RegionRead => "region_read",
-            Op::RegionWrite => "region_write",
-            Op::MmapRegion => "mmap_region",
-            Op::IrqInfo => "irq_info",
-            Op::SetIrqEventfds => "set_irq_eventfds",
-            Op::DisableIrqs => "disable_irqs",
-            Op::UnmaskIrq => "unmask_irq",
-            Op::MaskIrq => "mask_irq",
-            Op::SetIrqUnmaskEventfd => "set_irq_unmask_eventfd",
-            Op::Reset => "reset",
-            Op::DmaMap => "dma_map",
-            Op::DmaUnmap => "dma_unmap",
-            Op::IovaRanges => "iova_ranges",
-        }
-    }
-
-    fn idx(self) -> usize {
-        self as usize
-    }
+fn idx(op: Op) -> usize {
+    op as usize
 }
 
 /// Cheap atomic counters of what the device was asked to do and did.
 #[derive(Debug, Default)]
 pub struct Counters {
-    calls: [AtomicU64; 15],
+    calls: [AtomicU64; Op::COUNT],
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     interrupts_signalled: AtomicU64,
@@ -108,7 +34,7 @@ pub(crate) fn bump(a: &AtomicU64, n: u64) {
 impl Counters {
     /// Calls of `op` so far (failed ones included).
     pub fn calls(&self, op: Op) -> u64 {
-        self.calls.get(op.idx()).map_or(0, get)
+        self.calls.get(idx(op)).map_or(0, get)
     }
 
     /// Bytes read through `region_read` (all regions).
@@ -161,7 +87,7 @@ impl Counters {
     }
 
     pub(crate) fn call(&self, op: Op) {
-        if let Some(c) = self.calls.get(op.idx()) {
+        if let Some(c) = self.calls.get(idx(op)) {
             bump(c, 1);
         }
     }
@@ -208,7 +134,7 @@ struct OpFault {
 pub struct Faults {
     dead: AtomicBool,
     hang_ms: AtomicU64,
-    ops: [OpFault; 15],
+    ops: [OpFault; Op::COUNT],
 }
 
 /// What an injected fault does to a call.
@@ -243,7 +169,7 @@ impl Faults {
     /// Makes `op` fail with `errno`: the next `times` calls, or every call
     /// until [`Faults::clear`] when `times` is `None`.
     pub fn fail(&self, op: Op, errno: i32, times: Option<u32>) {
-        if let Some(f) = self.ops.get(op.idx()) {
+        if let Some(f) = self.ops.get(idx(op)) {
             f.remaining.store(
                 times.map_or(FOREVER, |t| t.min(FOREVER - 1)),
                 Ordering::Relaxed,
@@ -271,7 +197,7 @@ impl Faults {
         if self.is_dead() {
             return Some(Injected::Dead);
         }
-        let f = self.ops.get(op.idx())?;
+        let f = self.ops.get(idx(op))?;
         let errno = f.errno.load(Ordering::Relaxed);
         if errno == 0 {
             return None;
