@@ -54,7 +54,10 @@ fn use_device(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap, profile: &str) {
 /// dropping the device gave back every fd and mapping the VMM and the
 /// device took for it.
 fn device_life(b: &Backend, profile: &str, check: bool) {
-    let (fds, maps) = (fd_count(), maps_count());
+    // The backend's threads run on, and one may still be starting (mapping
+    // its signal stack): count file mappings and threads here, everything
+    // once the backend is gone (backend_life).
+    let (fds, maps, threads) = (fd_count(), file_maps_count(), thread_count());
     let vm = Vm::new();
     let mem = guest_ram();
     let dev = vm.attach(b);
@@ -72,8 +75,24 @@ fn device_life(b: &Backend, profile: &str, check: bool) {
     drop(mem);
     drop(vm);
     if check {
-        assert_eq!(fd_count(), fds, "fds after unplugging a {profile}");
-        assert_eq!(maps_count(), maps, "mappings after unplugging a {profile}");
+        // A vfio-user server lets go of its side (DMA mappings, interrupt
+        // fds, the INTx watcher thread) when it sees the client hang up,
+        // on its own thread: give it a moment.
+        let now = || (fd_count(), file_maps_count(), thread_count());
+        let deadline = std::time::Instant::now() + WAIT;
+        while now() != (fds, maps, threads) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (fds_after, maps_after, threads_after) = now();
+        assert_eq!(fds_after, fds, "fds after unplugging a {profile}");
+        assert_eq!(
+            maps_after, maps,
+            "file mappings after unplugging a {profile}"
+        );
+        assert_eq!(
+            threads_after, threads,
+            "threads after unplugging a {profile}"
+        );
     }
 }
 

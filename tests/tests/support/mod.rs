@@ -985,6 +985,29 @@ pub fn maps_count() -> usize {
         .count()
 }
 
+/// Memory mappings of this process backed by a file: device regions, BAR
+/// and guest-RAM memfds, a server's DMA mappings. A device makes no
+/// anonymous mapping; the anonymous ones belong to threads (stacks, and the
+/// signal stack a new thread maps a moment after it was spawned) and to the
+/// allocator, and are counted by [`maps_count`] once every thread is joined.
+pub fn file_maps_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            // address perms offset dev inode pathname: a file has an inode.
+            l.split_whitespace()
+                .nth(4)
+                .is_some_and(|inode| inode != "0")
+        })
+        .count()
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
 /// Runs `f` on another thread and waits at most [`WAIT`] for it; `None`
 /// when it did not finish in time (it is then left running).
 pub fn bounded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
