@@ -7,7 +7,9 @@
 //! state, take the guest's reads and writes, and tell the VMM what to do through an
 //! [`InterruptSourceGroup`]: which route a vector uses, whether it is masked, when the group is
 //! enabled, and when a pending vector must be delivered. The VMM creates groups through an
-//! [`InterruptManager`] (with KVM: one irqfd and one GSI route per vector).
+//! [`InterruptManager`] (with KVM: one irqfd and one GSI route per vector). [`MsixLayout`] is
+//! the static decode of an MSI-X capability's structure (vector count, table and PBA
+//! locations) for code that needs it without emulating the capability.
 //!
 //! The state machines take `&mut self`; the caller keeps them behind its own lock. Guest input
 //! never panics: an access outside a register block, or of a size the specification does not
@@ -27,8 +29,8 @@ pub use group::{Delivery, InterruptManager, InterruptSourceGroup, MsiRoute};
 pub use intx::{IntxPin, IntxSnapshot, IntxState, COMMAND_INTX_DISABLE, STATUS_INTERRUPT};
 pub use msi::{MsiSnapshot, MsiState, MSI_CAP_ID, MSI_MAX_VECTORS};
 pub use msix::{
-    MsixBarLocation, MsixSnapshot, MsixState, MsixTableEntry, MSIX_CAP_ID, MSIX_CAP_LEN,
-    MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
+    MsixBarLocation, MsixLayout, MsixSnapshot, MsixState, MsixTableEntry, MSIX_CAP_ID,
+    MSIX_CAP_LEN, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
 };
 pub use snapshot::{Versioned, SNAPSHOT_VERSION};
 

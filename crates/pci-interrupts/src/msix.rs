@@ -31,6 +31,8 @@ const CTL_TABLE_SIZE: u16 = 0x7ff;
 const CTL_FUNCTION_MASK: u16 = 1 << 14;
 const CTL_ENABLE: u16 = 1 << 15;
 const BIR_MASK: u32 = 0x7;
+/// Highest valid BAR indicator; 6 and 7 are reserved.
+const MAX_BIR: u8 = 5;
 /// Vector control bit 0; the other bits are reserved and read 0.
 const VECTOR_CONTROL_MASK: u32 = 1;
 /// Writable bits of the capability: function mask and enable.
@@ -114,6 +116,81 @@ impl MsixBarLocation {
     }
 }
 
+/// The structure of an MSI-X capability, decoded from its bytes: how many vectors, and where
+/// the table and the PBA live.
+///
+/// This is the read-only part of the capability (table size, table offset/BIR, PBA offset/BIR),
+/// with no guest-visible state: [`MsixLayout::parse`] is a pure, allocation-free decode, for
+/// anything that needs to know the layout of a device's MSI-X without emulating it.
+/// [`MsixState`] keeps the same decode of its own capability.
+///
+/// ```
+/// use pci_interrupts::{MsixBarLocation, MsixLayout};
+///
+/// // ID 0x11, next 0; 32 vectors; table at BAR2 +0x2000; PBA at BAR2 +0x3000.
+/// let cap = [0x11, 0, 0x1f, 0, 0x02, 0x20, 0, 0, 0x02, 0x30, 0, 0];
+/// let layout = MsixLayout::parse(&cap)?;
+/// assert_eq!(layout.vectors, 32);
+/// assert_eq!(layout.table, MsixBarLocation { bir: 2, offset: 0x2000, size: 512 });
+/// assert_eq!(layout.pba, MsixBarLocation { bir: 2, offset: 0x3000, size: 8 });
+/// # Ok::<(), pci_interrupts::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixLayout {
+    /// Number of vectors (table entries), 1..=2048: the table size field plus one.
+    pub vectors: u32,
+    /// Where the table is; its size is 16 bytes per vector.
+    pub table: MsixBarLocation,
+    /// Where the PBA is; its size is one bit per vector, in whole qwords.
+    pub pba: MsixBarLocation,
+}
+
+impl MsixLayout {
+    /// Decodes the capability's structure from its bytes, starting at the capability ID (the
+    /// first 12 bytes are read, the rest ignored). The function mask, enable and next-pointer
+    /// bits play no part.
+    ///
+    /// Fails with [`Error::InvalidCapability`] on fewer than 12 bytes, a capability ID that is
+    /// not [`MSIX_CAP_ID`], or a table or PBA BAR indicator of 6 or 7 (reserved).
+    pub fn parse(cap: &[u8]) -> Result<Self> {
+        let cap = cap
+            .get(..MSIX_CAP_LEN)
+            .ok_or(invalid("fewer than 12 bytes"))?;
+        if cap.first() != Some(&MSIX_CAP_ID) {
+            return Err(invalid("capability ID is not 0x11"));
+        }
+        let vectors = u32::from(regs::le16(cap, CONTROL) & CTL_TABLE_SIZE) + 1;
+        // At most 2048 * 16 and 32 * 8: no overflow.
+        let table = bar_location(regs::le32(cap, TABLE), vectors * MSIX_ENTRY_SIZE as u32);
+        let pba = bar_location(regs::le32(cap, PBA), vectors.div_ceil(64) * 8);
+        if table.bir > MAX_BIR || pba.bir > MAX_BIR {
+            return Err(invalid("reserved BAR indicator"));
+        }
+        Ok(Self {
+            vectors,
+            table,
+            pba,
+        })
+    }
+}
+
+/// Splits a table or PBA offset/BIR register into BAR and offset.
+fn bar_location(value: u32, size: u32) -> MsixBarLocation {
+    MsixBarLocation {
+        // Lossless: masked to 3 bits.
+        bir: (value & BIR_MASK) as u8,
+        offset: value & !BIR_MASK,
+        size,
+    }
+}
+
+fn invalid(reason: &'static str) -> Error {
+    Error::InvalidCapability {
+        capability: "MSI-X",
+        reason,
+    }
+}
+
 /// Guest-visible MSI-X state of one function (capability, table, PBA) and the binding to the
 /// group that delivers it.
 ///
@@ -125,6 +202,8 @@ impl MsixBarLocation {
 #[derive(Clone)]
 pub struct MsixState {
     cap: [u8; MSIX_CAP_LEN],
+    /// The read-only structure of `cap`, decoded once.
+    layout: MsixLayout,
     entries: Vec<MsixTableEntry>,
     pba: Vec<u64>,
     group: Option<Arc<dyn InterruptSourceGroup>>,
@@ -158,14 +237,10 @@ impl MsixState {
         pba_bir: u8,
         pba_offset: u32,
     ) -> Result<Self> {
-        let invalid = |reason| Error::InvalidCapability {
-            capability: "MSI-X",
-            reason,
-        };
         if table_size == 0 || table_size > MSIX_MAX_VECTORS {
             return Err(invalid("table size must be 1 to 2048"));
         }
-        if table_bir > 5 || pba_bir > 5 {
+        if table_bir > MAX_BIR || pba_bir > MAX_BIR {
             return Err(invalid("BAR indicator must be 0 to 5"));
         }
         if table_offset % 8 != 0 || pba_offset % 8 != 0 {
@@ -186,38 +261,30 @@ impl MsixState {
             PBA,
             &(pba_offset | u32::from(pba_bir)).to_le_bytes(),
         );
-        Ok(Self::build(cap))
+        Ok(Self::build(cap, MsixLayout::parse(&cap)?))
     }
 
     /// Takes the capability's structure from a device's capability bytes (starting at the
     /// capability ID, at least 12 bytes): next pointer, table size, table and PBA location.
     /// Function mask and enable start clear, table entries masked, the PBA clear.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
-        let invalid = |reason| Error::InvalidCapability {
-            capability: "MSI-X",
-            reason,
-        };
-        let mut cap = [0u8; MSIX_CAP_LEN];
-        cap.copy_from_slice(
-            bytes
-                .get(..MSIX_CAP_LEN)
-                .ok_or(invalid("fewer than 12 bytes"))?,
-        );
-        if cap[0] != MSIX_CAP_ID {
-            return Err(invalid("capability ID is not 0x11"));
-        }
+        let mut cap: [u8; MSIX_CAP_LEN] = bytes
+            .get(..MSIX_CAP_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(invalid("fewer than 12 bytes"))?;
+        let layout = MsixLayout::parse(&cap)?;
         let control = regs::le16(&cap, CONTROL) & CTL_TABLE_SIZE;
         regs::put_le(&mut cap, CONTROL, &control.to_le_bytes());
-        if regs::le32(&cap, TABLE) & BIR_MASK > 5 || regs::le32(&cap, PBA) & BIR_MASK > 5 {
-            return Err(invalid("reserved BAR indicator"));
-        }
-        Ok(Self::build(cap))
+        Ok(Self::build(cap, layout))
     }
 
-    fn build(cap: [u8; MSIX_CAP_LEN]) -> Self {
-        let n = usize::from(regs::le16(&cap, CONTROL) & CTL_TABLE_SIZE) + 1;
+    /// `layout` is `cap`'s, decoded.
+    fn build(cap: [u8; MSIX_CAP_LEN], layout: MsixLayout) -> Self {
+        // Lossless: at most 2048.
+        let n = layout.vectors as usize;
         Self {
             cap,
+            layout,
             entries: vec![MsixTableEntry::default(); n],
             pba: vec![0; n.div_ceil(64)],
             group: None,
@@ -233,27 +300,17 @@ impl MsixState {
 
     /// Number of vectors (table entries).
     pub fn table_size(&self) -> u32 {
-        u32::from(self.control() & CTL_TABLE_SIZE) + 1
+        self.layout.vectors
     }
 
     /// BAR, offset and size of the table.
     pub fn table_location(&self) -> MsixBarLocation {
-        self.location(TABLE, self.table_size() * MSIX_ENTRY_SIZE as u32)
+        self.layout.table
     }
 
     /// BAR, offset and size of the PBA.
     pub fn pba_location(&self) -> MsixBarLocation {
-        self.location(PBA, self.table_size().div_ceil(64) * 8)
-    }
-
-    fn location(&self, reg: usize, size: u32) -> MsixBarLocation {
-        let value = regs::le32(&self.cap, reg);
-        MsixBarLocation {
-            // Lossless: masked to 3 bits.
-            bir: (value & BIR_MASK) as u8,
-            offset: value & !BIR_MASK,
-            size,
-        }
+        self.layout.pba
     }
 
     /// Whether the guest has set MSI-X Enable.
@@ -584,5 +641,136 @@ impl fmt::Debug for MsixState {
             .field("group_bound", &self.group.is_some())
             .field("group_enabled", &self.group_enabled)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Capability bytes: ID 0x11, next pointer 0x50, the given message control and table and
+    /// PBA offset/BIR dwords.
+    fn cap(control: u16, table: u32, pba: u32) -> [u8; MSIX_CAP_LEN] {
+        let mut b = [0u8; MSIX_CAP_LEN];
+        b[0] = MSIX_CAP_ID;
+        b[1] = 0x50;
+        b[2..4].copy_from_slice(&control.to_le_bytes());
+        b[4..8].copy_from_slice(&table.to_le_bytes());
+        b[8..12].copy_from_slice(&pba.to_le_bytes());
+        b
+    }
+
+    fn reason(e: Error) -> &'static str {
+        match e {
+            Error::InvalidCapability {
+                capability: "MSI-X",
+                reason,
+            } => reason,
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    #[test]
+    fn layout_table_size_field_zero_is_one_vector() {
+        let l = MsixLayout::parse(&cap(0, 0, 0x800)).unwrap();
+        assert_eq!(l.vectors, 1);
+        assert_eq!(
+            l.table,
+            MsixBarLocation {
+                bir: 0,
+                offset: 0,
+                size: 16
+            }
+        );
+        assert_eq!(
+            l.pba,
+            MsixBarLocation {
+                bir: 0,
+                offset: 0x800,
+                size: 8
+            }
+        );
+    }
+
+    #[test]
+    fn layout_largest_table_has_2048_vectors_and_a_256_byte_pba() {
+        let l = MsixLayout::parse(&cap(0x07ff, 0x2000, 0xa000)).unwrap();
+        assert_eq!(l.vectors, 2048);
+        assert_eq!((l.table.offset, l.table.size), (0x2000, 2048 * 16));
+        assert_eq!((l.pba.offset, l.pba.size), (0xa000, 256));
+    }
+
+    #[test]
+    fn layout_ignores_enable_function_mask_and_reserved_control_bits() {
+        let l = MsixLayout::parse(&cap(0xf800 | 31, 0, 0x1000)).unwrap();
+        assert_eq!(l.vectors, 32);
+    }
+
+    #[test]
+    fn layout_splits_bir_from_offset() {
+        let l = MsixLayout::parse(&cap(15, 0x0001_2340 | 4, 0xffff_fff8 | 5)).unwrap();
+        assert_eq!((l.table.bir, l.table.offset), (4, 0x0001_2340));
+        assert_eq!((l.pba.bir, l.pba.offset), (5, 0xffff_fff8));
+    }
+
+    #[test]
+    fn layout_pba_is_whole_qwords() {
+        for (vectors, pba) in [(1, 8), (63, 8), (64, 8), (65, 16), (128, 16), (129, 24)] {
+            let l = MsixLayout::parse(&cap(vectors - 1, 0, 0x1000)).unwrap();
+            assert_eq!(u32::from(vectors), l.vectors);
+            assert_eq!(l.table.size, u32::from(vectors) * 16, "{vectors} vectors");
+            assert_eq!(l.pba.size, pba, "{vectors} vectors");
+        }
+    }
+
+    #[test]
+    fn layout_reads_only_the_first_12_bytes() {
+        let mut long = [0xffu8; 16];
+        long[..MSIX_CAP_LEN].copy_from_slice(&cap(3, 0x2000 | 1, 0x3000 | 1));
+        let l = MsixLayout::parse(&long).unwrap();
+        assert_eq!(l, MsixLayout::parse(&long[..MSIX_CAP_LEN]).unwrap());
+        assert_eq!((l.vectors, l.table.bir, l.pba.offset), (4, 1, 0x3000));
+    }
+
+    #[test]
+    fn layout_refuses_fewer_than_12_bytes() {
+        let b = cap(0, 0, 0x800);
+        for len in 0..MSIX_CAP_LEN {
+            let e = MsixLayout::parse(&b[..len]).unwrap_err();
+            assert_eq!(reason(e), "fewer than 12 bytes", "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn layout_refuses_a_wrong_capability_id() {
+        let mut b = cap(0, 0, 0x800);
+        b[0] = 0x05;
+        assert_eq!(
+            reason(MsixLayout::parse(&b).unwrap_err()),
+            "capability ID is not 0x11"
+        );
+    }
+
+    #[test]
+    fn layout_refuses_a_reserved_table_or_pba_bir() {
+        for bir in [6, 7] {
+            for (table, pba) in [(bir, 0), (0, bir), (bir, bir)] {
+                let e = MsixLayout::parse(&cap(0, table, 0x800 | pba)).unwrap_err();
+                assert_eq!(reason(e), "reserved BAR indicator", "{table} {pba}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_reports_the_layout_it_was_made_from() {
+        let b = cap(0xc000 | 40, 0x4000 | 3, 0x6000 | 2);
+        let l = MsixLayout::parse(&b).unwrap();
+        let from_bytes = MsixState::from_bytes(&b).unwrap();
+        let new = MsixState::new(41, 3, 0x4000, 2, 0x6000).unwrap();
+        for s in [&from_bytes, &new] {
+            assert_eq!(s.table_size(), l.vectors);
+            assert_eq!(s.table_location(), l.table);
+            assert_eq!(s.pba_location(), l.pba);
+        }
     }
 }

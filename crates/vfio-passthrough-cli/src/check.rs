@@ -7,7 +7,9 @@ use std::io;
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use crate::sysfs::{self, cap_id, ConfigInfo, Host, MsixInfo, Resource, ResourceKind, ROM_INDEX};
+use pci_interrupts::MsixBarLocation;
+
+use crate::sysfs::{self, cap_id, ConfigInfo, Host, Resource, ResourceKind, ROM_INDEX};
 
 /// The outcome of one item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -990,12 +992,24 @@ pub fn msix(host: &Host, dev: &Device) -> Item {
             "capability list not fully readable (see config space)",
         );
     };
-    let Some(m) = sysfs::parse_msix(cfg, off) else {
-        return Item::warn(
-            NAME,
-            format!("MSI-X capability at {off:#04x} is cut short"),
-            "run check as root to read the whole config space",
-        );
+    // The capability ID is MSI-X (that is how it was found): what the decode can refuse once
+    // all 12 bytes are there is a reserved BAR indicator (6 or 7).
+    let m = match sysfs::msix_layout(cfg, off) {
+        None => {
+            return Item::warn(
+                NAME,
+                format!("MSI-X capability at {off:#04x} is cut short"),
+                "run check as root to read the whole config space",
+            );
+        }
+        Some(Ok(m)) => m,
+        Some(Err(e)) => {
+            return Item::problem(
+                NAME,
+                format!("MSI-X capability at {off:#04x} is unusable ({e}): a VMM cannot place its table and PBA, so the guest gets no MSI-X"),
+                "the device's MSI-X capability names a reserved BAR: a device or firmware bug; use MSI or INTx in the guest",
+            );
+        }
     };
     let res: &[Resource] = dev.resources.as_deref().unwrap_or(&[]);
     let bar_of = |bir: u8| {
@@ -1003,24 +1017,19 @@ pub fn msix(host: &Host, dev: &Device) -> Item {
             .find(|r| r.index == usize::from(bir) && r.index < ROM_INDEX)
             .filter(|r| r.kind().is_some_and(|k| k != ResourceKind::Io))
     };
-    let what = |m: &MsixInfo| {
-        format!(
-            "{} vectors; table BAR{} +{:#x}, PBA BAR{} +{:#x}",
-            m.vectors, m.table_bar, m.table_offset, m.pba_bar, m.pba_offset
-        )
-    };
+    // (BAR, offset, size in bytes) of the table or PBA.
+    let place = |l: MsixBarLocation| (l.bir, u64::from(l.offset), u64::from(l.size));
+    let (table, pba) = (place(m.table), place(m.pba));
+    let what = format!(
+        "{} vectors; table BAR{} +{:#x}, PBA BAR{} +{:#x}",
+        m.vectors, table.0, table.1, pba.0, pba.1
+    );
     let vendor_bug = "the device's MSI-X capability does not match its BARs: a device or firmware bug; use MSI or INTx in the guest";
-    for (label, bir, o, s) in [
-        ("table", m.table_bar, m.table_offset, m.table_size()),
-        ("PBA", m.pba_bar, m.pba_offset, m.pba_size()),
-    ] {
+    for (label, (bir, o, s)) in [("table", table), ("PBA", pba)] {
         let Some(bar) = bar_of(bir) else {
             return Item::problem(
                 NAME,
-                format!(
-                    "{}: the {label} is in BAR{bir}, which is not a memory BAR",
-                    what(&m)
-                ),
+                format!("{what}: the {label} is in BAR{bir}, which is not a memory BAR"),
                 vendor_bug,
             );
         };
@@ -1028,38 +1037,30 @@ pub fn msix(host: &Host, dev: &Device) -> Item {
             return Item::problem(
                 NAME,
                 format!(
-                    "{}: the {label} ({s} bytes) runs past the end of BAR{bir} ({})",
-                    what(&m),
+                    "{what}: the {label} ({s} bytes) runs past the end of BAR{bir} ({})",
                     human_size(bar.size)
                 ),
                 vendor_bug,
             );
         }
     }
-    if m.table_bar == m.pba_bar
-        && m.table_offset < m.pba_offset.saturating_add(m.pba_size())
-        && m.pba_offset < m.table_offset.saturating_add(m.table_size())
+    if table.0 == pba.0
+        && table.1 < pba.1.saturating_add(pba.2)
+        && pba.1 < table.1.saturating_add(table.2)
     {
-        return Item::problem(
-            NAME,
-            format!("{}: table and PBA overlap", what(&m)),
-            vendor_bug,
-        );
+        return Item::problem(NAME, format!("{what}: table and PBA overlap"), vendor_bug);
     }
     let page = host.page_size;
-    let mut bars_with = vec![m.table_bar];
-    if m.pba_bar != m.table_bar {
-        bars_with.push(m.pba_bar);
+    let mut bars_with = vec![table.0];
+    if pba.0 != table.0 {
+        bars_with.push(pba.0);
     }
     for bir in bars_with {
-        let structs: Vec<(u64, u64)> = [
-            (m.table_bar, m.table_offset, m.table_size()),
-            (m.pba_bar, m.pba_offset, m.pba_size()),
-        ]
-        .into_iter()
-        .filter(|s| s.0 == bir)
-        .map(|s| (s.1, s.2))
-        .collect();
+        let structs: Vec<(u64, u64)> = [table, pba]
+            .into_iter()
+            .filter(|s| s.0 == bir)
+            .map(|s| (s.1, s.2))
+            .collect();
         let bar_size = bar_of(bir).map(|b| b.size).unwrap_or(0);
         let shared = page_sharing(&structs, bar_size, page);
         if !shared.is_empty() {
@@ -1070,8 +1071,7 @@ pub fn msix(host: &Host, dev: &Device) -> Item {
             return Item::warn(
                 NAME,
                 format!(
-                    "{}: with {} host pages, the MSI-X page(s) of BAR{bir} also cover {}, where other registers may live; the VMM traps that whole page, so those registers are slow to reach",
-                    what(&m),
+                    "{what}: with {} host pages, the MSI-X page(s) of BAR{bir} also cover {}, where other registers may live; the VMM traps that whole page, so those registers are slow to reach",
                     human_size(page),
                     ranges.join(", ")
                 ),
@@ -1081,7 +1081,7 @@ pub fn msix(host: &Host, dev: &Device) -> Item {
     }
     Item::ok(
         NAME,
-        format!("{}; alone in their {} pages", what(&m), human_size(page)),
+        format!("{what}; alone in their {} pages", human_size(page)),
     )
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context as _};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
-use pci_interrupts::{InterruptSourceGroup, MsiRoute};
+use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout, MSIX_CAP_ID};
 use serde::Serialize;
 use vfio_backend::irq;
 use vfio_fake_device::{edu, nvme_like};
@@ -415,13 +415,6 @@ fn u16_at(c: &[u8], off: usize) -> u16 {
         .unwrap_or(0)
 }
 
-fn u32_at(c: &[u8], off: usize) -> u32 {
-    c.get(off..off + 4)
-        .and_then(|b| <[u8; 4]>::try_from(b).ok())
-        .map(u32::from_le_bytes)
-        .unwrap_or(0)
-}
-
 fn u8_at(c: &[u8], off: usize) -> u8 {
     c.get(off).copied().unwrap_or(0)
 }
@@ -568,18 +561,17 @@ fn interrupts(dev: &VfioPciDevice, c: &[u8]) -> Interrupts {
             per_vector_mask: ctrl & 0x100 != 0,
         }
     });
-    let msix = find(0x11).map(|k| {
-        let off = usize::from(k.offset);
-        let table = u32_at(c, off + 4);
-        let pba = u32_at(c, off + 8);
-        MsixReport {
+    // A kept MSI-X capability is the emulated one, which always decodes.
+    let msix = find(u16::from(MSIX_CAP_ID)).and_then(|k| {
+        let m = MsixLayout::parse(c.get(usize::from(k.offset)..)?).ok()?;
+        Some(MsixReport {
             offset: k.offset,
-            vectors: u32::from(u16_at(c, off + 2) & 0x7ff) + 1,
-            table_bar: (table & 7) as u8,
-            table_offset: table & !7,
-            pba_bar: (pba & 7) as u8,
-            pba_offset: pba & !7,
-        }
+            vectors: m.vectors,
+            table_bar: m.table.bir,
+            table_offset: m.table.offset,
+            pba_bar: m.pba.bir,
+            pba_offset: m.pba.offset,
+        })
     });
     let pin = u8_at(c, 0x3d);
     let count = |i| dev.vfio().irq_info(i).map(|r| r.count).unwrap_or(0);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
+use pci_interrupts::{MsixLayout, MSIX_CAP_ID, MSIX_CAP_LEN};
 use serde::Serialize;
 use vfio_backend::Vfio;
 use vfio_fake_device::{lspci, DeviceTemplate, FakeDevice};
@@ -265,25 +266,35 @@ fn rd32(c: &[u8], off: usize) -> u32 {
         .unwrap_or(0)
 }
 
-/// The end of the MSI-X table and PBA in each BAR: a lower bound on its size.
-fn msix_extent(config: &[u8]) -> [u64; 6] {
+/// The end of the MSI-X table and PBA in each BAR: a lower bound on its size. A capability
+/// that cannot be decoded (it names a reserved BAR, 6 or 7) is an error that says where it is.
+fn msix_extent(config: &[u8]) -> anyhow::Result<[u64; 6]> {
     let mut ext = [0u64; 6];
     let (caps, _) = pci_config::parse_capabilities_lenient(config);
-    if let Some(c) = caps.iter().find(|c| c.id == 0x11) {
-        let off = usize::from(c.offset);
-        let ctrl = rd32(config, off) >> 16;
-        let vectors = u64::from(ctrl & 0x7ff) + 1;
-        let table = rd32(config, off + 4);
-        let pba = rd32(config, off + 8);
-        let t_end = u64::from(table & !7) + 16 * vectors;
-        let p_end = u64::from(pba & !7) + vectors.div_ceil(64) * 8;
-        for (reg, end) in [(table, t_end), (pba, p_end)] {
-            if let Some(e) = ext.get_mut((reg & 7) as usize) {
-                *e = (*e).max(end);
-            }
+    let Some(c) = caps.iter().find(|c| c.id == MSIX_CAP_ID) else {
+        return Ok(ext);
+    };
+    // A malformed dump can end inside the capability: the bytes past its end read 0.
+    let mut cap = [0u8; MSIX_CAP_LEN];
+    for (dst, src) in cap
+        .iter_mut()
+        .zip(config.iter().skip(usize::from(c.offset)))
+    {
+        *dst = *src;
+    }
+    let m = MsixLayout::parse(&cap).map_err(|e| {
+        anyhow!(
+            "the dump's MSI-X capability at {:#x} is unusable ({e}): no VMM can place its \
+             table and PBA, so this device cannot be passed through as dumped",
+            c.offset
+        )
+    })?;
+    for l in [m.table, m.pba] {
+        if let Some(e) = ext.get_mut(usize::from(l.bir)) {
+            *e = (*e).max(u64::from(l.offset) + u64::from(l.size));
         }
     }
-    ext
+    Ok(ext)
 }
 
 /// Builds a template from dump text, taking BAR sizes from `given`, else
@@ -295,7 +306,7 @@ pub fn template_from_text(
     let dump = lspci::parse(text).map_err(|e| anyhow!("{e}"))?;
     let config = dump.config;
     let (tagged, _) = sizes_from_text(text);
-    let msix = msix_extent(&config);
+    let msix = msix_extent(&config)?;
     let mut sizes: [Option<u64>; 6] = [None; 6];
     let mut notes = Vec::new();
     let mut i = 0usize;
@@ -475,6 +486,44 @@ mod tests {
         assert_eq!(notes.len(), 1);
         assert_eq!(notes[0].source, "guessed");
         assert!(notes[0].how.as_deref().unwrap().contains("MSI-X"));
+    }
+
+    #[test]
+    fn msix_extent_is_the_end_of_the_table_and_pba_in_their_bars() {
+        let mut c = nvme_like_config();
+        assert_eq!(msix_extent(&c).unwrap(), [0x3210, 0, 0, 0, 0, 0]);
+        // Table in BAR2, PBA in BAR4 (BIR in bits 2:0, offset above).
+        c[0x44..0x48].copy_from_slice(&(0x3000u32 | 2).to_le_bytes());
+        c[0x48..0x4c].copy_from_slice(&(0x2000u32 | 4).to_le_bytes());
+        assert_eq!(msix_extent(&c).unwrap(), [0, 0, 0x3210, 0, 0x2008, 0]);
+    }
+
+    #[test]
+    fn msix_capability_with_a_reserved_bir_is_refused_naming_the_capability() {
+        for (table, pba) in [(6u32, 0u32), (0, 7)] {
+            let mut c = nvme_like_config();
+            c[0x44..0x48].copy_from_slice(&(0x3000 | table).to_le_bytes());
+            c[0x48..0x4c].copy_from_slice(&(0x2000 | pba).to_le_bytes());
+            let e = msix_extent(&c).unwrap_err().to_string();
+            assert!(e.contains("MSI-X capability at 0x40"), "{e}");
+            assert!(e.contains("reserved BAR indicator"), "{e}");
+            // --fake-config stops there, before guessing any BAR size.
+            let e = template_from_text(&hex(&c, "03:00.0 x"), &[]).unwrap_err();
+            let e = e.to_string();
+            assert!(e.contains("MSI-X capability at 0x40 is unusable"), "{e}");
+        }
+    }
+
+    #[test]
+    fn msix_capability_cut_off_by_the_end_of_config_space_reads_zeros_past_it() {
+        // MSI-X at 0xf8 of a 256-byte dump: message control and table dword are there, the
+        // PBA dword would be at 0x100 and reads 0 (PBA at BAR0 +0).
+        let mut c = nvme_like_config();
+        c[0x34] = 0xf8;
+        c[0xf8] = 0x11;
+        c[0xfa..0xfc].copy_from_slice(&32u16.to_le_bytes());
+        c[0xfc..0x100].copy_from_slice(&(0x3000u32 | 2).to_le_bytes());
+        assert_eq!(msix_extent(&c).unwrap(), [8, 0, 0x3210, 0, 0, 0]);
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use pci_interrupts::{MsixLayout, MSIX_CAP_LEN};
+
 /// Who will open the VFIO device nodes: the user the permission check is made for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserIds {
@@ -351,45 +353,12 @@ impl ConfigInfo {
     }
 }
 
-/// MSI-X table and PBA placement (PCI Local Bus 3.0, 6.8.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct MsixInfo {
-    /// Number of table entries.
-    pub vectors: u32,
-    /// BAR holding the table.
-    pub table_bar: u8,
-    /// Offset of the table in that BAR.
-    pub table_offset: u64,
-    /// BAR holding the PBA.
-    pub pba_bar: u8,
-    /// Offset of the PBA in that BAR.
-    pub pba_offset: u64,
-}
-
-impl MsixInfo {
-    /// Table size in bytes (16 per entry).
-    pub fn table_size(&self) -> u64 {
-        u64::from(self.vectors) * 16
-    }
-
-    /// PBA size in bytes (one bit per vector, in QWORDs).
-    pub fn pba_size(&self) -> u64 {
-        u64::from(self.vectors).div_ceil(64) * 8
-    }
-}
-
-/// Reads the MSI-X capability at `off`.
-pub fn parse_msix(cfg: &[u8], off: usize) -> Option<MsixInfo> {
-    let ctrl = read_u16(cfg, off.checked_add(2)?)?;
-    let table = read_u32(cfg, off.checked_add(4)?)?;
-    let pba = read_u32(cfg, off.checked_add(8)?)?;
-    Some(MsixInfo {
-        vectors: u32::from(ctrl & 0x7ff) + 1,
-        table_bar: (table & 0x7) as u8,
-        table_offset: u64::from(table & !0x7),
-        pba_bar: (pba & 0x7) as u8,
-        pba_offset: u64::from(pba & !0x7),
-    })
+/// The MSI-X capability at `off`, decoded (table and PBA placement, PCI Local Bus 3.0, 6.8.2):
+/// `None` when config space ends before its 12 bytes, an error when they are not a usable MSI-X
+/// capability (wrong ID, reserved BAR indicator).
+pub fn msix_layout(cfg: &[u8], off: usize) -> Option<pci_interrupts::Result<MsixLayout>> {
+    let bytes = cfg.get(off..off.checked_add(MSIX_CAP_LEN)?)?;
+    Some(MsixLayout::parse(bytes))
 }
 
 /// PCIe Device Capabilities bit 28: Function Level Reset capability.
@@ -506,13 +475,29 @@ mod tests {
     #[test]
     fn msix_fields_decode_bir_offset_and_table_size() {
         let mut cfg = vec![0u8; 256];
+        cfg[0x50] = cap_id::MSIX;
         cfg[0x52..0x54].copy_from_slice(&0x001fu16.to_le_bytes()); // 32 vectors
         cfg[0x54..0x58].copy_from_slice(&(0x2000u32 | 3).to_le_bytes());
         cfg[0x58..0x5c].copy_from_slice(&(0x3000u32 | 3).to_le_bytes());
-        let m = parse_msix(&cfg, 0x50).unwrap();
-        assert_eq!((m.vectors, m.table_bar, m.table_offset), (32, 3, 0x2000));
-        assert_eq!((m.pba_bar, m.pba_offset), (3, 0x3000));
-        assert_eq!((m.table_size(), m.pba_size()), (512, 8));
+        let m = msix_layout(&cfg, 0x50).unwrap().unwrap();
+        assert_eq!((m.vectors, m.table.bir, m.table.offset), (32, 3, 0x2000));
+        assert_eq!((m.pba.bir, m.pba.offset), (3, 0x3000));
+        assert_eq!((m.table.size, m.pba.size), (512, 8));
+    }
+
+    #[test]
+    fn msix_capability_cut_short_or_naming_a_reserved_bar_is_not_decoded() {
+        let mut cfg = vec![0u8; 256];
+        cfg[0xf4] = cap_id::MSIX;
+        assert!(msix_layout(&cfg, 0xf4).unwrap().is_ok());
+        assert!(msix_layout(&cfg, 0xf8).is_none());
+        assert!(msix_layout(&cfg[..0xff], 0xf4).is_none());
+        assert!(msix_layout(&cfg, usize::MAX).is_none());
+        cfg[0xf8] = 6; // table BIR 6
+        assert!(msix_layout(&cfg, 0xf4).unwrap().is_err());
+        cfg[0xf8] = 0;
+        cfg[0xfc] = 7; // PBA BIR 7
+        assert!(msix_layout(&cfg, 0xf4).unwrap().is_err());
     }
 
     #[test]

@@ -540,6 +540,41 @@ fn msix_table_past_the_end_of_its_bar_is_a_problem() {
 }
 
 #[test]
+fn msix_naming_a_reserved_bar_is_a_problem_with_a_fix() {
+    for (tbir, pbir) in [(6, 3), (3, 7)] {
+        let f = Fake::new();
+        f.add(Dev {
+            config: Cfg {
+                msix: Some((4, tbir, 0, pbir, 0x800)),
+                ..Cfg::default()
+            }
+            .bytes(),
+            ..Dev::default()
+        });
+        let r = f.check(&[]);
+        assert_eq!(r.code, 1, "{}", r.stdout);
+        let (line, fix) = r.item("MSI-X");
+        assert!(
+            line.starts_with("[FAIL]")
+                && line.contains("at 0x70")
+                && line.contains("reserved BAR indicator"),
+            "{line}"
+        );
+        let fix = fix.unwrap();
+        assert!(fix.contains("reserved BAR") && !fix.contains('\n'), "{fix}");
+        let v: serde_json::Value = serde_json::from_str(&f.check(&["--json"]).stdout).unwrap();
+        let items = v["items"].as_array().unwrap();
+        let item = items.iter().find(|i| i["name"] == "MSI-X").unwrap();
+        assert_eq!(item["verdict"], "problem");
+        assert!(item["detail"]
+            .as_str()
+            .unwrap()
+            .contains("reserved BAR indicator"));
+        assert!(item["fix"].as_str().unwrap().contains("MSI or INTx"));
+    }
+}
+
+#[test]
 fn bar32_larger_than_the_32bit_window_is_a_problem() {
     let f = Fake::new();
     f.add(Dev {
