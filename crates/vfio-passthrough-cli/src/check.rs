@@ -553,12 +553,28 @@ pub fn modes(host: &Host, dev: &Device) -> Modes {
         },
     };
 
+    let vfio_dev = format!("{}/vfio-dev", dev.dir);
     let cdev_name = host
-        .list_dir(&format!("{}/vfio-dev", dev.dir))
+        .list_dir(&vfio_dev)
         .unwrap_or_default()
         .into_iter()
         .find(|n| n.starts_with("vfio"));
     let cdev = match cdev_name {
+        // The kernel lists every vfio device in vfio-dev/, but only one with a cdev has a
+        // device number (`dev`); a no-IOMMU device has none, and no /dev/vfio/devices node
+        // will ever appear for it.
+        Some(n) if !host.exists(&format!("{vfio_dev}/{n}/dev")) => ModeState {
+            available: false,
+            nodes: Vec::new(),
+            detail: format!(
+                "{vfio_dev}/{n} has no device number: the kernel gives this device no cdev{}",
+                if noiommu_group {
+                    " (a no-IOMMU device)"
+                } else {
+                    ""
+                }
+            ),
+        },
         Some(n) => {
             let node = format!("/dev/vfio/devices/{n}");
             state(

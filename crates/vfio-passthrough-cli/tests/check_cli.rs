@@ -679,7 +679,10 @@ fn group_node_the_vmm_user_cannot_open_is_a_problem() {
 #[test]
 fn cdev_mode_is_reported_when_iommufd_and_the_vfio_cdev_exist() {
     let f = ready_host();
-    f.mkdir(&format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0"));
+    f.write(
+        &format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0/dev"),
+        "511:0\n",
+    );
     f.node("dev/vfio/devices/vfio0", 0o666);
     f.node("dev/iommu", 0o666);
     let r = f.check(&[]);
@@ -700,7 +703,10 @@ fn cdev_mode_is_reported_when_iommufd_and_the_vfio_cdev_exist() {
 #[test]
 fn cdev_without_dev_iommu_is_reported_missing() {
     let f = ready_host();
-    f.mkdir(&format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0"));
+    f.write(
+        &format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0/dev"),
+        "511:0\n",
+    );
     f.node("dev/vfio/devices/vfio0", 0o666);
     let r = f.check(&[]);
     assert!(r
@@ -736,6 +742,63 @@ fn noiommu_mode_is_reported_with_the_isolation_warning() {
     assert!(line.contains("legacy group/container: no"), "{line}");
     assert!(line.contains("gives up DMA isolation"), "{line}");
     assert!(fix.unwrap().contains("trusted"));
+}
+
+/// Seen on a real 6.12 kernel (cargo xtask hwtest --kernel custom, no-IOMMU boot): a no-IOMMU
+/// device is listed in `vfio-dev/vfioN` too, but without a `dev` attribute, and no
+/// `/dev/vfio/devices/vfioN` ever appears. That is no cdev, not a missing node.
+#[test]
+fn vfio_dev_entry_without_a_device_number_is_no_cdev_not_a_missing_node() {
+    let f = Fake::new();
+    f.remove("sys/class/iommu/dmar0");
+    f.write(
+        "sys/module/vfio/parameters/enable_unsafe_noiommu_mode",
+        "Y\n",
+    );
+    f.add(Dev {
+        group: Some(0),
+        ..Dev::default()
+    });
+    f.remove("dev/vfio/0");
+    f.write("sys/kernel/iommu_groups/0/name", "vfio-noiommu\n");
+    f.node("dev/vfio/noiommu-0", 0o666);
+    f.mkdir(&format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0"));
+    f.node("dev/iommu", 0o666);
+    let r = f.check(&["--json"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let cdev = &v["modes"]["cdev"];
+    assert_eq!(cdev["available"], false);
+    assert_eq!(cdev["nodes"], serde_json::json!([]));
+    let detail = cdev["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("vfio-dev/vfio0 has no device number")
+            && detail.contains("no cdev (a no-IOMMU device)"),
+        "{detail}"
+    );
+    assert!(!detail.contains("missing"), "{detail}");
+    // Only no-IOMMU nodes are judged for permissions.
+    let nodes = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "device nodes")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!nodes.contains("/dev/iommu"), "{nodes}");
+    // With a device number, the same entry is a cdev whose node is missing.
+    f.write(
+        &format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0/dev"),
+        "511:0\n",
+    );
+    let r = f.check(&["--json"]);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(
+        v["modes"]["cdev"]["detail"],
+        "missing /dev/vfio/devices/vfio0"
+    );
 }
 
 #[test]
