@@ -10,7 +10,7 @@
 //!
 //! Everything the guest needs is fetched or built under `target/hwtest/` and reused: the host
 //! tools (apt, when missing), the kernel and busybox packages (`apt-get download` + `dpkg -x`),
-//! the static test binary (its own cargo target dir), the initramfs (rebuilt only when an input
+//! the static test binary and operator CLI (their own cargo target dir), the initramfs (rebuilt only when an input
 //! changed) and the NVMe backing file. A second run only boots.
 //!
 //! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
@@ -172,9 +172,21 @@ pub fn run(args: &[String]) -> Result<()> {
     }
 }
 
-/// Builds the test binary, statically linked so it runs in an initramfs with no libc, in its
-/// own target dir so the normal build's cache is not invalidated by the different RUSTFLAGS.
-fn build_hwtest(cache: &Path) -> Result<PathBuf> {
+/// The statically linked binaries the guest runs (or `--device` runs on the host).
+struct GuestBins {
+    /// `vfio-hwtest`, the scenario runner.
+    hwtest: PathBuf,
+    /// `vfio-passthrough`, the operator CLI its `cli-*` scenarios spawn.
+    cli: PathBuf,
+}
+
+/// Builds the test binary and the operator CLI, statically linked so they run in an initramfs
+/// with no libc, in their own target dir so the normal build's cache is not invalidated by the
+/// different RUSTFLAGS. One cargo invocation: the CLI gets the same flags, and cargo's feature
+/// unification gives both the same `vfio-backend` (with `iommufd`, which vfio-hwtest turns on;
+/// the CLI has no features of its own, and its `check` reads iommufd and cdev support from
+/// sysfs and `/dev`).
+fn build_guest_bins(cache: &Path) -> Result<GuestBins> {
     let target_dir = cache.join("build");
     let mut c = cargo();
     c.args([
@@ -182,6 +194,8 @@ fn build_hwtest(cache: &Path) -> Result<PathBuf> {
         "--release",
         "-p",
         "vfio-hwtest",
+        "-p",
+        "vfio-passthrough-cli",
         "--target",
         STATIC_TARGET,
     ])
@@ -189,18 +203,24 @@ fn build_hwtest(cache: &Path) -> Result<PathBuf> {
     // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
     .env_remove("CARGO_ENCODED_RUSTFLAGS")
     .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    // Smaller initramfs: no debug info in the guest binary.
+    // Smaller initramfs: no debug info in the guest binaries.
     .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
     .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
-    run_cmd("build vfio-hwtest (static)", c)?;
-    let bin = target_dir.join(STATIC_TARGET).join("release/vfio-hwtest");
-    if elf_interpreter(&bin)? {
-        bail!(
-            "{} is dynamically linked (has PT_INTERP): it cannot run in the initramfs",
-            bin.display()
-        );
+    run_cmd("build vfio-hwtest and vfio-passthrough (static)", c)?;
+    let release = target_dir.join(STATIC_TARGET).join("release");
+    let bins = GuestBins {
+        hwtest: release.join("vfio-hwtest"),
+        cli: release.join("vfio-passthrough"),
+    };
+    for bin in [&bins.hwtest, &bins.cli] {
+        if elf_interpreter(bin)? {
+            bail!(
+                "{} is dynamically linked (has PT_INTERP): it cannot run in the initramfs",
+                bin.display()
+            );
+        }
     }
-    Ok(bin)
+    Ok(bins)
 }
 
 /// Whether an x86-64 ELF file asks for a dynamic loader (has a `PT_INTERP` program header).
@@ -344,7 +364,7 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         kernel::ensure_kernel(&mut apt, cache, &opts.kernel, opts.refresh)?
     };
     let busybox = kernel::ensure_busybox(&mut apt, cache)?;
-    let hwtest = build_hwtest(cache)?;
+    let bins = build_guest_bins(cache)?;
 
     let mut args = Vec::new();
     for id in QEMU_BIND_IDS {
@@ -356,7 +376,8 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         &initramfs::Inputs {
             kernel: &kernel,
             busybox: &busybox,
-            hwtest: &hwtest,
+            hwtest: &bins.hwtest,
+            cli: &bins.cli,
             bind_ids: QEMU_BIND_IDS,
             hwtest_args: args,
         },
@@ -597,11 +618,14 @@ fn run_host(opts: &Options, cache: &Path) -> Result<()> {
             ));
         }
     }
-    let hwtest = build_hwtest(cache)?;
-    let mut c = Command::new(&hwtest);
+    let bins = build_guest_bins(cache)?;
+    let hwtest = &bins.hwtest;
+    let mut c = Command::new(hwtest);
     for bdf in &opts.devices {
         c.args(["--device", bdf]);
     }
+    // The CLI scenarios spawn the static CLI built beside it (args after `--` may override).
+    c.arg("--cli").arg(&bins.cli);
     c.args(&opts.hwtest_args);
     let log = cache.join("host-run.log");
     step(&format!(

@@ -20,6 +20,7 @@ use std::cell::RefCell;
 use std::fmt;
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
+use std::path::Path;
 use std::sync::Mutex;
 
 /// The prefix of every scenario line.
@@ -69,6 +70,8 @@ pub struct Ctx<'a> {
     /// How the kernel backend opens devices in this run (`--mode`); open them with
     /// [`crate::modes::open_device`] / [`crate::modes::open_kernel`].
     pub mode: Mode,
+    /// The `vfio-passthrough` binary the CLI scenarios spawn (`--cli`).
+    pub cli: &'a Path,
 }
 
 impl Ctx<'_> {
@@ -257,6 +260,9 @@ pub struct RunOptions<'a> {
     pub only: Option<&'a str>,
     /// The mode scenarios see in [`Ctx::mode`].
     pub mode: Mode,
+    /// The CLI binary scenarios see in [`Ctx::cli`] (`--cli`); `None`:
+    /// [`crate::cli::DEFAULT_CLI`].
+    pub cli: Option<&'a Path>,
 }
 
 /// Runs the table, writes one line per scenario instance and the closing summary line.
@@ -275,6 +281,7 @@ pub fn run_all(
         problems,
         required,
         mode: opts.mode,
+        cli: opts.cli.unwrap_or(Path::new(crate::cli::DEFAULT_CLI)),
     };
     for s in table {
         if opts.only.is_some_and(|o| !s.name.contains(o)) {

@@ -1,7 +1,8 @@
 //! `vfio-hwtest`: hardware scenarios against PCI functions bound to the kernel's `vfio-pci`.
 //!
 //! ```text
-//! vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--list]
+//! vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--cli PATH]
+//!             [--list]
 //! ```
 //!
 //! Without `--device`, every function bound to `vfio-pci` is tested. Each scenario prints one
@@ -11,6 +12,7 @@
 //! `cargo xtask hwtest` builds this statically and runs it in a QEMU guest (`--qemu`) or on
 //! the host (`--device`).
 
+mod cli;
 mod device;
 mod edu;
 mod harness;
@@ -23,11 +25,12 @@ mod vmm;
 use anyhow::{bail, Context, Result};
 use device::{canonical_bdf, Device, PciId};
 use harness::RunOptions;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING]
-                   [--list]
+                   [--cli PATH] [--list]
 
   --mode MODE                how devices are opened: legacy (container + group, default),
                              iommufd (/dev/iommu + vfio cdev) or noiommu (explicit opt-in;
@@ -37,6 +40,8 @@ usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... 
   --device BDF               a function bound to vfio-pci (repeatable); default: every one
   --require VENDOR:DEVICE    fail unless a device under test has this id (repeatable)
   --only SUBSTRING           run only scenarios whose name contains SUBSTRING
+  --cli PATH                 the vfio-passthrough binary the cli-* scenarios run (default
+                             /vfio-passthrough; they are skipped when it does not exist)
   --list                     print the scenario names and exit
 ";
 
@@ -48,6 +53,7 @@ struct Args {
     only: Option<String>,
     list: bool,
     mode: modes::Mode,
+    cli: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -65,6 +71,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--only" => out.only = Some(value("--only")?),
             "--list" => out.list = true,
             "--mode" => out.mode = modes::Mode::parse(&value("--mode")?)?,
+            "--cli" => out.cli = Some(PathBuf::from(value("--cli")?)),
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -98,6 +105,7 @@ fn run(args: &Args) -> Result<bool> {
     let opts = RunOptions {
         only: args.only.as_deref(),
         mode: args.mode,
+        cli: args.cli.as_deref(),
     };
     // The common set, then the scenarios of this mode.
     let table: Vec<harness::Scenario> = scenarios::SCENARIOS
@@ -155,6 +163,13 @@ mod tests {
         .unwrap();
         assert_eq!(a.devices, ["0000:00:01.0", "0000:00:02.0"]);
         assert_eq!(a.required, [scenarios::EDU]);
+        assert_eq!(a.cli, None);
+        let a = parse_args(&argv(&["--cli", "/opt/vfio-passthrough"])).unwrap();
+        assert_eq!(
+            a.cli.as_deref(),
+            Some(std::path::Path::new("/opt/vfio-passthrough"))
+        );
+        assert!(parse_args(&argv(&["--cli"])).is_err());
     }
 
     #[test]

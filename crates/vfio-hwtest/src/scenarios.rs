@@ -5,11 +5,12 @@
 //! the test playing both VMM and guest: [`crate::stack`] for any function, [`crate::edu`] for
 //! QEMU's edu ([`EDU`]) and [`crate::nvme`] for QEMU's NVMe controller ([`QEMU_NVME`]). Each is
 //! a function `fn(&Ctx) -> Result<Outcome>` and a [`Needs`] that says whether it runs once, on
-//! every device, or on devices of one ID.
+//! every device, or on devices of one ID. The last ones, [`crate::cli`], spawn the operator
+//! command `vfio-passthrough` on each device.
 
 use crate::device::{link_name, PciId};
 use crate::harness::{Ctx, Needs, Outcome, Scenario};
-use crate::{edu, nvme, stack};
+use crate::{cli, edu, nvme, stack};
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -137,6 +138,17 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "nvme-reset-reinit",
         needs: Needs::DeviceId(QEMU_NVME),
         run: nvme::reset_reinit,
+    },
+    // The operator CLI (`vfio-passthrough`, spawned) against the real kernel.
+    Scenario {
+        name: "cli-check",
+        needs: Needs::EachDevice,
+        run: cli::check,
+    },
+    Scenario {
+        name: "cli-inspect",
+        needs: Needs::EachDevice,
+        run: cli::inspect,
     },
 ];
 
@@ -283,8 +295,19 @@ fn iommu_group_viable(ctx: &Ctx<'_>) -> Result<Outcome> {
         members.push(format!("{}={driver}", e.file_name().to_string_lossy()));
     }
     members.sort();
-    let node =
-        group_node(&group).with_context(|| format!("group {group} has no /dev/vfio node"))?;
+    let flags = group_status_flags(&group)?;
+    let detail = format!("group {group} flags {flags:#x}: {}", members.join(" "));
+    ensure!(
+        flags & VFIO_GROUP_FLAGS_VIABLE != 0,
+        "group not viable: {detail}"
+    );
+    Ok(Outcome::Pass(detail))
+}
+
+/// `VFIO_GROUP_GET_STATUS` of IOMMU group `group` (its `/dev/vfio` node is opened and closed
+/// again before this returns): the `VFIO_GROUP_FLAGS_*` bits.
+fn group_status_flags(group: &str) -> Result<u32> {
+    let node = group_node(group).with_context(|| format!("group {group} has no /dev/vfio node"))?;
     let file = open_rw(&node)?;
     let mut status = GroupStatus {
         argsz: std::mem::size_of::<GroupStatus>() as u32,
@@ -302,16 +325,13 @@ fn iommu_group_viable(ctx: &Ctx<'_>) -> Result<Outcome> {
     if r < 0 {
         return Err(std::io::Error::last_os_error()).context("VFIO_GROUP_GET_STATUS");
     }
-    let detail = format!(
-        "group {group} flags {:#x}: {}",
-        status.flags,
-        members.join(" ")
-    );
-    ensure!(
-        status.flags & VFIO_GROUP_FLAGS_VIABLE != 0,
-        "group not viable: {detail}"
-    );
-    Ok(Outcome::Pass(detail))
+    Ok(status.flags)
+}
+
+/// Whether the kernel says IOMMU group `group` is viable (`VFIO_GROUP_GET_STATUS`), opening
+/// and closing its `/dev/vfio` node meanwhile.
+pub fn group_viable(group: &str) -> Result<bool> {
+    Ok(group_status_flags(group)? & VFIO_GROUP_FLAGS_VIABLE != 0)
 }
 
 /// The first bytes of sysfs `config` hold the same vendor and device IDs as the `vendor` and

@@ -1,4 +1,5 @@
-//! The guest's initramfs: busybox, the kernel modules vfio-pci needs, the test binary and an
+//! The guest's initramfs: busybox, the kernel modules vfio-pci needs, the test binary, the
+//! operator CLI (`/vfio-passthrough`, which the test binary's `cli-*` scenarios spawn) and an
 //! `/init` script, written as a cpio "newc" archive by hand and compressed with `gzip`.
 
 use super::host::tool;
@@ -17,6 +18,10 @@ pub const GUEST_MODULES: &[&str] = &["nvme", "vfio_iommu_type1", "vfio_pci"];
 pub const STATUS_PREFIX: &str = "HWTEST-STATUS: ";
 /// The prefix of `/init`'s own progress lines.
 pub const INIT_PREFIX: &str = "HWTEST-INIT: ";
+/// Where the test binary sits in the image (`/init` runs it).
+pub const HWTEST_MEMBER: &str = "vfio-hwtest";
+/// Where the operator CLI sits: the default `--cli` of `vfio-hwtest` (crates/vfio-hwtest/src/cli.rs).
+pub const CLI_MEMBER: &str = "vfio-passthrough";
 
 // ---------------------------------------------------------------------------------------------
 // cpio newc
@@ -215,7 +220,7 @@ for dev in /sys/bus/pci/devices/*; do
 done
 
 say "running vfio-hwtest (mode ${{MODE:-default}}) at $(uptime_s) s"
-/vfio-hwtest $MODEARGS $DEVICES {args}
+/{HWTEST_MEMBER} $MODEARGS $DEVICES --cli /{CLI_MEMBER} {args}
 rc=$?
 say "vfio-hwtest exited $rc at $(uptime_s) s"
 [ $rc = 0 ] || STATUS=1
@@ -239,6 +244,8 @@ pub struct Inputs<'a> {
     pub busybox: &'a Path,
     /// The static test binary.
     pub hwtest: &'a Path,
+    /// The static operator CLI (`vfio-passthrough`).
+    pub cli: &'a Path,
     /// IDs to bind to vfio-pci.
     pub bind_ids: &'a [&'a str],
     /// Extra arguments for the test binary.
@@ -288,30 +295,18 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
         bind_ids: inp.bind_ids,
         hwtest_args: inp.hwtest_args.clone(),
     });
-    let mut stamp = format!(
-        "init {:016x}\n",
-        fnv1a(0xcbf2_9ce4_8422_2325, init.as_bytes())
-    );
-    stamp.push_str(&file_stamp(inp.busybox)?);
-    stamp.push_str(&file_stamp(inp.hwtest)?);
-    for f in &plan.files {
-        stamp.push_str(&file_stamp(&k.root.join(f))?);
-    }
+    let module_files: Vec<PathBuf> = plan.files.iter().map(|f| k.root.join(f)).collect();
+    let stamp = inputs_stamp(&init, inp, &module_files)?;
     if image.is_file() && fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str()) {
         return Ok((image, false));
     }
 
-    let mut cpio = Cpio::new();
-    for d in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root",
-    ] {
-        cpio.dir(d)?;
-    }
-    // The kernel opens /dev/console before /init runs (devtmpfs is not mounted yet).
-    cpio.char_dev("dev/console", 0o600, 5, 1)?;
-    cpio.file("init", 0o755, init.as_bytes())?;
-    cpio.file("bin/busybox", 0o755, &read(inp.busybox)?)?;
-    cpio.file("vfio-hwtest", 0o755, &read(inp.hwtest)?)?;
+    let mut cpio = base_archive(
+        &init,
+        &read(inp.busybox)?,
+        &read(inp.hwtest)?,
+        &read(inp.cli)?,
+    )?;
 
     // The modules, and a modules.dep that names only them (busybox modprobe reads the text
     // form; dependencies of an included module are included, so no line points outside).
@@ -344,6 +339,41 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
         }
     }
     write_image(cpio, &image, &stamp_path, &stamp)
+}
+
+/// The fingerprint of an image's inputs: the `/init` text, then path, size and mtime of
+/// busybox, the test binary, the CLI and each module file. An image whose recorded stamp
+/// differs is rebuilt.
+fn inputs_stamp(init: &str, inp: &Inputs<'_>, module_files: &[PathBuf]) -> Result<String> {
+    let mut stamp = format!(
+        "init {:016x}\n",
+        fnv1a(0xcbf2_9ce4_8422_2325, init.as_bytes())
+    );
+    for f in [inp.busybox, inp.hwtest, inp.cli] {
+        stamp.push_str(&file_stamp(f)?);
+    }
+    for f in module_files {
+        stamp.push_str(&file_stamp(f)?);
+    }
+    Ok(stamp)
+}
+
+/// The archive without modules: the directories, `/dev/console`, `/init`, busybox, the test
+/// binary and the CLI.
+fn base_archive(init: &str, busybox: &[u8], hwtest: &[u8], cli: &[u8]) -> Result<Cpio> {
+    let mut cpio = Cpio::new();
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "etc", "root",
+    ] {
+        cpio.dir(d)?;
+    }
+    // The kernel opens /dev/console before /init runs (devtmpfs is not mounted yet).
+    cpio.char_dev("dev/console", 0o600, 5, 1)?;
+    cpio.file("init", 0o755, init.as_bytes())?;
+    cpio.file("bin/busybox", 0o755, busybox)?;
+    cpio.file(HWTEST_MEMBER, 0o755, hwtest)?;
+    cpio.file(CLI_MEMBER, 0o755, cli)?;
+    Ok(cpio)
 }
 
 /// Ends the archive, compresses it into `image` and records the inputs' stamp.
@@ -480,11 +510,79 @@ mod tests {
         assert!(s.starts_with("#!/bin/busybox sh\n"));
         assert!(s.contains("for m in nvme vfio_pci; do"));
         assert!(s.contains("case \"$id\" in 0x1234:0x11e8|0x1b36:0x0010)"));
-        assert!(s.contains("/vfio-hwtest $MODEARGS $DEVICES --require 1234:11e8"));
+        assert!(s.contains(
+            "/vfio-hwtest $MODEARGS $DEVICES --cli /vfio-passthrough --require 1234:11e8"
+        ));
         assert!(s.contains("hwtest.mode=*) MODE=${w#hwtest.mode=}"));
         assert!(s.contains("/dev/vfio/noiommu-$group"));
         assert!(s.contains("echo \"HWTEST-STATUS: $STATUS\""));
         assert!(s.contains("seek=244"), "0xf4 = 244");
+    }
+
+    #[test]
+    fn image_holds_init_busybox_the_test_binary_and_the_cli_all_executable() {
+        let members = parse(
+            &base_archive("#!/bin/busybox sh\n", b"BB", b"HWTEST", b"CLI")
+                .unwrap()
+                .finish()
+                .unwrap(),
+        );
+        let get = |name: &str| {
+            members
+                .iter()
+                .find(|m| m.0 == name)
+                .unwrap_or_else(|| panic!("no member {name}"))
+        };
+        for (name, data) in [
+            ("init", &b"#!/bin/busybox sh\n"[..]),
+            ("bin/busybox", b"BB"),
+            ("vfio-hwtest", b"HWTEST"),
+            ("vfio-passthrough", b"CLI"),
+        ] {
+            let m = get(name);
+            assert_eq!(m.1, S_IFREG | 0o755, "{name}");
+            assert_eq!(m.4, data, "{name}");
+        }
+        assert_eq!((get("dev/console").2, get("dev/console").3), (5, 1));
+        // `/init` runs the test binary and points it at the CLI where the image has it.
+        let init = init_script(&InitPlan {
+            modprobe: vec![],
+            bind_ids: &[],
+            hwtest_args: vec![],
+        });
+        assert!(init.contains(&format!("/{HWTEST_MEMBER} ")));
+        assert!(init.contains(&format!("--cli /{CLI_MEMBER}")));
+    }
+
+    #[test]
+    fn a_changed_cli_binary_changes_the_inputs_stamp() {
+        let tmp = std::env::temp_dir().join(format!("xtask-stamp-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let (bb, hw, cli) = (tmp.join("busybox"), tmp.join("hwtest"), tmp.join("cli"));
+        for f in [&bb, &hw, &cli] {
+            fs::write(f, b"1").unwrap();
+        }
+        let kernel = Kernel {
+            release: "test".into(),
+            root: tmp.clone(),
+        };
+        let inp = Inputs {
+            kernel: &kernel,
+            busybox: &bb,
+            hwtest: &hw,
+            cli: &cli,
+            bind_ids: &[],
+            hwtest_args: Vec::new(),
+        };
+        let before = inputs_stamp("init", &inp, &[]).unwrap();
+        assert!(before.contains(&cli.display().to_string()));
+        assert_eq!(before, inputs_stamp("init", &inp, &[]).unwrap());
+        fs::write(&cli, b"a longer binary").unwrap();
+        assert_ne!(before, inputs_stamp("init", &inp, &[]).unwrap());
+        // A missing CLI is an error, not an image without it.
+        fs::remove_file(&cli).unwrap();
+        assert!(inputs_stamp("init", &inp, &[]).is_err());
+        let _ = fs::remove_dir_all(&tmp);
     }
 
     #[test]
