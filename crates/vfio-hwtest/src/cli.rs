@@ -503,36 +503,40 @@ fn vfio_facts(mode: Mode, dev: &Device) -> Result<([u64; 7], u32)> {
 
 /// `vfio-passthrough inspect --device <BDF> --json`: the ids are sysfs's, each BAR's size is
 /// the VFIO region's, no self-check step failed, and the MSI-X table size is the capability's.
-/// In no-IOMMU mode the CLI (which has no opt-in) refuses the device, naming no-IOMMU.
+/// In no-IOMMU mode the CLI refuses the device unless given `--noiommu`, and with it the DMA
+/// steps are skipped by design.
 pub fn inspect(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
     let cli = match binary(ctx) {
         Ok(p) => p,
         Err(skip) => return Ok(skip),
     };
+    // In no-IOMMU mode the CLI refuses the device unless told --noiommu, and says so.
+    let mut refusal = String::new();
     if ctx.mode == Mode::NoIommu {
         let run = run_cli(&cli, &["inspect", "--device", &dev.bdf, "--json"])?;
-        let first = run.stderr.lines().next().unwrap_or("").trim().to_string();
         ensure!(
             run.code() == Some(EXIT_ERROR),
-            "inspect of a no-IOMMU device exited {} (stderr: {})",
+            "inspect of a no-IOMMU device without --noiommu exited {} (stderr: {})",
             run.status,
             run.stderr.trim()
         );
         ensure!(
-            run.stderr.contains("no-IOMMU"),
-            "the refusal does not name no-IOMMU: {}",
+            run.stderr.contains("no-IOMMU group") && run.stderr.contains("--noiommu"),
+            "the refusal does not name the no-IOMMU group and the --noiommu opt-in: {}",
             run.stderr.trim()
         );
-        return Ok(Outcome::Pass(format!(
-            "refused as designed (exit 2, no no-IOMMU opt-in in the CLI): {first}"
-        )));
+        refusal = "refused without --noiommu; with it: ".to_string();
     }
     // What the kernel says, gathered (and every VFIO file closed) before the CLI runs.
     let (regions, vfio_msix) = vfio_facts(ctx.mode, dev)?;
     let cap_msix = sysfs_msix_vectors(dev)?;
 
-    let run = run_cli(&cli, &["inspect", "--device", &dev.bdf, "--json"])?;
+    let mut args = vec!["inspect", "--device", &dev.bdf, "--json"];
+    if ctx.mode == Mode::NoIommu {
+        args.push("--noiommu");
+    }
+    let run = run_cli(&cli, &args)?;
     let r = run.json()?;
     let steps = as_array(&r, "self_check")?;
     let mut failed = Vec::new();
@@ -546,6 +550,21 @@ pub fn inspect(ctx: &Ctx<'_>) -> Result<Outcome> {
         }
     }
     ensure!(failed.is_empty(), "self-check: {}", failed.join("; "));
+    if ctx.mode == Mode::NoIommu {
+        // DMA is refused by design there: both DMA steps are skips that say why.
+        for want in ["DMA map of guest RAM", "DMA round trip"] {
+            let s = steps
+                .iter()
+                .find(|s| as_str(s, "name").ok() == Some(want))
+                .with_context(|| format!("no `{want}` step"))?;
+            ensure!(
+                as_str(s, "status")? == "skip" && as_str(s, "detail")?.contains("no-IOMMU"),
+                "`{want}` in no-IOMMU mode: {} `{}`, expected a skip naming no-IOMMU",
+                as_str(s, "status")?,
+                as_str(s, "detail")?
+            );
+        }
+    }
     ensure!(
         run.code() == Some(0),
         "inspect exited {} (stderr: {})",
@@ -623,7 +642,7 @@ pub fn inspect(ctx: &Ctx<'_>) -> Result<Outcome> {
         }
     };
     Ok(Outcome::Pass(format!(
-        "{} {}; {}; {msix_text}; self-check {ok} ok, {skipped} skipped",
+        "{refusal}{} {}; {}; {msix_text}; self-check {ok} ok, {skipped} skipped",
         dev.id,
         link_name(&dev.sysfs.join("driver"))?.unwrap_or_default(),
         bars.join(", ")

@@ -85,6 +85,11 @@ struct InspectArgs {
     /// Only show the guest's view; do not enable interrupts or DMA.
     #[arg(long)]
     no_self_check: bool,
+    /// With --device: open a function in a no-IOMMU group (vfio's unsafe no-IOMMU mode).
+    /// Nothing isolates such a device's DMA: a guest driving it owns host memory. The
+    /// self-check maps no DMA.
+    #[arg(long)]
+    noiommu: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -251,8 +256,16 @@ fn run_check(args: &CheckArgs) -> anyhow::Result<Report> {
 }
 
 fn run_inspect(args: &InspectArgs) -> anyhow::Result<u8> {
+    if args.noiommu && args.device.is_none() {
+        anyhow::bail!(
+            "--noiommu opts in to a host function in a no-IOMMU group: it goes with --device <BDF>"
+        );
+    }
     let spec = if let Some(bdf) = &args.device {
-        source::Spec::Device(bdf.clone())
+        source::Spec::Device {
+            bdf: bdf.clone(),
+            noiommu: args.noiommu,
+        }
     } else if let Some(path) = &args.vfio_user {
         source::Spec::VfioUser(path.clone())
     } else if let Some(path) = &args.fake_config {

@@ -18,7 +18,13 @@ pub const DEFAULT_PROFILE: &str = "nvme-like";
 #[derive(Clone, Debug)]
 pub enum Spec {
     /// A host PCI function, `DDDD:BB:DD.F`.
-    Device(String),
+    Device {
+        /// The function.
+        bdf: String,
+        /// Open it even in a no-IOMMU group (`--noiommu`): an explicit opt-in, since such
+        /// a device can DMA anywhere in host memory.
+        noiommu: bool,
+    },
     /// A vfio-user server's socket.
     VfioUser(PathBuf),
     /// A built-in fake profile.
@@ -60,12 +66,15 @@ pub struct Opened {
     pub size_notes: Vec<SizeNote>,
     /// What the user should know about the input (e.g. a partial dump).
     pub warnings: Vec<String>,
+    /// Why the device cannot have DMA mappings, when that is by design (a no-IOMMU device
+    /// sees host physical addresses): the self-check then skips its DMA steps.
+    pub no_dma: Option<String>,
 }
 
 /// Opens what `spec` names.
 pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
     match spec {
-        Spec::Device(bdf) => open_kernel(bdf),
+        Spec::Device { bdf, noiommu } => open_kernel(bdf, *noiommu),
         Spec::VfioUser(path) => {
             let dev = vfio_backend::user::UserDevice::connect(path).map_err(|e| {
                 anyhow!(
@@ -87,6 +96,7 @@ pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
                 ),
                 size_notes: Vec::new(),
                 warnings: Vec::new(),
+                no_dma: None,
             })
         }
         Spec::Profile(name) => {
@@ -98,6 +108,7 @@ pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
                 description: format!("built-in fake device, profile {name:?} (in-process)"),
                 size_notes: Vec::new(),
                 warnings: Vec::new(),
+                no_dma: None,
             })
         }
         Spec::Dump { path, bar_sizes } => {
@@ -118,6 +129,7 @@ pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
                 ),
                 size_notes: notes,
                 warnings,
+                no_dma: None,
             })
         }
     }
@@ -128,7 +140,16 @@ pub fn profile(name: &str) -> anyhow::Result<FakeDevice> {
     FakeDevice::profile(name).map_err(|e| anyhow!("{e}"))
 }
 
-fn open_kernel(bdf: &str) -> anyhow::Result<Opened> {
+/// The no-IOMMU group the function is in, if it is in one: its `iommu_group` link names
+/// group N and `/dev/vfio/noiommu-N` exists.
+fn noiommu_group(sysfs: &Path) -> Option<String> {
+    let link = std::fs::read_link(sysfs.join("iommu_group")).ok()?;
+    let id = link.file_name()?.to_str()?.to_string();
+    let node = format!("/dev/vfio/noiommu-{id}");
+    Path::new(&node).exists().then_some(node)
+}
+
+fn open_kernel(bdf: &str, allow_noiommu: bool) -> anyhow::Result<Opened> {
     let bdf = crate::check::normalize_bdf(bdf)?;
     let sysfs = PathBuf::from("/sys/bus/pci/devices").join(&bdf);
     if !sysfs.exists() {
@@ -137,20 +158,53 @@ fn open_kernel(bdf: &str) -> anyhow::Result<Opened> {
             sysfs.display()
         );
     }
-    let dev = vfio_backend::kernel::KernelDevice::open(&sysfs).map_err(|e| {
+    let noiommu = noiommu_group(&sysfs);
+    let opened = match (&noiommu, allow_noiommu) {
+        (Some(node), false) => bail!(
+            "{bdf} is in a no-IOMMU group ({node}): nothing isolates its DMA, so a guest \
+             driving it can read and write all of host memory.\n  \
+             Pass --noiommu to inspect it anyway (a VMM must opt in the same way); the \
+             self-check then maps no DMA."
+        ),
+        (Some(_), true) => {
+            vfio_backend::kernel::KernelContainer::new_noiommu().and_then(|c| c.open_device(&sysfs))
+        }
+        (None, true) => bail!(
+            "--noiommu: {bdf} is not in a no-IOMMU group (its IOMMU isolates it); \
+             inspect it without --noiommu"
+        ),
+        (None, false) => vfio_backend::kernel::KernelDevice::open(&sysfs),
+    };
+    let dev = opened.map_err(|e| {
         anyhow!(
             "cannot open {bdf} through VFIO: {e}\n  \
              Run `vfio-passthrough check {bdf}` to see what is missing (vfio-pci binding, \
              IOMMU group, /dev/vfio permissions)."
         )
     })?;
+    let (description, no_dma) = if noiommu.is_some() {
+        (
+            format!("host PCI function {bdf} through the kernel's vfio-pci, no-IOMMU mode"),
+            Some(
+                "no-IOMMU mode: the device sees host physical addresses, so DMA mapping is \
+                 refused by design"
+                    .to_string(),
+            ),
+        )
+    } else {
+        (
+            format!("host PCI function {bdf} through the kernel's vfio-pci"),
+            None,
+        )
+    };
     Ok(Opened {
         vfio: Arc::new(dev),
         fake: None,
         kind: "kernel",
-        description: format!("host PCI function {bdf} through the kernel's vfio-pci"),
+        description,
         size_notes: Vec::new(),
         warnings: Vec::new(),
+        no_dma,
     })
 }
 

@@ -475,3 +475,15 @@ fn text_output_shows_mapped_and_trapped_ranges_and_hidden_reasons() {
     assert!(text.contains("hidden  [148] Single Root I/O Virtualization"));
     assert!(text.contains("[ ok ] MSI-X firing"));
 }
+
+#[test]
+fn noiommu_opt_in_is_only_for_a_host_device() {
+    // The no-IOMMU opt-in names a host function; with a fake or a socket it means nothing.
+    let out = bin()
+        .args(["inspect", "--fake", "edu", "--noiommu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--device"), "{err}");
+}
