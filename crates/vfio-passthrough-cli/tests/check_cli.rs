@@ -715,8 +715,8 @@ fn cdev_without_dev_iommu_is_reported_missing() {
         .contains("iommufd + vfio cdev: no (missing /dev/iommu)"));
 }
 
-#[test]
-fn noiommu_mode_is_reported_with_the_isolation_warning() {
+/// A host without an IOMMU, vfio's unsafe no-IOMMU mode on, the device in no-IOMMU group 0.
+fn noiommu_host() -> Fake {
     let f = Fake::new();
     f.remove("sys/class/iommu/dmar0");
     f.write(
@@ -730,6 +730,12 @@ fn noiommu_mode_is_reported_with_the_isolation_warning() {
     f.remove("dev/vfio/0");
     f.write("sys/kernel/iommu_groups/0/name", "vfio-noiommu\n");
     f.node("dev/vfio/noiommu-0", 0o666);
+    f
+}
+
+#[test]
+fn noiommu_mode_is_reported_with_the_isolation_warning() {
+    let f = noiommu_host();
     let r = f.check(&[]);
     assert_eq!(r.code, 0, "{}", r.stdout);
     assert_eq!(r.tag("IOMMU"), "[warn]");
@@ -749,19 +755,7 @@ fn noiommu_mode_is_reported_with_the_isolation_warning() {
 /// `/dev/vfio/devices/vfioN` ever appears. That is no cdev, not a missing node.
 #[test]
 fn vfio_dev_entry_without_a_device_number_is_no_cdev_not_a_missing_node() {
-    let f = Fake::new();
-    f.remove("sys/class/iommu/dmar0");
-    f.write(
-        "sys/module/vfio/parameters/enable_unsafe_noiommu_mode",
-        "Y\n",
-    );
-    f.add(Dev {
-        group: Some(0),
-        ..Dev::default()
-    });
-    f.remove("dev/vfio/0");
-    f.write("sys/kernel/iommu_groups/0/name", "vfio-noiommu\n");
-    f.node("dev/vfio/noiommu-0", 0o666);
+    let f = noiommu_host();
     f.mkdir(&format!("sys/bus/pci/devices/{BDF}/vfio-dev/vfio0"));
     f.node("dev/iommu", 0o666);
     let r = f.check(&["--json"]);
