@@ -10,8 +10,8 @@
 //!
 //! Everything the guest needs is fetched or built under `target/hwtest/` and reused: the host
 //! tools (apt, when missing), the kernel and busybox packages (`apt-get download` + `dpkg -x`),
-//! the static test binary and operator CLI (their own cargo target dir), the initramfs (rebuilt only when an input
-//! changed) and the NVMe backing file. A second run only boots.
+//! the static test binary and operator CLI (their own cargo target dir), the initramfs
+//! (rebuilt only when an input changed) and the NVMe backing file. A second run only boots.
 //!
 //! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
 //! failure, a missing report, an unexpected QEMU exit or the timeout fails the command.
