@@ -525,15 +525,7 @@ pub fn modes(host: &Host, dev: &Device) -> Modes {
         }
     };
     let group = dev.group.as_deref();
-    let group_name = group
-        .and_then(|g| {
-            host.read_text(&format!("/sys/kernel/iommu_groups/{g}/name"))
-                .ok()
-        })
-        .unwrap_or_default();
-    let noiommu_group = group.is_some_and(|g| {
-        group_name == "vfio-noiommu" || host.exists(&format!("/dev/vfio/noiommu-{g}"))
-    });
+    let noiommu_group = group.is_some_and(|g| sysfs::is_noiommu_group(&host.root, g));
 
     let legacy = match group {
         Some(_) if noiommu_group => ModeState {

@@ -140,13 +140,11 @@ pub fn profile(name: &str) -> anyhow::Result<FakeDevice> {
     FakeDevice::profile(name).map_err(|e| anyhow!("{e}"))
 }
 
-/// The no-IOMMU group the function is in, if it is in one: its `iommu_group` link names
-/// group N and `/dev/vfio/noiommu-N` exists.
+/// The node of the no-IOMMU group the function is in (`/dev/vfio/noiommu-N`), if it is in one.
 fn noiommu_group(sysfs: &Path) -> Option<String> {
     let link = std::fs::read_link(sysfs.join("iommu_group")).ok()?;
-    let id = link.file_name()?.to_str()?.to_string();
-    let node = format!("/dev/vfio/noiommu-{id}");
-    Path::new(&node).exists().then_some(node)
+    let id = link.file_name()?.to_str()?;
+    crate::sysfs::is_noiommu_group(Path::new("/"), id).then(|| format!("/dev/vfio/noiommu-{id}"))
 }
 
 fn open_kernel(bdf: &str, allow_noiommu: bool) -> anyhow::Result<Opened> {

@@ -92,6 +92,15 @@ pub struct Host {
     pub user: UserIds,
 }
 
+/// Whether IOMMU group `group` of the host whose `/` is `root` is a no-IOMMU group (vfio's
+/// unsafe no-IOMMU mode): the kernel names it `vfio-noiommu`, and vfio gives it the node
+/// `/dev/vfio/noiommu-<group>`.
+pub fn is_noiommu_group(root: &Path, group: &str) -> bool {
+    let name = root.join(format!("sys/kernel/iommu_groups/{group}/name"));
+    fs::read_to_string(name).is_ok_and(|n| n.trim() == "vfio-noiommu")
+        || fs::symlink_metadata(root.join(format!("dev/vfio/noiommu-{group}"))).is_ok()
+}
+
 impl Host {
     /// The real path of an absolute host path such as `/sys/class/iommu`.
     pub fn path(&self, abs: &str) -> PathBuf {
