@@ -373,6 +373,13 @@ impl Session<'_> {
         Ok((Vec::new(), None))
     }
 
+    /// An empty buffer for a reply payload: the last reply's, when it was kept.
+    fn reply_buffer(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.reply_spare);
+        out.clear();
+        out
+    }
+
     fn region_read(&mut self, payload: &[u8]) -> Result<Reply> {
         if payload.len() != RegionAccessPayload::SIZE {
             return Err(einval("REGION_READ payload must be 16 bytes"));
@@ -384,8 +391,7 @@ impl Session<'_> {
                 req.count
             )));
         }
-        let mut out = std::mem::take(&mut self.reply_spare);
-        out.clear();
+        let mut out = self.reply_buffer();
         out.resize(RegionAccessPayload::SIZE + req.count as usize, 0);
         let (head, data) = out.split_at_mut(RegionAccessPayload::SIZE);
         self.device.region_read(req.region, req.offset, data)?;
@@ -407,8 +413,7 @@ impl Session<'_> {
             return Err(einval("REGION_WRITE exceeds max_data_xfer_size"));
         }
         self.device.region_write(req.region, req.offset, data)?;
-        let mut out = std::mem::take(&mut self.reply_spare);
-        out.clear();
+        let mut out = self.reply_buffer();
         out.extend_from_slice(&req.encode());
         Ok((out, None))
     }
