@@ -12,7 +12,11 @@
 //!
 //! Walking stops with an error at a pointer into the header (below 0x40, or below 0x100 for an
 //! extended pointer), past the end of the buffer, or back to an offset already visited (a
-//! loop). The walkers never allocate; the `parse_*` helpers collect into a `Vec`.
+//! loop). A standard chain also stops where two capabilities would share registers: a
+//! capability that starts inside the fixed-length block of one met before it (Power
+//! Management, MSI, MSI-X), or such a block that covers the header of one met before. A VMM
+//! emulates MSI and MSI-X over those bytes, so a chain threaded through them would change
+//! under the guest. The walkers never allocate; the `parse_*` helpers collect into a `Vec`.
 //!
 //! Hiding: a standard capability is unlinked by pointing its predecessor (or the capabilities
 //! pointer) at its successor. An extended capability that is not first is unlinked the same
@@ -183,6 +187,47 @@ impl Visited {
     }
 }
 
+/// Number of bytes whose layout the specification fixes for a standard capability: Power
+/// Management (PCI PM 1.2 §3.2: 8 bytes), MSI (PCI Local Bus 3.0 §6.8.1: 10 bytes, 4 more with
+/// a 64-bit address, 10 more with per-vector masking) and MSI-X (§6.8.2: 12 bytes). Any other
+/// capability is known to hold only its 2-byte header (`id`, `next`), counted as its dword.
+fn fixed_capability_len(id: u8, bytes: &[u8], pos: usize) -> usize {
+    match id {
+        cap_id::POWER_MANAGEMENT => 8,
+        cap_id::MSIX => 12,
+        cap_id::MSI => {
+            let lo = bytes.get(pos + 2).copied().unwrap_or(0);
+            let hi = bytes.get(pos + 3).copied().unwrap_or(0);
+            let control = u16::from_le_bytes([lo, hi]);
+            let addr64 = if control & 0x0080 != 0 { 4 } else { 0 };
+            let masking = if control & 0x0100 != 0 { 10 } else { 0 };
+            10 + addr64 + masking
+        }
+        _ => 4,
+    }
+}
+
+/// Which capability owns each dword of 0x40..0x100 (by its offset; 0 = none), so that a chain
+/// whose capabilities share registers is caught without allocating.
+#[derive(Clone, Debug)]
+struct Owners([u8; LEGACY_CONFIG_SPACE_SIZE / 4]);
+
+impl Owners {
+    /// Claims the dwords of `pos..pos + len` (clamped to the standard area) for the capability
+    /// at `pos`; returns the offset of a capability that already owns one of them.
+    fn claim(&mut self, pos: usize, len: usize) -> Option<u16> {
+        let first = pos / 4;
+        let end = pos.saturating_add(len).div_ceil(4).min(self.0.len());
+        let owner = u8::try_from(pos).ok()?;
+        let dwords = self.0.get_mut(first..end)?;
+        if let Some(taken) = dwords.iter().find(|o| **o != 0) {
+            return Some(u16::from(*taken));
+        }
+        dwords.fill(owner);
+        None
+    }
+}
+
 /// Iterator over a standard capability chain. Yields `Err` once (then ends) on a broken chain.
 #[derive(Clone, Debug)]
 pub struct CapabilityIter<'a> {
@@ -191,6 +236,7 @@ pub struct CapabilityIter<'a> {
     at: u16,
     next: u16,
     visited: Visited,
+    owners: Owners,
     done: bool,
 }
 
@@ -206,6 +252,7 @@ impl<'a> CapabilityIter<'a> {
             at: CAPABILITIES_POINTER as u16,
             next: if has_list { u16::from(ptr) } else { 0 },
             visited: Visited([0; CONFIG_SPACE_SIZE / 4 / 64]),
+            owners: Owners([0; LEGACY_CONFIG_SPACE_SIZE / 4]),
             done: config.len() >= LEGACY_CONFIG_SPACE_SIZE && !has_list,
         }
     }
@@ -245,6 +292,11 @@ impl Iterator for CapabilityIter<'_> {
             return fail(Error::CapabilityLoop { offset });
         }
         let id = self.bytes.get(pos).copied().unwrap_or(0);
+        let len = fixed_capability_len(id, self.bytes, pos);
+        if let Some(other) = self.owners.claim(pos, len) {
+            self.done = true;
+            return fail(Error::CapabilityOverlap { offset, other });
+        }
         let next = u16::from(self.bytes.get(pos + 1).copied().unwrap_or(0) & !0x3);
         self.at = offset + 1;
         self.next = next;

@@ -79,6 +79,16 @@ pub enum Error {
         /// The offset that was reached a second time.
         offset: u16,
     },
+    /// Two standard capabilities share registers: one starts inside the fixed-length register
+    /// block of another (Power Management, MSI or MSI-X, whose lengths the specification
+    /// fixes), or such a block covers the header of a capability met earlier in the chain.
+    #[error("capability at {offset:#x} overlaps the registers of the capability at {other:#x}")]
+    CapabilityOverlap {
+        /// Offset of the capability met second in the chain.
+        offset: u16,
+        /// Offset of the capability met first, whose registers it shares.
+        other: u16,
+    },
     /// A capability pointer that points into the header (below 0x40 for standard capabilities,
     /// below 0x100 for extended ones) or past the end of the buffer.
     #[error("capability pointer {pointer:#x} (found at {at:#x}) is outside the capability area")]

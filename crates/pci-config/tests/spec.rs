@@ -505,6 +505,75 @@ fn capability_pointing_back_to_earlier_one_is_lenient_parsed_up_to_the_loop() {
 }
 
 #[test]
+fn capability_starting_inside_the_msix_registers_is_an_overlap() {
+    // MSI-X is 12 bytes (PCI 3.0 §6.8.2): a next pointer to 0x64 lands on its Table
+    // Offset/BIR register, which a VMM emulates.
+    let bytes = std_caps(
+        0x40,
+        &[(0x40, 0x01, 0x60), (0x60, 0x11, 0x64), (0x64, 0x00, 0)],
+    );
+    let (caps, err) = parse_capabilities_lenient(&bytes);
+    assert_eq!(
+        caps.iter().map(|c| c.offset).collect::<Vec<_>>(),
+        vec![0x40, 0x60]
+    );
+    assert_eq!(
+        err,
+        Some(Error::CapabilityOverlap {
+            offset: 0x64,
+            other: 0x60
+        })
+    );
+    assert!(parse_capabilities(&bytes).is_err());
+}
+
+#[test]
+fn msix_registers_covering_an_earlier_capability_header_are_an_overlap() {
+    let bytes = std_caps(0x48, &[(0x48, 0x09, 0x40), (0x40, 0x11, 0)]);
+    assert_eq!(
+        parse_capabilities(&bytes),
+        Err(Error::CapabilityOverlap {
+            offset: 0x40,
+            other: 0x48
+        })
+    );
+}
+
+#[test]
+fn msi_length_follows_its_64bit_and_per_vector_masking_flags() {
+    // 32-bit MSI without masking: 10 bytes, so the next dword (0x4c) is free.
+    let bytes = std_caps(0x40, &[(0x40, 0x05, 0x4c), (0x4c, 0x01, 0)]);
+    assert_eq!(parse_capabilities(&bytes).unwrap().len(), 2);
+    // 64-bit with per-vector masking: 24 bytes (0x40..0x58).
+    let mut bytes = std_caps(0x40, &[(0x40, 0x05, 0x54), (0x54, 0x01, 0)]);
+    bytes[0x42..0x44].copy_from_slice(&0x0180u16.to_le_bytes());
+    assert_eq!(
+        parse_capabilities(&bytes),
+        Err(Error::CapabilityOverlap {
+            offset: 0x54,
+            other: 0x40
+        })
+    );
+    let mut bytes = std_caps(0x40, &[(0x40, 0x05, 0x58), (0x58, 0x01, 0)]);
+    bytes[0x42..0x44].copy_from_slice(&0x0180u16.to_le_bytes());
+    assert_eq!(parse_capabilities(&bytes).unwrap().len(), 2);
+}
+
+#[test]
+fn power_management_registers_are_eight_bytes() {
+    let bytes = std_caps(0x40, &[(0x40, 0x01, 0x44), (0x44, 0x05, 0)]);
+    assert_eq!(
+        parse_capabilities(&bytes),
+        Err(Error::CapabilityOverlap {
+            offset: 0x44,
+            other: 0x40
+        })
+    );
+    let bytes = std_caps(0x40, &[(0x40, 0x01, 0x48), (0x48, 0x05, 0)]);
+    assert_eq!(parse_capabilities(&bytes).unwrap().len(), 2);
+}
+
+#[test]
 fn capability_pointer_into_header_is_an_error() {
     let bytes = std_caps(0x40, &[(0x40, 0x01, 0x20)]);
     assert_eq!(

@@ -164,6 +164,9 @@ pub enum Case {
     ExtCapLoop,
     /// A standard capability's next pointer points into the header (0x20).
     StdCapIntoHeader,
+    /// The MSI-X capability's next pointer names its own Table Offset/BIR
+    /// register (MSI-X + 4): a capability inside the 12 bytes of another.
+    StdCapInsideMsix,
     /// An extended capability's next pointer points below 0x100 (into the
     /// standard area).
     ExtCapIntoStandard,
@@ -197,10 +200,11 @@ pub enum Case {
 
 impl Case {
     /// Every case.
-    pub const ALL: [Case; 15] = [
+    pub const ALL: [Case; 16] = [
         Case::StdCapLoop,
         Case::ExtCapLoop,
         Case::StdCapIntoHeader,
+        Case::StdCapInsideMsix,
         Case::ExtCapIntoStandard,
         Case::StdCapPastEnd,
         Case::ExtCapPastEnd,
@@ -221,6 +225,7 @@ impl Case {
             Case::StdCapLoop => "std-cap-loop",
             Case::ExtCapLoop => "ext-cap-loop",
             Case::StdCapIntoHeader => "std-cap-into-header",
+            Case::StdCapInsideMsix => "std-cap-inside-msix",
             Case::ExtCapIntoStandard => "ext-cap-into-standard",
             Case::StdCapPastEnd => "std-cap-past-end",
             Case::ExtCapPastEnd => "ext-cap-past-end",
@@ -251,6 +256,9 @@ impl Case {
             Case::StdCapIntoHeader => (nvme()?, |p, c| {
                 let first = c.std.first().copied().unwrap_or(0x40);
                 p.with_config(first + 1, &[0x20])
+            }),
+            Case::StdCapInsideMsix => (nvme()?, |p, c| {
+                p.with_config(c.msix + 1, &[(c.msix + 4) as u8])
             }),
             Case::ExtCapIntoStandard => (nvme()?, |p, _| ext_next(p, 0x100, 0x40)),
             Case::StdCapPastEnd => (nvme()?, |p, c| {

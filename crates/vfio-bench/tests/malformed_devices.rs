@@ -99,6 +99,34 @@ fn a_standard_capability_pointing_into_the_header_ends_the_chain_there() {
 }
 
 #[test]
+fn a_capability_inside_the_msix_registers_ends_the_guest_chain_at_msix() {
+    let (_vm, fake, dev) = attach(Case::StdCapInsideMsix);
+    let dev = dev.expect("capabilities sharing registers are degraded, not fatal");
+    let caps = walk_caps(&dev);
+    let (sound, _) = sound_chain(&fake);
+    let msix = sound.iter().position(|c| c.0 == 0x11).unwrap();
+    // The chain up to MSI-X is the device's; MSI-X ends it, and stays
+    // emulated with all its vectors.
+    assert_eq!(caps, sound[..=msix].to_vec());
+    assert_eq!(cfg_read8(&dev, sound[msix].1 + 1), 0);
+    let sound_vm = Vm::new().unwrap();
+    let sound_dev = sound_vm
+        .attach(Arc::new(FakeDevice::new(fake.template().clone()).unwrap()))
+        .unwrap();
+    assert!(sound_dev.msix_vectors() > 0);
+    assert_eq!(dev.msix_vectors(), sound_dev.msix_vectors());
+    // No capability the guest sees starts inside another's registers.
+    for (i, &(id, off)) in caps.iter().enumerate() {
+        for &(_, other) in &caps[i + 1..] {
+            assert!(
+                other < off || other >= off + std_cap_len(&dev, id, off),
+                "capability at {other:#x} lies inside {id:#x} at {off:#x}"
+            );
+        }
+    }
+}
+
+#[test]
 fn an_extended_capability_pointing_below_0x100_ends_the_chain_there() {
     let (_vm, _fake, dev) = attach(Case::ExtCapIntoStandard);
     let dev = dev.expect("a bad pointer is degraded, not fatal");

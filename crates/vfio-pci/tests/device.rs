@@ -364,6 +364,37 @@ fn registers_past_a_broken_extended_chain_are_not_forwarded_to_the_device() {
 }
 
 #[test]
+fn a_capability_pointer_into_the_msix_registers_ends_the_guest_chain_at_msix() {
+    // MSI-X's next pointer names its own Table Offset/BIR register (MSI-X
+    // is 12 bytes, PCI 3.0 §6.8.2). That register is emulated, so a chain
+    // through it would change with what the VMM puts there (a loop, found
+    // by fuzzing); the guest's chain must end at MSI-X instead.
+    let mut msix_at = 0;
+    let f = patched_nvme(|c| {
+        let mut at = usize::from(c[0x34]);
+        while at != 0 && c[at] != 0x11 {
+            at = usize::from(c[at + 1]);
+        }
+        assert_ne!(at, 0, "nvme-like has MSI-X");
+        c[at + 1] = u8::try_from(at + 4).unwrap();
+        msix_at = at as u64;
+    });
+    let vm = Vm::new();
+    let dev = attach(&vm, &f);
+    let caps = walk_caps(&dev);
+    assert_eq!(caps.last(), Some(&(0x11, msix_at)), "chain {caps:x?}");
+    assert_eq!(cfg_read8(&dev, msix_at + 1), 0);
+    let msix = dev
+        .kept_capabilities()
+        .iter()
+        .find(|k| !k.extended && k.id == 0x11)
+        .expect("MSI-X kept");
+    assert!(msix.emulated);
+    msix_enable(&dev, msix_at, true);
+    assert_eq!(dev.irq_mode(), IrqMode::Msix);
+}
+
+#[test]
 fn an_msi_capability_running_past_0xff_is_hidden_not_emulated() {
     // Move the MSI capability's header (64-bit with per-vector masking:
     // 24 bytes) to 0xf0 by pointing the chain at it.
