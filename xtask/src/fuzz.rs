@@ -1,9 +1,14 @@
-//! `cargo xtask fuzz [--seconds N] [--target NAME]...`: runs each cargo-fuzz
-//! target of `fuzz/` for a bounded time (on stable, with `-s none`), and
-//! prints executions and time per target.
+//! `cargo xtask fuzz [--seconds N] [--target NAME]... [--seed N] [--fresh]`:
+//! runs each cargo-fuzz target of `fuzz/` for a bounded time (on stable, with
+//! `-s none`), and prints executions and time per target.
 //!
 //! New inputs go to `fuzz/target/corpus/<target>/`, never to the committed
-//! seeds in `fuzz/corpus/<target>/`. A crash leaves its input in
+//! seeds in `fuzz/corpus/<target>/`, so that runs on one machine build on each
+//! other. `--fresh` starts from the committed seeds alone, as a clean
+//! checkout does, and `--seed N` fixes libFuzzer's random seed: CI runs both,
+//! so a CI run tries much the same inputs as the same command anywhere (not
+//! exactly: threads and hashing in the targets make coverage vary a little).
+//! Drop them to explore. A crash leaves its input in
 //! `fuzz/artifacts/<target>/`: copy it to `fuzz/regressions/<target>/`, fix
 //! the bug, and `cargo test -p vfio-bench --test fuzz_regressions` replays it
 //! from then on.
@@ -15,10 +20,13 @@ use std::time::Instant;
 use crate::{cargo, root, run_cmd};
 
 const USAGE: &str = "\
-cargo xtask fuzz [--seconds N] [--target NAME]... [--list]
+cargo xtask fuzz [--seconds N] [--target NAME]... [--seed N] [--fresh] [--list]
 
   --seconds N     time per target (default 60)
   --target NAME   only this target (repeatable; default: every target)
+  --seed N        libFuzzer's random seed (default: a new one each run)
+  --fresh         start from the committed seeds only, not from the inputs
+                  earlier runs kept in fuzz/target/corpus/ (as on a clean checkout)
   --list          list the targets and exit
 Installs cargo-fuzz with `cargo install cargo-fuzz --locked` when missing.";
 
@@ -104,8 +112,24 @@ fn newest_artifact(target: &str) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-fn fuzz_one(target: &str, seconds: u64) -> Result<Outcome> {
-    let work = fuzz_dir().join("target").join("corpus").join(target);
+/// How each target is run.
+struct Plan {
+    seconds: u64,
+    seed: Option<u64>,
+    fresh: bool,
+}
+
+fn fuzz_one(target: &str, plan: &Plan) -> Result<Outcome> {
+    let seconds = plan.seconds;
+    let work = if plan.fresh {
+        let w = fuzz_dir().join("target").join("fresh-corpus").join(target);
+        if w.exists() {
+            std::fs::remove_dir_all(&w).with_context(|| format!("emptying {}", w.display()))?;
+        }
+        w
+    } else {
+        fuzz_dir().join("target").join("corpus").join(target)
+    };
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let seeds = fuzz_dir().join("corpus").join(target);
     let mut c = cargo();
@@ -122,7 +146,18 @@ fn fuzz_one(target: &str, seconds: u64) -> Result<Outcome> {
         "-rss_limit_mb=2048".to_string(),
         "-print_final_stats=1".to_string(),
     ]);
-    println!("== xtask: fuzz {target} for {seconds} s");
+    if let Some(seed) = plan.seed {
+        c.arg(format!("-seed={seed}"));
+    }
+    println!(
+        "== xtask: fuzz {target} for {seconds} s{}{}",
+        plan.seed.map(|s| format!(", seed {s}")).unwrap_or_default(),
+        if plan.fresh {
+            ", from the committed seeds only"
+        } else {
+            ""
+        }
+    );
     let started = Instant::now();
     let out = c
         .output()
@@ -171,6 +206,8 @@ fn build(dir: &Path) -> Result<()> {
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let mut seconds = 60u64;
+    let mut seed = None;
+    let mut fresh = false;
     let mut only: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -183,6 +220,15 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
                     .context("--seconds needs a number")?;
             }
             "--target" => only.push(it.next().context("--target needs a name")?.clone()),
+            "--seed" => {
+                seed = Some(
+                    it.next()
+                        .context("--seed needs a number")?
+                        .parse()
+                        .context("--seed needs a number")?,
+                );
+            }
+            "--fresh" => fresh = true,
             "--list" => {
                 for t in targets()? {
                     println!("{t}");
@@ -205,9 +251,14 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let chosen: Vec<String> = if only.is_empty() { all } else { only };
     ensure_cargo_fuzz()?;
     build(&fuzz_dir())?;
+    let plan = Plan {
+        seconds,
+        seed,
+        fresh,
+    };
     let mut outcomes = Vec::new();
     for t in &chosen {
-        outcomes.push(fuzz_one(t, seconds)?);
+        outcomes.push(fuzz_one(t, &plan)?);
     }
     println!("\n== xtask: fuzz summary ({seconds} s per target, -s none)");
     println!(
