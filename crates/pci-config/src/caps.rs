@@ -187,11 +187,12 @@ impl Visited {
     }
 }
 
-/// Number of bytes whose layout the specification fixes for a standard capability: Power
-/// Management (PCI PM 1.2 §3.2: 8 bytes), MSI (PCI Local Bus 3.0 §6.8.1: 10 bytes, 4 more with
-/// a 64-bit address, 10 more with per-vector masking) and MSI-X (§6.8.2: 12 bytes). Any other
-/// capability is known to hold only its 2-byte header (`id`, `next`), counted as its dword.
-fn fixed_capability_len(id: u8, bytes: &[u8], pos: usize) -> usize {
+/// Number of bytes whose layout the specification fixes for the standard capability `id` at
+/// `pos` in `bytes`: Power Management (PCI PM 1.2 §3.2: 8 bytes), MSI (PCI Local Bus 3.0
+/// §6.8.1: 10 bytes, 4 more with a 64-bit address, 10 more with per-vector masking, read from
+/// its Message Control) and MSI-X (§6.8.2: 12 bytes). Any other capability is known to hold
+/// only its header dword (`id`, `next` and 2 bytes of its own): 4.
+pub fn fixed_capability_len(id: u8, bytes: &[u8], pos: usize) -> usize {
     match id {
         cap_id::POWER_MANAGEMENT => 8,
         cap_id::MSIX => 12,

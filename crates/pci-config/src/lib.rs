@@ -53,7 +53,7 @@ mod space;
 
 pub use bar::{BarDef, BarHalf, BarInfo, BarKind, RomInfo, NUM_BARS, ROM_BAR};
 pub use caps::{
-    cap_id, ext_cap_id, parse_capabilities, parse_capabilities_lenient,
+    cap_id, ext_cap_id, fixed_capability_len, parse_capabilities, parse_capabilities_lenient,
     parse_extended_capabilities, parse_extended_capabilities_lenient, Capability, CapabilityIter,
     ExtendedCapability, ExtendedCapabilityIter,
 };

@@ -959,24 +959,11 @@ impl VfioPciDevice {
 /// for capabilities whose end is not given by the next one.
 fn std_cap_len(id: u8, raw: &[u8], off: usize) -> usize {
     match id {
-        cap_id::POWER_MANAGEMENT => 8,
-        cap_id::MSIX => 12,
         cap_id::PCI_EXPRESS => 0x3c,
-        // MSI: 10 bytes, +4 for a 64-bit address, +10 with per-vector masking.
-        cap_id::MSI => {
-            let ctl = raw.get(off + 2..off + 4).map_or(0, |b| {
-                u16::from_le_bytes([
-                    b.first().copied().unwrap_or(0),
-                    b.get(1).copied().unwrap_or(0),
-                ])
-            });
-            let addr64 = if ctl & 0x80 != 0 { 4 } else { 0 };
-            let masking = if ctl & 0x100 != 0 { 10 } else { 0 };
-            10 + addr64 + masking
-        }
         // Vendor specific: its length is in byte 2.
         cap_id::VENDOR_SPECIFIC => usize::from(raw.get(off + 2).copied().unwrap_or(4)).max(4),
-        _ => 4,
+        // Power Management, MSI (by its flags), MSI-X; else the header.
+        _ => pci_config::fixed_capability_len(id, raw, off),
     }
 }
 
