@@ -972,40 +972,77 @@ pub fn ring(g: &Guest<'_>, bar: u64, v: u32) {
 // ---------------------------------------------------------------------------
 // Leak accounting.
 
-/// Open file descriptors of this process.
-pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+/// What a device's or a backend's life could leave behind in this process:
+/// open file descriptors, file-backed memory mappings (device regions, BAR
+/// and guest-RAM memfds, a server's DMA mappings) and threads.
+///
+/// Anonymous mappings are not counted. Our crates make none outside tests:
+/// they belong to the C library, which keeps the stacks of finished threads
+/// for reuse and makes a new malloc arena (two mappings) when a thread
+/// starts while every arena is still held by another. Both depend on how
+/// the scheduler orders threads starting and ending, so their count changes
+/// with the machine's load, and neither is ever given back. A thread we
+/// leaked would still show in the thread count.
+#[derive(Clone, Debug)]
+pub struct Footprint {
+    /// Entries of /proc/self/fd.
+    pub fds: usize,
+    /// Lines of /proc/self/maps with an inode.
+    pub file_maps: Vec<String>,
+    /// Entries of /proc/self/task.
+    pub threads: usize,
 }
 
-/// Lines of /proc/self/maps (memory mappings of this process).
-pub fn maps_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .count()
-}
+impl Footprint {
+    /// The process as it is now.
+    pub fn now() -> Self {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        Footprint {
+            fds: std::fs::read_dir("/proc/self/fd").unwrap().count(),
+            file_maps: maps
+                .lines()
+                // address perms offset dev inode pathname: a file has an inode.
+                .filter(|l| l.split_whitespace().nth(4).is_some_and(|i| i != "0"))
+                .map(str::to_string)
+                .collect(),
+            threads: std::fs::read_dir("/proc/self/task").unwrap().count(),
+        }
+    }
 
-/// Memory mappings of this process backed by a file: device regions, BAR
-/// and guest-RAM memfds, a server's DMA mappings. A device makes no
-/// anonymous mapping; the anonymous ones belong to threads (stacks, and the
-/// signal stack a new thread maps a moment after it was spawned) and to the
-/// allocator, and are counted by [`maps_count`] once every thread is joined.
-pub fn file_maps_count() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            // address perms offset dev inode pathname: a file has an inode.
-            l.split_whitespace()
-                .nth(4)
-                .is_some_and(|inode| inode != "0")
-        })
-        .count()
-}
+    fn counts(&self) -> (usize, usize, usize) {
+        (self.fds, self.file_maps.len(), self.threads)
+    }
 
-/// Threads of this process.
-pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").unwrap().count()
+    /// Asserts that the process comes back to this footprint within
+    /// [`WAIT`]: a vfio-user server lets go of its side (DMA mappings,
+    /// interrupt fds, its threads) on its own thread once it sees the
+    /// client hang up. On failure, names the file mappings that came or
+    /// went.
+    pub fn assert_given_back(&self, after: &str) {
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut now = Footprint::now();
+        while now.counts() != self.counts() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            now = Footprint::now();
+        }
+        let came: Vec<&String> = now
+            .file_maps
+            .iter()
+            .filter(|l| !self.file_maps.contains(l))
+            .collect();
+        let went: Vec<&String> = self
+            .file_maps
+            .iter()
+            .filter(|l| !now.file_maps.contains(l))
+            .collect();
+        assert_eq!(now.fds, self.fds, "fds after {after}");
+        assert_eq!(
+            now.file_maps.len(),
+            self.file_maps.len(),
+            "file mappings after {after}: new {came:#?}, gone {went:#?}"
+        );
+        assert_eq!(now.threads, self.threads, "threads after {after}");
+    }
 }
 
 /// Runs `f` on another thread and waits at most [`WAIT`] for it; `None`
