@@ -10,8 +10,8 @@
 //! changes the VMM must act on (map, unmap or move guest mappings).
 //!
 //! Guest input never panics: accesses of a size other than 1, 2 or 4 bytes or outside the
-//! space are errors; capability walks stop on loops and bad pointers. Reads and writes do not
-//! allocate.
+//! space are errors; capability walks stop on loops, bad pointers and capabilities that share
+//! registers. Reads and writes do not allocate.
 //!
 //! ```
 //! use pci_config::{regs, BarKind, ConfigSpace, WriteEffect};
