@@ -513,7 +513,11 @@ pub fn decode_region_info(payload: &[u8]) -> Result<RegionInfo> {
 /// Encodes a region info reply: the fixed part followed by the capability
 /// chain for `info.caps` (capabilities of unknown layout are left out).
 /// When `max_argsz` cannot hold the capabilities, only the fixed part is
-/// returned, with `argsz` set to the size needed (as the kernel does).
+/// returned, with `argsz` set to the size needed so that the client can ask
+/// again. The `CAPS` flag is then clear and `cap_offset` 0: in vfio-user the
+/// flag says "capabilities are in this reply" (QEMU's client refuses a reply
+/// whose flag is set with `cap_offset` inside the fixed part), unlike the
+/// kernel ioctl, which sets it whenever the region has capabilities.
 pub fn encode_region_info(info: &RegionInfo, offset: u64, max_argsz: u32) -> Vec<u8> {
     let mut caps: Vec<Vec<u8>> = Vec::new();
     for cap in &info.caps {
@@ -553,13 +557,10 @@ pub fn encode_region_info(info: &RegionInfo, offset: u64, max_argsz: u32) -> Vec
         size: info.size,
         offset,
     };
-    if caps.is_empty() {
+    if caps.is_empty() || (max_argsz as usize) < full {
         return fixed.encode().to_vec();
     }
     fixed.flags |= crate::region_flags::CAPS;
-    if (max_argsz as usize) < full {
-        return fixed.encode().to_vec();
-    }
     fixed.cap_offset = RegionInfoPayload::SIZE as u32;
     let mut out = Vec::with_capacity(full);
     out.extend_from_slice(&fixed.encode());
@@ -1549,6 +1550,17 @@ mod tests {
         let fixed = RegionInfoPayload::decode(&bytes).unwrap();
         assert_eq!(fixed.argsz, 40);
         assert_eq!(fixed.cap_offset, 0);
+        assert_eq!(
+            fixed.flags & crate::region_flags::CAPS,
+            0,
+            "vfio-user: CAPS means the capabilities are in this reply"
+        );
+        assert_eq!(fixed.flags, info.flags, "the other flags are kept");
+        // Asked again with the size it was told, the client gets them.
+        let bytes = encode_region_info(&info, 0, fixed.argsz);
+        let fixed = RegionInfoPayload::decode(&bytes).unwrap();
+        assert_ne!(fixed.flags & crate::region_flags::CAPS, 0);
+        assert_eq!(fixed.cap_offset as usize, RegionInfoPayload::SIZE);
     }
 
     #[test]

@@ -32,12 +32,20 @@ use crate::{DmaFile, DmaSource, Error, Mapping, Result, Vfio};
 /// The most vectors one `DEVICE_SET_IRQS` may name (MSI-X has at most 2048).
 const MAX_IRQ_COUNT: u32 = 2048;
 
+/// The `max_msg_fds` we offer by default. The spec sets no bound, but
+/// clients do: QEMU's `vfio-user-pci` refuses a VERSION reply offering more
+/// than 16, and the `vfio_user` crate receives at most 16 descriptors per
+/// message. 16 is the most that every client we know of takes.
+pub const DEFAULT_MAX_MSG_FDS: u32 = 16;
+
 /// Options of the server side of a connection.
 #[derive(Clone, Copy, Debug)]
 pub struct ServerOptions {
     /// The most data bytes in one REGION_READ/WRITE (our `max_data_xfer_size`).
     pub max_data_xfer_size: u32,
-    /// The most file descriptors we accept in one message (our `max_msg_fds`).
+    /// The most file descriptors we accept in one message (our `max_msg_fds`,
+    /// offered in the VERSION reply; see [`DEFAULT_MAX_MSG_FDS`] before
+    /// raising it).
     pub max_msg_fds: u32,
     /// The most simultaneous DMA mappings (our `max_dma_maps`).
     pub max_dma_maps: u32,
@@ -47,7 +55,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_data_xfer_size: 1 << 20,
-            max_msg_fds: 64,
+            max_msg_fds: DEFAULT_MAX_MSG_FDS,
             max_dma_maps: 65535,
         }
     }
@@ -148,18 +156,7 @@ impl Session<'_> {
         }
         self.client_caps = caps;
         self.negotiated = true;
-        let ours = Capabilities {
-            max_msg_fds: self.options.max_msg_fds,
-            max_data_xfer_size: self.options.max_data_xfer_size,
-            max_dma_maps: self.options.max_dma_maps,
-            ..Capabilities::default()
-        };
-        let reply = protocol::encode_version(
-            protocol::VERSION_MAJOR,
-            minor.min(protocol::VERSION_MINOR),
-            &ours,
-        );
-        Ok((reply, None))
+        Ok((version_reply(&self.options, minor), None))
     }
 
     fn dma_map(&mut self, payload: &[u8], fds: &mut Vec<OwnedFd>) -> Result<Reply> {
@@ -496,6 +493,21 @@ impl Session<'_> {
     }
 }
 
+/// The VERSION reply: the minor version both sides speak and what we offer.
+fn version_reply(options: &ServerOptions, client_minor: u16) -> Vec<u8> {
+    let ours = Capabilities {
+        max_msg_fds: options.max_msg_fds,
+        max_data_xfer_size: options.max_data_xfer_size,
+        max_dma_maps: options.max_dma_maps,
+        ..Capabilities::default()
+    };
+    protocol::encode_version(
+        protocol::VERSION_MAJOR,
+        client_minor.min(protocol::VERSION_MINOR),
+        &ours,
+    )
+}
+
 /// Serves one client connection until it closes, with default options.
 /// On return the client's DMA mappings are unmapped and the interrupts it
 /// wired are disabled.
@@ -698,5 +710,34 @@ impl UserServer {
 impl Drop for UserServer {
     fn drop(&mut self) {
         self.stop_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn version_reply_offers_what_every_known_client_accepts() {
+        // QEMU 11.1 (hw/vfio-user) answers "malformed max_msg_fds" to more than 16.
+        let reply = version_reply(&ServerOptions::default(), 0);
+        let (major, minor, caps) = protocol::decode_version(&reply).unwrap();
+        assert_eq!(
+            (major, minor),
+            (protocol::VERSION_MAJOR, 0),
+            "QEMU proposes 0.0"
+        );
+        assert!(caps.max_msg_fds >= 1 && caps.max_msg_fds <= 16, "{caps:?}");
+        assert_eq!(caps.max_msg_fds, DEFAULT_MAX_MSG_FDS);
+        assert_eq!(caps.max_data_xfer_size, 1 << 20);
+        assert_eq!(caps.max_dma_maps, 65535);
+    }
+
+    #[test]
+    fn version_reply_never_offers_a_newer_minor_than_the_client_asked() {
+        let reply = version_reply(&ServerOptions::default(), u16::MAX);
+        let (_, minor, _) = protocol::decode_version(&reply).unwrap();
+        assert_eq!(minor, protocol::VERSION_MINOR);
     }
 }
