@@ -8,6 +8,7 @@
 //!
 //! Region and interrupt indices follow the kernel's uAPI (`linux/vfio.h`):
 //! see [`region`] and [`irq`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;

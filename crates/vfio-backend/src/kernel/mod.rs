@@ -56,6 +56,7 @@ pub use container::{KernelContainer, KernelGroup};
 pub use device::KernelDevice;
 pub use ioctls::{DependentDevice, DependentOwner, HotResetInfo, IommuInfo};
 #[cfg(feature = "iommufd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "iommufd")))]
 pub use iommufd::IommufdIoas;
 
 use crate::{Error, Result};
