@@ -37,10 +37,28 @@ fn bars_are_placed_naturally_aligned_inside_the_vmm_windows() {
 }
 
 #[test]
-fn multifunction_bit_is_masked_from_the_guest() {
+fn multifunction_bit_of_a_multifunction_device_is_masked_from_the_guest() {
+    // Header Type bit 7 (PCI Local Bus 3.0, 6.2.1): the guest sees one
+    // function, so it must not probe functions 1..7 of this slot.
+    use vfio_backend::Vfio;
+    use vfio_fake_device::{BarSpec, Capability, DeviceTemplate, FakeDevice};
+    let template = DeviceTemplate::builder()
+        .ids(0x1234, 0x5678)
+        .class(0x02, 0x00, 0x00)
+        .multifunction(true)
+        .bar(0, BarSpec::mem32(0x1000))
+        .capability(Capability::PowerManagement)
+        .build()
+        .unwrap();
+    let f = std::sync::Arc::new(FakeDevice::new(template).unwrap());
+    let mut raw = [0u8; 1];
+    f.region_read(vfio_backend::region::CONFIG, 0x0e, &mut raw)
+        .unwrap();
+    assert_eq!(raw[0] & 0x80, 0x80, "the host function is multi-function");
     let vm = Vm::new();
-    let dev = attach(&vm, &fake("edu"));
+    let dev = attach(&vm, &f);
     assert_eq!(cfg_read8(&dev, 0x0e) & 0x80, 0);
+    assert_eq!(cfg_read8(&dev, 0x0e) & 0x7f, raw[0] & 0x7f, "layout kept");
 }
 
 #[test]
