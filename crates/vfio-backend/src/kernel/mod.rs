@@ -47,6 +47,7 @@ mod device;
 pub mod ioctls;
 #[cfg(feature = "iommufd")]
 mod iommufd;
+mod open;
 mod sysfs;
 
 use std::fs::{File, OpenOptions};
