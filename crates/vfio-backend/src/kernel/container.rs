@@ -33,7 +33,7 @@ struct ContainerState {
 ///
 /// Created with [`KernelContainer::new`] (type1v2 IOMMU) or
 /// [`KernelContainer::new_noiommu`] (explicit opt-in to no-IOMMU mode), and
-/// shared by `Arc`: each [`KernelGroup`] and hence each [`KernelDevice`]
+/// shared by `Arc`: each [`KernelGroup`] and hence each [`KernelDevice`](super::KernelDevice)
 /// holds a reference.
 #[derive(Debug)]
 pub struct KernelContainer {
@@ -274,7 +274,7 @@ impl AsFd for KernelContainer {
 
 /// An IOMMU group attached to a [`KernelContainer`], shared by `Arc` by the
 /// devices opened from it. Its fd is what the KVM-VFIO device and
-/// [`KernelDevice::hot_reset`] need (`AsFd`). Dropping the last reference
+/// [`KernelDevice::hot_reset`](super::KernelDevice::hot_reset) need (`AsFd`). Dropping the last reference
 /// detaches the group from the container and closes it.
 #[derive(Debug)]
 pub struct KernelGroup {
