@@ -276,15 +276,6 @@ impl std::fmt::Debug for VfioPciDevice {
     }
 }
 
-fn host_page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(v)
-        .ok()
-        .filter(|v| v.is_power_of_two())
-        .unwrap_or(4096)
-}
-
 fn bar_kind_from_register(reg: u32) -> BarKind {
     if reg & 1 != 0 {
         BarKind::Io
@@ -343,7 +334,9 @@ impl VfioPciDevice {
                 info.num_regions
             )));
         }
-        let page_size = options.page_size.unwrap_or_else(host_page_size);
+        let page_size = options
+            .page_size
+            .unwrap_or_else(pci_bar_alloc::host_page_size);
         if !page_size.is_power_of_two() {
             return Err(Error::InvalidArgument(format!(
                 "page size {page_size:#x} is not a power of two"
