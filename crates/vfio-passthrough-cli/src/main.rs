@@ -8,6 +8,7 @@
 mod check;
 mod inspect;
 mod names;
+mod probe;
 mod serve;
 mod source;
 mod sysfs;

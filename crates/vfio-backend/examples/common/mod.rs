@@ -38,7 +38,10 @@ pub fn describe(dev: &dyn Vfio) -> Result<()> {
     }
     for (index, name) in (0..info.num_irqs).zip(IRQ_NAMES) {
         let irq = dev.irq_info(index)?;
-        println!("  irq {name}: {} vector(s), flags {:#x}", irq.count, irq.flags);
+        println!(
+            "  irq {name}: {} vector(s), flags {:#x}",
+            irq.count, irq.flags
+        );
     }
     let mut ids = [0u8; 4];
     dev.region_read(region::CONFIG, 0, &mut ids)?;
