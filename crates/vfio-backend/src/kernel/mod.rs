@@ -44,6 +44,10 @@
 
 mod container;
 mod device;
+// Public for the fuzz targets only (they drive its parsers of what the
+// kernel writes back): not part of the API. Its types that are part of the
+// API are re-exported below.
+#[doc(hidden)]
 pub mod ioctls;
 #[cfg(feature = "iommufd")]
 mod iommufd;

@@ -12,6 +12,9 @@
 //!   [`crate::Vfio`] device on a socket that only its owner may use.
 
 mod client;
+// Public for the fuzz targets, the benches and the hostile-peer tests only:
+// the wire codec is not part of the API and may change in any release.
+#[doc(hidden)]
 pub mod protocol;
 mod server;
 
