@@ -16,6 +16,8 @@ use std::os::fd::BorrowedFd;
 mod error;
 pub mod kernel;
 mod mapping;
+#[cfg(feature = "vfio-user")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
 pub mod user;
 
 pub use error::{Error, Result};
