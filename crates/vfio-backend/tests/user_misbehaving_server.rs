@@ -878,3 +878,35 @@ fn eventfds_beyond_what_one_message_can_carry_are_split_at_scm_max_fd() {
     drop(dev);
     t.join().unwrap();
 }
+
+#[test]
+fn an_oversized_max_data_xfer_size_option_is_offered_as_sixteen_mib_and_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&v.payload[4..v.payload.len() - 1]).unwrap();
+        assert_eq!(
+            json["capabilities"]["max_data_xfer_size"],
+            16 << 20,
+            "we offer no more than we are willing to buffer"
+        );
+        // A reply announcing 1 GiB: refused from its header, not buffered.
+        s.write_all(&header(v.id, v.cmd, 1 << 30, REPLY, 0))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let e = UserDevice::connect_with_options(
+        &path,
+        UserOptions {
+            max_data_xfer_size: u32::MAX,
+            ..options(5000)
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    t.join().unwrap();
+}

@@ -65,6 +65,10 @@ const MAX_REGION_INFO_ARGSZ: u32 = 64 * 1024;
 /// table size field of the capability has 11 bits), the largest a PCI
 /// function has.
 const MAX_IRQ_VECTORS: u32 = 2048;
+/// The largest `max_data_xfer_size` we offer, whatever the options say
+/// (16 MiB): every message the server sends may be this big, and is
+/// buffered whole.
+pub const MAX_DATA_XFER_SIZE: u32 = 16 << 20;
 /// The most descriptors the kernel passes in one message (`SCM_MAX_FD`).
 const SCM_MAX_FD: usize = 253;
 /// How many timed-out message ids we remember, to drop their late replies.
@@ -85,7 +89,9 @@ pub struct UserOptions {
     pub reset_timeout: Duration,
     /// The most data bytes we accept in one message from the server (our
     /// `max_data_xfer_size` capability); transfers are also split at the
-    /// server's own value.
+    /// server's own value. Taken as 1 when 0 and as
+    /// [`MAX_DATA_XFER_SIZE`] when larger: a server may make us buffer a
+    /// message of this size.
     pub max_data_xfer_size: u32,
     /// The most file descriptors we accept in one message (our
     /// `max_msg_fds` capability).
@@ -1046,7 +1052,7 @@ impl UserDevice {
     /// info (keeping region fds for [`Vfio::mmap_region`]).
     pub fn from_stream(stream: UnixStream, options: UserOptions) -> Result<UserDevice> {
         let options = UserOptions {
-            max_data_xfer_size: options.max_data_xfer_size.max(1),
+            max_data_xfer_size: options.max_data_xfer_size.clamp(1, MAX_DATA_XFER_SIZE),
             ..options
         };
         stream
