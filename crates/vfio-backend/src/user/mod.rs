@@ -18,7 +18,7 @@ mod client;
 pub mod protocol;
 mod server;
 
-pub use client::{UserDevice, UserOptions, MAX_REGIONS};
+pub use client::{UserDevice, UserOptions, MAX_DATA_XFER_SIZE, MAX_REGIONS};
 pub use protocol::Capabilities;
 pub use server::{
     bind_socket, serve, serve_connection, serve_connection_with_options, ServerOptions, UserServer,
