@@ -115,7 +115,6 @@ fn a_memfd_sealed_against_shrinking_is_mapped_by_the_server_and_an_unsealed_one_
         // DMA works both ways either way.
         let grp = vm.group(&dev.msi_group().unwrap());
         edu_round_trip(&g, &mem, &grp, bar, 3);
-        drop(g);
         drop(dev);
     }
 }
