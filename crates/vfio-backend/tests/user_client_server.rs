@@ -22,6 +22,9 @@ const BAR0_SIZE: usize = 0x4000;
 const DOORBELL_IRQ: u64 = 0x3f00;
 /// Writing an IOVA here makes the device DMA 16 bytes of BAR0 (offset 0) there.
 const DOORBELL_DMA: u64 = 0x3f08;
+/// Writing an IOVA here makes the device read 16 bytes there, through a
+/// range mapped without a file, inside the write (what a device must not do).
+const DOORBELL_REMOTE_READ: u64 = 0x3f10;
 const BAR2_SIZE: u64 = 0x2000;
 
 struct Dma {
@@ -40,6 +43,8 @@ struct MemDevice {
     dma: Mutex<Vec<Dma>>,
     resets: Mutex<u32>,
     disabled: Mutex<Vec<u32>>,
+    /// The last range mapped without a file, reached by asking the client.
+    remote: Mutex<Option<Arc<dyn vfio_backend::RemoteDma>>>,
 }
 
 fn memfd(size: u64) -> std::fs::File {
@@ -81,6 +86,7 @@ impl MemDevice {
             dma: Mutex::new(Vec::new()),
             resets: Mutex::new(0),
             disabled: Mutex::new(Vec::new()),
+            remote: Mutex::new(None),
         })
     }
 
@@ -177,6 +183,16 @@ impl Vfio for MemDevice {
                 Ok(())
             }
             (0, DOORBELL_DMA) => self.dma_out(u64::from_le_bytes(data.try_into().unwrap())),
+            (0, DOORBELL_REMOTE_READ) => {
+                let remote = self
+                    .remote
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .ok_or_else(|| bad("no map"))?;
+                let mut buf = [0u8; 16];
+                remote.read(u64::from_le_bytes(data.try_into().unwrap()), &mut buf)
+            }
             (0, _) => {
                 let mut bar = self.bar0.lock().unwrap();
                 let dst = bar
@@ -270,6 +286,17 @@ impl Vfio for MemDevice {
             host_addr: host.host_addr,
             read_only: host.read_only,
         });
+        Ok(())
+    }
+
+    fn dma_map_remote(
+        &self,
+        _iova: u64,
+        _size: u64,
+        _read_only: bool,
+        remote: Arc<dyn vfio_backend::RemoteDma>,
+    ) -> Result<()> {
+        *self.remote.lock().unwrap() = Some(remote);
         Ok(())
     }
 
@@ -617,6 +644,43 @@ fn dma_map_of_a_file_that_is_not_a_regular_file_is_refused_with_einval() {
         "{res:?}"
     );
     assert!(s.device.dma.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_device_asking_the_client_for_dma_inside_a_command_handler_fails_at_once() {
+    // The client could only answer after the handler returned; waiting for
+    // the DMA timeout would stall every request behind it.
+    let s = setup(ServerOptions {
+        dma_timeout: Duration::from_secs(5),
+        ..ServerOptions::default()
+    });
+    let guest = vec![0u8; 0x1000];
+    s.client
+        .dma_map(
+            0x10000,
+            0x1000,
+            DmaSource {
+                host_addr: guest.as_ptr() as u64,
+                file: None,
+                read_only: true,
+            },
+        )
+        .unwrap();
+    let t = Instant::now();
+    let r = s
+        .client
+        .region_write(0, DOORBELL_REMOTE_READ, &0x10000u64.to_le_bytes());
+    assert!(
+        matches!(
+            r,
+            Err(Error::Refused {
+                errno: libc::ENOTSUP,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
 #[test]

@@ -404,12 +404,17 @@ impl Inner {
                 Piece::File(file, off) => {
                     drop(st);
                     use std::os::unix::fs::FileExt;
-                    file.read_exact_at(dst, off)
-                        .map_err(|_| DmaFault::Unreachable)?;
+                    file.read_exact_at(dst, off).map_err(|e| {
+                        log::debug!("fake device: DMA read of a file at {off:#x}: {e}");
+                        DmaFault::Unreachable
+                    })?;
                 }
                 Piece::Remote(remote) => {
                     drop(st);
-                    remote.read(cur, dst).map_err(|_| DmaFault::Unreachable)?;
+                    remote.read(cur, dst).map_err(|e| {
+                        log::debug!("fake device: DMA read at {cur:#x} through its owner: {e}");
+                        DmaFault::Unreachable
+                    })?;
                 }
             }
             done += n;
@@ -446,12 +451,17 @@ impl Inner {
                 Piece::File(file, off) => {
                     drop(st);
                     use std::os::unix::fs::FileExt;
-                    file.write_all_at(src, off)
-                        .map_err(|_| DmaFault::Unreachable)?;
+                    file.write_all_at(src, off).map_err(|e| {
+                        log::debug!("fake device: DMA write of a file at {off:#x}: {e}");
+                        DmaFault::Unreachable
+                    })?;
                 }
                 Piece::Remote(remote) => {
                     drop(st);
-                    remote.write(cur, src).map_err(|_| DmaFault::Unreachable)?;
+                    remote.write(cur, src).map_err(|e| {
+                        log::debug!("fake device: DMA write at {cur:#x} through its owner: {e}");
+                        DmaFault::Unreachable
+                    })?;
                 }
             }
             done += n;

@@ -17,6 +17,8 @@
 //!   the device gets it with `host_addr` 0 and reaches it by `pread` /
 //!   `pwrite`, so a client that shrinks the file later makes the device's
 //!   DMA fail (a DMA fault) instead of killing the server with `SIGBUS`.
+//!   (hugetlbfs has no `write(2)`: a device writing to an unsealed
+//!   hugetlbfs file faults; a hugetlb memfd can be sealed.)
 //! - `DMA_MAP` without a file descriptor (QEMU sends that when guest RAM is
 //!   not shareable): the device gets the range through
 //!   [`Vfio::dma_map_remote`] and reaches it with `DMA_READ` / `DMA_WRITE`
@@ -122,6 +124,9 @@ struct Link {
     send_lock: Mutex<()>,
     pending: Mutex<Pending>,
     replied: Condvar,
+    /// The thread that reads the socket: a request from it could never
+    /// see its reply, so it fails at once.
+    reader: std::thread::ThreadId,
 }
 
 impl Link {
@@ -147,14 +152,24 @@ impl Link {
         }
     }
 
+    /// The session is over: waits fail at once, and the socket is shut
+    /// down even if a device still holds this link (a mapping it failed
+    /// to unmap), so the client sees the end.
     fn close(&self) {
         lock(&self.pending).closed = true;
         self.replied.notify_all();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 
     /// Sends a command to the client and waits, at most `timeout`, for its
     /// reply. An error reply is [`Error::Refused`].
     fn request(&self, cmd: u16, parts: &[&[u8]], timeout: Duration) -> Result<Message> {
+        if std::thread::current().id() == self.reader {
+            return Err(Error::Unsupported(format!(
+                "{} from inside a command handler: the reply could not be read",
+                command_name(cmd)
+            )));
+        }
         let len = parts.iter().map(|p| p.len()).sum();
         let id = {
             let mut p = lock(&self.pending);
@@ -837,6 +852,7 @@ pub fn serve_connection_with_options(
             closed: false,
         }),
         replied: Condvar::new(),
+        reader: std::thread::current().id(),
     });
     let mut session = Session {
         stream: &stream,
