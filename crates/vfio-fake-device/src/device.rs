@@ -4,7 +4,7 @@
 use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -73,6 +73,11 @@ struct Inner {
     counters: Counters,
     faults: Faults,
     watcher: Mutex<Option<Watcher>>,
+    /// Held (shared) by the DMA thread across each piece of file I/O and
+    /// (exclusive) by `dma_unmap`, so that once `dma_unmap` returns no
+    /// access to the unmapped file is still under way. Taken before the
+    /// state lock, never while holding it.
+    file_io: RwLock<()>,
 }
 
 /// A fake PCI function behind the [`Vfio`] trait, in-process.
@@ -93,6 +98,10 @@ struct Inner {
 /// vfio-user server does this for a client's files not sealed with
 /// `F_SEAL_SHRINK`). [`Vfio::dma_map_remote`] ranges are reached through
 /// their [`RemoteDma`] (a vfio-user client's `DMA_READ` / `DMA_WRITE`).
+/// Once [`Vfio::dma_unmap`] returns the device no longer touches the range:
+/// it waits for a load, store or piece of file I/O under way; a request to
+/// a [`RemoteDma`] is not waited for (its owner refuses requests to what it
+/// unmapped).
 ///
 /// A transfer that touches only host memory completes inside the register
 /// write that starts it. Any other one (file I/O, requests that may wait
@@ -163,6 +172,7 @@ impl FakeDevice {
             counters: Counters::default(),
             faults: Faults::default(),
             watcher: Mutex::new(None),
+            file_io: RwLock::new(()),
         };
         inner.restore_memory();
         inner.sync_command(inner.template.config());
@@ -380,6 +390,7 @@ impl Inner {
         let mut done = 0u64;
         while done < len {
             let cur = iova + done; // cannot wrap: check passed
+            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
             let st = self.lock();
             let (piece, n) = st.dma.piece(cur, len - done, false)?;
             let dst = usize::try_from(done)
@@ -400,9 +411,11 @@ impl Inner {
                         )
                     };
                     drop(st);
+                    drop(io);
                 }
                 Piece::File(file, off) => {
                     drop(st);
+                    let _io = io;
                     use std::os::unix::fs::FileExt;
                     file.read_exact_at(dst, off).map_err(|e| {
                         log::debug!("fake device: DMA read of a file at {off:#x}: {e}");
@@ -410,7 +423,11 @@ impl Inner {
                     })?;
                 }
                 Piece::Remote(remote) => {
+                    // A request may wait for its owner: unmapping does not
+                    // wait for it (the owner refuses requests to what it
+                    // unmapped).
                     drop(st);
+                    drop(io);
                     remote.read(cur, dst).map_err(|e| {
                         log::debug!("fake device: DMA read at {cur:#x} through its owner: {e}");
                         DmaFault::Unreachable
@@ -429,6 +446,7 @@ impl Inner {
         let mut done = 0u64;
         while done < len {
             let cur = iova + done; // cannot wrap: check passed
+            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
             let st = self.lock();
             let (piece, n) = st.dma.piece(cur, len - done, true)?;
             let src = usize::try_from(done)
@@ -447,9 +465,11 @@ impl Inner {
                         )
                     };
                     drop(st);
+                    drop(io);
                 }
                 Piece::File(file, off) => {
                     drop(st);
+                    let _io = io;
                     use std::os::unix::fs::FileExt;
                     file.write_all_at(src, off).map_err(|e| {
                         log::debug!("fake device: DMA write of a file at {off:#x}: {e}");
@@ -457,7 +477,11 @@ impl Inner {
                     })?;
                 }
                 Piece::Remote(remote) => {
+                    // A request may wait for its owner: unmapping does not
+                    // wait for it (the owner refuses requests to what it
+                    // unmapped).
                     drop(st);
+                    drop(io);
                     remote.write(cur, src).map_err(|e| {
                         log::debug!("fake device: DMA write at {cur:#x} through its owner: {e}");
                         DmaFault::Unreachable
@@ -882,6 +906,8 @@ impl Vfio for FakeDevice {
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let inner = self.enter(Op::DmaUnmap)?;
+        // Waits for a piece of file I/O under way (see `Inner::file_io`).
+        let _io = inner.file_io.write().unwrap_or_else(|e| e.into_inner());
         inner.lock().dma.unmap(iova, size)
     }
 
