@@ -398,3 +398,55 @@ fn dma_read_requests_never_exceed_the_clients_max_data_xfer_size() {
         "{counts:?}"
     );
 }
+
+#[test]
+fn a_dma_read_reply_that_does_not_match_the_request_is_a_dma_fault_and_service_goes_on() {
+    let (dir, fake, _server) = raw_setup(Duration::from_secs(5));
+    let mut c = RawClient::connect(&dir.path().join("edu.sock"), 1 << 20);
+    c.region_write(region::CONFIG, 4, &6u16.to_le_bytes());
+    let iova = 0x30_0000;
+    c.dma_map_without_fd(iova, 0x1000);
+    // Short data, then data for another address, then a reply that claims
+    // to answer a different command.
+    for bad in 0..3 {
+        c.requests.clear();
+        c.start_edu_dma_from(iova, 64);
+        let deadline = Instant::now() + WAIT;
+        while c.requests.is_empty() {
+            assert!(Instant::now() < deadline, "no DMA_READ came");
+            c.region_read64(0, edu::DMA_SRC);
+        }
+        let m = c.requests.remove(0);
+        let req = DmaAccessPayload::decode(&m.payload).unwrap();
+        let (head, data, header) = match bad {
+            0 => (req, vec![0u8; 10], m.header),
+            1 => (
+                DmaAccessPayload {
+                    address: req.address + 8,
+                    ..req
+                },
+                vec![0u8; 64],
+                m.header,
+            ),
+            _ => (
+                req,
+                vec![0u8; 64],
+                Header {
+                    command: command::REGION_READ,
+                    ..m.header
+                },
+            ),
+        };
+        let h = Header::reply(&header, DmaAccessPayload::SIZE + data.len()).unwrap();
+        protocol::write_message(c.sock.as_fd(), &h, &[&head.encode(), &data], &[]).unwrap();
+        c.wait_edu_dma(None);
+        assert_eq!(
+            c.region_read64(0, edu::DMA_ERROR) as u32,
+            DmaFault::Unreachable.code(),
+            "bad reply {bad}"
+        );
+    }
+    assert_eq!(fake.counters().dma_errors(), 3);
+    // Still serving: the DMA registers read back what we wrote.
+    assert_eq!(c.region_read64(0, edu::DMA_SRC), iova);
+}

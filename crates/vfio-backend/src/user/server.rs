@@ -200,6 +200,14 @@ impl Link {
         loop {
             let pos = p.waiting.iter().position(|(i, r)| *i == id && r.is_some());
             if let Some(m) = pos.and_then(|pos| p.waiting.swap_remove(pos).1) {
+                if m.header.command != cmd || !m.fds.is_empty() {
+                    return Err(Error::Protocol(format!(
+                        "reply to {} is a {} with {} file descriptors",
+                        command_name(cmd),
+                        command_name(m.header.command),
+                        m.fds.len()
+                    )));
+                }
                 if m.header.is_error() {
                     return Err(Error::Refused {
                         context: format!("{} to the client", command_name(cmd)),
