@@ -235,7 +235,7 @@ pub struct DmaSource<'a> {
     /// against shrinking (`F_SEAL_SHRINK`): loads and stores through a
     /// mapping of such a file die with `SIGBUS` once the client shrinks it,
     /// while file I/O only comes up short. A backend that needs host memory
-    /// (the kernel's) refuses such a source.
+    /// (the kernel's, which pins `host_addr`) fails to map such a source.
     pub host_addr: u64,
     /// The file behind the range, when there is one. The vfio-user backend
     /// needs it to share the memory with the server; the kernel backend
