@@ -14,7 +14,12 @@
 //!   table and PBA (their pages are left out of the sparse mmap areas);
 //! - INTx (level, automasked), MSI and MSI-X through eventfds, one index
 //!   enabled at a time;
-//! - a fake IOMMU (`dma_map` / `dma_unmap` with overlap checks);
+//! - a fake IOMMU (`dma_map` / `dma_map_remote` / `dma_unmap` with overlap
+//!   checks): host memory by loads and stores, files by `pread` / `pwrite`
+//!   (a shrunk file is a [`DmaFault::Unreachable`], not a `SIGBUS`), and
+//!   [`vfio_backend::RemoteDma`] ranges by requests; transfers that need
+//!   file or remote I/O run on a DMA thread after the doorbell write, the
+//!   engine busy until then (see [`FakeDevice`]);
 //! - [`Counters`] of every call, and [`Faults`] to make it fail.
 
 mod bar;

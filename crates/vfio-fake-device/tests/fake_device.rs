@@ -680,6 +680,201 @@ fn edu_dma_outside_the_mappings_sets_the_error_register_and_touches_nothing() {
     assert_eq!(d.counters().dma_errors(), 3);
 }
 
+/// Polls DMA_CMD until the start bit clears (bounded).
+fn wait_edu_idle(d: &FakeDevice) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bar_read32(d, 0, edu::DMA_CMD) & 1 != 0 {
+        assert!(Instant::now() < deadline, "the edu DMA never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn memfd(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"dma".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own, taken over once.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+#[test]
+fn edu_dma_through_a_file_mapping_uses_file_io_and_a_shrunk_file_is_a_dma_fault() {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let d = edu_device();
+    let f = memfd(0x4000);
+    let iova = 0x40_0000;
+    let src = vfio_backend::DmaSource {
+        host_addr: 0,
+        file: Some(vfio_backend::DmaFile {
+            fd: f.as_fd(),
+            offset: 0x1000,
+        }),
+        read_only: false,
+    };
+    d.dma_map(iova, 0x3000, src).unwrap();
+    let pattern: Vec<u8> = (0..200u8).map(|i| i ^ 0x3c).collect();
+    f.write_all_at(&pattern, 0x1000 + 0x800).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, iova + 0x800);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), 0);
+    let mut buf = vec![0u8; 200];
+    d.region_read(0, edu::DMA_BUFFER, &mut buf).unwrap();
+    assert_eq!(buf, pattern);
+    // And back into the file.
+    bar_write64(&d, 0, edu::DMA_SRC, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_DST, iova + 0x2000);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(
+        &d,
+        0,
+        edu::DMA_CMD,
+        edu::DMA_CMD_START | edu::DMA_CMD_TO_RAM,
+    );
+    wait_edu_idle(&d);
+    let mut back = vec![0u8; 200];
+    f.read_exact_at(&mut back, 0x3000).unwrap();
+    assert_eq!(back, pattern);
+    // The owner shrinks the file: the device reports a fault; no SIGBUS.
+    f.set_len(0x1000).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, iova + 0x800);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(
+        bar_read32(&d, 0, edu::DMA_ERROR),
+        DmaFault::Unreachable.code()
+    );
+    assert_eq!(d.counters().dma_errors(), 1);
+}
+
+/// Guest memory only reachable by asking; `read` blocks until `gate` opens.
+struct Remote {
+    mem: std::sync::Mutex<Vec<u8>>,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    fail: bool,
+}
+
+impl Remote {
+    fn new(len: usize, open: bool, fail: bool) -> std::sync::Arc<Remote> {
+        std::sync::Arc::new(Remote {
+            mem: std::sync::Mutex::new((0..len).map(|i| (i * 3) as u8).collect()),
+            gate: std::sync::Mutex::new(open),
+            opened: std::sync::Condvar::new(),
+            threads: std::sync::Mutex::new(Vec::new()),
+            fail,
+        })
+    }
+
+    fn open(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl vfio_backend::RemoteDma for Remote {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> vfio_backend::Result<()> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        let g = self.gate.lock().unwrap();
+        let _g = self
+            .opened
+            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
+            .unwrap();
+        if self.fail {
+            return Err(Error::Timeout {
+                request: "DMA_READ",
+                after: Duration::ZERO,
+            });
+        }
+        let at = (iova - 0x80_0000) as usize;
+        buf.copy_from_slice(&self.mem.lock().unwrap()[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> vfio_backend::Result<()> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        let at = (iova - 0x80_0000) as usize;
+        self.mem.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[test]
+fn edu_dma_through_a_remote_mapping_runs_after_the_write_and_is_busy_until_done() {
+    let d = edu_device();
+    let remote = Remote::new(0x2000, false, false);
+    d.dma_map_remote(0x80_0000, 0x2000, false, remote.clone())
+        .unwrap();
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::MSI, 0, &[Some(efd.fd())]).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0100);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    // The doorbell write returns while the owner has not answered.
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START | edu::DMA_CMD_IRQ);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_CMD) & 1, 1, "busy");
+    // Registers still answer meanwhile (no lock held while waiting), and
+    // the DMA registers ignore writes, as QEMU's edu does while busy.
+    assert_eq!(bar_read32(&d, 0, edu::ID), edu::ID_VALUE);
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0800);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_SRC), 0x80_0100);
+    assert_eq!(efd.take(), 0);
+    remote.open();
+    wait_edu_idle(&d);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), 0);
+    let mut buf = vec![0u8; 64];
+    d.region_read(0, edu::DMA_BUFFER, &mut buf).unwrap();
+    assert_eq!(buf, remote.mem.lock().unwrap()[0x100..0x140]);
+    assert_eq!(efd.take(), 1, "completion interrupt");
+    // And back, to another address.
+    bar_write64(&d, 0, edu::DMA_SRC, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_DST, 0x80_1000);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    bar_write64(
+        &d,
+        0,
+        edu::DMA_CMD,
+        edu::DMA_CMD_START | edu::DMA_CMD_TO_RAM,
+    );
+    wait_edu_idle(&d);
+    let mem = remote.mem.lock().unwrap().clone();
+    assert_eq!(mem[0x1000..0x1040], mem[0x100..0x140]);
+    let me = std::thread::current().id();
+    assert!(remote.threads.lock().unwrap().iter().all(|t| *t != me));
+}
+
+#[test]
+fn edu_dma_through_a_remote_mapping_whose_owner_fails_is_a_dma_fault() {
+    let d = edu_device();
+    let remote = Remote::new(0x1000, true, true);
+    d.dma_map_remote(0x80_0000, 0x1000, false, remote).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0000);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(
+        bar_read32(&d, 0, edu::DMA_ERROR),
+        DmaFault::Unreachable.code()
+    );
+    assert_eq!(d.counters().dma_errors(), 1);
+}
+
 trait WithOffset {
     fn with_offset(self, off: u64) -> Self;
 }
@@ -936,6 +1131,72 @@ fn generic_dma_engine_copies_between_mappings_and_raises_its_vector() {
     let status = bar_read32(&d, 0, base + dma_engine::STATUS);
     assert_eq!(status & dma_engine::STATUS_ERROR, dma_engine::STATUS_ERROR);
     assert_eq!(status >> 8, DmaFault::Unmapped.code());
+}
+
+#[test]
+fn generic_dma_engine_copies_from_a_remote_mapping_to_host_memory_after_the_write() {
+    let t = DeviceTemplate::builder()
+        .ids(0x1234, 0x0002)
+        .bar(0, BarSpec::mem32(0x2000))
+        .capability(Capability::Msi {
+            vectors: 2,
+            addr64: true,
+            per_vector_mask: false,
+        })
+        .registers(
+            0,
+            0x100,
+            dma_engine::BLOCK_SIZE,
+            RegisterKind::DmaEngine { irq_vector: 1 },
+        )
+        .build()
+        .unwrap();
+    let d = FakeDevice::new(t).unwrap();
+    enable_decoding(&d);
+    let remote = Remote::new(0x2000, false, false);
+    d.dma_map_remote(0x80_0000, 0x2000, true, remote.clone())
+        .unwrap();
+    let mem = GuestMem::new(0x2000);
+    d.dma_map(0x1000, 0x2000, mem.source(false)).unwrap();
+    let efds = [Efd::new(), Efd::new()];
+    d.set_irq_eventfds(irq::MSI, 0, &[Some(efds[0].fd()), Some(efds[1].fd())])
+        .unwrap();
+    let base = 0x100u64;
+    bar_write64(&d, 0, base + dma_engine::SRC, 0x80_0400);
+    bar_write64(&d, 0, base + dma_engine::DST, 0x1800);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x1000);
+    bar_write32(
+        &d,
+        0,
+        base + dma_engine::CMD,
+        dma_engine::CMD_START | dma_engine::CMD_IRQ,
+    );
+    // Busy: neither done nor error, and writes to the block are ignored.
+    assert_eq!(bar_read32(&d, 0, base + dma_engine::STATUS), 0);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x10);
+    assert_eq!(bar_read32(&d, 0, base + dma_engine::LEN), 0x1000);
+    remote.open();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bar_read32(&d, 0, base + dma_engine::CMD) & dma_engine::CMD_START != 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        bar_read32(&d, 0, base + dma_engine::STATUS),
+        dma_engine::STATUS_DONE
+    );
+    assert_eq!(
+        mem.read()[0x800..0x1800],
+        remote.mem.lock().unwrap()[0x400..0x1400]
+    );
+    assert_eq!((efds[0].take(), efds[1].take()), (0, 1));
+    // The remote range is read-only: copying into it is refused at once.
+    bar_write64(&d, 0, base + dma_engine::SRC, 0x1000);
+    bar_write64(&d, 0, base + dma_engine::DST, 0x80_0000);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x10);
+    bar_write32(&d, 0, base + dma_engine::CMD, dma_engine::CMD_START);
+    let status = bar_read32(&d, 0, base + dma_engine::STATUS);
+    assert_eq!(status >> 8, DmaFault::ReadOnly.code());
 }
 
 // ---------------------------------------------------------------- DMA map

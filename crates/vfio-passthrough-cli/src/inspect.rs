@@ -3,7 +3,7 @@
 //! and DMA work.
 
 use std::fmt::Write as _;
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1227,10 +1227,17 @@ fn msi_check(
     Ok(result)
 }
 
-/// Guest RAM backed by a memfd, so that a vfio-user server can map it.
+/// Guest RAM backed by a memfd sealed against resizing, so that a
+/// vfio-user server can map it (it reaches an unsealed file only by file
+/// I/O, since a client could shrink it under a mapping).
 fn guest_ram() -> anyhow::Result<GuestMemoryMmap> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vfio-passthrough-inspect".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfio-passthrough-inspect".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(anyhow!(
             "memfd_create for guest RAM: {}",
@@ -1241,6 +1248,20 @@ fn guest_ram() -> anyhow::Result<GuestMemoryMmap> {
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.set_len(GUEST_RAM)
         .context("sizing the guest RAM memfd")?;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "sealing the guest RAM memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         usize::try_from(GUEST_RAM).unwrap_or(2 << 20),
