@@ -1140,3 +1140,17 @@ fn lspci_region_lines_inside_the_sriov_capability_are_not_the_functions_bars() {
     assert_eq!(dump.bar_sizes[0], Some(16 << 10));
     assert_eq!(dump.bar_sizes[2], Some(256));
 }
+
+#[test]
+fn lspci_rom_size_above_the_fake_limit_is_refused_before_it_is_allocated() {
+    // A dump's `Expansion ROM ... [size=1T]` used to be allocated (and abort the process)
+    // before the 16 MiB limit was checked.
+    let text = format!("{LSPCI_XXX}\tExpansion ROM at fe000000 [disabled] [size=1T]\n");
+    let e = DeviceTemplate::from_lspci(&text, Some(&[Some(128 << 10), Some(64)])).unwrap_err();
+    assert!(e.to_string().contains("limit"), "{e}");
+    let t = DeviceTemplate::from_lspci(LSPCI_XXX, Some(&[Some(128 << 10), Some(64)])).unwrap();
+    assert!(t.clone().with_rom_size(1 << 40).is_err());
+    assert!(t.clone().with_rom_size(u64::MAX).is_err());
+    let t = t.with_rom_size(5000).unwrap();
+    assert_eq!(t.rom().unwrap().len(), 8192, "rounded up to a power of two");
+}

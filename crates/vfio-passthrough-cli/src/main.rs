@@ -6,6 +6,7 @@
 //! a self-check step fails); `serve-fake` serves the fake device over vfio-user.
 
 mod check;
+mod input;
 mod inspect;
 mod names;
 mod serve;
@@ -292,7 +293,7 @@ fn run_inspect(args: &InspectArgs) -> anyhow::Result<u8> {
     progress.finish();
     let r = result?;
     if let Some(path) = &args.dump {
-        std::fs::write(path, &r.lspci_dump)
+        input::write_file(path, r.lspci_dump.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write the dump to {}: {e}", path.display()))?;
     }
     if args.json {
