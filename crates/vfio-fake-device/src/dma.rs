@@ -19,6 +19,9 @@ pub enum DmaFault {
     ReadOnly,
     /// The transfer is longer than the engine allows.
     TooLong,
+    /// Bus Master Enable (command register bit 2) is clear: a function may not
+    /// initiate memory transactions (PCI Local Bus 3.0 §6.2.2), so nothing is transferred.
+    BusMasterDisabled,
 }
 
 impl DmaFault {
@@ -29,6 +32,7 @@ impl DmaFault {
             DmaFault::Unmapped => 2,
             DmaFault::ReadOnly => 3,
             DmaFault::TooLong => 4,
+            DmaFault::BusMasterDisabled => 5,
         }
     }
 }

@@ -18,8 +18,8 @@ use crate::template::{RegisterBlock, RegisterKind};
 /// Differences from QEMU: the factorial and DMA complete synchronously
 /// inside the write that starts them (the busy bits are clear again when
 /// the write returns); a DMA outside the device buffer or the IOVA
-/// mappings does not happen and sets [`edu::DMA_ERROR`] instead (a fake
-/// extension); DMA addresses are not masked to 28 bits; the device buffer
+/// mappings, or started while Bus Master Enable is clear, does not happen
+/// and sets [`edu::DMA_ERROR`] instead (a fake extension); DMA addresses are not masked to 28 bits; the device buffer
 /// at [`edu::DMA_BUFFER`] is also readable and writable through the BAR.
 pub mod edu {
     /// Vendor id (QEMU).
@@ -118,6 +118,9 @@ pub(crate) struct Ctx<'a> {
     pub irq: &'a mut IrqState,
     pub dma: &'a DmaMappings,
     pub counters: &'a Counters,
+    /// Bus Master Enable (command bit 2): without it the DMA engines refuse every transfer
+    /// with [`DmaFault::BusMasterDisabled`] and touch no memory.
+    pub bus_master: bool,
 }
 
 pub(crate) fn read(ctx: &mut Ctx<'_>, block: &RegisterBlock, off: u64, data: &mut [u8]) {
@@ -183,7 +186,9 @@ fn engine_write(ctx: &mut Ctx<'_>, base: u64, rel: u64, data: &[u8], vector: u32
     let src = ctx.bar.read_u64(base + SRC);
     let dst = ctx.bar.read_u64(base + DST);
     let len = ctx.bar.read_u64(base + LEN);
-    let result = if len > MAX_LEN {
+    let result = if !ctx.bus_master {
+        Err(DmaFault::BusMasterDisabled)
+    } else if len > MAX_LEN {
         Err(DmaFault::TooLong)
     } else {
         ctx.dma.copy(src, dst, len)
@@ -298,6 +303,7 @@ fn edu_dma(ctx: &mut Ctx<'_>, cmd: u64) {
         .checked_sub(DMA_BUFFER)
         .filter(|o| o.checked_add(cnt).is_some_and(|e| e <= DMA_BUFFER_SIZE));
     let result = match in_buffer {
+        _ if !ctx.bus_master => Err(DmaFault::BusMasterDisabled),
         None => Err(DmaFault::OutOfDeviceRange),
         Some(_) if cnt == 0 => Ok(()),
         Some(_) => match ctx.bar.ptr(dev, cnt as usize) {
