@@ -263,3 +263,27 @@ fn bar_view_reports_decoding() {
     assert!(!v.decoding);
     assert!(v.mapped.is_empty());
 }
+
+#[test]
+fn bar64_sized_with_decode_on_then_given_a_new_address_decodes_there_at_once() {
+    // Sizing with decoding on, then both halves of a new address: the move is complete
+    // when the second half is written, without waiting for a command write.
+    let vm = Vm::new();
+    let dev = attach(&vm, &fake("nvme-like"));
+    enable_device(&dev);
+    cfg_write32(&dev, 0x10, u32::MAX);
+    cfg_write32(&dev, 0x14, u32::MAX);
+    assert_eq!(decodes_at(&dev, &vm, 0), None);
+    let new = MMIO64_BASE + 0x20_0000;
+    cfg_write32(&dev, 0x10, new as u32);
+    assert_eq!(decodes_at(&dev, &vm, 0), None, "half an address");
+    cfg_write32(&dev, 0x14, (new >> 32) as u32);
+    assert_eq!(decodes_at(&dev, &vm, 0), Some(new));
+    // High half first works the same.
+    cfg_write32(&dev, 0x14, u32::MAX);
+    cfg_write32(&dev, 0x10, u32::MAX);
+    let back = MMIO64_BASE + 0x40_0000;
+    cfg_write32(&dev, 0x14, (back >> 32) as u32);
+    cfg_write32(&dev, 0x10, back as u32);
+    assert_eq!(decodes_at(&dev, &vm, 0), Some(back));
+}
