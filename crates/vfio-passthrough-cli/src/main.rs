@@ -349,8 +349,21 @@ fn print_text(r: &Report) {
     }
 }
 
+/// `check` and `inspect` print a report: when its reader goes away (`| head`), end as
+/// Unix tools do, by SIGPIPE, instead of panicking in `println!` on EPIPE. `serve-fake`
+/// keeps SIGPIPE ignored (its sockets are written with MSG_NOSIGNAL anyway).
+fn default_sigpipe() {
+    // SAFETY: restores the default disposition of one signal; no handler runs our code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::ServeFake(_)) {
+        default_sigpipe();
+    }
     let result = match &cli.command {
         Command::Check(args) => run_check(args).and_then(|r| {
             if args.json {

@@ -266,3 +266,34 @@ fn vfio_user_listener_that_accepts_nobody_is_given_up_on_within_the_connect_boun
         unsafe { libc::close(fd) };
     }
 }
+
+#[test]
+fn report_whose_reader_goes_away_ends_quietly_instead_of_panicking() {
+    // `vfio-passthrough inspect | head -1`: the reader closes the pipe early.
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfio-passthrough"))
+        .args(["inspect", "--fake", "edu", "--no-self-check"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            child.kill().unwrap();
+            panic!("inspect still running with its stdout closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {stderr}",
+        out.status
+    );
+}
