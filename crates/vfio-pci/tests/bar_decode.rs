@@ -287,3 +287,22 @@ fn bar64_sized_with_decode_on_then_given_a_new_address_decodes_there_at_once() {
     cfg_write32(&dev, 0x10, back as u32);
     assert_eq!(decodes_at(&dev, &vm, 0), Some(back));
 }
+
+#[test]
+fn snapshot_of_a_bar_decoding_nowhere_restores_decoding_nowhere() {
+    let vm = Vm::new();
+    let dev = attach(&vm, &fake("edu"));
+    enable_device(&dev);
+    let base = decodes_at(&dev, &vm, 0).unwrap();
+    cfg_write32(&dev, 0x10, u32::MAX);
+    let snap = dev.snapshot().unwrap();
+    drop(dev);
+    let vm2 = Vm::new();
+    let dev2 = attach(&vm2, &fake("edu"));
+    dev2.restore(&snap).unwrap();
+    assert_eq!(bar_address(&dev2, 0), u64::from(!(0x10_0000u32 - 1)));
+    assert_eq!(decodes_at(&dev2, &vm2, 0), None);
+    assert!(vm2.mapper.live().is_empty());
+    cfg_write32(&dev2, 0x10, base as u32);
+    assert_eq!(decodes_at(&dev2, &vm2, 0), Some(base));
+}
