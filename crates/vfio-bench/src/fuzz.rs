@@ -355,6 +355,11 @@ pub fn templates(data: &[u8]) {
         }
     }
     let rest = inp.bytes(usize::MAX);
+    // The same bytes as `lspci` dump text: every size a dump names (`[size=2G]` on an
+    // Expansion ROM line) is checked against the fake's limits before anything is allocated.
+    if let Ok(t) = DeviceTemplate::from_lspci(&String::from_utf8_lossy(rest), Some(&sizes)) {
+        let _ = FakeDevice::new(t);
+    }
     let len = match sel % 3 {
         0 => 64,
         1 => 256,
