@@ -101,8 +101,54 @@ fn pick_device(which: u8) -> Option<Arc<FakeDevice>> {
     }
 }
 
+/// Register and decode agree: a BAR that decodes (found by `bar_at`) decodes at the address
+/// its register holds, and every guest mapping lies in a decoding BAR.
+fn assert_register_and_decode_agree(vm: &Vm, dev: &VfioPciDevice) {
+    let bars = dev.bars();
+    for b in &bars {
+        let Some(base) = b.base else { continue };
+        let io = b.kind == pci_config::BarKind::Io;
+        let found = dev.bar_at(base, io) == Some((b.index, 0));
+        assert_eq!(
+            found, b.decoding,
+            "BAR{}: bar_at and decoding disagree",
+            b.index
+        );
+        if !found {
+            continue;
+        }
+        let reg = if b.index == 6 {
+            u64::from(cfg_read32(dev, 0x30) & 0xffff_f800)
+        } else {
+            let off = 0x10 + 4 * b.index as u64;
+            let lo = cfg_read32(dev, off);
+            match b.kind {
+                pci_config::BarKind::Io => u64::from(lo & !3),
+                pci_config::BarKind::Memory32 { .. } => u64::from(lo & !0xf),
+                pci_config::BarKind::Memory64 { .. } => {
+                    u64::from(lo & !0xf) | (u64::from(cfg_read32(dev, off + 4)) << 32)
+                }
+            }
+        };
+        assert_eq!(
+            reg, base,
+            "BAR{} decodes at {base:#x}, its register holds {reg:#x}",
+            b.index
+        );
+    }
+    for (gpa, len) in vm.mapper.live() {
+        assert!(
+            bars.iter().any(|b| b.decoding
+                && b.base
+                    .is_some_and(|x| gpa >= x && gpa.saturating_add(len) <= x + b.guest_size)),
+            "guest mapping {gpa:#x}+{len:#x} outside every decoding BAR"
+        );
+    }
+}
+
 /// What must hold of any attached device whatever the guest did.
 fn check_and_detach(vm: &Vm, fake: &FakeDevice, dev: VfioPciDevice, ids: u32, class: u32) {
+    assert_register_and_decode_agree(vm, &dev);
     // Vendor, device and class codes are read-only (PCI 3.0 6.2.1).
     assert_eq!(cfg_read32(&dev, 0), ids, "vendor/device id changed");
     assert_eq!(cfg_read32(&dev, 8) >> 8, class >> 8, "class code changed");
@@ -291,6 +337,7 @@ pub fn bar_access(data: &[u8]) {
                 let _ = cfg_write16(&dev, 4, u16::from_le_bytes([val[0], val[1]]));
             }
         }
+        assert_register_and_decode_agree(&vm, &dev);
     }
     check_and_detach(&vm, &fake, dev, ids, class);
 }
@@ -308,6 +355,11 @@ pub fn templates(data: &[u8]) {
         }
     }
     let rest = inp.bytes(usize::MAX);
+    // The same bytes as `lspci` dump text: every size a dump names (`[size=2G]` on an
+    // Expansion ROM line) is checked against the fake's limits before anything is allocated.
+    if let Ok(t) = DeviceTemplate::from_lspci(&String::from_utf8_lossy(rest), Some(&sizes)) {
+        let _ = FakeDevice::new(t);
+    }
     let len = match sel % 3 {
         0 => 64,
         1 => 256,

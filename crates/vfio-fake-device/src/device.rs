@@ -25,6 +25,13 @@ use crate::template::{BarKind, DeviceTemplate, PAGE_SIZE};
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
 
+/// Command register: Bus Master Enable (PCI Local Bus 3.0 §6.2.2, bit 2).
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// Command register: Interrupt Disable (bit 10): while set, INTx# is not asserted.
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Status register: Interrupt Status (bit 3), the state of the function's INTx.
+const STATUS_INTERRUPT: u8 = 1 << 3;
+
 /// Mutable device state, behind the one lock.
 #[derive(Debug)]
 struct State {
@@ -373,6 +380,7 @@ impl Inner {
             dma: &st.dma,
             counters: &self.counters,
             deferred: None,
+            bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
         };
         match read {
             Some(out) => regs::read(&mut ctx, block, offset, out),
@@ -569,6 +577,9 @@ impl Inner {
             dma: &st.dma,
             counters: &self.counters,
             deferred: None,
+            // Finishing only writes status and raises the interrupt: the
+            // transfer itself was checked against Bus Master Enable at start.
+            bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
         };
         match job {
             Job::Edu { cmd, .. } => regs::edu_finish(&mut ctx, cmd, result),
@@ -700,11 +711,23 @@ impl Vfio for FakeDevice {
             }
             region::CONFIG => {
                 let st = inner.lock();
-                let src = usize::try_from(offset)
-                    .ok()
+                let start = usize::try_from(offset).ok();
+                let src = start
                     .and_then(|o| st.config.get(o..o.checked_add(len)?))
                     .ok_or_else(|| out_of_range(index, offset, len, st.config.len() as u64))?;
                 data.copy_from_slice(src);
+                // Status bit 3 (Interrupt Status) is the INTx line's state, whatever the
+                // Interrupt Disable bit says (PCI Local Bus 3.0 §6.2.3).
+                if let Some(b) = start
+                    .and_then(|o| 6usize.checked_sub(o))
+                    .and_then(|i| data.get_mut(i))
+                {
+                    if st.irq.intx_line() {
+                        *b |= STATUS_INTERRUPT;
+                    } else {
+                        *b &= !STATUS_INTERRUPT;
+                    }
+                }
             }
             _ => return Err(out_of_range(index, offset, len, 0)),
         }
@@ -730,6 +753,9 @@ impl Vfio for FakeDevice {
                 crate::config::write(&mut st.config, &inner.template, off, data);
                 if off < 6 && off + len > 4 {
                     inner.sync_command(&st.config);
+                    let disabled =
+                        inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+                    st.irq.set_intx_disabled(disabled, &inner.counters);
                 }
             }
             region::ROM => {
@@ -856,6 +882,8 @@ impl Vfio for FakeDevice {
         st.irq.reset();
         st.config.copy_from_slice(inner.template.config());
         inner.sync_command(&st.config);
+        let disabled = inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+        st.irq.set_intx_disabled(disabled, &inner.counters);
         inner.restore_memory();
         Ok(())
     }

@@ -42,6 +42,9 @@ pub enum DmaFault {
     /// owner refused, or did not answer in time, a DMA request. Part of
     /// the destination may have been written.
     Unreachable,
+    /// Bus Master Enable (command register bit 2) is clear: a function may not
+    /// initiate memory transactions (PCI Local Bus 3.0 §6.2.2), so nothing is transferred.
+    BusMasterDisabled,
 }
 
 impl DmaFault {
@@ -53,6 +56,7 @@ impl DmaFault {
             DmaFault::ReadOnly => 3,
             DmaFault::TooLong => 4,
             DmaFault::Unreachable => 5,
+            DmaFault::BusMasterDisabled => 6,
         }
     }
 }

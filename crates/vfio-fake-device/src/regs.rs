@@ -23,8 +23,9 @@ use crate::template::{RegisterBlock, RegisterKind};
 /// later, on the device's DMA thread, like QEMU's (its DMA runs on a
 /// timer): [`edu::DMA_CMD_START`] stays set until then, and writes to the
 /// DMA registers meanwhile are ignored, as in QEMU. A DMA outside the
-/// device buffer or the IOVA mappings, or one whose memory fails the
-/// access, sets [`edu::DMA_ERROR`] (a fake extension); DMA addresses are
+/// device buffer or the IOVA mappings, one started while Bus Master Enable
+/// is clear (it touches no memory), or one whose memory fails the access,
+/// sets [`edu::DMA_ERROR`] (a fake extension); DMA addresses are
 /// not masked to 28 bits; the device buffer at [`edu::DMA_BUFFER`] is also
 /// readable and writable through the BAR.
 pub mod edu {
@@ -131,6 +132,9 @@ pub(crate) struct Ctx<'a> {
     pub counters: &'a Counters,
     /// A transfer the access started that must run after it returns.
     pub deferred: Option<Job>,
+    /// Bus Master Enable (command bit 2): without it the DMA engines refuse every transfer
+    /// with [`DmaFault::BusMasterDisabled`] and touch no memory.
+    pub bus_master: bool,
 }
 
 /// A DMA transfer that needs file or message I/O: the engine stays busy,
@@ -253,7 +257,9 @@ fn engine_write(ctx: &mut Ctx<'_>, base: u64, rel: u64, data: &[u8], vector: u32
     let src = ctx.bar.read_u64(base + SRC);
     let dst = ctx.bar.read_u64(base + DST);
     let len = ctx.bar.read_u64(base + LEN);
-    let result = if len > MAX_LEN {
+    let result = if !ctx.bus_master {
+        Err(DmaFault::BusMasterDisabled)
+    } else if len > MAX_LEN {
         Err(DmaFault::TooLong)
     } else {
         match plan(ctx, Some((src, len)), Some((dst, len))) {
@@ -403,6 +409,7 @@ fn edu_dma(ctx: &mut Ctx<'_>, cmd: u64) {
         .checked_sub(DMA_BUFFER)
         .filter(|o| o.checked_add(cnt).is_some_and(|e| e <= DMA_BUFFER_SIZE));
     let result = match in_buffer {
+        _ if !ctx.bus_master => Err(DmaFault::BusMasterDisabled),
         None => Err(DmaFault::OutOfDeviceRange),
         Some(_) if cnt == 0 => Ok(()),
         Some(_) => match ctx.bar.ptr(dev, cnt as usize) {

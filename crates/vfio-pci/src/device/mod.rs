@@ -168,6 +168,11 @@ pub struct BarView {
     pub msix_pba: Option<(u64, u64)>,
     /// The MSI-X table and PBA were relocated into an enlarged BAR.
     pub msix_relocated: bool,
+    /// The BAR decodes at `base`: its register holds that address. False while the register
+    /// holds an address the VMM refused (a sizing pattern, outside the windows, on another
+    /// BAR) or one not yet applied: the BAR then decodes nowhere (nothing mapped, its
+    /// trapped range not served) and `base` is only the range the VMM keeps reserved for it.
+    pub decoding: bool,
 }
 
 impl BarView {
@@ -192,6 +197,10 @@ struct Bar {
     layout: BarLayout,
     placement: Option<BarPlacement>,
     maps: Vec<HostMap>,
+    /// Whether the BAR decodes at its placement: mapped into the guest, its trapped range
+    /// served, found by [`VfioPciDevice::bar_at`]. True only while the BAR register holds
+    /// the placement's address (see [`VfioPciDevice::sync_decode`]).
+    decoding: bool,
 }
 
 struct MsiCtx {
@@ -673,6 +682,7 @@ impl VfioPciDevice {
                 layout,
                 placement: None,
                 maps: Vec::new(),
+                decoding: false,
             });
         }
 
@@ -704,6 +714,7 @@ impl VfioPciDevice {
                         region: r,
                         placement: None,
                         maps: Vec::new(),
+                        decoding: false,
                     }),
                     Err(e) => {
                         log::warn!("ROM of {size:#x} bytes cannot be declared ({e}); no ROM");
@@ -941,6 +952,9 @@ impl VfioPciDevice {
                 if (b.kind == BarKind::Io) != io {
                     return None;
                 }
+                if !b.decoding {
+                    return None;
+                }
                 let base = b.placement.as_ref()?.base;
                 let off = addr.checked_sub(base)?;
                 (off < b.layout.guest_size).then_some((b.index, off))
@@ -1036,6 +1050,7 @@ fn bar_view(b: &Bar, inner: &Inner) -> BarView {
         msix_table,
         msix_pba,
         msix_relocated: b.layout.relocated,
+        decoding: b.decoding,
     }
 }
 
