@@ -2,7 +2,7 @@
 //! map (memfd-backed).
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -54,7 +54,8 @@ pub fn serve_pair(device: Arc<dyn Vfio>, options: UserOptions) -> Result<Served>
 /// A sealed-size memfd of `size` bytes.
 pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
     }
@@ -62,6 +63,16 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|e| Error::io("size the memfd", e))?;
+    // Neither we nor whoever we share it with may change its size (a peer
+    // maps a file only when it cannot shrink under the mapping).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; it changes no memory.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(Error::io(
+            "seal the memfd's size",
+            std::io::Error::last_os_error(),
+        ));
+    }
     Ok(file)
 }
 
