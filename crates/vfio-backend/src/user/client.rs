@@ -39,6 +39,21 @@
 //! (`EINVAL`), and when their range is not inside one mapping registered
 //! with a host address (`EFAULT`; `ENOTSUP` for a file-only mapping,
 //! `EPERM` to write a read-only one). Other commands get `ENOTSUP`.
+//!
+//! Region files: a server may still resize a file it shared with us, and
+//! truncating it under our mapping makes the next access to it raise
+//! SIGBUS, in this process or, through a KVM memory slot, in the guest
+//! (`KVM_RUN` fails with `EFAULT`). So a region fd is kept for
+//! [`Vfio::mmap_region`] only if its file is sealed against shrinking
+//! (`F_SEAL_SHRINK`, read with `fcntl(F_GET_SEALS)`: a memfd made with
+//! `MFD_ALLOW_SEALING`; a seal cannot be removed), is not write-sealed when
+//! the region is writable, and is large enough for every mmap-able area.
+//! Otherwise the region is reported by [`Vfio::region_info`] without the
+//! `MMAP` flag and its sparse areas, [`Vfio::region_mmap_fd`] offers no fd
+//! and [`Vfio::mmap_region`] fails with [`Error::Unsupported`]: `vfio-pci`
+//! then traps the whole region, whose accesses go through `REGION_READ` /
+//! `REGION_WRITE` messages (slower, but the device works). The reason is
+//! logged once per region, at warn level, when the client connects.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
