@@ -1068,3 +1068,99 @@ fn a_sealed_region_file_too_small_for_its_mmap_area_is_reported_not_mmappable() 
     drop(dev);
     t.join().unwrap();
 }
+
+/// Warnings logged, with the thread that logged them (tests run in
+/// parallel: each looks at its own thread's records only).
+struct Capture(std::sync::Mutex<Vec<(std::thread::ThreadId, String)>>);
+
+static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let me = std::thread::current().id();
+            self.0.lock().unwrap().push((me, r.args().to_string()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_warnings() {
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// The warnings this thread logged that contain `what`.
+fn my_warnings(what: &str) -> Vec<String> {
+    let me = std::thread::current().id();
+    CAPTURE
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, m)| *t == me && m.contains(what))
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+#[test]
+fn a_region_not_mmapped_for_want_of_a_seal_is_logged_once_naming_the_reason() {
+    capture_warnings();
+    let unsealed = region_memfd(0x1000, 0);
+    let sealed = region_memfd(0x1000, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+    let (_d, path, t) = region_server(0x1000, vec![unsealed, sealed], |s, _files| {
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let _ = dev.region_info(0).unwrap();
+    let _ = dev.mmap_region(0, WHOLE_PAGE).unwrap_err();
+    let _ = dev.mmap_region(0, WHOLE_PAGE).unwrap_err();
+    let logged = my_warnings("region 0");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains("F_SEAL_SHRINK"), "{logged:?}");
+    assert!(my_warnings("region 1").is_empty());
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn dma_map_of_a_file_not_sealed_against_shrinking_warns_once_per_connection() {
+    capture_warnings();
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        for _ in 0..3 {
+            accept_dma_map(&mut s);
+        }
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let sealed = region_memfd(0x2000, libc::F_SEAL_SHRINK);
+    let unsealed = region_memfd(0x2000, 0);
+    let map = |iova: u64, f: &std::fs::File| {
+        dev.dma_map(
+            iova,
+            0x1000,
+            DmaSource {
+                host_addr: 0,
+                file: Some(vfio_backend::DmaFile {
+                    fd: f.as_fd(),
+                    offset: 0,
+                }),
+                read_only: false,
+            },
+        )
+        .unwrap()
+    };
+    map(0x10000, &sealed);
+    assert!(my_warnings("dma_map").is_empty());
+    map(0x20000, &unsealed);
+    map(0x30000, &unsealed);
+    let logged = my_warnings("dma_map");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains("F_SEAL_SHRINK"), "{logged:?}");
+    drop(dev);
+    t.join().unwrap();
+}

@@ -53,7 +53,10 @@
 //! and [`Vfio::mmap_region`] fails with [`Error::Unsupported`]: `vfio-pci`
 //! then traps the whole region, whose accesses go through `REGION_READ` /
 //! `REGION_WRITE` messages (slower, but the device works). The reason is
-//! logged once per region, at warn level, when the client connects.
+//! logged once per region, at warn level, when the client connects. The
+//! other way round, a file [`Vfio::dma_map`] shares with the server (guest
+//! memory) could be truncated by the server too: the client warns, once
+//! per connection, when that file is not sealed against shrinking.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
@@ -1046,6 +1049,9 @@ pub struct UserDevice {
     /// Region infos (and region fds) read at connect time; `None` where the
     /// server refused the query.
     regions: Vec<Option<CachedRegion>>,
+    /// We warned that a file shared by `dma_map` is not sealed against
+    /// shrinking (once per connection).
+    warned_unsealed_dma: AtomicBool,
 }
 
 impl std::fmt::Debug for UserDevice {
@@ -1272,6 +1278,7 @@ impl UserDevice {
             server_caps,
             version: (major, minor),
             regions,
+            warned_unsealed_dma: AtomicBool::new(false),
         })
     }
 
@@ -1322,6 +1329,28 @@ impl UserDevice {
             self.timeout(),
         )?;
         s.expect_plain(&m, 0)
+    }
+
+    /// Warns (once per connection) when a file we share for DMA is not
+    /// sealed against shrinking: the server could truncate it, and our own
+    /// next access to that memory (or the guest's) would then fault.
+    fn warn_if_shrinkable(&self, fd: BorrowedFd<'_>) {
+        if self.warned_unsealed_dma.load(Ordering::Relaxed) {
+            return;
+        }
+        // SAFETY: F_GET_SEALS only reads the seals of a descriptor the
+        // caller lends us for the call.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            return;
+        }
+        if !self.warned_unsealed_dma.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vfio-user dma_map shares a file that is not sealed against shrinking \
+                 (F_SEAL_SHRINK): the server could truncate it under this process's memory \
+                 (seal guest memory memfds made with MFD_ALLOW_SEALING)"
+            );
+        }
     }
 
     fn check_region_range(&self, index: u32, offset: u64, len: usize) -> Result<()> {
@@ -1637,6 +1666,9 @@ impl Vfio for UserDevice {
             size,
         };
         let fds: Vec<BorrowedFd<'_>> = host.file.map(|f| f.fd).into_iter().collect();
+        if let Some(f) = host.file {
+            self.warn_if_shrinkable(f.fd);
+        }
         if !fds.is_empty() && self.server_caps.max_msg_fds == 0 {
             lock(&s.dma).retain(|e| e.iova != iova);
             return Err(Error::Unsupported(
