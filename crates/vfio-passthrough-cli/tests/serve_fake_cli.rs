@@ -94,6 +94,11 @@ fn our_vfio_user_client_reads_the_served_profile_and_sigterm_removes_the_socket(
     );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["source"]["kind"], "vfio-user");
+    // The served BAR memory is mapped into the guest, not trapped: the fake
+    // shares sealed memfds, which our client accepts to mmap.
+    let bar0 = &json["bars"][0];
+    assert_eq!(bar0["index"], 0);
+    assert_eq!(bar0["mapped_bytes"], 0x1000, "{bar0}");
     let firing = json["self_check"]
         .as_array()
         .unwrap()
