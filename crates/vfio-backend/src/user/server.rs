@@ -26,8 +26,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
-    DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received,
-    RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
+    DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received, RegionAccessPayload,
+    RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
 use crate::{DmaFile, DmaSource, Error, Mapping, Result, Vfio};
 
@@ -900,7 +900,9 @@ impl UserServer {
                 // SAFETY: `theirs` owns the fd and lives until the end of
                 // this closure, past every use of the borrow.
                 let stop = unsafe { BorrowedFd::borrow_raw(stop) };
-                if let Err(e) = accept_loop(&listener, device.as_ref(), options, Some(stop), &t_current) {
+                if let Err(e) =
+                    accept_loop(&listener, device.as_ref(), options, Some(stop), &t_current)
+                {
                     log::warn!("vfio-user server: stopped: {e}");
                 }
                 drop(theirs);
