@@ -7,6 +7,31 @@
 //! descriptors are bounded and checked, and nothing it sends can make the
 //! server panic.
 //!
+//! Interrupt file descriptors (`DEVICE_SET_IRQS` with `DATA_EVENTFD`, for
+//! `ACTION_TRIGGER` and `ACTION_UNMASK`) must be eventfds: every fd of the
+//! message is checked before the device gets any, and anything else (a
+//! pipe, a socket, a file) is refused with `EINVAL`, as the kernel's
+//! `vfio-pci` does. The eventfds are switched to non-blocking mode (on the
+//! file description the client shares, see [`crate::eventfd`]) so that a
+//! client that fills a counter up cannot make the device block while it
+//! signals.
+//!
+//! One client at a time, and stalls are bounded by
+//! [`ServerOptions::stall_timeout`] (default [`DEFAULT_STALL_TIMEOUT`]):
+//! - a new client must complete VERSION within the bound, or it is dropped;
+//! - a started message (part of a header or payload received) must complete
+//!   within the bound, and a reply must be taken by the client within it;
+//! - a negotiated client that sends nothing is idle, not stalled (a VMM's
+//!   guest may not touch the device for minutes): it is served as long as
+//!   it stays connected;
+//! - a client that connects while another is served ([`UserServer`],
+//!   [`serve`]) is accepted and closed at once, with a warning in our log,
+//!   rather than left waiting in the listen backlog.
+//!
+//! Every error reply is logged at debug level with its command, message id,
+//! errno and reason, so that a client's trouble can be diagnosed from this
+//! side alone.
+//!
 //! What this server does not do: `DMA_MAP` without a file descriptor is
 //! refused with `ENOTSUP` (the device needs host memory it can reach, and
 //! this server does not issue `DMA_READ`/`DMA_WRITE`); `DATA_BOOL` interrupt
