@@ -391,9 +391,8 @@ impl Session<'_> {
                     )));
                 };
                 d.set_irq_eventfds(req.index, req.start, &list)?;
-                if !fds.is_empty() {
-                    self.irq_indices.insert(req.index);
-                }
+                // Enabled, with or without fds: disabled when the client goes.
+                self.irq_indices.insert(req.index);
             }
             (irq_set::DATA_NONE, irq_set::ACTION_UNMASK) if req.count == 1 && req.start == 0 => {
                 d.unmask_irq(req.index)?;
