@@ -609,8 +609,33 @@ impl FdPool {
     }
 }
 
+/// The id of [`user_server`]'s barrier messages.
+const BARRIER_ID: u16 = 0xfffe;
+
+/// The longest [`user_server`] waits for a barrier's reply (none comes when
+/// the barrier ended up inside a message the input left unfinished).
+const BARRIER_WAIT: Duration = Duration::from_millis(200);
+
+/// Sends a request whose reply tells that the server handled everything
+/// sent before it, and waits for that reply (bounded).
+fn barrier(ours: &UnixStream, replies: &std::sync::mpsc::Receiver<()>) {
+    while replies.try_recv().is_ok() {}
+    let info = [16u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    if let Ok(h) = Header::command(BARRIER_ID, protocol::command::DEVICE_GET_INFO, info.len()) {
+        if protocol::write_message(ours.as_fd(), &h, &[&info], &[]).is_ok() {
+            let _ = replies.recv_timeout(BARRIER_WAIT);
+        }
+    }
+}
+
 /// Drives one hostile client of [`user_server`] over `ours`.
-fn hostile_client(ours: &UnixStream, fake: &FakeDevice, inp: &mut Input<'_>, version_first: bool) {
+fn hostile_client(
+    ours: &UnixStream,
+    fake: &FakeDevice,
+    inp: &mut Input<'_>,
+    version_first: bool,
+    replies: &std::sync::mpsc::Receiver<()>,
+) {
     let pool = FdPool::new();
     let mut id = 0u16;
     if version_first {
@@ -667,6 +692,8 @@ fn hostile_client(ours: &UnixStream, fake: &FakeDevice, inp: &mut Input<'_>, ver
             SRV_RAISE => {
                 // The device's side: whatever fds the client installed, this
                 // must not wait (it holds the device lock while it signals).
+                // After what was sent before has been handled.
+                barrier(ours, replies);
                 let t = Instant::now();
                 fake.raise_irq(u32::from(inp.u8()));
                 assert!(
@@ -734,20 +761,24 @@ pub fn user_server(data: &[u8]) {
     else {
         return;
     };
-    // Replies are read (and dropped, fds included) as they come.
+    // Replies are read (and dropped, fds included) as they come; barrier
+    // replies are reported.
+    let (barrier_done, replies) = std::sync::mpsc::channel();
     let Ok(drain) = std::thread::Builder::new()
         .name("fuzz-drain".into())
         .spawn(move || {
-            let mut buf = vec![0u8; 1 << 16];
-            let mut r = &reader;
-            while matches!(std::io::Read::read(&mut r, &mut buf), Ok(n) if n > 0) {}
+            while let Ok(Some(m)) = protocol::read_message(reader.as_fd(), 1 << 22, 64) {
+                if m.header.id == BARRIER_ID {
+                    let _ = barrier_done.send(());
+                }
+            }
         })
     else {
         let _ = ours.shutdown(std::net::Shutdown::Both);
         let _ = server.join();
         return;
     };
-    hostile_client(&ours, &fake, &mut inp, first & 0x80 == 0);
+    hostile_client(&ours, &fake, &mut inp, first & 0x80 == 0, &replies);
     let _ = ours.shutdown(std::net::Shutdown::Write);
     let t = Instant::now();
     let ended = ended.recv_timeout(SERVER_END_BOUND);
