@@ -363,15 +363,25 @@ fn a_second_client_is_turned_away_at_once_while_one_is_served() {
             ..UserOptions::default()
         },
     );
-    assert!(second.is_err(), "two clients served at once");
+    let err = second.expect_err("two clients served at once");
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "the second client waited {:?}",
         t.elapsed()
     );
-    // Silent, it is closed too rather than left in the backlog.
+    // Its VERSION was answered: busy.
+    assert_eq!(err.errno(), Some(libc::EBUSY), "{err}");
+    // By hand: VERSION gets an EBUSY error reply, then the connection closes.
     let mut third = Raw::connect(&sv.path);
+    let v = protocol::encode_version(0, 1, &Capabilities::default());
+    assert_eq!(
+        third.request(command::VERSION, &v, &[]).0,
+        libc::EBUSY as u32
+    );
     assert!(third.closed_within(REPLY_WAIT));
+    // Silent, it is closed too rather than left in the backlog.
+    let mut fourth = Raw::connect(&sv.path);
+    assert!(fourth.closed_within(REPLY_WAIT));
     // The first is still served.
     assert_eq!(first.region_read32(region::CONFIG, 0), IDS);
 }

@@ -25,8 +25,11 @@
 //!   guest may not touch the device for minutes): it is served as long as
 //!   it stays connected;
 //! - a client that connects while another is served ([`UserServer`],
-//!   [`serve`]) is accepted and closed at once, with a warning in our log,
-//!   rather than left waiting in the listen backlog.
+//!   [`serve`]) is accepted at once, with a warning in our log, rather than
+//!   left waiting in the listen backlog: its first request (VERSION) gets an
+//!   error reply `EBUSY` if its header arrives within a second, and the
+//!   connection is closed (at most four such clients wait at a time; more
+//!   are closed straight away).
 //!
 //! Every error reply is logged at debug level with its command, message id,
 //! errno and reason, so that a client's trouble can be diagnosed from this
@@ -544,7 +547,7 @@ impl Session<'_> {
         Ok(true)
     }
 
-    fn run(&mut self, watch: &Watch<'_>) -> Result<()> {
+    fn run(&mut self, watch: &mut Watch<'_>) -> Result<()> {
         let max_message = HEADER_SIZE
             .saturating_add(64 * 1024)
             .saturating_add(self.options.max_data_xfer_size as usize);
@@ -623,33 +626,118 @@ enum Woken {
     Timeout,
 }
 
+/// The most clients waiting for their "busy" answer at once; more are
+/// closed without one.
+const MAX_REFUSED: usize = 4;
+
+/// How long a refused client is given to send the header of its first
+/// message (its VERSION), to be answered `EBUSY`, before it is closed.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A client turned away while another is served, waiting for the header
+/// of its first message.
+struct Refused {
+    stream: UnixStream,
+    until: Instant,
+    header: [u8; HEADER_SIZE],
+    have: usize,
+}
+
+impl Refused {
+    /// Reads what arrived (non-blocking); answers the first message with
+    /// an `EBUSY` error once its header is complete. Returns whether it is
+    /// still waiting.
+    fn advance(&mut self) -> bool {
+        let Some(rest) = self.header.get_mut(self.have..) else {
+            return false;
+        };
+        match std::io::Read::read(&mut &self.stream, rest) {
+            Ok(0) => return false,
+            Ok(n) => self.have = self.have.saturating_add(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+        if self.have < HEADER_SIZE {
+            return true;
+        }
+        if let Ok(h) = Header::decode(&self.header) {
+            if h.is_command() && !h.no_reply() {
+                let rh = Header::error_reply(&h, libc::EBUSY);
+                log::debug!(
+                    "vfio-user server: {} (id {}) of a refused client: error reply with errno {} (busy: one client at a time)",
+                    command_name(h.command),
+                    h.id,
+                    libc::EBUSY
+                );
+                let _ = protocol::write_message(self.stream.as_fd(), &rh, &[], &[]);
+            }
+        }
+        // Take what else it sent (a little, without waiting), so that closing
+        // does not reset the connection before the client read our answer.
+        let mut sink = [0u8; 1024];
+        for _ in 0..64 {
+            if !matches!(std::io::Read::read(&mut &self.stream, &mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        false
+    }
+}
+
 /// What a serving loop watches besides its client: the listener, so that
 /// other clients are turned away at once rather than left in the backlog,
 /// and a stop eventfd.
-#[derive(Clone, Copy, Default)]
+#[derive(Default)]
 struct Watch<'a> {
     listener: Option<&'a UnixListener>,
     stop: Option<BorrowedFd<'a>>,
+    /// Clients turned away, until their first header came or their time ran out.
+    refused: Vec<Refused>,
 }
 
-impl Watch<'_> {
+impl<'a> Watch<'a> {
+    fn new(listener: &'a UnixListener, stop: Option<BorrowedFd<'a>>) -> Watch<'a> {
+        Watch {
+            listener: Some(listener),
+            stop,
+            refused: Vec::with_capacity(MAX_REFUSED),
+        }
+    }
+
     /// Waits until the client, the listener or the stop fd is readable, or
-    /// `timeout_ms` (-1: no timeout) passes.
-    fn wait(&self, client: &UnixStream, timeout_ms: i32) -> Result<Woken> {
+    /// `timeout_ms` (-1: no timeout) passes; tends refused clients meanwhile.
+    fn wait(&mut self, client: &UnixStream, timeout_ms: i32) -> Result<Woken> {
         let pollfd = |fd: i32| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // A negative fd is ignored by poll.
-        let mut pfds = [
-            pollfd(self.stop.map_or(-1, |f| f.as_raw_fd())),
-            pollfd(self.listener.map_or(-1, |l| l.as_raw_fd())),
-            pollfd(client.as_raw_fd()),
+        let mut pfds = [pollfd(-1); 3 + MAX_REFUSED];
+        let fixed = [
+            self.stop.map_or(-1, |f| f.as_raw_fd()),
+            self.listener.map_or(-1, |l| l.as_raw_fd()),
+            client.as_raw_fd(),
         ];
+        let refused = self.refused.iter().map(|r| r.stream.as_raw_fd());
+        for (p, fd) in pfds.iter_mut().zip(fixed.into_iter().chain(refused)) {
+            p.fd = fd;
+        }
+        // Wake for the first refused client whose time runs out.
+        let now = Instant::now();
+        let timeout_ms = self
+            .refused
+            .iter()
+            .map(|r| {
+                let left = r.until.saturating_duration_since(now).as_millis();
+                i32::try_from(left.saturating_add(1)).unwrap_or(i32::MAX)
+            })
+            .fold(timeout_ms, |t, r| if t < 0 { r } else { t.min(r) });
         loop {
-            // SAFETY: three pollfds that live across the call; the count matches.
-            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
+            // SAFETY: pollfds that live across the call; the count is the
+            // array's length.
+            let n =
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
             if n >= 0 {
                 break;
             }
@@ -658,7 +746,14 @@ impl Watch<'_> {
                 return Err(Error::io("poll the vfio-user socket", e));
             }
         }
-        let [stop, listener, client] = pfds;
+        let now = Instant::now();
+        let mut i = 0usize;
+        self.refused.retain_mut(|r| {
+            let ready = pfds.get(3 + i).is_some_and(|p| p.revents != 0);
+            i += 1;
+            (!ready || r.advance()) && now < r.until
+        });
+        let [stop, listener, client, ..] = pfds;
         Ok(if stop.revents != 0 {
             Woken::Stop
         } else if client.revents != 0 {
@@ -670,10 +765,12 @@ impl Watch<'_> {
         })
     }
 
-    /// Accepts every client waiting on the listener and closes it at once:
-    /// one client at a time is served, and the others learn it now rather
-    /// than hang in the backlog.
-    fn refuse_others(&self) {
+    /// Accepts every client waiting on the listener and turns it away: one
+    /// client at a time is served, and the others learn it now rather than
+    /// hang in the backlog. A refused client's first request (its VERSION)
+    /// is answered with `EBUSY` if its header comes within [`REFUSE_WAIT`];
+    /// then, or past that, it is closed.
+    fn refuse_others(&mut self) {
         let Some(listener) = self.listener else {
             return;
         };
@@ -682,7 +779,16 @@ impl Watch<'_> {
             log::warn!(
                 "vfio-user server: refused a second client: one client at a time is served and one is connected"
             );
-            let _ = other.shutdown(std::net::Shutdown::Both);
+            if self.refused.len() < MAX_REFUSED && other.set_nonblocking(true).is_ok() {
+                self.refused.push(Refused {
+                    stream: other,
+                    until: Instant::now() + REFUSE_WAIT,
+                    header: [0; HEADER_SIZE],
+                    have: 0,
+                });
+            } else {
+                let _ = other.shutdown(std::net::Shutdown::Both);
+            }
         }
     }
 }
@@ -723,7 +829,7 @@ fn serve_watching(
     stream: UnixStream,
     device: &dyn Vfio,
     options: ServerOptions,
-    watch: Watch<'_>,
+    mut watch: Watch<'_>,
 ) -> Result<()> {
     let mut session = Session {
         stream: &stream,
@@ -735,7 +841,7 @@ fn serve_watching(
         irq_indices: BTreeSet::new(),
         reply_spare: Vec::new(),
     };
-    let result = session.run(&watch);
+    let result = session.run(&mut watch);
     log::debug!(
         "vfio-user server: client (max_msg_fds {}) left",
         session.client_caps.max_msg_fds
@@ -844,10 +950,7 @@ fn accept_loop(
         if let Ok(clone) = stream.try_clone() {
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
-        let watch = Watch {
-            listener: Some(listener),
-            stop,
-        };
+        let watch = Watch::new(listener, stop);
         let r = serve_watching(stream, device, options, watch);
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = r {
