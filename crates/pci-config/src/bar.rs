@@ -218,6 +218,11 @@ fn validate_rom_size(size: u64) -> Result<()> {
     }
 }
 
+/// A sizing write: the whole address field of the register written as ones.
+fn is_sizing(value: u32, field: u32) -> bool {
+    value & field == field
+}
+
 fn bar_reg(index: usize) -> usize {
     BAR0 + 4 * index
 }
@@ -429,18 +434,64 @@ impl ConfigSpace {
         upper_of_64.then_some(u32::MAX)
     }
 
-    /// Called after a guest write that touched BAR or ROM registers.
+    /// The BAR that owns register `reg` (0..=5) and which of its registers `reg` is: its low
+    /// register, or the upper register of the 64-bit BAR below it.
+    fn register_owner(&self, reg: usize) -> Option<(usize, BarDef, BarHalf)> {
+        if let Some(def) = self.bar_def(reg) {
+            return Some((reg, def, BarHalf::Low));
+        }
+        let low = reg.checked_sub(1)?;
+        self.bar_def(low)
+            .filter(|d| d.kind.is_64bit())
+            .map(|def| (low, def, BarHalf::High))
+    }
+
+    /// Called after a guest write that touched BAR or ROM registers. Only the (at most two)
+    /// registers the write covers are examined.
     pub(crate) fn after_bar_write(&mut self, offset: usize, data: &[u8], fx: &mut WriteEffects) {
+        // The common case, one whole register (sizing, placing a BAR): one register, one BAR.
+        if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            let value = u32::from_le_bytes(bytes);
+            if offset == ROM_ADDRESS {
+                if let Some(field) = self.address_field(ROM_BAR) {
+                    if let Some(s) = self.bars.sizing.get_mut(ROM_BAR) {
+                        *s = is_sizing(value, field);
+                    }
+                }
+                self.evaluate_rom(fx);
+                return;
+            }
+            let Some((bar, def, half)) = offset
+                .checked_sub(BAR0)
+                .and_then(|o| self.register_owner(o / 4))
+            else {
+                return;
+            };
+            let field = match half {
+                BarHalf::Low => def.kind.low_address_field(),
+                BarHalf::High => u32::MAX,
+            };
+            if let Some(s) = self.bars.sizing.get_mut((offset - BAR0) / 4) {
+                *s = is_sizing(value, field);
+            }
+            self.evaluate_bar(bar, def, Some(half), fx);
+            return;
+        }
         let end = offset + data.len();
-        for reg in 0..=ROM_BAR {
+        // Register numbers 0..=5 (BARs) and ROM_BAR of the first and last byte written.
+        let reg_of = |byte: usize| match byte {
+            b if (BAR0..BAR0 + 4 * NUM_BARS).contains(&b) => Some((b - BAR0) / 4),
+            b if (ROM_ADDRESS..ROM_ADDRESS + 4).contains(&b) => Some(ROM_BAR),
+            _ => None,
+        };
+        let (first, last) = (reg_of(offset), reg_of(end.saturating_sub(1)));
+        let touched = [first, last.filter(|&l| Some(l) != first)];
+        for reg in touched.into_iter().flatten() {
             let reg_off = if reg == ROM_BAR {
                 ROM_ADDRESS
             } else {
                 bar_reg(reg)
             };
-            if !overlaps(offset, end, reg_off, 4) {
-                continue;
-            }
             let Some(field) = self.address_field(reg) else {
                 continue;
             };
@@ -449,12 +500,19 @@ impl ConfigSpace {
                 .checked_sub(offset)
                 .and_then(|start| data.get(start..start + 4))
                 .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .is_some_and(|b| u32::from_le_bytes(b) & field == field);
+                .is_some_and(|b| is_sizing(u32::from_le_bytes(b), field));
             if let Some(s) = self.bars.sizing.get_mut(reg) {
                 *s = sizing;
             }
         }
-        for bar in 0..NUM_BARS {
+        // The BARs owning the touched registers, in index order.
+        let owner = |reg: Option<usize>| {
+            reg.filter(|&r| r < NUM_BARS)
+                .and_then(|r| self.register_owner(r))
+                .map(|(bar, _, _)| bar)
+        };
+        let (a, b) = (owner(first), owner(last));
+        for bar in [a, b.filter(|&b| Some(b) != a)].into_iter().flatten() {
             let Some(def) = self.bar_def(bar) else {
                 continue;
             };

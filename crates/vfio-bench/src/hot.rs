@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
-use pci_config::{regs, BarKind, ConfigSpace};
+use pci_config::{regs, BarKind, ConfigSpace, WriteEffects};
 use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixState};
 use vfio_fake_device::{nvme_like, FakeDevice};
 use vfio_pci::VfioPciDevice;
@@ -220,7 +220,9 @@ impl Bare {
             hot_op("bare config space: BAR sizing", Some(9.6), move || {
                 let mut c = self.config.borrow_mut();
                 // What a VMM does with the effects: look at each one.
-                if let Ok(fx) = c.write_u32(black_box(regs::BAR0), u32::MAX) {
+                let mut fx = WriteEffects::new();
+                let ones = u32::MAX.to_le_bytes();
+                if c.write_into(black_box(regs::BAR0), &ones, &mut fx).is_ok() {
                     for e in &fx {
                         black_box(e);
                     }
