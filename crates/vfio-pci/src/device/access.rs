@@ -346,7 +346,8 @@ fn within(offset: u64, len: u64, start: u64, size: u64) -> bool {
 unsafe fn volatile_read(base: *mut u8, off: u64, data: &mut [u8]) {
     // SAFETY: the caller guarantees the range is mapped.
     let p = unsafe { base.add(off as usize) };
-    let aligned = (p as usize) % data.len().max(1) == 0;
+    // A mask, not a division: the length is 1, 2, 4 or 8.
+    let aligned = (p as usize) & (data.len().max(1) - 1) == 0;
     match data.len() {
         2 if aligned => {
             // SAFETY: two mapped bytes (caller), aligned (checked).
@@ -379,7 +380,8 @@ unsafe fn volatile_read(base: *mut u8, off: u64, data: &mut [u8]) {
 unsafe fn volatile_write(base: *mut u8, off: u64, data: &[u8]) {
     // SAFETY: the caller guarantees the range is mapped.
     let p = unsafe { base.add(off as usize) };
-    let aligned = (p as usize) % data.len().max(1) == 0;
+    // A mask, not a division: the length is 1, 2, 4 or 8.
+    let aligned = (p as usize) & (data.len().max(1) - 1) == 0;
     match *data {
         [a, b] if aligned => {
             // SAFETY: two mapped, writable bytes (caller), aligned (checked).
