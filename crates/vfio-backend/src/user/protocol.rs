@@ -839,8 +839,11 @@ fn recv_some_flags(
     // slightly too many is detected (and its descriptors closed) rather than
     // silently truncated by the kernel.
     let room = max_fds.saturating_add(4).min(253);
-    // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = [0u64; CONTROL_WORDS];
+    // u64 storage keeps the control buffer aligned for cmsghdr. Left
+    // uninitialised: the kernel writes it and only the `msg_controllen` bytes
+    // it reports written are read back (zeroing 1 KiB cost more than the rest
+    // of this function on every message).
+    let mut control = std::mem::MaybeUninit::<[u64; CONTROL_WORDS]>::uninit();
     let mut iov = [IoSliceMut::new(buf)];
     // SAFETY: msghdr is plain data; all-zero is a valid empty value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -862,7 +865,8 @@ fn recv_some_flags(
     };
     let mut dropped = msg.msg_flags & libc::MSG_CTRUNC != 0;
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled
-    // in, within msg_controllen; each descriptor in an SCM_RIGHTS message is
+    // in, within msg_controllen (which recvmsg set to the bytes it wrote, so
+    // nothing uninitialised is read); each descriptor in an SCM_RIGHTS message is
     // a fresh descriptor now owned by this process, which we take over once.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
