@@ -361,7 +361,8 @@ impl MsixState {
     /// Binds `group` (fresh from an [`InterruptManager`](crate::InterruptManager): disabled,
     /// all vectors masked; normally [`table_size`](Self::table_size) vectors) and brings it up
     /// to date with the guest-visible state. The previous group, if any, is left as it is.
-    /// `None` unbinds.
+    /// `None` unbinds. The group's [`len`](InterruptSourceGroup::len) is read here, once: a
+    /// group's size must not change while it is bound.
     pub fn set_group(&mut self, group: Option<Arc<dyn InterruptSourceGroup>>) -> Result<()> {
         self.group_len = group.as_ref().map_or(0, |g| g.len());
         self.group = group;

@@ -1287,16 +1287,26 @@ fn send_small(
     parts: &[&[u8]],
     total: usize,
 ) -> Result<()> {
-    let mut buf = [0u8; SMALL_MESSAGE];
+    // Not zeroed first: only the bytes copied in below are sent.
+    let mut buf = std::mem::MaybeUninit::<[u8; SMALL_MESSAGE]>::uninit();
+    let base: *mut u8 = buf.as_mut_ptr().cast();
     let mut len = 0usize;
     for p in std::iter::once(&hdr[..]).chain(parts.iter().copied()) {
         let end = len.saturating_add(p.len());
-        if let Some(dst) = buf.get_mut(len..end) {
-            dst.copy_from_slice(p);
+        if end > SMALL_MESSAGE {
+            break;
         }
+        // SAFETY: `len..end` lies inside the SMALL_MESSAGE bytes of `buf`
+        // (checked just above), and `p` is a distinct live slice of
+        // `p.len()` bytes, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(len), p.len()) };
         len = end;
     }
-    let msg = buf.get(..total.min(len)).unwrap_or(&[]);
+    // SAFETY: the first `len` bytes of `buf` were written by the copies
+    // above (each piece lands right after the previous one, from 0), and
+    // `len <= SMALL_MESSAGE`.
+    let written = unsafe { std::slice::from_raw_parts(base.cast_const(), len) };
+    let msg = written.get(..total.min(len)).unwrap_or(&[]);
     let mut sent = 0usize;
     while sent < msg.len() {
         let rest = msg.get(sent..).unwrap_or(&[]);
