@@ -464,8 +464,24 @@ fn hot_rows(rows: &mut Vec<Row>, quick: bool) {
             s.push(ns_per_op(n, 1, &op.op));
         }
     }
+    let fastest_of = |s: &Vec<f64>| s.iter().copied().fold(f64::INFINITY, f64::min);
+    // One device-lock round trip, from its reference row.
+    let lock_ns = ops
+        .iter()
+        .zip(&samples)
+        .find(|(op, _)| op.name.contains("Mutex"))
+        .map(|(_, s)| fastest_of(s));
     for (op, s) in ops.iter().zip(samples) {
-        let fastest = s.iter().copied().fold(f64::INFINITY, f64::min);
+        let fastest = fastest_of(&s);
+        // The goals were measured without a lock on the other side.
+        let unlocked = match (op.goal_ns, lock_ns) {
+            (Some(_), Some(l)) if op.locks > 0 => format!(
+                "{:.1} ns without its {} device lock(s); ",
+                fastest - f64::from(op.locks) * l,
+                op.locks
+            ),
+            _ => String::new(),
+        };
         let med = median(s);
         let allocs = allocs_per_op(n, &op.op);
         let (goal, ratio, met) = match op.goal_ns {
@@ -481,7 +497,7 @@ fn hot_rows(rows: &mut Vec<Row>, quick: bool) {
             name: op.name.to_string(),
             value: fastest,
             unit: "ns/op",
-            extra: format!("{ratio}median {med:.1} ns; {allocs:.2} allocs/op"),
+            extra: format!("{ratio}{unlocked}median {med:.1} ns; {allocs:.2} allocs/op"),
             goal,
             met: Some(met),
         });

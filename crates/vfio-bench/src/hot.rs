@@ -37,14 +37,23 @@ pub struct HotOp<'a> {
     pub name: &'static str,
     /// Goal in ns per operation.
     pub goal_ns: Option<f64>,
+    /// Device-lock round trips the operation takes (one per device entry
+    /// point call that takes the lock; a passed-through read takes none).
+    pub locks: u32,
     /// One operation.
     pub op: GuestOp<'a>,
 }
 
-fn hot_op<'a>(name: &'static str, goal_ns: Option<f64>, op: impl Fn() + 'a) -> HotOp<'a> {
+fn hot_op<'a>(
+    name: &'static str,
+    goal_ns: Option<f64>,
+    locks: u32,
+    op: impl Fn() + 'a,
+) -> HotOp<'a> {
     HotOp {
         name,
         goal_ns,
+        locks,
         op: Box::new(op),
     }
 }
@@ -104,46 +113,61 @@ impl Hot {
         let entry = table + VECTOR * MSIX_ENTRY;
         let bar0 = regs::BAR0 as u64;
         vec![
-            hot_op("emulated config read", Some(25.0), move || {
+            hot_op("emulated config read", Some(25.0), 1, move || {
                 let mut b = [0u8; 4];
                 d.read_config(black_box(0), &mut b);
                 black_box(b);
             }),
-            hot_op("passed-through config read", Some(25.1), move || {
+            hot_op("passed-through config read", Some(25.1), 0, move || {
                 let mut b = [0u8; 4];
                 d.read_config(black_box(pcie + 8), &mut b);
                 black_box(b);
             }),
-            hot_op("BAR sizing: write ones, read back", Some(30.9), move || {
-                let _ = d.write_config(black_box(bar0), &u32::MAX.to_le_bytes());
-                let mut b = [0u8; 4];
-                d.read_config(black_box(bar0), &mut b);
-                black_box(b);
-            }),
-            hot_op("MSI-X table write (message data)", Some(20.7), move || {
-                // Message data of unmasked vector 3: the route changes.
-                let _ = d.write_bar(0, black_box(entry + 8), &self.data());
-            }),
-            hot_op("MSI-X mask + data + unmask", Some(54.3), move || {
+            hot_op(
+                "BAR sizing: write ones, read back",
+                Some(30.9),
+                2,
+                move || {
+                    let _ = d.write_config(black_box(bar0), &u32::MAX.to_le_bytes());
+                    let mut b = [0u8; 4];
+                    d.read_config(black_box(bar0), &mut b);
+                    black_box(b);
+                },
+            ),
+            hot_op(
+                "MSI-X table write (message data)",
+                Some(20.7),
+                1,
+                move || {
+                    // Message data of unmasked vector 3: the route changes.
+                    let _ = d.write_bar(0, black_box(entry + 8), &self.data());
+                },
+            ),
+            hot_op("MSI-X mask + data + unmask", Some(54.3), 3, move || {
                 let _ = d.write_bar(0, black_box(entry + 12), &1u32.to_le_bytes());
                 let _ = d.write_bar(0, black_box(entry + 8), &self.data());
                 let _ = d.write_bar(0, black_box(entry + 12), &0u32.to_le_bytes());
             }),
-            hot_op("(reference) the fake's own config read", None, move || {
-                // What a passed-through read would add with the fake device
-                // itself as backend: its lock and counters.
-                let mut b = [0u8; 4];
-                let _ = self
-                    ._fake
-                    .region_read(region::CONFIG, black_box(pcie + 8), &mut b);
-                black_box(b);
-            }),
-            hot_op("trapped BAR read", None, move || {
+            hot_op(
+                "(reference) the fake's own config read",
+                None,
+                0,
+                move || {
+                    // What a passed-through read would add with the fake device
+                    // itself as backend: its lock and counters.
+                    let mut b = [0u8; 4];
+                    let _ = self
+                        ._fake
+                        .region_read(region::CONFIG, black_box(pcie + 8), &mut b);
+                    black_box(b);
+                },
+            ),
+            hot_op("trapped BAR read", None, 1, move || {
                 let mut b = [0u8; 4];
                 d.read_bar(0, black_box(nvme_like::VS), &mut b);
                 black_box(b);
             }),
-            hot_op("trapped BAR write", None, move || {
+            hot_op("trapped BAR write", None, 1, move || {
                 let _ = d.write_bar(0, black_box(0x14), &1u32.to_le_bytes());
             }),
         ]
@@ -230,7 +254,7 @@ impl Bare {
     /// The bare-model operations, by name.
     pub fn ops(&self) -> Vec<HotOp<'_>> {
         vec![
-            hot_op("bare config space: BAR sizing", Some(9.6), move || {
+            hot_op("bare config space: BAR sizing", Some(9.6), 0, move || {
                 let mut c = self.config.borrow_mut();
                 // What a VMM does with the effects: look at each one.
                 let mut fx = WriteEffects::new();
@@ -242,12 +266,12 @@ impl Bare {
                 }
                 black_box(c.read_u32(black_box(regs::BAR0)).ok());
             }),
-            hot_op("(reference) std Mutex lock + unlock", None, move || {
+            hot_op("(reference) std Mutex lock + unlock", None, 1, move || {
                 // What one device-lock round trip costs on this machine: every
                 // device entry point takes the device lock once.
                 black_box(*self.lock.lock().unwrap_or_else(|e| e.into_inner()));
             }),
-            hot_op("bare MSI-X: table data write", Some(9.0), move || {
+            hot_op("bare MSI-X: table data write", Some(9.0), 0, move || {
                 let i = self.flip.get() ^ 1;
                 self.flip.set(i);
                 let data = DATA.get(i).copied().unwrap_or(0);
