@@ -39,14 +39,13 @@ struct Vector {
 }
 
 /// An interrupt group whose vectors are eventfds: what KVM's irqfds are to
-/// a real VMM. Route updates are atomic stores.
+/// a real VMM. A route update is three atomic stores (no read-modify-write).
 #[derive(Debug)]
 pub struct EventGroup {
     notifiers: Vec<EventFd>,
     resample: Option<EventFd>,
     vectors: Vec<Vector>,
     enabled: AtomicBool,
-    updates: AtomicU64,
 }
 
 impl EventGroup {
@@ -68,7 +67,6 @@ impl EventGroup {
             resample,
             vectors,
             enabled: AtomicBool::new(false),
-            updates: AtomicU64::new(0),
         })
     }
 
@@ -100,11 +98,6 @@ impl EventGroup {
     /// Whether the group is enabled.
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
-    }
-
-    /// Route updates so far.
-    pub fn updates(&self) -> u64 {
-        self.updates.load(Ordering::Relaxed)
     }
 }
 
@@ -141,7 +134,6 @@ impl InterruptSourceGroup for EventGroup {
         v.address.store(route.address, Ordering::Release);
         v.data.store(route.data, Ordering::Release);
         v.masked.store(masked, Ordering::Release);
-        self.updates.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
