@@ -601,6 +601,7 @@ impl MsixState {
     /// Pushes `vector`'s route and mask to the bound group if they changed, then delivers it
     /// if it is pending and now unmasked at the group. Borrows the group in place (no
     /// reference-count traffic on the table-write path).
+    #[inline]
     fn reconcile_vector(&mut self, vector: u32, first: &mut Option<crate::Error>) {
         let Some(group) = self.group.as_deref() else {
             return;

@@ -124,13 +124,12 @@ impl InterruptSourceGroup for EventGroup {
     }
 
     fn update(&self, vector: u32, route: MsiRoute, masked: bool) -> pci_interrupts::Result<()> {
-        let v =
-            self.vectors
-                .get(vector as usize)
-                .ok_or(pci_interrupts::Error::VectorOutOfRange {
-                    vector,
-                    count: self.len(),
-                })?;
+        let v = self.vectors.get(vector as usize).ok_or_else(|| {
+            pci_interrupts::Error::VectorOutOfRange {
+                vector,
+                count: self.len(),
+            }
+        })?;
         v.address.store(route.address, Ordering::Release);
         v.data.store(route.data, Ordering::Release);
         v.masked.store(masked, Ordering::Release);
