@@ -189,3 +189,69 @@ impl IntoIterator for WriteEffects {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    fn moved(bar: usize) -> WriteEffect {
+        WriteEffect::BarReprogram {
+            bar,
+            old_base: 0x1000 * bar as u64,
+            new_base: 0x2000 * bar as u64,
+            size: 0x1000,
+        }
+    }
+
+    #[test]
+    fn effects_keep_push_order_in_every_view() {
+        let mut fx = WriteEffects::new();
+        let all = [
+            moved(0),
+            moved(3),
+            WriteEffect::CommandChange { old: 0, new: 2 },
+        ];
+        for e in all {
+            fx.push(e);
+        }
+        assert_eq!(fx.len(), 3);
+        assert_eq!(fx.as_slice(), &all);
+        assert_eq!(fx.iter().copied().collect::<Vec<_>>(), all);
+        assert_eq!((&fx).into_iter().count(), 3);
+        let by_value = fx.into_iter();
+        assert_eq!(by_value.len(), 3);
+        assert_eq!(by_value.collect::<Vec<_>>(), all);
+        assert_eq!(format!("{fx:?}"), format!("{:?}", all));
+    }
+
+    #[test]
+    fn a_full_list_drops_the_ninth_effect_and_clear_empties_it() {
+        let mut fx = WriteEffects::new();
+        for bar in 0..=MAX_WRITE_EFFECTS {
+            fx.push(moved(bar));
+        }
+        assert_eq!(fx.len(), MAX_WRITE_EFFECTS);
+        assert_eq!(fx.iter().last(), Some(&moved(MAX_WRITE_EFFECTS - 1)));
+        fx.clear();
+        assert!(fx.is_empty());
+        assert_eq!(fx.iter().next(), None);
+    }
+
+    #[test]
+    fn equality_looks_only_at_the_effects_held() {
+        // Two lists with the same effects are equal whatever their spare slots held before.
+        let mut a = WriteEffects::new();
+        a.push(moved(1));
+        a.push(moved(2));
+        a.clear();
+        a.push(moved(5));
+        let mut b = WriteEffects::default();
+        b.push(moved(5));
+        assert_eq!(a, b);
+        b.push(moved(4));
+        assert_ne!(a, b);
+        assert_eq!(WriteEffects::new(), WriteEffects::default());
+    }
+}
