@@ -218,6 +218,22 @@ fn validate_rom_size(size: u64) -> Result<()> {
     }
 }
 
+/// Whether the whole-register fast path of `after_bar_write` is turned off (tests only).
+#[cfg(not(test))]
+fn general_only() -> bool {
+    false
+}
+
+#[cfg(test)]
+fn general_only() -> bool {
+    tests::GENERAL_ONLY.with(std::cell::Cell::get)
+}
+
+/// A sizing write: the whole address field of the register written as ones.
+fn is_sizing(value: u32, field: u32) -> bool {
+    value & field == field
+}
+
 fn bar_reg(index: usize) -> usize {
     BAR0 + 4 * index
 }
@@ -429,18 +445,65 @@ impl ConfigSpace {
         upper_of_64.then_some(u32::MAX)
     }
 
-    /// Called after a guest write that touched BAR or ROM registers.
+    /// The BAR that owns register `reg` (0..=5) and which of its registers `reg` is: its low
+    /// register, or the upper register of the 64-bit BAR below it.
+    fn register_owner(&self, reg: usize) -> Option<(usize, BarDef, BarHalf)> {
+        if let Some(def) = self.bar_def(reg) {
+            return Some((reg, def, BarHalf::Low));
+        }
+        let low = reg.checked_sub(1)?;
+        self.bar_def(low)
+            .filter(|d| d.kind.is_64bit())
+            .map(|def| (low, def, BarHalf::High))
+    }
+
+    /// Called after a guest write that touched BAR or ROM registers. Only the (at most two)
+    /// registers the write covers are examined.
     pub(crate) fn after_bar_write(&mut self, offset: usize, data: &[u8], fx: &mut WriteEffects) {
+        // The common case, one whole register (sizing, placing a BAR): one register, one BAR.
+        // The general path below gives the same result (see the tests).
+        if let (Ok(bytes), 0, false) = (<[u8; 4]>::try_from(data), offset % 4, general_only()) {
+            let value = u32::from_le_bytes(bytes);
+            if offset == ROM_ADDRESS {
+                if let Some(field) = self.address_field(ROM_BAR) {
+                    if let Some(s) = self.bars.sizing.get_mut(ROM_BAR) {
+                        *s = is_sizing(value, field);
+                    }
+                }
+                self.evaluate_rom(fx);
+                return;
+            }
+            let Some((bar, def, half)) = offset
+                .checked_sub(BAR0)
+                .and_then(|o| self.register_owner(o / 4))
+            else {
+                return;
+            };
+            let field = match half {
+                BarHalf::Low => def.kind.low_address_field(),
+                BarHalf::High => u32::MAX,
+            };
+            if let Some(s) = self.bars.sizing.get_mut((offset - BAR0) / 4) {
+                *s = is_sizing(value, field);
+            }
+            self.evaluate_bar(bar, def, Some(half), fx);
+            return;
+        }
         let end = offset + data.len();
-        for reg in 0..=ROM_BAR {
+        // Register numbers 0..=5 (BARs) and ROM_BAR of the first and last byte written.
+        let reg_of = |byte: usize| match byte {
+            b if (BAR0..BAR0 + 4 * NUM_BARS).contains(&b) => Some((b - BAR0) / 4),
+            b if (ROM_ADDRESS..ROM_ADDRESS + 4).contains(&b) => Some(ROM_BAR),
+            _ => None,
+        };
+        let (first, last) = (reg_of(offset), reg_of(end.saturating_sub(1)));
+        let touched = [first, last.filter(|&l| Some(l) != first)];
+        for reg in touched.into_iter().flatten() {
             let reg_off = if reg == ROM_BAR {
                 ROM_ADDRESS
             } else {
                 bar_reg(reg)
             };
-            if !overlaps(offset, end, reg_off, 4) {
-                continue;
-            }
             let Some(field) = self.address_field(reg) else {
                 continue;
             };
@@ -449,12 +512,19 @@ impl ConfigSpace {
                 .checked_sub(offset)
                 .and_then(|start| data.get(start..start + 4))
                 .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .is_some_and(|b| u32::from_le_bytes(b) & field == field);
+                .is_some_and(|b| is_sizing(u32::from_le_bytes(b), field));
             if let Some(s) = self.bars.sizing.get_mut(reg) {
                 *s = sizing;
             }
         }
-        for bar in 0..NUM_BARS {
+        // The BARs owning the touched registers, in index order.
+        let owner = |reg: Option<usize>| {
+            reg.filter(|&r| r < NUM_BARS)
+                .and_then(|r| self.register_owner(r))
+                .map(|(bar, _, _)| bar)
+        };
+        let (a, b) = (owner(first), owner(last));
+        for bar in [a, b.filter(|&b| Some(b) != a)].into_iter().flatten() {
             let Some(def) = self.bar_def(bar) else {
                 continue;
             };
@@ -567,6 +637,91 @@ impl ConfigSpace {
                 new_base: current,
                 size,
             });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    thread_local! {
+        /// Turns the whole-register fast path off on this thread.
+        pub(super) static GENERAL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Every kind of BAR, a hole, the upper half of 64-bit BARs, and a ROM.
+    fn space() -> ConfigSpace {
+        let mut cfg = ConfigSpace::new();
+        let mem32 = BarKind::Memory32 {
+            prefetchable: false,
+        };
+        cfg.declare_bar(0, BarKind::Memory64 { prefetchable: true }, 1 << 20)
+            .unwrap();
+        cfg.declare_bar(2, mem32, 0x1000).unwrap();
+        cfg.declare_bar(3, BarKind::Io, 0x20).unwrap();
+        cfg.declare_bar(
+            4,
+            BarKind::Memory64 {
+                prefetchable: false,
+            },
+            8 << 30,
+        )
+        .unwrap();
+        cfg.declare_rom(0x8000).unwrap();
+        cfg.set_bar_address(0, 0x1_0000_0000).unwrap();
+        cfg.set_bar_address(2, 0xe000_0000).unwrap();
+        cfg
+    }
+
+    fn write(cfg: &mut ConfigSpace, general: bool, offset: usize, value: u32) -> Vec<WriteEffect> {
+        GENERAL_ONLY.with(|g| g.set(general));
+        let fx = cfg.write_u32(offset, value);
+        GENERAL_ONLY.with(|g| g.set(false));
+        fx.unwrap().iter().copied().collect()
+    }
+
+    fn value() -> impl Strategy<Value = u32> {
+        prop_oneof![
+            Just(u32::MAX),
+            Just(0),
+            Just(0x2),
+            Just(0x3),
+            Just(0x0020_0000),
+            Just(0xe010_0000),
+            Just(0xfd00_0001),
+            any::<u32>(),
+        ]
+    }
+
+    fn offset() -> impl Strategy<Value = usize> {
+        prop_oneof![
+            Just(COMMAND),
+            (0..NUM_BARS).prop_map(bar_reg),
+            Just(ROM_ADDRESS),
+        ]
+    }
+
+    proptest! {
+        /// The whole-register fast path of a BAR write reports the same effects and leaves the
+        /// same registers and move tracking as the general path (which examines every
+        /// register the write touches), over any sequence of dword writes to the command
+        /// register, the BARs and the ROM.
+        #[test]
+        fn whole_register_bar_writes_match_the_general_path(
+            writes in proptest::collection::vec((offset(), value()), 1..40)
+        ) {
+            let (mut fast, mut general) = (space(), space());
+            for (offset, value) in writes {
+                let a = write(&mut fast, false, offset, value);
+                let b = write(&mut general, true, offset, value);
+                prop_assert_eq!(a, b, "effects of {:#x} at {:#x}", value, offset);
+                prop_assert_eq!(&fast, &general, "state after {:#x} at {:#x}", value, offset);
+            }
         }
     }
 }

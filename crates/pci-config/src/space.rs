@@ -35,6 +35,12 @@ pub(crate) fn overlaps(start: usize, end: usize, reg: usize, len: usize) -> bool
     start < reg.saturating_add(len) && reg < end
 }
 
+/// A 4-byte slice as a little-endian dword.
+fn dword(b: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(b).ok().map(u32::from_le_bytes)
+}
+
+#[inline]
 fn check_guest_access(offset: usize, size: usize) -> Result<()> {
     let in_bounds = offset
         .checked_add(size)
@@ -111,6 +117,7 @@ impl ConfigSpace {
     // ----- guest accesses -----
 
     /// Guest read of `data.len()` bytes (1, 2 or 4) at `offset`. Never allocates.
+    #[inline]
     pub fn read(&self, offset: usize, data: &mut [u8]) -> Result<()> {
         check_guest_access(offset, data.len())?;
         let src = self
@@ -125,6 +132,7 @@ impl ConfigSpace {
     }
 
     /// Guest read of one byte.
+    #[inline]
     pub fn read_u8(&self, offset: usize) -> Result<u8> {
         let mut b = [0u8; 1];
         self.read(offset, &mut b)?;
@@ -132,6 +140,7 @@ impl ConfigSpace {
     }
 
     /// Guest read of a little-endian word.
+    #[inline]
     pub fn read_u16(&self, offset: usize) -> Result<u16> {
         let mut b = [0u8; 2];
         self.read(offset, &mut b)?;
@@ -139,6 +148,7 @@ impl ConfigSpace {
     }
 
     /// Guest read of a little-endian dword.
+    #[inline]
     pub fn read_u32(&self, offset: usize) -> Result<u32> {
         let mut b = [0u8; 4];
         self.read(offset, &mut b)?;
@@ -146,6 +156,7 @@ impl ConfigSpace {
     }
 
     /// Guest read of dword register `reg_index` (byte offset `4 * reg_index`, 0..1024).
+    #[inline]
     pub fn read_dword(&self, reg_index: usize) -> Result<u32> {
         self.read_u32(reg_index.saturating_mul(4))
     }
@@ -154,33 +165,76 @@ impl ConfigSpace {
     /// read-only bits keep their value, writable bits take the written value, RW1C bits clear
     /// where a 1 is written. Returns what the VMM must act on (BAR moves, command changes).
     /// Never allocates.
+    #[inline]
     pub fn write(&mut self, offset: usize, data: &[u8]) -> Result<WriteEffects> {
-        check_guest_access(offset, data.len())?;
-        let old_command = self.command();
-        for (i, &value) in data.iter().enumerate() {
-            self.merge_byte(offset + i, value);
-        }
         let mut effects = WriteEffects::new();
-        self.after_guest_write(offset, data, old_command, &mut effects);
+        self.write_into(offset, data, &mut effects)?;
         Ok(effects)
     }
 
+    /// [`ConfigSpace::write`] that appends the effects to `effects` (cleared first) instead of
+    /// returning them: the hot-path form, for a caller that keeps the list where it uses it
+    /// (a [`WriteEffects`] has room for [`crate::MAX_WRITE_EFFECTS`] effects, which returning
+    /// it by value copies). Never allocates.
+    #[inline]
+    pub fn write_into(
+        &mut self,
+        offset: usize,
+        data: &[u8],
+        effects: &mut WriteEffects,
+    ) -> Result<()> {
+        check_guest_access(offset, data.len())?;
+        effects.clear();
+        let old_command = self.command();
+        self.merge(offset, data);
+        // Only header registers (BARs, ROM, command) have effects.
+        if offset < HEADER_SIZE {
+            self.after_guest_write(offset, data, old_command, effects);
+        }
+        Ok(())
+    }
+
+    /// Merges a guest write into the registers through the masks: an aligned dword in one
+    /// step, anything else byte by byte.
+    #[inline]
+    fn merge(&mut self, offset: usize, data: &[u8]) {
+        if let (Ok(value), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            let range = offset..offset + 4;
+            let w = self.writable.get(range.clone()).and_then(dword);
+            let c = self.rw1c.get(range.clone()).and_then(dword);
+            if let (Some(w), Some(c), Some(b)) = (w, c, self.bytes.get_mut(range)) {
+                let v = u32::from_le_bytes(value);
+                let old = dword(b).unwrap_or(0);
+                let new = ((old & !w) | (v & w)) & !(v & c);
+                b.copy_from_slice(&new.to_le_bytes());
+            }
+            return;
+        }
+        for (i, &value) in data.iter().enumerate() {
+            self.merge_byte(offset + i, value);
+        }
+    }
+
     /// Guest write of one byte.
+    #[inline]
     pub fn write_u8(&mut self, offset: usize, value: u8) -> Result<WriteEffects> {
         self.write(offset, &[value])
     }
 
     /// Guest write of a little-endian word.
+    #[inline]
     pub fn write_u16(&mut self, offset: usize, value: u16) -> Result<WriteEffects> {
         self.write(offset, &value.to_le_bytes())
     }
 
     /// Guest write of a little-endian dword.
+    #[inline]
     pub fn write_u32(&mut self, offset: usize, value: u32) -> Result<WriteEffects> {
         self.write(offset, &value.to_le_bytes())
     }
 
     /// Guest write of dword register `reg_index` (byte offset `4 * reg_index`, 0..1024).
+    #[inline]
     pub fn write_dword(&mut self, reg_index: usize, value: u32) -> Result<WriteEffects> {
         self.write_u32(reg_index.saturating_mul(4), value)
     }

@@ -424,9 +424,17 @@ impl MsiState {
     /// Brings the bound group in line with the guest-visible state: enable/disable, then each
     /// vector's route and mask, then delivery of pending vectors that became deliverable.
     fn reconcile(&mut self) -> Result<()> {
-        let Some(group) = self.group.clone() else {
+        // Borrowed out of `self` for the loop and put back: no reference-count traffic on
+        // the capability-write path.
+        let Some(group) = self.group.take() else {
             return Ok(());
         };
+        let result = self.reconcile_with(&*group);
+        self.group = Some(group);
+        result
+    }
+
+    fn reconcile_with(&mut self, group: &dyn InterruptSourceGroup) -> Result<()> {
         let mut first = None;
         if self.enabled() && !self.group_enabled {
             match group.enable() {
@@ -446,7 +454,7 @@ impl MsiState {
                 let Some(pushed) = self.pushed.get_mut(vector as usize) else {
                     continue;
                 };
-                match push_vector(&*group, vector, pushed, desired, route) {
+                match push_vector(group, vector, pushed, desired, route) {
                     Ok(true) if self.pending(vector) => match group.trigger(vector) {
                         Ok(()) => self.set_pending(vector, false),
                         Err(e) => keep_first(&mut first, Err(e)),

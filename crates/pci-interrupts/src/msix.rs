@@ -208,6 +208,9 @@ pub struct MsixState {
     pba: Vec<u64>,
     group: Option<Arc<dyn InterruptSourceGroup>>,
     group_enabled: bool,
+    /// The bound group's number of vectors, read once when it is bound (a group's size is
+    /// fixed), so that a table write makes one call to the group, not two.
+    group_len: u32,
     pushed: Vec<Pushed>,
 }
 
@@ -289,6 +292,7 @@ impl MsixState {
             pba: vec![0; n.div_ceil(64)],
             group: None,
             group_enabled: false,
+            group_len: 0,
             pushed: vec![None; n],
         }
     }
@@ -357,8 +361,10 @@ impl MsixState {
     /// Binds `group` (fresh from an [`InterruptManager`](crate::InterruptManager): disabled,
     /// all vectors masked; normally [`table_size`](Self::table_size) vectors) and brings it up
     /// to date with the guest-visible state. The previous group, if any, is left as it is.
-    /// `None` unbinds.
+    /// `None` unbinds. The group's [`len`](InterruptSourceGroup::len) is read here, once: a
+    /// group's size must not change while it is bound.
     pub fn set_group(&mut self, group: Option<Arc<dyn InterruptSourceGroup>>) -> Result<()> {
+        self.group_len = group.as_ref().map_or(0, |g| g.len());
         self.group = group;
         self.group_enabled = false;
         self.pushed.fill(None);
@@ -421,16 +427,17 @@ impl MsixState {
         let Some(entry) = self.entries.get_mut(vector as usize) else {
             return Ok(());
         };
-        for (i, chunk) in data.chunks_exact(4).enumerate() {
-            if let Ok(bytes) = <[u8; 4]>::try_from(chunk) {
-                entry.set_dword(first + i, u32::from_le_bytes(bytes));
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            entry.set_dword(first, u32::from_le_bytes(bytes));
+        } else {
+            for (i, chunk) in data.chunks_exact(4).enumerate() {
+                if let Ok(bytes) = <[u8; 4]>::try_from(chunk) {
+                    entry.set_dword(first + i, u32::from_le_bytes(bytes));
+                }
             }
         }
-        let Some(group) = self.group.clone() else {
-            return Ok(());
-        };
         let mut first_err = None;
-        self.reconcile_vector(&*group, vector, &mut first_err);
+        self.reconcile_vector(vector, &mut first_err);
         first_err.map_or(Ok(()), Err)
     }
 
@@ -585,37 +592,44 @@ impl MsixState {
         }
         if self.group_enabled {
             for vector in 0..self.table_size() {
-                self.reconcile_vector(&*group, vector, &mut first);
+                self.reconcile_vector(vector, &mut first);
             }
         }
         first.map_or(Ok(()), Err)
     }
 
-    /// Pushes `vector`'s route and mask to `group` if they changed, then delivers it if it is
-    /// pending and now unmasked at the group.
-    fn reconcile_vector(
-        &mut self,
-        group: &dyn InterruptSourceGroup,
-        vector: u32,
-        first: &mut Option<crate::Error>,
-    ) {
-        if !self.group_enabled || vector >= group.len() {
-            return;
-        }
-        let Some(route) = self.route(vector) else {
+    /// Pushes `vector`'s route and mask to the bound group if they changed, then delivers it
+    /// if it is pending and now unmasked at the group. Borrows the group in place (no
+    /// reference-count traffic on the table-write path).
+    #[inline]
+    fn reconcile_vector(&mut self, vector: u32, first: &mut Option<crate::Error>) {
+        let Some(group) = self.group.as_deref() else {
             return;
         };
-        let desired = self.vector_deliverable(vector).then_some(route);
-        let pending = self.pending(vector);
+        if !self.group_enabled || vector >= self.group_len {
+            return;
+        }
+        let live = self.control() & (CTL_ENABLE | CTL_FUNCTION_MASK) == CTL_ENABLE;
+        let Some(entry) = self.entries.get(vector as usize) else {
+            return;
+        };
+        let route = entry.route();
+        let desired = (live && !entry.masked()).then_some(route);
+        let (word, bit) = pba_bit(vector);
         let Some(pushed) = self.pushed.get_mut(vector as usize) else {
             return;
         };
         match push_vector(group, vector, pushed, desired, route) {
-            Ok(true) if pending => match group.trigger(vector) {
-                Ok(()) => self.set_pending(vector, false),
-                Err(e) => keep_first(first, Err(e)),
-            },
-            Ok(_) => {}
+            Ok(true) => {
+                let pending = self.pba.get_mut(word).filter(|w| **w & bit != 0);
+                if let Some(w) = pending {
+                    match group.trigger(vector) {
+                        Ok(()) => *w &= !bit,
+                        Err(e) => keep_first(first, Err(e)),
+                    }
+                }
+            }
+            Ok(false) => {}
             Err(e) => keep_first(first, Err(e)),
         }
     }
@@ -623,7 +637,8 @@ impl MsixState {
 
 /// An aligned dword or qword access.
 fn access_ok(offset: u64, len: usize) -> bool {
-    matches!(len, 4 | 8) && offset % len as u64 == 0
+    // A mask, not a division: `len` is a power of two.
+    matches!(len, 4 | 8) && offset & (len as u64 - 1) == 0
 }
 
 fn pba_bit(vector: u32) -> (usize, u64) {

@@ -9,6 +9,8 @@
 //!   the hot path, a guest mapper that keeps its live mappings, BAR windows;
 //! - [`guest`]: what a guest driver does: config-space walks, BAR sizing,
 //!   MSI-X programming;
+//! - [`hot`]: the hot-path operations of the summary table and their goals,
+//!   shared with `examples/hot_loop.rs` (instruction counts);
 //! - [`counting`]: a [`vfio_backend::Vfio`] wrapper that counts the calls a
 //!   kernel backend would turn into system calls;
 //! - [`alloc`]: a counting global allocator for heap-allocations-per-operation;
@@ -23,6 +25,7 @@ pub mod counting;
 pub mod devices;
 pub mod fuzz;
 pub mod guest;
+pub mod hot;
 pub mod malformed;
 pub mod user;
 pub mod vmm;

@@ -39,14 +39,13 @@ struct Vector {
 }
 
 /// An interrupt group whose vectors are eventfds: what KVM's irqfds are to
-/// a real VMM. Route updates are atomic stores.
+/// a real VMM. A route update is three atomic stores (no read-modify-write).
 #[derive(Debug)]
 pub struct EventGroup {
     notifiers: Vec<EventFd>,
     resample: Option<EventFd>,
     vectors: Vec<Vector>,
     enabled: AtomicBool,
-    updates: AtomicU64,
 }
 
 impl EventGroup {
@@ -68,7 +67,6 @@ impl EventGroup {
             resample,
             vectors,
             enabled: AtomicBool::new(false),
-            updates: AtomicU64::new(0),
         })
     }
 
@@ -101,11 +99,6 @@ impl EventGroup {
     pub fn is_enabled(&self) -> bool {
         self.enabled.load(Ordering::Acquire)
     }
-
-    /// Route updates so far.
-    pub fn updates(&self) -> u64 {
-        self.updates.load(Ordering::Relaxed)
-    }
 }
 
 fn borrow(fd: &EventFd) -> BorrowedFd<'_> {
@@ -131,17 +124,15 @@ impl InterruptSourceGroup for EventGroup {
     }
 
     fn update(&self, vector: u32, route: MsiRoute, masked: bool) -> pci_interrupts::Result<()> {
-        let v =
-            self.vectors
-                .get(vector as usize)
-                .ok_or(pci_interrupts::Error::VectorOutOfRange {
-                    vector,
-                    count: self.len(),
-                })?;
+        let v = self.vectors.get(vector as usize).ok_or_else(|| {
+            pci_interrupts::Error::VectorOutOfRange {
+                vector,
+                count: self.len(),
+            }
+        })?;
         v.address.store(route.address, Ordering::Release);
         v.data.store(route.data, Ordering::Release);
         v.masked.store(masked, Ordering::Release);
-        self.updates.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

@@ -839,8 +839,11 @@ fn recv_some_flags(
     // slightly too many is detected (and its descriptors closed) rather than
     // silently truncated by the kernel.
     let room = max_fds.saturating_add(4).min(253);
-    // u64 storage keeps the control buffer aligned for cmsghdr.
-    let mut control = [0u64; CONTROL_WORDS];
+    // u64 storage keeps the control buffer aligned for cmsghdr. Left
+    // uninitialised: the kernel writes it and only the `msg_controllen` bytes
+    // it reports written are read back (zeroing 1 KiB cost more than the rest
+    // of this function on every message).
+    let mut control = std::mem::MaybeUninit::<[u64; CONTROL_WORDS]>::uninit();
     let mut iov = [IoSliceMut::new(buf)];
     // SAFETY: msghdr is plain data; all-zero is a valid empty value.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -862,7 +865,8 @@ fn recv_some_flags(
     };
     let mut dropped = msg.msg_flags & libc::MSG_CTRUNC != 0;
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled
-    // in, within msg_controllen; each descriptor in an SCM_RIGHTS message is
+    // in, within msg_controllen (which recvmsg set to the bytes it wrote, so
+    // nothing uninitialised is read); each descriptor in an SCM_RIGHTS message is
     // a fresh descriptor now owned by this process, which we take over once.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -1283,16 +1287,26 @@ fn send_small(
     parts: &[&[u8]],
     total: usize,
 ) -> Result<()> {
-    let mut buf = [0u8; SMALL_MESSAGE];
+    // Not zeroed first: only the bytes copied in below are sent.
+    let mut buf = std::mem::MaybeUninit::<[u8; SMALL_MESSAGE]>::uninit();
+    let base: *mut u8 = buf.as_mut_ptr().cast();
     let mut len = 0usize;
     for p in std::iter::once(&hdr[..]).chain(parts.iter().copied()) {
         let end = len.saturating_add(p.len());
-        if let Some(dst) = buf.get_mut(len..end) {
-            dst.copy_from_slice(p);
+        if end > SMALL_MESSAGE {
+            break;
         }
+        // SAFETY: `len..end` lies inside the SMALL_MESSAGE bytes of `buf`
+        // (checked just above), and `p` is a distinct live slice of
+        // `p.len()` bytes, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), base.add(len), p.len()) };
         len = end;
     }
-    let msg = buf.get(..total.min(len)).unwrap_or(&[]);
+    // SAFETY: the first `len` bytes of `buf` were written by the copies
+    // above (each piece lands right after the previous one, from 0), and
+    // `len <= SMALL_MESSAGE`.
+    let written = unsafe { std::slice::from_raw_parts(base.cast_const(), len) };
+    let msg = written.get(..total.min(len)).unwrap_or(&[]);
     let mut sent = 0usize;
     while sent < msg.len() {
         let rest = msg.get(sent..).unwrap_or(&[]);

@@ -4,7 +4,7 @@
 //! BAR access take the device lock once and allocate nothing. A passed-
 //! through config read takes no lock at all.
 
-use pci_config::{WriteEffect, ROM_BAR};
+use pci_config::{WriteEffect, WriteEffects, ROM_BAR};
 use vfio_backend::region;
 
 use super::{lock, Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
@@ -30,9 +30,15 @@ impl VfioPciDevice {
             return;
         }
         // Split at dword boundaries: each dword has its own policy.
+        let offset = offset as usize;
+        if offset % 4 + data.len() <= 4 {
+            // One dword (every naturally aligned access).
+            self.read_chunk(offset, data);
+            return;
+        }
         let mut done = 0usize;
         while done < data.len() {
-            let off = offset as usize + done;
+            let off = offset + done;
             let chunk = (4 - off % 4).min(data.len() - done);
             if let Some(buf) = data.get_mut(done..done + chunk) {
                 self.read_chunk(off, buf);
@@ -112,10 +118,15 @@ impl VfioPciDevice {
             );
             return Ok(());
         }
+        let offset = offset as usize;
+        if offset % 4 + data.len() <= 4 {
+            // One dword (every naturally aligned access).
+            return self.write_chunk(offset, data);
+        }
         let mut result = Ok(());
         let mut done = 0usize;
         while done < data.len() {
-            let off = offset as usize + done;
+            let off = offset + done;
             let chunk = (4 - off % 4).min(data.len() - done);
             if let Some(buf) = data.get(done..done + chunk) {
                 if let Err(e) = self.write_chunk(off, buf) {
@@ -193,13 +204,12 @@ impl VfioPciDevice {
 
     /// A write to the emulated config space, and what it means.
     fn emulated_write(&self, inner: &mut Inner, off: usize, buf: &[u8]) -> Result<()> {
-        let effects = match inner.config.write(off, buf) {
-            Ok(e) => e,
-            Err(e) => {
-                log::debug!("config write at {off:#x} ignored: {e}");
-                return Ok(());
-            }
-        };
+        // Filled in place: no copy of the effect list's capacity.
+        let mut effects = WriteEffects::new();
+        if let Err(e) = inner.config.write_into(off, buf, &mut effects) {
+            log::debug!("config write at {off:#x} ignored: {e}");
+            return Ok(());
+        }
         let mut result = Ok(());
         for effect in effects.iter() {
             match *effect {
@@ -363,7 +373,8 @@ fn within(offset: u64, len: u64, start: u64, size: u64) -> bool {
 unsafe fn volatile_read(base: *mut u8, off: u64, data: &mut [u8]) {
     // SAFETY: the caller guarantees the range is mapped.
     let p = unsafe { base.add(off as usize) };
-    let aligned = (p as usize) % data.len().max(1) == 0;
+    // A mask, not a division: the length is 1, 2, 4 or 8.
+    let aligned = (p as usize) & (data.len().max(1) - 1) == 0;
     match data.len() {
         2 if aligned => {
             // SAFETY: two mapped bytes (caller), aligned (checked).
@@ -396,7 +407,8 @@ unsafe fn volatile_read(base: *mut u8, off: u64, data: &mut [u8]) {
 unsafe fn volatile_write(base: *mut u8, off: u64, data: &[u8]) {
     // SAFETY: the caller guarantees the range is mapped.
     let p = unsafe { base.add(off as usize) };
-    let aligned = (p as usize) % data.len().max(1) == 0;
+    // A mask, not a division: the length is 1, 2, 4 or 8.
+    let aligned = (p as usize) & (data.len().max(1) - 1) == 0;
     match *data {
         [a, b] if aligned => {
             // SAFETY: two mapped, writable bytes (caller), aligned (checked).

@@ -312,6 +312,7 @@ fn request_for(kind: BarKind, size: u64, mmappable: bool) -> BarRequest {
     }
 }
 
+#[inline]
 fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
     m.lock()
         .map_err(|_| Error::InvalidArgument(format!("{what} lock poisoned by an earlier panic")))
