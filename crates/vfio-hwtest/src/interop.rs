@@ -771,6 +771,24 @@ fn msix_every_vector(ctx: &Ctx<'_>) -> Result<Outcome> {
 // ---------------------------------------------------------------------------------------------
 // Hot unplug and plug, driven by the host
 
+/// The kernel command line word with which the host turns the hotplug scenarios off for a
+/// boot (it says why in its own output).
+const NO_HOTPLUG: &str = "hwtest.nohotplug=1";
+
+/// Whether the host turned hotplug off for this boot (see [`NO_HOTPLUG`]).
+fn hotplug_off() -> Option<Outcome> {
+    let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline
+        .split_whitespace()
+        .any(|w| w == NO_HOTPLUG)
+        .then(|| {
+            Outcome::Skip(format!(
+                "the host turned hotplug off for this boot ({NO_HOTPLUG} on the kernel command \
+             line; `cargo xtask interop` prints why)"
+            ))
+        })
+}
+
 /// Asks the host for `what` (`unplug` or `replug`) on the console.
 fn request(what: &str, bdf: &str) -> Result<()> {
     let mut out = std::io::stdout();
@@ -783,6 +801,9 @@ fn request(what: &str, bdf: &str) -> Result<()> {
 /// it (pciehp powers the slot off, QEMU then finalizes the unplug).
 fn hot_unplug(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
+    if let Some(skip) = hotplug_off() {
+        return Ok(skip);
+    }
     let t0 = Instant::now();
     request("unplug", &dev.bdf)?;
     let gone = vmm::poll_until(HOTPLUG_TIMEOUT, || !dev.sysfs.exists());
@@ -803,6 +824,9 @@ fn hot_unplug(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// its trapped registers must answer, so the server serves the new connection.
 fn hot_replug(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
+    if let Some(skip) = hotplug_off() {
+        return Ok(skip);
+    }
     ensure!(
         !dev.sysfs.exists(),
         "{} is present: the unplug before this did not happen",
