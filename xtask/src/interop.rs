@@ -409,8 +409,9 @@ fn ensure_chroot(apt: &host::Apt, dir: &Path) -> Result<(String, bool)> {
         src,
     )
     .context("write the chroot's backports source")?;
+    let chroot_bin = host::tool("chroot", "coreutils")?;
     let in_chroot = |args: &[&str]| {
-        let mut c = Command::new("chroot");
+        let mut c = Command::new(&chroot_bin);
         c.arg(&partial)
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -639,13 +640,15 @@ fn start_server(cli: &Path, profile: &str, socket: &Path, log: &Path) -> Result<
     )
 }
 
-/// Stops our server (SIGTERM by its pid, then SIGKILL by its handle after 5 s).
+/// Stops our server (SIGTERM by its pid, so that it removes its socket; SIGKILL by its handle
+/// when there is no `kill` or it is still there after 5 s).
 fn stop_server(mut child: Child) -> Result<()> {
-    let _ = Command::new("kill")
+    let termed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
-        .status();
+        .status()
+        .is_ok_and(|s| s.success());
     let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) {
+    while termed && t.elapsed() < Duration::from_secs(5) {
         if child.try_wait()?.is_some() {
             return Ok(());
         }
@@ -686,7 +689,7 @@ fn boot(
         append.push_str(" hwtest.nohotplug=1");
         step(&format!("boot {}: hotplug scenarios off: {why}", b.label()));
     }
-    let mut c = Command::new("chroot");
+    let mut c = Command::new(host::tool("chroot", "coreutils")?);
     c.arg(chroot)
         .args(qemu_args(b, &socket_rel, &qmp_rel, &append, opts.verbose))
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");

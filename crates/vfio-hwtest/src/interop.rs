@@ -897,6 +897,76 @@ mod tests {
         assert_eq!(extended_caps(&c).len(), 512);
     }
 
+    /// A sysfs directory for a function whose config space the guest reads, and a prediction
+    /// directory holding `inspect --json`-shaped text for it.
+    fn fake_function(tmp: &std::path::Path, revision: u8, caps: &[(u8, u8)]) -> Device {
+        let dev = tmp.join("0000:01:00.0");
+        fs::create_dir_all(&dev).unwrap();
+        let mut c = vec![0u8; 256];
+        c[0..4].copy_from_slice(&[0x34, 0x12, 0xe8, 0x11]);
+        c[8] = revision;
+        c[9..12].copy_from_slice(&[0x00, 0xff, 0x00]);
+        c[0x2c..0x30].copy_from_slice(&[0xf4, 0x1a, 0x00, 0x11]);
+        if let Some((_, first)) = caps.first() {
+            c[6] = 0x10;
+            c[0x34] = *first;
+        }
+        for (i, (id, off)) in caps.iter().enumerate() {
+            c[usize::from(*off)] = *id;
+            c[usize::from(*off) + 1] = caps.get(i + 1).map_or(0, |n| n.1);
+        }
+        fs::write(dev.join("config"), &c).unwrap();
+        fs::write(dev.join("class"), "0x00ff00\n").unwrap();
+        Device {
+            bdf: "0000:01:00.0".into(),
+            sysfs: dev,
+            id: scenarios::EDU,
+        }
+    }
+
+    const PREDICTION: &str = r#"{"identity":{"vendor_id":4660,"device_id":4584,
+        "subsystem_vendor_id":6900,"subsystem_id":4352,"revision":16,"class_code":"00ff00",
+        "class_name":"Unclassified device","header_type":0},"config_size":256,
+        "capabilities":{"kept":[{"id":5,"extended":false,"offset":64}],"hidden":[]}}"#;
+
+    fn run(f: fn(&Ctx<'_>) -> Result<Outcome>, dev: &Device) -> Result<Outcome> {
+        let ctx = Ctx {
+            device: Some(dev),
+            devices: std::slice::from_ref(dev),
+            problems: &[],
+            required: &[],
+            mode: crate::modes::Mode::Legacy,
+            cli: std::path::Path::new("/nonexistent"),
+        };
+        f(&ctx)
+    }
+
+    #[test]
+    fn guest_view_is_checked_against_the_prediction_not_a_constant() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pred = tmp.path().join("pred");
+        fs::create_dir_all(&pred).unwrap();
+        fs::write(pred.join("edu.json"), PREDICTION).unwrap();
+        fs::write(pred.join("notes.txt"), "not a prediction").unwrap();
+        set_dir(pred);
+        let good = fake_function(&tmp.path().join("a"), 0x10, &[(0x05, 0x40)]);
+        assert!(matches!(run(identity, &good), Ok(Outcome::Pass(_))));
+        assert!(matches!(run(capabilities, &good), Ok(Outcome::Pass(_))));
+        // Another revision than predicted: a FAIL that names both.
+        let rev = fake_function(&tmp.path().join("b"), 0x11, &[(0x05, 0x40)]);
+        let e = run(identity, &rev).unwrap_err().to_string();
+        assert!(e.contains("revision 0x11") && e.contains("0x10"), "{e}");
+        // MSI at another offset, or a capability the prediction does not have.
+        let moved = fake_function(&tmp.path().join("c"), 0x10, &[(0x05, 0x50)]);
+        assert!(run(capabilities, &moved).is_err());
+        let extra = fake_function(&tmp.path().join("d"), 0x10, &[(0x05, 0x40), (0x11, 0x60)]);
+        assert!(run(capabilities, &extra).is_err());
+        // A device no prediction names.
+        let mut other = good.clone();
+        other.id = NVME_LIKE;
+        assert!(run(identity, &other).is_err());
+    }
+
     #[test]
     fn table_drops_scenarios_for_ids_not_under_test() {
         let edu = Device {

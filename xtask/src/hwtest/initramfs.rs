@@ -615,6 +615,70 @@ mod tests {
     }
 
     #[test]
+    fn init_waits_for_nvme_only_when_it_loads_nvme_and_passes_hwtest_only_on() {
+        let with = init_script(&InitPlan {
+            modprobe: vec!["nvme", "vfio_pci"],
+            bind_ids: &[],
+            hwtest_args: vec![],
+        });
+        let without = init_script(&InitPlan {
+            modprobe: vec!["vfio_iommu_type1", "vfio_pci"],
+            bind_ids: &["1234:0f4e"],
+            hwtest_args: vec!["--interop".into(), "/interop".into()],
+        });
+        assert!(with.contains("/sys/bus/pci/drivers/nvme"));
+        assert!(!without.contains("/sys/bus/pci/drivers/nvme"));
+        for s in [&with, &without] {
+            assert!(s.contains("hwtest.only=*) ONLY=${w#hwtest.only=}"));
+            assert!(s.contains("MODEARGS=\"$MODEARGS --only $ONLY\""));
+        }
+        assert!(without.contains("--cli /vfio-passthrough --interop /interop"));
+    }
+
+    #[test]
+    fn extra_files_are_in_the_image_and_in_the_inputs_stamp() {
+        let tmp = std::env::temp_dir().join(format!("xtask-files-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let bin = tmp.join("bin");
+        fs::write(&bin, b"1").unwrap();
+        let kernel = Kernel {
+            release: "test".into(),
+            root: tmp.clone(),
+        };
+        let a = [("interop/edu.json".to_string(), b"{\"a\":1}".to_vec())];
+        let b = [("interop/edu.json".to_string(), b"{\"a\":2}".to_vec())];
+        let inp = |files| Inputs {
+            kernel: &kernel,
+            busybox: &bin,
+            hwtest: &bin,
+            cli: &bin,
+            bind_ids: &[],
+            hwtest_args: Vec::new(),
+            modules: &[],
+            files,
+        };
+        let sa = inputs_stamp("init", &inp(&a), &[]).unwrap();
+        assert!(sa.contains("interop/edu.json"));
+        assert_ne!(sa, inputs_stamp("init", &inp(&b), &[]).unwrap());
+        // A kernel without a module tree: the image is written with the file in it.
+        let (image, rebuilt) = ensure_initramfs(&tmp, &inp(&a)).unwrap();
+        assert!(rebuilt);
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(&image)
+            .output()
+            .unwrap();
+        let members = parse(&out.stdout);
+        let f = members.iter().find(|m| m.0 == "interop/edu.json").unwrap();
+        assert_eq!(f.4, b"{\"a\":1}");
+        assert!(
+            !ensure_initramfs(&tmp, &inp(&a)).unwrap().1,
+            "same inputs: reused"
+        );
+        let _ = fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
     fn fnv1a_matches_the_reference_vectors() {
         // Published FNV-1a 64 test vectors: "" and "a".
         assert_eq!(fnv1a(0xcbf2_9ce4_8422_2325, b""), 0xcbf2_9ce4_8422_2325);
