@@ -20,7 +20,7 @@ use crate::error::FakeResult;
 use crate::inject::{Counters, Faults, Injected, Op};
 use crate::irq::{IrqState, Trigger};
 use crate::regs::{self, Ctx};
-use crate::template::{BarKind, DeviceTemplate, PAGE_SIZE};
+use crate::template::{cap_id, BarKind, DeviceTemplate, PAGE_SIZE};
 
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
@@ -474,6 +474,15 @@ impl Vfio for FakeDevice {
                 if off < 6 && off + len > 4 {
                     inner.sync_command(&st.config);
                 }
+                if initiates_flr(&st.config, off, data) {
+                    // PCIe r6.0 6.6.2: the function resets; its registers read as at reset
+                    // (Initiate FLR itself reads 0). The VMM's interrupt wiring stays, as the
+                    // kernel's vfio-pci keeps it across an FLR the guest starts.
+                    st.config.copy_from_slice(inner.template.config());
+                    inner.sync_command(&st.config);
+                    st.irq.function_reset();
+                    inner.restore_memory();
+                }
             }
             region::ROM => {
                 return Err(Error::InvalidArgument("the ROM region is read-only".into()))
@@ -636,3 +645,36 @@ impl Vfio for FakeDevice {
 /// The longest the unmask watcher sleeps before it looks at its stop flag
 /// (a stop also wakes it at once through its eventfd).
 const WATCH_PERIOD_MS: i32 = 1000;
+
+/// Whether a config write of `data` at `off` sets Initiate Function Level Reset (bit 15 of the
+/// PCI Express Device Control register) of a function whose Device Capabilities say it is FLR
+/// capable (bit 28). `config` is the config space after the write.
+fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
+    let byte = |o: usize| config.get(o).copied().unwrap_or(0);
+    if byte(0x06) & 0x10 == 0 {
+        return false;
+    }
+    // The capability list, bounded (48 entries fill 256 bytes).
+    let mut at = usize::from(byte(0x34) & 0xfc);
+    let mut pcie = None;
+    for _ in 0..48 {
+        if at < 0x40 {
+            break;
+        }
+        if byte(at) == cap_id::PCIE {
+            pcie = Some(at);
+            break;
+        }
+        at = usize::from(byte(at + 1) & 0xfc);
+    }
+    let Some(cap) = pcie else {
+        return false;
+    };
+    let flr_capable = byte(cap + 7) & 0x10 != 0;
+    // The high byte of Device Control holds Initiate FLR as its bit 7.
+    let written = (cap + 9)
+        .checked_sub(off)
+        .and_then(|i| data.get(i))
+        .is_some_and(|b| b & 0x80 != 0);
+    flr_capable && written
+}

@@ -974,6 +974,56 @@ fn dma_map_refuses_overlaps_misalignment_and_iovas_outside_the_ranges() {
 
 // ---------------------------------------------------------------- reset
 
+/// The PCI Express capability's offset in `d`'s config space.
+fn pcie_cap(d: &FakeDevice) -> u64 {
+    let mut at = u64::from(cfg_read16(d, 0x34) & 0xfc);
+    while at != 0 {
+        if cfg_read16(d, at) & 0xff == u16::from(cap_id::PCIE) {
+            return at;
+        }
+        at = u64::from(cfg_read16(d, at) >> 8) & 0xfc;
+    }
+    panic!("no PCI Express capability");
+}
+
+#[test]
+fn initiate_flr_resets_an_flr_capable_function_and_keeps_the_interrupt_wiring() {
+    // PCIe r6.0 6.6.2 / 7.5.3.4: writing 1 to Initiate Function Level Reset (Device Control
+    // bit 15) of a function whose Device Capabilities has FLR Capable (bit 28) resets it.
+    let d = nvme_device();
+    let cap = pcie_cap(&d);
+    let devcap = u32::from(cfg_read16(&d, cap + 4)) | u32::from(cfg_read16(&d, cap + 6)) << 16;
+    assert_ne!(devcap & (1 << 28), 0, "nvme-like says it is FLR capable");
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::MSIX, 0, &[Some(efd.fd())]).unwrap();
+    let mem = nvme_like::DOORBELLS + 0x1000; // 0x2000: plain memory, mmap-able
+    d.region_write(0, mem, &[0xa5; 16]).unwrap();
+    let devctl = cfg_read16(&d, cap + 8);
+    // A Device Control write without the bit changes nothing else.
+    cfg_write16(&d, cap + 8, devctl & 0x7fff);
+    let mut b = [0u8; 16];
+    d.region_read(0, mem, &mut b).unwrap();
+    assert_eq!(b, [0xa5; 16]);
+    // With the bit (a one-byte write of the high half, as well): reset.
+    d.region_write(region::CONFIG, cap + 9, &[((devctl >> 8) as u8) | 0x80])
+        .unwrap();
+    let mut cfg = vec![0u8; d.template().config().len()];
+    d.region_read(region::CONFIG, 0, &mut cfg).unwrap();
+    assert_eq!(cfg, d.template().config(), "config space as at reset");
+    assert_eq!(cfg_read16(&d, cap + 8) & 0x8000, 0, "Initiate FLR reads 0");
+    enable_decoding(&d);
+    d.region_read(0, mem, &mut b).unwrap();
+    assert_eq!(b, [0; 16], "device memory as at reset");
+    assert_eq!(d.active_irq(), Some(irq::MSIX), "the VMM's eventfds stay");
+    // A function without FLR (edu has no PCI Express capability) ignores such a write.
+    let e = edu_device();
+    e.region_write(0, edu::DMA_BUFFER, &[7; 4]).unwrap();
+    cfg_write16(&e, 0x48, 0x8000);
+    let mut k = [0u8; 4];
+    e.region_read(0, edu::DMA_BUFFER, &mut k).unwrap();
+    assert_eq!(k, [7; 4]);
+}
+
 #[test]
 fn reset_restores_config_and_registers_and_disables_interrupts() {
     let d = edu_device();

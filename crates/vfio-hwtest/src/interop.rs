@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use vfio_backend::{region, Vfio};
 use vfio_fake_device::{edu as fake_edu, nvme_like};
 use vfio_pci::IrqMode;
 
@@ -129,6 +130,11 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "hot-reset",
         needs: Needs::EachDevice,
         run: stack::hot_reset,
+    },
+    Scenario {
+        name: "interop-reset-restores-state",
+        needs: Needs::EachDevice,
+        run: reset_restores_state,
     },
     Scenario {
         name: "interop-hot-unplug",
@@ -721,6 +727,79 @@ fn sysfs_bar_mapped(ctx: &Ctx<'_>) -> Result<Outcome> {
     Ok(Outcome::Pass(format!(
         "pattern kept at both ends of {}",
         seen.join(", ")
+    )))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reset
+
+/// Sets Memory Space Enable through the config region (a reset clears it).
+fn enable_memory(k: &dyn Vfio) -> Result<()> {
+    let mut cmd = [0u8; 2];
+    k.region_read(region::CONFIG, 4, &mut cmd)
+        .context("read the command register")?;
+    let v = u16::from_le_bytes(cmd) | vmm::CMD_MEMORY;
+    k.region_write(region::CONFIG, 4, &v.to_le_bytes())
+        .context("set Memory Space Enable")?;
+    Ok(())
+}
+
+/// A device reset through the guest's vfio-pci (`VFIO_DEVICE_RESET`; QEMU turns the bus reset
+/// into a vfio-user `DEVICE_RESET`) puts back what the device held at reset: a pattern written
+/// into the first mmap-able BAR part is gone afterwards, the reset contents are there again.
+fn reset_restores_state(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    let want = prediction(dev)?;
+    let mut spot = None;
+    for b in array(&want["bars"], "bars")? {
+        let index = u32::try_from(num(&b["index"], "bars.index")?)?;
+        for p in array(&b["parts"], "bars.parts")? {
+            if spot.is_none() && p["what"].as_str() == Some("mapped") {
+                spot = Some((index, num(&p["offset"], "part.offset")?));
+            }
+        }
+    }
+    let Some((bar, off)) = spot else {
+        return Ok(Outcome::Skip("inspect predicts no mmap-able part".into()));
+    };
+    let k = crate::modes::open_kernel(ctx.mode, &dev.sysfs)?;
+    let k: &dyn Vfio = &k;
+    k.reset()
+        .context("VFIO_DEVICE_RESET (the guest's vfio-pci)")?;
+    enable_memory(k)?;
+    let mut base = [0u8; 64];
+    k.region_read(bar, off, &mut base)
+        .with_context(|| format!("read BAR{bar} +{off:#x}"))?;
+    let seed = edu::pattern_seed();
+    let pattern: Vec<u8> = base
+        .iter()
+        .enumerate()
+        .map(|(i, b)| !b ^ (i as u8).wrapping_mul(seed))
+        .collect();
+    k.region_write(bar, off, &pattern)
+        .with_context(|| format!("write BAR{bar} +{off:#x}"))?;
+    let mut seen = [0u8; 64];
+    k.region_read(bar, off, &mut seen)?;
+    ensure!(
+        seen[..] == pattern[..],
+        "BAR{bar} +{off:#x} does not keep the pattern before the reset"
+    );
+    let t0 = Instant::now();
+    k.reset()
+        .context("VFIO_DEVICE_RESET (the guest's vfio-pci)")?;
+    let took = t0.elapsed();
+    enable_memory(k)?;
+    k.region_read(bar, off, &mut seen)?;
+    ensure!(
+        seen == base,
+        "BAR{bar} +{off:#x} after the reset: {:02x?}..., at reset it held {:02x?}...",
+        &seen[..8],
+        &base[..8]
+    );
+    Ok(Outcome::Pass(format!(
+        "64 bytes at BAR{bar} +{off:#x} overwritten, then the reset ({} ms) put back what \
+         they held at reset",
+        took.as_millis()
     )))
 }
 
