@@ -235,7 +235,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let mut c = Command::new(&bins.cli);
         c.args(["inspect", "--fake", p, "--json"]);
         let json = host::output(c).with_context(|| format!("inspect --fake {p} --json"))?;
-        let v: serde_json_lite::Ids = serde_json_lite::ids(&json)
+        let v: inspect_json::Ids = inspect_json::ids(&json)
             .with_context(|| format!("inspect --fake {p} --json: no identity"))?;
         bind_ids.push(format!("{:04x}:{:04x}", v.vendor, v.device));
         files.push((format!("{SHARE}/{p}.json"), json.into_bytes()));
@@ -318,7 +318,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Reading the ids out of `inspect --json` without a JSON dependency in xtask: the two
 /// numbers after `"vendor_id":` and `"device_id":` in the `identity` object.
-mod serde_json_lite {
+mod inspect_json {
     use anyhow::{Context, Result};
 
     pub struct Ids {
@@ -834,9 +834,9 @@ mod tests {
     #[test]
     fn ids_are_read_from_inspect_json() {
         let j = r#"{"source":{"kind":"fake"},"identity":{"vendor_id": 4660, "device_id": 3918}}"#;
-        let ids = serde_json_lite::ids(j).unwrap();
+        let ids = inspect_json::ids(j).unwrap();
         assert_eq!((ids.vendor, ids.device), (0x1234, 0x0f4e));
-        assert!(serde_json_lite::ids(r#"{"identity":{"vendor_id":"x"}}"#).is_err());
+        assert!(inspect_json::ids(r#"{"identity":{"vendor_id":"x"}}"#).is_err());
     }
 
     #[test]
