@@ -211,9 +211,15 @@ both_backends! {
         }
         edu_round_trip(&g, &mem, &grp, new, 3);
 
-        // A move onto guest RAM is refused; the guest reads where the BAR is.
+        // A move onto guest RAM is refused: the register holds what the guest wrote and the
+        // BAR decodes nowhere (neither there nor at its old address) until the guest writes
+        // an address the VMM accepts.
         g.move_bar(&bar, 0x10_0000);
-        assert_eq!(g.bar_address(0), new);
+        assert_eq!(g.bar_address(0), 0x10_0000);
+        assert!(dev.bar_at(0x10_0000, false).is_none());
+        assert_eq!(g.mmio_read32(new + edu::ID), 0xffff_ffff);
+        assert!(vm.mapper.live().is_empty());
+        g.move_bar(&bar, new);
         assert_eq!(g.mmio_read32(new + edu::ID), edu::ID_VALUE);
         drop(dev);
 

@@ -14,7 +14,8 @@ cargo xtask <task>
 
 Tasks:
   test      fmt check, clippy (-D warnings), cargo deny (bans licenses sources),
-            then every test in the workspace. Installs cargo-deny if missing.
+            cargo check for aarch64, then every test in the workspace.
+            Installs cargo-deny and the aarch64 standard library if missing.
   hwtest    the kernel backend against real vfio-pci:
             --device <BDF> on a host, or --qemu [--kernel 6.1|6.12|custom] in a QEMU guest
             (custom: a kernel with iommufd, cdev and no-IOMMU, three modes)
@@ -96,6 +97,27 @@ fn ensure_cargo_tool(sub: &str, krate: &str) -> Result<()> {
     run_cmd(&format!("install {krate}"), c)
 }
 
+/// The 64-bit Arm target that `cargo xtask test` checks the workspace for.
+const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// Adds a Rust target's standard library with rustup when it is missing.
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .with_context(|| "could not run `rustup target list --installed`")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        return Ok(());
+    }
+    println!("== xtask: the {target} standard library is missing: `rustup target add {target}`");
+    let mut c = Command::new("rustup");
+    c.args(["target", "add", target]);
+    run_cmd(&format!("rustup target add {target}"), c)
+}
+
 fn test(rest: &[String]) -> Result<()> {
     let mut c = cargo();
     c.args(["fmt", "--all", "--check"]);
@@ -121,6 +143,23 @@ fn test(rest: &[String]) -> Result<()> {
     let mut c = cargo();
     c.args(["deny", "--locked", "check", "bans", "licenses", "sources"]);
     run_cmd("cargo deny check bans licenses sources", c)?;
+
+    // arm64 VMMs depend on these crates too: everything, kvm glue included,
+    // must build for aarch64 (nothing may assume x86 or a 4 KiB page).
+    ensure_rust_target(AARCH64)?;
+    let mut c = cargo();
+    c.args([
+        "check",
+        "--workspace",
+        "--all-features",
+        "--locked",
+        "--target",
+        AARCH64,
+    ]);
+    run_cmd(
+        &format!("cargo check --workspace --all-features --target {AARCH64}"),
+        c,
+    )?;
 
     let mut c = cargo();
     // --all-features: the kvm glue (tested against /dev/kvm, skipped

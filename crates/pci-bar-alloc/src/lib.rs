@@ -8,7 +8,7 @@
 //!   low bits of the BAR register are read-only zero), so every placement's base is a multiple
 //!   of its size, for any size up to 2^63 bytes.
 //! * **Page rounding.** A memory BAR that will be mmap-ed into the guest is enlarged to at least
-//!   one host page (4 KiB by default, 64 KiB hosts exist) so the mapping does not expose a
+//!   one host page (the host's own size, [`host_page_size`]: 4 KiB on x86, up to 64 KiB on arm64) so the mapping does not expose a
 //!   neighbour. The VMM must then report the rounded [`BarPlacement::size`] to the guest when it
 //!   sizes the BAR, so the guest's own alignment matches ours.
 //! * **Which window.** I/O BARs go in the io window; 32-bit memory BARs in mmio32 only (they can
@@ -40,8 +40,22 @@ use vm_allocator::{AddressAllocator, AllocPolicy};
 
 pub use error::{Error, Result};
 
-/// Default host page size (4 KiB).
-pub const DEFAULT_PAGE_SIZE: u64 = 4096;
+/// The host's page size, as `sysconf(_SC_PAGESIZE)` reports it: 4 KiB on
+/// x86, 4, 16 or 64 KiB on arm64. Never assume 4 KiB: BAR ranges are mapped
+/// into the guest in whole host pages.
+pub fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions; it only reads a
+    // configuration value.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(v)
+        .ok()
+        .filter(|v| v.is_power_of_two())
+        .unwrap_or(MIN_PAGE_SIZE)
+}
+
+/// The smallest page size of any host we run on (4 KiB), used only when
+/// the host will not say its own.
+pub const MIN_PAGE_SIZE: u64 = 4096;
 /// The first address that does not fit in 32 bits.
 pub const FOUR_GIB: u64 = 1 << 32;
 /// Size of the x86 I/O port space.
@@ -387,9 +401,10 @@ pub struct BarAllocator {
 }
 
 impl BarAllocator {
-    /// An allocator over `windows` for a host with 4 KiB pages.
+    /// An allocator over `windows` for this host's page size
+    /// ([`host_page_size`]).
     pub fn new(windows: BarWindows) -> Result<Self> {
-        Self::with_page_size(windows, DEFAULT_PAGE_SIZE)
+        Self::with_page_size(windows, host_page_size())
     }
 
     /// An allocator over `windows` for a host whose page size is `page_size` (a power of two).

@@ -511,6 +511,15 @@ impl ConfigSpace {
             return;
         }
         if being_sized {
+            // Sizing moves nothing, but a half written now still pairs with the next write
+            // of the other half (sizing, then both halves of a new address).
+            if let (true, Some(half)) = (is_64, touched) {
+                *pending = if *pending == Some(half.other()) {
+                    None
+                } else {
+                    Some(half)
+                };
+            }
             return;
         }
         if current == old {

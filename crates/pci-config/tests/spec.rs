@@ -920,6 +920,27 @@ fn sixty_four_bit_move_is_reported_once_both_halves_are_written() {
 }
 
 #[test]
+fn sixty_four_bit_move_right_after_sizing_is_reported_when_its_second_half_is_written() {
+    // Sizing (both halves all ones), then a new address in both halves, decoding on: the
+    // halves written while the other one still held the sizing pattern pair up as usual.
+    let mut cfg = mem_space();
+    cfg.write_u16(COMMAND, COMMAND_MEMORY_SPACE).unwrap();
+    assert!(cfg.write_u32(BAR0 + 8, 0xffff_ffff).unwrap().is_empty());
+    assert!(cfg.write_u32(BAR0 + 12, 0xffff_ffff).unwrap().is_empty());
+    assert!(cfg.write_u32(BAR0 + 8, 0x0010_000c).unwrap().is_empty());
+    let fx = cfg.write_u32(BAR0 + 12, 0x9).unwrap();
+    assert_eq!(
+        fx.iter().next(),
+        Some(&WriteEffect::BarReprogram {
+            bar: 2,
+            old_base: 0x8_0000_0000,
+            new_base: 0x9_0010_0000,
+            size: 1 << 20
+        })
+    );
+}
+
+#[test]
 fn disabling_decode_reports_command_change_but_no_move() {
     let mut cfg = mem_space();
     cfg.write_u16(COMMAND, COMMAND_MEMORY_SPACE).unwrap();

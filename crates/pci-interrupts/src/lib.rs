@@ -15,7 +15,9 @@
 //! never panics: an access outside a register block, or of a size the specification does not
 //! allow, is logged and ignored (reads of it return all ones).
 //!
-//! [`testing`] holds an instrumented implementation of the traits for tests.
+//! `testing` (feature `test-utils`, for tests only) holds an instrumented
+//! implementation of the traits.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod group;
 mod intx;
@@ -23,6 +25,8 @@ mod msi;
 mod msix;
 mod regs;
 mod snapshot;
+#[cfg(feature = "test-utils")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-utils")))]
 pub mod testing;
 
 pub use group::{Delivery, InterruptManager, InterruptSourceGroup, MsiRoute};

@@ -8,6 +8,7 @@
 //!
 //! Region and interrupt indices follow the kernel's uAPI (`linux/vfio.h`):
 //! see [`region`] and [`irq`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
@@ -15,6 +16,8 @@ use std::os::fd::BorrowedFd;
 mod error;
 pub mod kernel;
 mod mapping;
+#[cfg(feature = "vfio-user")]
+#[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
 pub mod user;
 
 pub use error::{Error, Result};
@@ -228,6 +231,14 @@ pub struct DmaFile<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct DmaSource<'a> {
     /// Address of the range in this process (the kernel backend pins it).
+    ///
+    /// 0 means the range is not mapped in this process and must be reached
+    /// through [`DmaSource::file`] by file I/O (`pread` / `pwrite`). Our
+    /// vfio-user server passes 0 for a client's file that is not sealed
+    /// against shrinking (`F_SEAL_SHRINK`): loads and stores through a
+    /// mapping of such a file die with `SIGBUS` once the client shrinks it,
+    /// while file I/O only comes up short. A backend that needs host memory
+    /// (the kernel's, which pins `host_addr`) fails to map such a source.
     pub host_addr: u64,
     /// The file behind the range, when there is one. The vfio-user backend
     /// needs it to share the memory with the server; the kernel backend
@@ -235,6 +246,25 @@ pub struct DmaSource<'a> {
     pub file: Option<DmaFile<'a>>,
     /// The device may only read this range.
     pub read_only: bool,
+}
+
+/// Memory a device reaches by asking its owner, not by loads and stores:
+/// what a vfio-user server gets from a client's `DMA_MAP` without a file
+/// descriptor (guest RAM the client cannot share), reached with `DMA_READ`
+/// / `DMA_WRITE` messages to the client.
+///
+/// Each call blocks until the owner answers, within a bound the
+/// implementation sets (it fails with [`Error::Timeout`] or
+/// [`Error::Disconnected`] rather than wait longer). A device must
+/// therefore not call it while it holds a lock that serving a request to
+/// it takes, nor from inside a request whose reply the owner may be
+/// waiting for (see [`Vfio::dma_map_remote`]).
+pub trait RemoteDma: Send + Sync {
+    /// Reads `buf.len()` bytes at `iova` of the mapped range.
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `data` at `iova` of the mapped range.
+    fn write(&self, iova: u64, data: &[u8]) -> Result<()>;
 }
 
 /// One method of the [`Vfio`] trait: what wrappers that count calls or
@@ -375,8 +405,33 @@ pub trait Vfio: Send + Sync {
     /// Maps `size` bytes of host memory at `iova` for the device's DMA.
     fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()>;
 
-    /// Unmaps the DMA mapping `iova .. iova + size`.
+    /// Unmaps the DMA mapping `iova .. iova + size` (whichever of
+    /// [`Vfio::dma_map`] and [`Vfio::dma_map_remote`] made it).
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
+
+    /// Maps `size` bytes at `iova` for the device's DMA when that memory is
+    /// not in this process: the device reaches it through `remote`, one
+    /// blocking request per access (a vfio-user server's `DMA_MAP` without
+    /// a file descriptor). A device that accepts such maps must make the
+    /// requests outside any request handler the memory's owner waits on:
+    /// the owner answers only after that handler returns (the fake device
+    /// finishes such DMA on its own thread, busy until then, as hardware
+    /// whose DMA completes after the doorbell write).
+    ///
+    /// The default refuses with [`Error::Unsupported`]: devices backed by
+    /// real hardware need host memory to map.
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: std::sync::Arc<dyn RemoteDma>,
+    ) -> Result<()> {
+        let _ = (iova, size, read_only, remote);
+        Err(Error::Unsupported(
+            "DMA mapping of memory reachable only by messages".into(),
+        ))
+    }
 
     /// The IOVA ranges the IOMMU accepts for [`Vfio::dma_map`].
     fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;

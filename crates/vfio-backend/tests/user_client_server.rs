@@ -22,6 +22,9 @@ const BAR0_SIZE: usize = 0x4000;
 const DOORBELL_IRQ: u64 = 0x3f00;
 /// Writing an IOVA here makes the device DMA 16 bytes of BAR0 (offset 0) there.
 const DOORBELL_DMA: u64 = 0x3f08;
+/// Writing an IOVA here makes the device read 16 bytes there, through a
+/// range mapped without a file, inside the write (what a device must not do).
+const DOORBELL_REMOTE_READ: u64 = 0x3f10;
 const BAR2_SIZE: u64 = 0x2000;
 
 struct Dma {
@@ -40,6 +43,8 @@ struct MemDevice {
     dma: Mutex<Vec<Dma>>,
     resets: Mutex<u32>,
     disabled: Mutex<Vec<u32>>,
+    /// The last range mapped without a file, reached by asking the client.
+    remote: Mutex<Option<Arc<dyn vfio_backend::RemoteDma>>>,
 }
 
 fn memfd(size: u64) -> std::fs::File {
@@ -52,6 +57,26 @@ fn memfd(size: u64) -> std::fs::File {
     f
 }
 
+/// A memfd sealed against shrinking, as QEMU's `memory-backend-memfd`
+/// makes guest RAM: the server may map it.
+fn sealed_memfd(size: u64) -> std::fs::File {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"sealed".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: fd is a fresh descriptor we own (checked above), taken over once.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    assert_eq!(rc, 0);
+    f
+}
+
 impl MemDevice {
     fn new() -> Arc<MemDevice> {
         Arc::new(MemDevice {
@@ -61,6 +86,7 @@ impl MemDevice {
             dma: Mutex::new(Vec::new()),
             resets: Mutex::new(0),
             disabled: Mutex::new(Vec::new()),
+            remote: Mutex::new(None),
         })
     }
 
@@ -80,6 +106,10 @@ impl MemDevice {
             .iter()
             .find(|d| iova >= d.iova && iova + 16 <= d.iova + d.size && !d.read_only)
             .ok_or_else(|| Error::InvalidArgument("DMA outside mappings".into()))?;
+        if d.host_addr == 0 {
+            // This device only does loads and stores.
+            return Err(Error::Unsupported("DMA to memory not mapped here".into()));
+        }
         let dst = (d.host_addr + (iova - d.iova)) as *mut u8;
         // SAFETY: dst lies inside a DMA range the server mapped for us and keeps mapped until dma_unmap, which needs the dma lock we hold; the bounds were checked just above.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, 16) };
@@ -153,6 +183,16 @@ impl Vfio for MemDevice {
                 Ok(())
             }
             (0, DOORBELL_DMA) => self.dma_out(u64::from_le_bytes(data.try_into().unwrap())),
+            (0, DOORBELL_REMOTE_READ) => {
+                let remote = self
+                    .remote
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .ok_or_else(|| bad("no map"))?;
+                let mut buf = [0u8; 16];
+                remote.read(u64::from_le_bytes(data.try_into().unwrap()), &mut buf)
+            }
             (0, _) => {
                 let mut bar = self.bar0.lock().unwrap();
                 let dst = bar
@@ -246,6 +286,17 @@ impl Vfio for MemDevice {
             host_addr: host.host_addr,
             read_only: host.read_only,
         });
+        Ok(())
+    }
+
+    fn dma_map_remote(
+        &self,
+        _iova: u64,
+        _size: u64,
+        _read_only: bool,
+        remote: Arc<dyn vfio_backend::RemoteDma>,
+    ) -> Result<()> {
+        *self.remote.lock().unwrap() = Some(remote);
         Ok(())
     }
 
@@ -435,9 +486,9 @@ fn eventfds_across_a_batch_boundary_reach_the_device_and_fire() {
 }
 
 #[test]
-fn device_dma_into_a_memfd_mapping_is_seen_by_the_client() {
+fn device_dma_into_a_sealed_memfd_mapping_is_seen_by_the_client() {
     let s = setup(ServerOptions::default());
-    let guest = memfd(0x10000);
+    let guest = sealed_memfd(0x10000);
     let local = Mapping::map_fd(
         guest.as_fd(),
         0,
@@ -475,6 +526,161 @@ fn device_dma_into_a_memfd_mapping_is_seen_by_the_client() {
         s.client.dma_unmap(0x100000, 0x8000),
         Err(Error::Refused { .. })
     ));
+}
+
+#[test]
+fn dma_map_maps_only_files_sealed_against_shrinking_into_the_server() {
+    let s = setup(ServerOptions::default());
+    fn src(f: &std::fs::File) -> DmaSource<'_> {
+        DmaSource {
+            host_addr: 0,
+            file: Some(DmaFile {
+                fd: f.as_fd(),
+                offset: 0,
+            }),
+            read_only: false,
+        }
+    }
+    let plain = memfd(0x1000);
+    let sealed = sealed_memfd(0x1000);
+    s.client.dma_map(0x1000, 0x1000, src(&plain)).unwrap();
+    s.client.dma_map(0x2000, 0x1000, src(&sealed)).unwrap();
+    let dma = s.device.dma.lock().unwrap();
+    let host = |iova| dma.iter().find(|d| d.iova == iova).unwrap().host_addr;
+    // A file the client could shrink is not mapped: the device must use
+    // file I/O, which cannot raise SIGBUS.
+    assert_eq!(host(0x1000), 0);
+    assert_ne!(host(0x2000), 0);
+}
+
+#[test]
+fn dma_map_of_a_file_shorter_than_offset_plus_size_is_refused_with_einval() {
+    let s = setup(ServerOptions::default());
+    for (file_len, offset, size) in [
+        (0x1000, 0, 0x2000),
+        (0x2000, 0x1000, 0x2000),
+        (0, 0, 0x1000),
+    ] {
+        let guest = memfd(file_len);
+        let r = s.client.dma_map(
+            0x10000,
+            size,
+            DmaSource {
+                host_addr: 0,
+                file: Some(DmaFile {
+                    fd: guest.as_fd(),
+                    offset,
+                }),
+                read_only: true,
+            },
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Error::Refused {
+                    errno: libc::EINVAL,
+                    ..
+                })
+            ),
+            "file {file_len:#x}, {size:#x} at {offset:#x}: {r:?}"
+        );
+    }
+    // offset + size wraps.
+    let guest = memfd(0x1000);
+    let r = s.client.dma_map(
+        0x10000,
+        0x1000,
+        DmaSource {
+            host_addr: 0,
+            file: Some(DmaFile {
+                fd: guest.as_fd(),
+                offset: u64::MAX - 0xfff,
+            }),
+            read_only: true,
+        },
+    );
+    assert!(
+        matches!(
+            r,
+            Err(Error::Refused {
+                errno: libc::EINVAL,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(s.device.dma.lock().unwrap().is_empty());
+}
+
+#[test]
+fn dma_map_of_a_file_that_is_not_a_regular_file_is_refused_with_einval() {
+    let s = setup(ServerOptions::default());
+    // mmap takes /dev/zero, but it is no client memory.
+    let r = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/zero")
+        .unwrap();
+    let res = s.client.dma_map(
+        0x10000,
+        0x1000,
+        DmaSource {
+            host_addr: 0,
+            file: Some(DmaFile {
+                fd: r.as_fd(),
+                offset: 0,
+            }),
+            read_only: true,
+        },
+    );
+    assert!(
+        matches!(
+            res,
+            Err(Error::Refused {
+                errno: libc::EINVAL,
+                ..
+            })
+        ),
+        "{res:?}"
+    );
+    assert!(s.device.dma.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_device_asking_the_client_for_dma_inside_a_command_handler_fails_at_once() {
+    // The client could only answer after the handler returned; waiting for
+    // the DMA timeout would stall every request behind it.
+    let s = setup(ServerOptions {
+        dma_timeout: Duration::from_secs(5),
+        ..ServerOptions::default()
+    });
+    let guest = vec![0u8; 0x1000];
+    s.client
+        .dma_map(
+            0x10000,
+            0x1000,
+            DmaSource {
+                host_addr: guest.as_ptr() as u64,
+                file: None,
+                read_only: true,
+            },
+        )
+        .unwrap();
+    let t = Instant::now();
+    let r = s
+        .client
+        .region_write(0, DOORBELL_REMOTE_READ, &0x10000u64.to_le_bytes());
+    assert!(
+        matches!(
+            r,
+            Err(Error::Refused {
+                errno: libc::ENOTSUP,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 }
 
 #[test]

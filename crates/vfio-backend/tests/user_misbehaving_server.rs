@@ -48,6 +48,7 @@ struct Req {
     id: u16,
     cmd: u16,
     flags: u32,
+    errno: u32,
     payload: Vec<u8>,
     fds: Vec<OwnedFd>,
 }
@@ -68,6 +69,7 @@ fn recv(s: &UnixStream) -> Option<Req> {
         id: u16::from_le_bytes([raw[0], raw[1]]),
         cmd: u16::from_le_bytes([raw[2], raw[3]]),
         flags: u32_at(&raw, 8),
+        errno: u32_at(&raw, 12),
         payload: m.payload,
         fds: m.fds,
     })
@@ -585,5 +587,326 @@ fn drop_ends_the_client_even_with_a_silent_server() {
     let t0 = Instant::now();
     drop(dev);
     assert!(t0.elapsed() < Duration::from_secs(1));
+    t.join().unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Sizes a server names: every one is checked against what was negotiated
+// (our max_data_xfer_size, the registered mappings, what was asked for)
+// before anything is allocated, read or copied.
+
+const DMA_UNMAP: u16 = 3;
+const DEVICE_GET_REGION_INFO: u16 = 5;
+const NO_REPLY: u32 = 1 << 4;
+
+/// A server command (`DMA_READ` / `DMA_WRITE`) with `address`, `count`
+/// and `data` after them.
+fn server_command(id: u16, cmd: u16, address: u64, count: u64, data: &[u8]) -> Vec<u8> {
+    let mut m = header(id, cmd, 32 + data.len() as u32, 0, 0);
+    m.extend_from_slice(&address.to_le_bytes());
+    m.extend_from_slice(&count.to_le_bytes());
+    m.extend_from_slice(data);
+    m
+}
+
+/// Reads the client's reply to server command `id`, with a bound (a client
+/// that died or hung fails the script instead of wedging it).
+fn client_reply(s: &UnixStream, id: u16, cmd: u16) -> Req {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let r = recv(s).expect("the client closed instead of answering");
+    s.set_read_timeout(None).unwrap();
+    assert_eq!((r.id, r.cmd), (id, cmd), "reply to another message");
+    assert_eq!(r.flags & 0xf, REPLY, "the client answers with a reply");
+    r
+}
+
+/// The errno of an error reply; panics on a success reply.
+fn refused_with(r: &Req) -> u32 {
+    assert_ne!(r.flags & ERROR, 0, "expected an error reply, got success");
+    let raw = r.payload.len();
+    assert_eq!(raw, 0, "an error reply carries no payload");
+    r.errno
+}
+
+fn map_host_memory(dev: &UserDevice, iova: u64, memory: &mut [u8]) {
+    dev.dma_map(
+        iova,
+        memory.len() as u64,
+        DmaSource {
+            host_addr: memory.as_mut_ptr() as u64,
+            file: None,
+            read_only: false,
+        },
+    )
+    .unwrap();
+}
+
+/// Answers the client's DMA_MAP.
+fn accept_dma_map(s: &mut UnixStream) {
+    let r = recv(s).unwrap();
+    assert_eq!(r.cmd, DMA_MAP);
+    s.write_all(&reply(&r, &[])).unwrap();
+}
+
+#[test]
+fn dma_read_of_a_terabyte_or_of_u64_max_bytes_is_refused_with_einval_without_allocating() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        accept_dma_map(&mut s);
+        // Inside the mapping, but far more than our max_data_xfer_size
+        // (1 MiB): 2^40 once aborted the VMM ("memory allocation failed"),
+        // 2^64-1 panicked ("capacity overflow").
+        for (id, count) in [(700u16, 1u64 << 40), (701, u64::MAX), (702, (1 << 20) + 1)] {
+            s.write_all(&server_command(id, DMA_READ, 0x10000, count, &[]))
+                .unwrap();
+            let r = client_reply(&s, id, DMA_READ);
+            assert_eq!(refused_with(&r), libc::EINVAL as u32, "count {count:#x}");
+        }
+        // The connection still serves a read within the limits.
+        s.write_all(&server_command(703, DMA_READ, 0x10004, 4, &[]))
+            .unwrap();
+        let r = client_reply(&s, 703, DMA_READ);
+        assert_eq!(r.flags & ERROR, 0);
+        assert_eq!(&r.payload[16..], &[4, 5, 6, 7]);
+    });
+    let mut memory: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+    let dev = connect(&path, 5000);
+    map_host_memory(&dev, 0x10000, &mut memory);
+    t.join().unwrap();
+    drop(dev);
+}
+
+#[test]
+fn dma_read_before_the_version_reply_is_refused_with_einval_without_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("early.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        // Before the client's VERSION is even read: a huge read, a read
+        // that would be valid later, and a write.
+        s.write_all(&server_command(800, DMA_READ, 0, 1 << 40, &[]))
+            .unwrap();
+        s.write_all(&server_command(801, DMA_READ, 0, u64::MAX, &[]))
+            .unwrap();
+        s.write_all(&server_command(802, DMA_WRITE, 0, 4, &[1, 2, 3, 4]))
+            .unwrap();
+        let v = recv(&s).unwrap();
+        assert_eq!(v.cmd, VERSION);
+        for (id, cmd) in [(800, DMA_READ), (801, DMA_READ), (802, DMA_WRITE)] {
+            let r = client_reply(&s, id, cmd);
+            assert_eq!(refused_with(&r), libc::EINVAL as u32, "message {id}");
+        }
+        // During the handshake (VERSION asked, not answered yet): the same.
+        s.write_all(&server_command(803, DMA_READ, 0, 1 << 40, &[]))
+            .unwrap();
+        let r = client_reply(&s, 803, DMA_READ);
+        assert_eq!(refused_with(&r), libc::EINVAL as u32);
+        let mut p = vec![0u8, 0, 1, 0];
+        p.extend_from_slice(CAPS.as_bytes());
+        p.push(0);
+        s.write_all(&reply(&v, &p)).unwrap();
+        let d = recv(&s).unwrap();
+        assert_eq!(d.cmd, DEVICE_GET_INFO);
+        let mut p = Vec::new();
+        for x in [16u32, 0b11, 0, 4] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&d, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    // The handshake still completes.
+    let dev = connect(&path, 5000);
+    assert_eq!(dev.protocol_version(), (0, 1));
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn dma_messages_when_serving_them_is_off_are_refused_with_enotsup_without_allocating() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        accept_dma_map(&mut s);
+        for (id, cmd, count) in [
+            (900u16, DMA_READ, 1u64 << 40),
+            (901, DMA_READ, u64::MAX),
+            (902, DMA_READ, 4),
+        ] {
+            s.write_all(&server_command(id, cmd, 0x10000, count, &[]))
+                .unwrap();
+            let r = client_reply(&s, id, cmd);
+            assert_eq!(refused_with(&r), libc::ENOTSUP as u32, "count {count:#x}");
+        }
+        s.write_all(&server_command(903, DMA_WRITE, 0x10000, 4, &[9; 4]))
+            .unwrap();
+        let r = client_reply(&s, 903, DMA_WRITE);
+        assert_eq!(refused_with(&r), libc::ENOTSUP as u32);
+    });
+    let mut memory = vec![0u8; 4096];
+    let dev = UserDevice::connect_with_options(
+        &path,
+        UserOptions {
+            serve_dma_messages: false,
+            ..options(5000)
+        },
+    )
+    .unwrap();
+    map_host_memory(&dev, 0x10000, &mut memory);
+    t.join().unwrap();
+    drop(dev);
+    assert!(memory.iter().all(|&b| b == 0), "the refused write wrote");
+}
+
+#[test]
+fn dma_write_without_a_reply_wanted_is_served_and_not_answered() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        accept_dma_map(&mut s);
+        let mut m = server_command(950, DMA_WRITE, 0x10010, 2, &[0xab, 0xcd]);
+        m[8..12].copy_from_slice(&NO_REPLY.to_le_bytes());
+        s.write_all(&m).unwrap();
+        // The next message from the client is its reply to this read: the
+        // write above got none.
+        s.write_all(&server_command(951, DMA_READ, 0x10010, 2, &[]))
+            .unwrap();
+        let r = client_reply(&s, 951, DMA_READ);
+        assert_eq!(&r.payload[16..], &[0xab, 0xcd]);
+    });
+    let mut memory = vec![0u8; 4096];
+    let dev = connect(&path, 5000);
+    map_host_memory(&dev, 0x10000, &mut memory);
+    t.join().unwrap();
+    drop(dev);
+    assert_eq!(&memory[0x10..0x12], &[0xab, 0xcd]);
+}
+
+#[test]
+fn region_info_reply_larger_than_the_argsz_asked_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DEVICE_GET_REGION_INFO);
+        let asked = u32_at(&r.payload, 0) as usize;
+        // A reply that claims (in its own argsz) all it sends, more than
+        // the client made room for.
+        let len = asked + 4096;
+        let mut p = Vec::new();
+        for x in [len as u32, 0b1, 0, 0] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        p.extend_from_slice(&0x1000u64.to_le_bytes());
+        p.extend_from_slice(&0u64.to_le_bytes());
+        p.resize(len, 0);
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let e = dev.region_info(0).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn irq_info_reply_with_more_vectors_than_any_pci_index_has_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DEVICE_GET_IRQ_INFO);
+        let mut p = Vec::new();
+        // MSI-X (index 2) has at most 2048 vectors (PCI: table size is 11 bits).
+        for x in [16u32, 0, 2, u32::MAX] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let e = dev.irq_info(2).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn dma_unmap_reply_echoing_another_range_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        accept_dma_map(&mut s);
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DMA_UNMAP);
+        let mut p = r.payload.clone();
+        p[8..16].copy_from_slice(&0xdead_0000u64.to_le_bytes());
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let mut memory = vec![0u8; 4096];
+    let dev = connect(&path, 5000);
+    map_host_memory(&dev, 0x10000, &mut memory);
+    let e = dev.dma_unmap(0x10000, 4096).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn eventfds_beyond_what_one_message_can_carry_are_split_at_scm_max_fd() {
+    // The server accepts "1000" descriptors per message; the kernel passes
+    // at most 253 (SCM_MAX_FD) in one, so 300 vectors take two messages.
+    const MANY: &str = r#"{"capabilities":{"max_msg_fds":1000}}"#;
+    let (_d, path, t) = fake_server(MANY, |mut s| {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = protocol::read_message(s.as_fd(), 1 << 16, 300)
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.header.command, DEVICE_SET_IRQS);
+            let (start, count) = (u32_at(&m.payload, 12), u32_at(&m.payload, 16));
+            assert_eq!(m.fds.len(), count as usize);
+            got.push((start, count));
+            let r = Req {
+                id: m.header.id,
+                cmd: m.header.command,
+                flags: 0,
+                errno: 0,
+                payload: Vec::new(),
+                fds: Vec::new(),
+            };
+            s.write_all(&reply(&r, &[])).unwrap();
+        }
+        assert_eq!(got, vec![(0, 253), (253, 47)]);
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let efds: Vec<_> = (0..300).map(|_| eventfd()).collect();
+    let fds: Vec<_> = efds.iter().map(|e| Some(e.as_fd())).collect();
+    dev.set_irq_eventfds(2, 0, &fds).unwrap();
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn an_oversized_max_data_xfer_size_option_is_offered_as_sixteen_mib_and_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&v.payload[4..v.payload.len() - 1]).unwrap();
+        assert_eq!(
+            json["capabilities"]["max_data_xfer_size"],
+            16 << 20,
+            "we offer no more than we are willing to buffer"
+        );
+        // A reply announcing 1 GiB: refused from its header, not buffered.
+        s.write_all(&header(v.id, v.cmd, 1 << 30, REPLY, 0))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let e = UserDevice::connect_with_options(
+        &path,
+        UserOptions {
+            max_data_xfer_size: u32::MAX,
+            ..options(5000)
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
     t.join().unwrap();
 }

@@ -132,6 +132,17 @@ impl Vfio for CountingVfio {
         self.inner.dma_map(iova, size, host)
     }
 
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: std::sync::Arc<dyn vfio_backend::RemoteDma>,
+    ) -> vfio_backend::Result<()> {
+        self.bump(Call::DmaMap);
+        self.inner.dma_map_remote(iova, size, read_only, remote)
+    }
+
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         self.bump(Call::DmaUnmap);
         self.inner.dma_unmap(iova, size)

@@ -101,8 +101,54 @@ fn pick_device(which: u8) -> Option<Arc<FakeDevice>> {
     }
 }
 
+/// Register and decode agree: a BAR that decodes (found by `bar_at`) decodes at the address
+/// its register holds, and every guest mapping lies in a decoding BAR.
+fn assert_register_and_decode_agree(vm: &Vm, dev: &VfioPciDevice) {
+    let bars = dev.bars();
+    for b in &bars {
+        let Some(base) = b.base else { continue };
+        let io = b.kind == pci_config::BarKind::Io;
+        let found = dev.bar_at(base, io) == Some((b.index, 0));
+        assert_eq!(
+            found, b.decoding,
+            "BAR{}: bar_at and decoding disagree",
+            b.index
+        );
+        if !found {
+            continue;
+        }
+        let reg = if b.index == 6 {
+            u64::from(cfg_read32(dev, 0x30) & 0xffff_f800)
+        } else {
+            let off = 0x10 + 4 * b.index as u64;
+            let lo = cfg_read32(dev, off);
+            match b.kind {
+                pci_config::BarKind::Io => u64::from(lo & !3),
+                pci_config::BarKind::Memory32 { .. } => u64::from(lo & !0xf),
+                pci_config::BarKind::Memory64 { .. } => {
+                    u64::from(lo & !0xf) | (u64::from(cfg_read32(dev, off + 4)) << 32)
+                }
+            }
+        };
+        assert_eq!(
+            reg, base,
+            "BAR{} decodes at {base:#x}, its register holds {reg:#x}",
+            b.index
+        );
+    }
+    for (gpa, len) in vm.mapper.live() {
+        assert!(
+            bars.iter().any(|b| b.decoding
+                && b.base
+                    .is_some_and(|x| gpa >= x && gpa.saturating_add(len) <= x + b.guest_size)),
+            "guest mapping {gpa:#x}+{len:#x} outside every decoding BAR"
+        );
+    }
+}
+
 /// What must hold of any attached device whatever the guest did.
 fn check_and_detach(vm: &Vm, fake: &FakeDevice, dev: VfioPciDevice, ids: u32, class: u32) {
+    assert_register_and_decode_agree(vm, &dev);
     // Vendor, device and class codes are read-only (PCI 3.0 6.2.1).
     assert_eq!(cfg_read32(&dev, 0), ids, "vendor/device id changed");
     assert_eq!(cfg_read32(&dev, 8) >> 8, class >> 8, "class code changed");
@@ -291,6 +337,7 @@ pub fn bar_access(data: &[u8]) {
                 let _ = cfg_write16(&dev, 4, u16::from_le_bytes([val[0], val[1]]));
             }
         }
+        assert_register_and_decode_agree(&vm, &dev);
     }
     check_and_detach(&vm, &fake, dev, ids, class);
 }
@@ -308,6 +355,11 @@ pub fn templates(data: &[u8]) {
         }
     }
     let rest = inp.bytes(usize::MAX);
+    // The same bytes as `lspci` dump text: every size a dump names (`[size=2G]` on an
+    // Expansion ROM line) is checked against the fake's limits before anything is allocated.
+    if let Ok(t) = DeviceTemplate::from_lspci(&String::from_utf8_lossy(rest), Some(&sizes)) {
+        let _ = FakeDevice::new(t);
+    }
     let len = match sel % 3 {
         0 => 64,
         1 => 256,
@@ -385,57 +437,142 @@ pub fn backend_parsers(data: &[u8]) {
 /// How long the client waits for a reply in [`user_client`].
 pub const CLIENT_TIMEOUT: Duration = Duration::from_millis(100);
 
-/// A malicious vfio-user server: answers each message it receives with the
-/// next chunk of the input. A chunk is `[mode, len_lo, len_hi, bytes..]`:
-/// mode bit 0 frames the bytes as a reply to the message (its id and
-/// command, error flag from bit 1, an fd from bit 2), else they are sent as
-/// they are and the connection is closed after them. When the input runs
-/// out the connection is closed.
+/// A malicious vfio-user server. For each message it receives (the client's
+/// replies to the server's own commands are skipped) it takes chunks of the
+/// input until one answers the message. A chunk is `[mode, len_lo, len_hi,
+/// bytes..]`:
+/// - `mode & 1 == 1`: the bytes framed as a reply to the message (its id and
+///   command; the error flag from bit 1, with errno `mode >> 4`; an fd from
+///   bit 2; from bit 3, id and command off by `mode >> 6` and
+///   `(mode >> 4) & 3`);
+/// - `mode & 3 == 2`: a command of the server's own, sent before the answer
+///   (so at any point of a session, before and during the version handshake
+///   included), with the bytes as its payload (for `DMA_READ` / `DMA_WRITE`:
+///   address, count, data, see [`server_command_chunk`]): `DMA_WRITE` from
+///   bit 2, else `DMA_READ`; no reply wanted from bit 3; `mode >> 4 == 1`
+///   attaches an fd, `mode >> 4 >= 2` sends command number `mode >> 4`
+///   instead;
+/// - `mode & 3 == 0`: the bytes are sent as they are, and the connection is
+///   closed after them.
+///
+/// When the input runs out the connection is closed.
 fn malicious_server(stream: UnixStream, data: Vec<u8>) {
     let mut inp = Input::new(&data);
     let memfd = crate::user::memfd(c"fuzz-region", 0x1000).ok();
-    loop {
-        let m = match protocol::read_message(stream.as_fd(), 1 << 22, 64) {
-            Ok(Some(m)) => m,
-            _ => break,
+    let mut next_id = 0x8000u16;
+    'messages: loop {
+        let m = loop {
+            match protocol::read_message(stream.as_fd(), 1 << 22, 64) {
+                // The client's answer to one of our commands.
+                Ok(Some(m)) if m.header.is_reply() => continue,
+                Ok(Some(m)) => break m,
+                _ => break 'messages,
+            }
         };
-        if inp.is_empty() {
-            break;
-        }
-        let mode = inp.u8();
-        let n = usize::from(inp.u16() % 0x2000);
-        let bytes = inp.bytes(n);
-        if mode & 1 == 0 {
-            let _ = (&stream).write_all(bytes);
-            break;
-        }
-        let mut h = Header {
-            id: m.header.id,
-            command: m.header.command,
-            size: 0,
-            flags: header_flags::TYPE_REPLY,
-            error: 0,
-        };
-        if mode & 2 != 0 {
-            h.flags |= header_flags::ERROR;
-            h.error = u32::from(mode >> 4);
-        }
-        if mode & 8 != 0 {
-            // Sometimes lie about the id or command.
-            h.id = h.id.wrapping_add(u16::from(mode >> 6));
-            h.command = h.command.wrapping_add(u16::from((mode >> 4) & 3));
-        }
-        h.size = (HEADER_SIZE + bytes.len()) as u32;
-        let fds: Vec<_> = match (&memfd, mode & 4 != 0) {
-            (Some(f), true) => vec![f.as_fd()],
-            _ => Vec::new(),
-        };
-        if protocol::write_message(stream.as_fd(), &h, &[bytes], &fds).is_err() {
-            break;
+        loop {
+            if inp.is_empty() {
+                break 'messages;
+            }
+            let mode = inp.u8();
+            let n = usize::from(inp.u16() % 0x2000);
+            let bytes = inp.bytes(n);
+            if mode & 3 == 2 {
+                let kind = mode >> 4;
+                let command = match kind {
+                    0 | 1 if mode & 4 != 0 => protocol::command::DMA_WRITE,
+                    0 | 1 => protocol::command::DMA_READ,
+                    k => u16::from(k),
+                };
+                let mut flags = header_flags::TYPE_COMMAND;
+                if mode & 8 != 0 {
+                    flags |= header_flags::NO_REPLY;
+                }
+                let h = Header {
+                    id: next_id,
+                    command,
+                    size: (HEADER_SIZE + bytes.len()) as u32,
+                    flags,
+                    error: 0,
+                };
+                next_id = next_id.wrapping_add(1);
+                let fds: Vec<_> = match (&memfd, kind == 1) {
+                    (Some(f), true) => vec![f.as_fd()],
+                    _ => Vec::new(),
+                };
+                if protocol::write_message(stream.as_fd(), &h, &[bytes], &fds).is_err() {
+                    break 'messages;
+                }
+                continue;
+            }
+            if mode & 1 == 0 {
+                let _ = (&stream).write_all(bytes);
+                break 'messages;
+            }
+            let mut h = Header {
+                id: m.header.id,
+                command: m.header.command,
+                size: 0,
+                flags: header_flags::TYPE_REPLY,
+                error: 0,
+            };
+            if mode & 2 != 0 {
+                h.flags |= header_flags::ERROR;
+                h.error = u32::from(mode >> 4);
+            }
+            if mode & 8 != 0 {
+                // Sometimes lie about the id or command.
+                h.id = h.id.wrapping_add(u16::from(mode >> 6));
+                h.command = h.command.wrapping_add(u16::from((mode >> 4) & 3));
+            }
+            h.size = (HEADER_SIZE + bytes.len()) as u32;
+            let fds: Vec<_> = match (&memfd, mode & 4 != 0) {
+                (Some(f), true) => vec![f.as_fd()],
+                _ => Vec::new(),
+            };
+            if protocol::write_message(stream.as_fd(), &h, &[bytes], &fds).is_err() {
+                break 'messages;
+            }
+            continue 'messages;
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
+
+/// A chunk of [`malicious_server`]'s input: its own `DMA_READ` (or, with
+/// `write`, `DMA_WRITE` carrying `data`) of `count` bytes at `address`.
+fn server_command_chunk(
+    write: bool,
+    no_reply: bool,
+    address: u64,
+    count: u64,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut mode = 2u8;
+    if write {
+        mode |= 4;
+    }
+    if no_reply {
+        mode |= 8;
+    }
+    let mut payload = address.to_le_bytes().to_vec();
+    payload.extend_from_slice(&count.to_le_bytes());
+    payload.extend_from_slice(data);
+    raw_chunk(mode, &payload)
+}
+
+/// One chunk of [`malicious_server`]'s input.
+fn raw_chunk(mode: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![mode];
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// Where [`exercise_client`] maps host memory the server may reach with
+/// `DMA_READ` / `DMA_WRITE` messages: writable, then read-only.
+const HOST_DMA_IOVA: u64 = 0x20_0000;
+const HOST_DMA_RO_IOVA: u64 = 0x30_0000;
+const HOST_DMA_SIZE: u64 = 0x1000;
 
 /// The vfio-user client facing a malicious server: every call returns (an
 /// error is fine) within its timeout, and nothing panics.
@@ -547,6 +684,30 @@ fn exercise_client(dev: Arc<UserDevice>, bounded: &dyn Fn(&str, Instant)) {
     let _ = dev.iova_ranges();
     let _ = dev.reset();
     bounded("irq, dma and reset calls", t);
+    // Host memory the server may reach with DMA_READ / DMA_WRITE while a
+    // request waits: each one checked against the mapping and our limits.
+    let t = Instant::now();
+    let mut host = vec![0u8; 2 * HOST_DMA_SIZE as usize];
+    let (rw, ro) = host.split_at_mut(HOST_DMA_SIZE as usize);
+    for (iova, mem, read_only) in [(HOST_DMA_IOVA, rw, false), (HOST_DMA_RO_IOVA, ro, true)] {
+        let _ = dev.dma_map(
+            iova,
+            HOST_DMA_SIZE,
+            DmaSource {
+                host_addr: mem.as_mut_ptr() as u64,
+                file: None,
+                read_only,
+            },
+        );
+    }
+    let mut b = [0u8; 4];
+    let _ = dev.region_read(0, 0, &mut b);
+    // The client forgets a range before it asks the server to unmap it,
+    // whatever the answer: after these the memory may go.
+    let _ = dev.dma_unmap(HOST_DMA_IOVA, HOST_DMA_SIZE);
+    let _ = dev.dma_unmap(HOST_DMA_RO_IOVA, HOST_DMA_SIZE);
+    drop(host);
+    bounded("host-memory dma calls", t);
 }
 
 /// The body of a fuzz target.
@@ -589,8 +750,9 @@ fn bar_op(out: &mut Vec<u8>, op: u8, index: u8, off: u32, len_sel: u8, val: u64)
 
 /// A session of a real server (the fake behind [`vfio_backend::user::serve_connection`])
 /// answering exactly what [`user_client`] asks, recorded in the malicious
-/// server's chunk format: a seed that reaches deep into the client.
-fn recorded_user_session(fake: Arc<FakeDevice>) -> Vec<u8> {
+/// server's chunk format, one chunk per request with the request's command:
+/// a seed that reaches deep into the client.
+fn recorded_user_session(fake: Arc<FakeDevice>) -> Vec<(u16, Vec<u8>)> {
     let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
     let Ok((ours, proxy_client)) = UnixStream::pair() else {
         return Vec::new();
@@ -623,9 +785,7 @@ fn recorded_user_session(fake: Arc<FakeDevice>) -> Vec<u8> {
             mode |= 4;
         }
         if let Ok(mut r) = rec.lock() {
-            r.push(mode);
-            r.extend_from_slice(&(rep.payload.len() as u16).to_le_bytes());
-            r.extend_from_slice(&rep.payload);
+            r.push((req.header.command, raw_chunk(mode, &rep.payload)));
         }
         let fds: Vec<_> = rep.fds.iter().map(|f| f.as_fd()).collect();
         if protocol::write_message(proxy_client.as_fd(), &rep.header, &[&rep.payload], &fds)
@@ -762,10 +922,126 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
 
     // user_client: a real server's answers.
     if let Ok(f) = crate::devices::profile("nvme-like") {
-        out.push(("user_client", "nvme-like-session", recorded_user_session(f)));
+        out.push((
+            "user_client",
+            "nvme-like-session",
+            join(&recorded_user_session(f)),
+        ));
     }
     if let Ok(f) = crate::devices::profile("edu") {
-        out.push(("user_client", "edu-session", recorded_user_session(f)));
+        let session = recorded_user_session(f);
+        out.push(("user_client", "edu-session", join(&session)));
+        out.extend(
+            server_command_seeds(&session)
+                .into_iter()
+                .map(|(name, s)| ("user_client", name, s)),
+        );
     }
+    out
+}
+
+/// The chunks of a recorded session, one after the other.
+fn join(chunks: &[(u16, Vec<u8>)]) -> Vec<u8> {
+    chunks.iter().flat_map(|(_, c)| c.iter().copied()).collect()
+}
+
+/// Seeds of [`user_client`] where the server sends its own `DMA_READ` /
+/// `DMA_WRITE` into a recorded session: before the version reply, between
+/// it and the device info, and while host memory is mapped.
+fn server_command_seeds(session: &[(u16, Vec<u8>)]) -> Vec<(&'static str, Vec<u8>)> {
+    use protocol::command;
+    let huge = [
+        server_command_chunk(false, false, 0, 1 << 40, &[]),
+        server_command_chunk(false, false, 0, u64::MAX, &[]),
+        server_command_chunk(true, false, 0, 1 << 40, &[0xaa; 16]),
+        server_command_chunk(false, true, 0, 1 << 40, &[]),
+    ]
+    .concat();
+    // Inserted before the chunk that answers the `nth` request of `cmd`
+    // (0 based), or at the end.
+    let insert = |cmd: u16, nth: usize, extra: &[u8], patch: &dyn Fn(u16, usize) -> bool| {
+        let mut out = Vec::new();
+        let mut seen = 0usize;
+        let mut done = false;
+        for (i, (c, chunk)) in session.iter().enumerate() {
+            if *c == cmd && !done {
+                if seen == nth {
+                    out.extend_from_slice(extra);
+                    done = true;
+                }
+                seen += 1;
+            }
+            if patch(*c, i) {
+                // Answer with success and no payload.
+                out.extend_from_slice(&raw_chunk(1, &[]));
+            } else {
+                out.extend_from_slice(chunk);
+            }
+        }
+        if !done {
+            out.extend_from_slice(extra);
+        }
+        out
+    };
+    let no_patch = |_: u16, _: usize| false;
+    let mut out = vec![
+        (
+            "dma-before-version-reply",
+            insert(command::VERSION, 0, &huge, &no_patch),
+        ),
+        (
+            "dma-before-device-info-reply",
+            insert(command::DEVICE_GET_INFO, 0, &huge, &no_patch),
+        ),
+    ];
+    // The host-memory mappings are the last two DMA_MAPs: make the server
+    // accept them (the real one wants a file), then DMA into them while the
+    // region read after them waits.
+    let maps: Vec<usize> = session
+        .iter()
+        .enumerate()
+        .filter(|(_, (c, _))| *c == command::DMA_MAP)
+        .map(|(i, _)| i)
+        .collect();
+    let host_maps: Vec<usize> = maps.iter().rev().take(2).copied().collect();
+    let accept_host_maps = |_: u16, i: usize| host_maps.contains(&i);
+    let reads_before = session
+        .iter()
+        .take(maps.last().copied().unwrap_or(0))
+        .filter(|(c, _)| *c == command::REGION_READ)
+        .count();
+    let rw = HOST_DMA_IOVA;
+    let ro = HOST_DMA_RO_IOVA;
+    let end = HOST_DMA_IOVA + HOST_DMA_SIZE;
+    let max = u64::from(UserOptions::default().max_data_xfer_size);
+    let mut fd_command = server_command_chunk(false, false, rw, 4, &[]);
+    fd_command[0] |= 0x10;
+    let mut reset_command = server_command_chunk(false, false, 0, 0, &[]);
+    reset_command[0] |= (protocol::command::DEVICE_RESET as u8) << 4;
+    let in_mapping = [
+        server_command_chunk(true, false, rw + 8, 4, &[1, 2, 3, 4]),
+        server_command_chunk(false, false, rw + 8, 4, &[]),
+        server_command_chunk(true, true, rw, 2, &[5, 6]),
+        server_command_chunk(false, false, rw, HOST_DMA_SIZE, &[]),
+        server_command_chunk(false, false, end - 2, 4, &[]),
+        server_command_chunk(false, false, rw, max + 1, &[]),
+        server_command_chunk(false, false, rw, 1 << 40, &[]),
+        server_command_chunk(true, false, ro, 4, &[7; 4]),
+        server_command_chunk(false, false, ro, 4, &[]),
+        server_command_chunk(true, false, rw, 8, &[9; 4]),
+        fd_command,
+        reset_command,
+        huge,
+    ]
+    .concat();
+    out.push((
+        "dma-into-host-mappings",
+        insert(
+            command::REGION_READ,
+            reads_before,
+            &in_mapping,
+            &accept_host_maps,
+        ),
+    ));
     out
 }

@@ -141,6 +141,16 @@ impl Vfio for PatchedDevice {
         self.fake.dma_map(iova, size, host)
     }
 
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: std::sync::Arc<dyn vfio_backend::RemoteDma>,
+    ) -> vfio_backend::Result<()> {
+        self.fake.dma_map_remote(iova, size, read_only, remote)
+    }
+
     fn dma_unmap(&self, iova: u64, size: u64) -> VfioResult<()> {
         self.fake.dma_unmap(iova, size)
     }

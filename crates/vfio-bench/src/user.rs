@@ -2,7 +2,7 @@
 //! map (memfd-backed).
 
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -51,10 +51,13 @@ pub fn serve_pair(device: Arc<dyn Vfio>, options: UserOptions) -> Result<Served>
     })
 }
 
-/// A sealed-size memfd of `size` bytes.
+/// A sealed-size memfd of `size` bytes (`F_SEAL_SHRINK | F_SEAL_GROW`, as
+/// QEMU's `memory-backend-memfd` seals guest RAM, so that a vfio-user
+/// server maps it rather than reaching it by file I/O).
 pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::io("memfd_create", std::io::Error::last_os_error()));
     }
@@ -62,6 +65,17 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|e| Error::io("size the memfd", e))?;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io("seal the memfd", std::io::Error::last_os_error()));
+    }
     Ok(file)
 }
 

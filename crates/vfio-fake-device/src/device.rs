@@ -4,26 +4,33 @@
 use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_backend::{
     device_flags, irq, irq_flags, region, region_flags, DeviceInfo, Error, IrqInfo, Mapping,
-    RegionCap, RegionInfo, Result, SparseArea, Vfio,
+    RegionCap, RegionInfo, RemoteDma, Result, SparseArea, Vfio,
 };
 
 use crate::bar::Bar;
-use crate::dma::{DmaFault, DmaMappings};
+use crate::dma::{Backing, DmaFault, DmaMappings, Piece};
 use crate::error::FakeResult;
 use crate::inject::{Counters, Faults, Injected, Op};
 use crate::irq::{IrqState, Trigger};
-use crate::regs::{self, Ctx};
+use crate::regs::{self, Ctx, Job};
 use crate::template::{cap_id, BarKind, DeviceTemplate, PAGE_SIZE};
 
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
+
+/// Command register: Bus Master Enable (PCI Local Bus 3.0 §6.2.2, bit 2).
+const COMMAND_BUS_MASTER: u16 = 1 << 2;
+/// Command register: Interrupt Disable (bit 10): while set, INTx# is not asserted.
+const COMMAND_INTX_DISABLE: u16 = 1 << 10;
+/// Status register: Interrupt Status (bit 3), the state of the function's INTx.
+const STATUS_INTERRUPT: u8 = 1 << 3;
 
 /// Mutable device state, behind the one lock.
 #[derive(Debug)]
@@ -31,7 +38,17 @@ struct State {
     config: Vec<u8>,
     irq: IrqState,
     dma: DmaMappings,
+    /// Bumped by every reset: a transfer the DMA thread started before it
+    /// neither writes device memory nor completes after it.
+    dma_epoch: u64,
 }
+
+/// A transfer for the DMA thread: the BAR of the engine, the job, and the
+/// epoch it was started in.
+type Deferred = (u32, Job, u64);
+
+/// The most bytes the DMA thread moves per step (one buffer).
+const DMA_STEP: usize = 64 * 1024;
 
 #[derive(Debug)]
 struct Watcher {
@@ -63,6 +80,11 @@ struct Inner {
     counters: Counters,
     faults: Faults,
     watcher: Mutex<Option<Watcher>>,
+    /// Held (shared) by the DMA thread across each piece of file I/O and
+    /// (exclusive) by `dma_unmap`, so that once `dma_unmap` returns no
+    /// access to the unmapped file is still under way. Taken before the
+    /// state lock, never while holding it.
+    file_io: RwLock<()>,
 }
 
 /// A fake PCI function behind the [`Vfio`] trait, in-process.
@@ -73,10 +95,28 @@ struct Inner {
 /// (8). Interrupts follow `vfio-pci` too: one index enabled at a time,
 /// eventfds per vector, INTx automasked.
 ///
-/// DMA: the device dereferences the `host_addr` of each [`vfio_backend::DmaSource`]
-/// it is given. As with the kernel backend, the caller must keep that
-/// memory mapped until [`Vfio::dma_unmap`] of the range returns; every
-/// device access is checked against the mapped ranges.
+/// DMA: every device access is checked against the mapped ranges. A
+/// [`vfio_backend::DmaSource`] with a `host_addr` is reached by loads and
+/// stores at that address: as with the kernel backend, the caller keeps
+/// that memory mapped, and at its size, until [`Vfio::dma_unmap`] of the
+/// range returns. One with `host_addr` 0 and a file is reached by
+/// `pread` / `pwrite` on a duplicate of the file: a file that shrinks later
+/// makes the DMA fail with [`DmaFault::Unreachable`], never `SIGBUS` (our
+/// vfio-user server does this for a client's files not sealed with
+/// `F_SEAL_SHRINK`). [`Vfio::dma_map_remote`] ranges are reached through
+/// their [`RemoteDma`] (a vfio-user client's `DMA_READ` / `DMA_WRITE`).
+/// Once [`Vfio::dma_unmap`] returns the device no longer touches the range:
+/// it waits for a load, store or piece of file I/O under way; a request to
+/// a [`RemoteDma`] is not waited for (its owner refuses requests to what it
+/// unmapped).
+///
+/// A transfer that touches only host memory completes inside the register
+/// write that starts it. Any other one (file I/O, requests that may wait
+/// for a peer) runs on a short-lived DMA thread once that write returned,
+/// without the device lock: the engine reads busy until it is done and then
+/// reports and interrupts as usual (see [`crate::edu`] and
+/// [`crate::dma_engine`]). So a vfio-user client gets the reply to the
+/// doorbell write before the device sends it any DMA request.
 ///
 /// Thread safety: all methods take `&self`; region accesses take at most
 /// one lock (none for plain BAR memory) and do not allocate.
@@ -131,6 +171,7 @@ impl FakeDevice {
                 config: template.config().to_vec(),
                 irq,
                 dma: DmaMappings::default(),
+                dma_epoch: 0,
             }),
             command: AtomicU16::new(0),
             bars,
@@ -138,6 +179,7 @@ impl FakeDevice {
             counters: Counters::default(),
             faults: Faults::default(),
             watcher: Mutex::new(None),
+            file_io: RwLock::new(()),
         };
         inner.restore_memory();
         inner.sync_command(inner.template.config());
@@ -199,18 +241,35 @@ impl FakeDevice {
     }
 
     /// The device reads guest memory at `iova` through its DMA mappings.
+    /// May block on file I/O or a [`RemoteDma`] request (without the
+    /// device lock).
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), DmaFault> {
-        let st = self.inner.lock();
-        // SAFETY: `buf` is valid for its length; the mappings' memory is
-        // live while we hold the lock (dma_map contract).
-        unsafe { st.dma.read(iova, buf.as_mut_ptr(), buf.len() as u64) }
+        self.inner.dma_io_read(iova, buf)
     }
 
     /// The device writes guest memory at `iova` through its DMA mappings.
+    /// May block as [`FakeDevice::dma_read`] does.
     pub fn dma_write(&self, iova: u64, data: &[u8]) -> std::result::Result<(), DmaFault> {
-        let st = self.inner.lock();
-        // SAFETY: as in `dma_read`.
-        unsafe { st.dma.write(iova, data.as_ptr(), data.len() as u64) }
+        self.inner.dma_io_write(iova, data)
+    }
+
+    /// Runs a transfer a register write deferred, on its own thread.
+    fn spawn_dma(&self, deferred: Option<Deferred>) {
+        let Some((bar, job, epoch)) = deferred else {
+            return;
+        };
+        let inner = Arc::clone(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("fake-dma".into())
+            .spawn(move || {
+                let result = inner.run_job(bar, job, epoch);
+                inner.finish_job(bar, job, epoch, result);
+            });
+        if let Err(e) = spawned {
+            log::warn!("fake device: cannot start the DMA thread: {e}");
+            self.inner
+                .finish_job(bar, job, epoch, Err(DmaFault::Unreachable));
+        }
     }
 
     fn enter(&self, op: Op) -> Result<&Inner> {
@@ -264,13 +323,15 @@ impl Inner {
         }
     }
 
+    /// Reads (`read`) or writes (`write`) BAR `index`; returns the DMA
+    /// transfer the write started and deferred, if any.
     fn bar_access(
         &self,
         index: u32,
         offset: u64,
         read: Option<&mut [u8]>,
         write: &[u8],
-    ) -> Result<()> {
+    ) -> Result<Option<Deferred>> {
         let len = read.as_ref().map_or(write.len(), |r| r.len());
         let Some(bar) = self.bars.get(index as usize).and_then(Option::as_ref) else {
             return Err(out_of_range(index, offset, len, 0));
@@ -280,7 +341,7 @@ impl Inner {
             .filter(|e| *e <= bar.spec.size)
             .ok_or_else(|| out_of_range(index, offset, len, bar.spec.size))?;
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         if self.template.decode_check() {
             let bit = if bar.spec.kind == BarKind::Io { 1 } else { 2 };
@@ -303,7 +364,7 @@ impl Inner {
                 Some(out) => bar.read(offset, out),
                 None => bar.write(offset, write),
             };
-            return Ok(());
+            return Ok(None);
         };
         if offset < block.offset || end > block.offset.saturating_add(block.size) {
             return Err(Error::InvalidArgument(format!(
@@ -318,12 +379,214 @@ impl Inner {
             irq: &mut st.irq,
             dma: &st.dma,
             counters: &self.counters,
+            deferred: None,
+            bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
         };
         match read {
             Some(out) => regs::read(&mut ctx, block, offset, out),
             None => regs::write(&mut ctx, block, offset, write),
         }
+        Ok(ctx.deferred.map(|job| (index, job, st.dma_epoch)))
+    }
+
+    /// Reads guest memory at `iova`, piece by piece: the device lock is
+    /// held to look each piece up (and to copy host-mapped ones), never
+    /// during file I/O or a remote request.
+    fn dma_io_read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), DmaFault> {
+        let len = buf.len() as u64;
+        self.lock().dma.check(iova, len, false)?;
+        let mut done = 0u64;
+        while done < len {
+            let cur = iova + done; // cannot wrap: check passed
+            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
+            let st = self.lock();
+            let (piece, n) = st.dma.piece(cur, len - done, false)?;
+            let dst = usize::try_from(done)
+                .ok()
+                .zip(usize::try_from(n).ok())
+                .and_then(|(d, n)| buf.get_mut(d..d.checked_add(n)?))
+                .ok_or(DmaFault::Unmapped)?;
+            match piece {
+                Piece::Host(host) => {
+                    // SAFETY: `host .. host + n` lies in one host mapping,
+                    // live while we hold the device lock (the dma_map
+                    // contract); `dst` is a distinct buffer of n bytes.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            host as usize as *const u8,
+                            dst.as_mut_ptr(),
+                            dst.len(),
+                        )
+                    };
+                    drop(st);
+                    drop(io);
+                }
+                Piece::File(file, off) => {
+                    drop(st);
+                    let _io = io;
+                    use std::os::unix::fs::FileExt;
+                    file.read_exact_at(dst, off).map_err(|e| {
+                        log::debug!("fake device: DMA read of a file at {off:#x}: {e}");
+                        DmaFault::Unreachable
+                    })?;
+                }
+                Piece::Remote(remote) => {
+                    // A request may wait for its owner: unmapping does not
+                    // wait for it (the owner refuses requests to what it
+                    // unmapped).
+                    drop(st);
+                    drop(io);
+                    remote.read(cur, dst).map_err(|e| {
+                        log::debug!("fake device: DMA read at {cur:#x} through its owner: {e}");
+                        DmaFault::Unreachable
+                    })?;
+                }
+            }
+            done += n;
+        }
         Ok(())
+    }
+
+    /// Writes guest memory at `iova`, as [`Inner::dma_io_read`] reads it.
+    fn dma_io_write(&self, iova: u64, data: &[u8]) -> std::result::Result<(), DmaFault> {
+        let len = data.len() as u64;
+        self.lock().dma.check(iova, len, true)?;
+        let mut done = 0u64;
+        while done < len {
+            let cur = iova + done; // cannot wrap: check passed
+            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
+            let st = self.lock();
+            let (piece, n) = st.dma.piece(cur, len - done, true)?;
+            let src = usize::try_from(done)
+                .ok()
+                .zip(usize::try_from(n).ok())
+                .and_then(|(d, n)| data.get(d..d.checked_add(n)?))
+                .ok_or(DmaFault::Unmapped)?;
+            match piece {
+                Piece::Host(host) => {
+                    // SAFETY: as in dma_io_read, copying the other way.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            src.as_ptr(),
+                            host as usize as *mut u8,
+                            src.len(),
+                        )
+                    };
+                    drop(st);
+                    drop(io);
+                }
+                Piece::File(file, off) => {
+                    drop(st);
+                    let _io = io;
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(src, off).map_err(|e| {
+                        log::debug!("fake device: DMA write of a file at {off:#x}: {e}");
+                        DmaFault::Unreachable
+                    })?;
+                }
+                Piece::Remote(remote) => {
+                    // A request may wait for its owner: unmapping does not
+                    // wait for it (the owner refuses requests to what it
+                    // unmapped).
+                    drop(st);
+                    drop(io);
+                    remote.write(cur, src).map_err(|e| {
+                        log::debug!("fake device: DMA write at {cur:#x} through its owner: {e}");
+                        DmaFault::Unreachable
+                    })?;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether a reset came since `epoch`.
+    fn stale(&self, epoch: u64) -> bool {
+        self.lock().dma_epoch != epoch
+    }
+
+    /// Moves the data of a deferred transfer (on the DMA thread, without
+    /// the device lock but while looking pieces up).
+    fn run_job(&self, bar: u32, job: Job, epoch: u64) -> std::result::Result<(), DmaFault> {
+        let bar = self
+            .bars
+            .get(bar as usize)
+            .and_then(Option::as_ref)
+            .ok_or(DmaFault::OutOfDeviceRange)?;
+        match job {
+            Job::Edu { cmd, src, dst, cnt } => {
+                let len = usize::try_from(cnt).map_err(|_| DmaFault::TooLong)?;
+                if len > DMA_STEP {
+                    return Err(DmaFault::TooLong);
+                }
+                let mut buf = vec![0u8; len];
+                if cmd & crate::edu::DMA_CMD_TO_RAM != 0 {
+                    if !bar.read(src, &mut buf) {
+                        return Err(DmaFault::OutOfDeviceRange);
+                    }
+                    self.dma_io_write(dst, &buf)
+                } else {
+                    self.dma_io_read(src, &mut buf)?;
+                    let st = self.lock();
+                    if st.dma_epoch == epoch && !bar.write(dst, &buf) {
+                        return Err(DmaFault::OutOfDeviceRange);
+                    }
+                    Ok(())
+                }
+            }
+            Job::Engine { src, dst, len, .. } => {
+                let step = usize::try_from(len).map_or(DMA_STEP, |l| l.min(DMA_STEP));
+                let mut buf = vec![0u8; step];
+                let mut done = 0u64;
+                while done < len {
+                    if self.stale(epoch) {
+                        return Ok(());
+                    }
+                    let n = (len - done).min(step as u64);
+                    let piece = buf.get_mut(..n as usize).ok_or(DmaFault::TooLong)?;
+                    self.dma_io_read(src.wrapping_add(done), piece)?;
+                    self.dma_io_write(dst.wrapping_add(done), piece)?;
+                    done += n;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Completes a deferred transfer as the engine would have inside the
+    /// write: status, counters, interrupt. Nothing when a reset came since.
+    fn finish_job(
+        &self,
+        bar: u32,
+        job: Job,
+        epoch: u64,
+        result: std::result::Result<(), DmaFault>,
+    ) {
+        let Some(bar) = self.bars.get(bar as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if st.dma_epoch != epoch {
+            return;
+        }
+        let mut ctx = Ctx {
+            bar,
+            irq: &mut st.irq,
+            dma: &st.dma,
+            counters: &self.counters,
+            deferred: None,
+            // Finishing only writes status and raises the interrupt: the
+            // transfer itself was checked against Bus Master Enable at start.
+            bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
+        };
+        match job {
+            Job::Edu { cmd, .. } => regs::edu_finish(&mut ctx, cmd, result),
+            Job::Engine {
+                base, cmd, vector, ..
+            } => regs::engine_finish(&mut ctx, base, cmd, vector, result),
+        }
     }
 
     fn unmask_from_eventfd(&self) {
@@ -435,7 +698,9 @@ impl Vfio for FakeDevice {
         let inner = self.enter(Op::RegionRead)?;
         let len = data.len();
         match index {
-            0..=5 => inner.bar_access(index, offset, Some(data), &[])?,
+            0..=5 => {
+                inner.bar_access(index, offset, Some(data), &[])?;
+            }
             region::ROM => {
                 let rom = inner.template.rom().unwrap_or(&[]);
                 let src = usize::try_from(offset)
@@ -446,11 +711,23 @@ impl Vfio for FakeDevice {
             }
             region::CONFIG => {
                 let st = inner.lock();
-                let src = usize::try_from(offset)
-                    .ok()
+                let start = usize::try_from(offset).ok();
+                let src = start
                     .and_then(|o| st.config.get(o..o.checked_add(len)?))
                     .ok_or_else(|| out_of_range(index, offset, len, st.config.len() as u64))?;
                 data.copy_from_slice(src);
+                // Status bit 3 (Interrupt Status) is the INTx line's state, whatever the
+                // Interrupt Disable bit says (PCI Local Bus 3.0 §6.2.3).
+                if let Some(b) = start
+                    .and_then(|o| 6usize.checked_sub(o))
+                    .and_then(|i| data.get_mut(i))
+                {
+                    if st.irq.intx_line() {
+                        *b |= STATUS_INTERRUPT;
+                    } else {
+                        *b &= !STATUS_INTERRUPT;
+                    }
+                }
             }
             _ => return Err(out_of_range(index, offset, len, 0)),
         }
@@ -462,7 +739,10 @@ impl Vfio for FakeDevice {
         let inner = self.enter(Op::RegionWrite)?;
         let len = data.len();
         match index {
-            0..=5 => inner.bar_access(index, offset, None, data)?,
+            0..=5 => {
+                let deferred = inner.bar_access(index, offset, None, data)?;
+                self.spawn_dma(deferred);
+            }
             region::CONFIG => {
                 let mut st = inner.lock();
                 let size = st.config.len();
@@ -473,14 +753,21 @@ impl Vfio for FakeDevice {
                 crate::config::write(&mut st.config, &inner.template, off, data);
                 if off < 6 && off + len > 4 {
                     inner.sync_command(&st.config);
+                    let disabled =
+                        inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+                    st.irq.set_intx_disabled(disabled, &inner.counters);
                 }
                 if initiates_flr(&st.config, off, data) {
                     // PCIe r6.0 6.6.2: the function resets; its registers read as at reset
                     // (Initiate FLR itself reads 0). The VMM's interrupt wiring stays, as the
                     // kernel's vfio-pci keeps it across an FLR the guest starts.
+                    st.dma_epoch = st.dma_epoch.wrapping_add(1);
                     st.config.copy_from_slice(inner.template.config());
                     inner.sync_command(&st.config);
                     st.irq.function_reset();
+                    let disabled =
+                        inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+                    st.irq.set_intx_disabled(disabled, &inner.counters);
                     inner.restore_memory();
                 }
             }
@@ -604,27 +891,64 @@ impl Vfio for FakeDevice {
             w.stop();
         }
         let mut st = inner.lock();
+        st.dma_epoch = st.dma_epoch.wrapping_add(1);
         st.irq.reset();
         st.config.copy_from_slice(inner.template.config());
         inner.sync_command(&st.config);
+        let disabled = inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+        st.irq.set_intx_disabled(disabled, &inner.counters);
         inner.restore_memory();
         Ok(())
     }
 
     fn dma_map(&self, iova: u64, size: u64, host: vfio_backend::DmaSource<'_>) -> Result<()> {
         let inner = self.enter(Op::DmaMap)?;
+        let backing = match (host.host_addr, host.file) {
+            (0, Some(f)) => {
+                let dup =
+                    f.fd.try_clone_to_owned()
+                        .map_err(|e| Error::io("dup of a DMA file", e))?;
+                Backing::File(Arc::new(std::fs::File::from(dup)), f.offset)
+            }
+            (0, None) => {
+                return Err(Error::InvalidArgument(
+                    "DMA map with neither a host address nor a file".into(),
+                ))
+            }
+            (addr, _) => Backing::Host(addr),
+        };
         let mut st = inner.lock();
         st.dma.map(
             iova,
             size,
-            host.host_addr,
+            backing,
             host.read_only,
+            inner.template.iova_ranges(),
+        )
+    }
+
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: Arc<dyn RemoteDma>,
+    ) -> Result<()> {
+        let inner = self.enter(Op::DmaMap)?;
+        let mut st = inner.lock();
+        st.dma.map(
+            iova,
+            size,
+            Backing::Remote(remote),
+            read_only,
             inner.template.iova_ranges(),
         )
     }
 
     fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let inner = self.enter(Op::DmaUnmap)?;
+        // Waits for a piece of file I/O under way (see `Inner::file_io`).
+        let _io = inner.file_io.write().unwrap_or_else(|e| e.into_inner());
         inner.lock().dma.unmap(iova, size)
     }
 

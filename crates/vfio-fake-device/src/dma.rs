@@ -1,9 +1,27 @@
-//! The fake IOMMU: DMA mappings received through `dma_map`, and the device's
-//! bounds-checked accesses through them.
+//! The fake IOMMU: DMA mappings received through `dma_map` and
+//! `dma_map_remote`, and the device's bounds-checked accesses through them.
+//!
+//! A mapping is reached one of three ways, chosen at map time:
+//! - host memory (`host_addr` not 0): loads and stores, under the device
+//!   lock. The caller keeps the memory mapped until `dma_unmap` returns
+//!   and does not let it shrink (the in-process VMM owns its RAM; our
+//!   vfio-user server passes an address only for files sealed with
+//!   `F_SEAL_SHRINK`);
+//! - a file (`host_addr` 0): `pread` / `pwrite` on a duplicate of the fd,
+//!   so that a file its owner shrinks makes the access come up short (a
+//!   [`DmaFault::Unreachable`]) instead of raising `SIGBUS`;
+//! - a [`RemoteDma`] (`dma_map_remote`): requests to the memory's owner.
+//!
+//! Transfers that touch only host memory complete inside the register
+//! write that starts them; any other transfer runs on the device's DMA
+//! thread after that write returned (see `device.rs`).
 
+use std::fs::File;
 use std::ops::RangeInclusive;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
-use vfio_backend::{Error, Result};
+use vfio_backend::{Error, RemoteDma, Result};
 
 use crate::template::PAGE_SIZE;
 
@@ -19,6 +37,14 @@ pub enum DmaFault {
     ReadOnly,
     /// The transfer is longer than the engine allows.
     TooLong,
+    /// The memory behind a mapping failed the access: its file is shorter
+    /// than the mapping (shrunk after the map) or failed the I/O, or its
+    /// owner refused, or did not answer in time, a DMA request. Part of
+    /// the destination may have been written.
+    Unreachable,
+    /// Bus Master Enable (command register bit 2) is clear: a function may not
+    /// initiate memory transactions (PCI Local Bus 3.0 §6.2.2), so nothing is transferred.
+    BusMasterDisabled,
 }
 
 impl DmaFault {
@@ -29,6 +55,8 @@ impl DmaFault {
             DmaFault::Unmapped => 2,
             DmaFault::ReadOnly => 3,
             DmaFault::TooLong => 4,
+            DmaFault::Unreachable => 5,
+            DmaFault::BusMasterDisabled => 6,
         }
     }
 }
@@ -36,12 +64,43 @@ impl DmaFault {
 /// Most mappings the fake IOMMU holds (the kernel's type1 default).
 pub const MAX_DMA_MAPPINGS: usize = 65535;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What is behind a mapping.
+#[derive(Clone)]
+pub(crate) enum Backing {
+    /// Host memory at this address in this process.
+    Host(u64),
+    /// A file (our duplicate of the caller's fd) at this offset.
+    File(Arc<File>, u64),
+    /// Requests to the memory's owner.
+    Remote(Arc<dyn RemoteDma>),
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Host(a) => write!(f, "Host({a:#x})"),
+            Backing::File(fd, off) => write!(f, "File(fd {}, offset {off:#x})", fd.as_raw_fd()),
+            Backing::Remote(_) => f.write_str("Remote"),
+        }
+    }
+}
+
+/// Where one piece of a transfer goes (see [`DmaMappings::piece`]).
+pub(crate) enum Piece {
+    /// Host memory at this address.
+    Host(u64),
+    /// This file at this offset.
+    File(Arc<File>, u64),
+    /// The owner, at the piece's own IOVA.
+    Remote(Arc<dyn RemoteDma>),
+}
+
+#[derive(Clone, Debug)]
 struct Range {
     iova: u64,
     /// Inclusive last IOVA.
     last: u64,
-    host: u64,
+    backing: Backing,
     read_only: bool,
 }
 
@@ -60,13 +119,17 @@ impl DmaMappings {
         &mut self,
         iova: u64,
         size: u64,
-        host: u64,
+        backing: Backing,
         read_only: bool,
         allowed: &[RangeInclusive<u64>],
     ) -> Result<()> {
         if size == 0 {
             return Err(Error::InvalidArgument("DMA map of zero bytes".into()));
         }
+        let host = match &backing {
+            Backing::Host(h) => *h,
+            Backing::File(..) | Backing::Remote(_) => 0,
+        };
         if (iova | size | host) % PAGE_SIZE != 0 {
             return Err(Error::InvalidArgument(format!(
                 "DMA map iova {iova:#x} size {size:#x} host {host:#x}: not {PAGE_SIZE:#x}-aligned"
@@ -77,6 +140,10 @@ impl DmaMappings {
             .ok_or_else(|| Error::InvalidArgument("DMA map wraps the IOVA space".into()))?;
         host.checked_add(size - 1)
             .ok_or_else(|| Error::InvalidArgument("DMA map wraps the address space".into()))?;
+        if let Backing::File(_, off) = &backing {
+            off.checked_add(size - 1)
+                .ok_or_else(|| Error::InvalidArgument("DMA map wraps the file".into()))?;
+        }
         if !allowed
             .iter()
             .any(|r| r.contains(&iova) && r.contains(&last))
@@ -105,7 +172,7 @@ impl DmaMappings {
             Range {
                 iova,
                 last,
-                host,
+                backing,
                 read_only,
             },
         );
@@ -162,11 +229,64 @@ impl DmaMappings {
         len: u64,
         write: bool,
     ) -> std::result::Result<(), DmaFault> {
-        self.walk(iova, len, write, |_, _, _| {})
+        if len == 0 {
+            return Ok(());
+        }
+        iova.checked_add(len - 1).ok_or(DmaFault::Unmapped)?;
+        let mut done = 0u64;
+        while done < len {
+            let (_, n) = self.piece(iova + done, len - done, write)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Whether all of `iova .. iova + len` is host memory the device may
+    /// reach with loads and stores (after [`DmaMappings::check`] passed).
+    pub(crate) fn all_host(&self, iova: u64, len: u64) -> bool {
+        let mut done = 0u64;
+        while done < len {
+            let Some(cur) = iova.checked_add(done) else {
+                return false;
+            };
+            let Some(r) = self.find(cur) else {
+                return false;
+            };
+            if !matches!(r.backing, Backing::Host(_)) {
+                return false;
+            }
+            done = done.saturating_add(r.last - cur + 1);
+        }
+        true
+    }
+
+    /// The first piece of `iova .. iova + len`: where it is and how many
+    /// bytes (at most `len`, at least 1 when `len` > 0) lie in that one
+    /// mapping.
+    pub(crate) fn piece(
+        &self,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> std::result::Result<(Piece, u64), DmaFault> {
+        let r = self.find(iova).ok_or(DmaFault::Unmapped)?;
+        if write && r.read_only {
+            return Err(DmaFault::ReadOnly);
+        }
+        let into = iova - r.iova;
+        let n = (r.last - iova).saturating_add(1).min(len);
+        let piece = match &r.backing {
+            Backing::Host(h) => Piece::Host(h + into),
+            Backing::File(fd, off) => Piece::File(Arc::clone(fd), off + into),
+            Backing::Remote(rem) => Piece::Remote(Arc::clone(rem)),
+        };
+        Ok((piece, n))
     }
 
     /// Calls `f(host_addr, done, chunk)` for each piece of the range after
-    /// checking all of it.
+    /// checking all of it. Only for host memory: a piece behind a file or a
+    /// [`RemoteDma`] fails with [`DmaFault::Unreachable`] before anything
+    /// is copied (such transfers go through [`DmaMappings::piece`]).
     fn walk(
         &self,
         iova: u64,
@@ -186,10 +306,13 @@ impl DmaMappings {
                 if write && r.read_only {
                     return Err(DmaFault::ReadOnly);
                 }
+                let Backing::Host(host) = r.backing else {
+                    return Err(DmaFault::Unreachable);
+                };
                 let avail = r.last - cur + 1; // cannot overflow: the range is < 2^64 long
                 let chunk = avail.min(len - done);
                 if pass == 1 {
-                    f(r.host + (cur - r.iova), done, chunk);
+                    f(host + (cur - r.iova), done, chunk);
                 }
                 done += chunk;
             }

@@ -1,6 +1,15 @@
 //! Interrupt state, modelled on the kernel's `vfio-pci`: one index (INTx,
 //! MSI or MSI-X) is enabled at a time, eventfds are per vector, and INTx is
 //! level-triggered and masked by the host each time it fires.
+//!
+//! INTx follows PCI 2.3 (PCI Local Bus 3.0 §6.2.2, §6.2.3): the line's state is
+//! what the status register's Interrupt Status bit reads; the command
+//! register's Interrupt Disable bit keeps the line from being asserted (no
+//! eventfd signal) without changing that state, and clearing it while the
+//! state is still set asserts the line again. A pulse (a doorbell, a DMA
+//! completion) holds the line until the host acknowledges it by unmasking
+//! (its end of interrupt), so that a handler that checks Interrupt Status
+//! finds it set.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
@@ -46,7 +55,14 @@ pub(crate) struct IrqState {
     active: Option<u32>,
     intx: Option<OwnedFd>,
     intx_masked: bool,
+    /// The line held by the device until it lowers it ([`Trigger::Level`]).
     intx_level: bool,
+    /// The line held by a [`Trigger::Pulse`] until the host's unmask after it was signalled.
+    intx_edge: bool,
+    /// Whether the pulse holding the line was signalled (the next unmask ends it).
+    intx_edge_signalled: bool,
+    /// Command register bit 10, Interrupt Disable.
+    intx_disabled: bool,
     msi: Vec<Option<OwnedFd>>,
     msi_enabled: u32,
     msix: Vec<Option<OwnedFd>>,
@@ -61,6 +77,9 @@ impl IrqState {
             intx: None,
             intx_masked: false,
             intx_level: false,
+            intx_edge: false,
+            intx_edge_signalled: false,
+            intx_disabled: false,
             msi: (0..msi).map(|_| None).collect(),
             msi_enabled: 0,
             msix: (0..msix).map(|_| None).collect(),
@@ -85,6 +104,21 @@ impl IrqState {
 
     pub(crate) fn intx_masked(&self) -> bool {
         self.intx_masked
+    }
+
+    /// The INTx state the status register's Interrupt Status bit reads.
+    pub(crate) fn intx_line(&self) -> bool {
+        self.intx_level || self.intx_edge
+    }
+
+    /// The command register's Interrupt Disable bit was written. Clearing it while the
+    /// line's state is set asserts the line again.
+    pub(crate) fn set_intx_disabled(&mut self, disabled: bool, counters: &Counters) {
+        let was = self.intx_disabled;
+        self.intx_disabled = disabled;
+        if was && !disabled && self.intx_line() && self.active == Some(irq::INTX) {
+            self.fire_intx(counters);
+        }
     }
 
     pub(crate) fn set_eventfds(
@@ -177,6 +211,9 @@ impl IrqState {
         self.active = None;
         self.intx = None;
         self.intx_masked = false;
+        // No end of interrupt will come for a pulse once INTx is off.
+        self.intx_edge = false;
+        self.intx_edge_signalled = false;
         for v in self.msi.iter_mut().chain(self.msix.iter_mut()) {
             *v = None;
         }
@@ -190,10 +227,11 @@ impl IrqState {
         self.intx_level = false;
     }
 
-    /// Forgets the INTx line level too (device reset).
+    /// Forgets the INTx line level and Interrupt Disable too (device reset).
     pub(crate) fn reset(&mut self) {
         self.disable_all();
         self.intx_level = false;
+        self.intx_disabled = false;
     }
 
     fn check_intx(&self, index: u32, what: &str) -> Result<()> {
@@ -226,7 +264,12 @@ impl IrqState {
             return;
         }
         self.intx_masked = false;
-        if self.intx_level {
+        // The host's end of interrupt ends a pulse it was signalled.
+        if self.intx_edge && self.intx_edge_signalled {
+            self.intx_edge = false;
+            self.intx_edge_signalled = false;
+        }
+        if self.intx_line() {
             self.fire_intx(counters);
         }
     }
@@ -236,12 +279,15 @@ impl IrqState {
     }
 
     fn fire_intx(&mut self, counters: &Counters) {
-        if self.intx_masked {
+        if self.intx_masked || self.intx_disabled {
+            // Masked by the host, or not asserted (Interrupt Disable): the state stays
+            // set and fires when both allow it.
             counters.dropped();
             return;
         }
         // The host masks the line each time it fires (automasked).
         self.intx_masked = true;
+        self.intx_edge_signalled = self.intx_edge;
         match &self.intx {
             Some(fd) if signal(fd) => counters.signalled(),
             _ => counters.dropped(),
@@ -258,6 +304,10 @@ impl IrqState {
                     self.intx_level = true;
                 }
                 if active == Some(irq::INTX) {
+                    if trigger == Trigger::Pulse && !self.intx_edge {
+                        self.intx_edge = true;
+                        self.intx_edge_signalled = false;
+                    }
                     self.fire_intx(counters);
                 } else {
                     counters.dropped();

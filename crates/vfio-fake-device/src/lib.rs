@@ -12,9 +12,17 @@
 //!   blocks: read-only ids, doorbells that raise interrupts, DMA engines
 //!   that go through the DMA mappings, the `edu` register file, the MSI-X
 //!   table and PBA (their pages are left out of the sparse mmap areas);
-//! - INTx (level, automasked), MSI and MSI-X through eventfds, one index
+//! - INTx (level, automasked; PCI 2.3: Status bit 3 reads the line, Command
+//!   bit 10 keeps it deasserted), MSI and MSI-X through eventfds, one index
 //!   enabled at a time;
-//! - a fake IOMMU (`dma_map` / `dma_unmap` with overlap checks);
+//! - no DMA while Bus Master Enable (Command bit 2) is clear: the engines
+//!   report [`DmaFault::BusMasterDisabled`] and touch no memory;
+//! - a fake IOMMU (`dma_map` / `dma_map_remote` / `dma_unmap` with overlap
+//!   checks): host memory by loads and stores, files by `pread` / `pwrite`
+//!   (a shrunk file is a [`DmaFault::Unreachable`], not a `SIGBUS`), and
+//!   [`vfio_backend::RemoteDma`] ranges by requests; transfers that need
+//!   file or remote I/O run on a DMA thread after the doorbell write, the
+//!   engine busy until then (see [`FakeDevice`]);
 //! - [`Counters`] of every call, and [`Faults`] to make it fail.
 
 mod bar;

@@ -15,12 +15,19 @@ use crate::template::{RegisterBlock, RegisterKind};
 /// bytes; other sizes read all ones and are ignored on write. Offsets that
 /// are not registers read all ones too.
 ///
-/// Differences from QEMU: the factorial and DMA complete synchronously
-/// inside the write that starts them (the busy bits are clear again when
-/// the write returns); a DMA outside the device buffer or the IOVA
-/// mappings does not happen and sets [`edu::DMA_ERROR`] instead (a fake
-/// extension); DMA addresses are not masked to 28 bits; the device buffer
-/// at [`edu::DMA_BUFFER`] is also readable and writable through the BAR.
+/// Differences from QEMU: the factorial completes synchronously inside the
+/// write that starts it, and so does a DMA whose guest memory is mapped
+/// into this process (the busy bits are clear again when the write
+/// returns); a DMA whose guest memory is reached by file I/O or by
+/// requests to a vfio-user client (see [`crate::FakeDevice`]) completes
+/// later, on the device's DMA thread, like QEMU's (its DMA runs on a
+/// timer): [`edu::DMA_CMD_START`] stays set until then, and writes to the
+/// DMA registers meanwhile are ignored, as in QEMU. A DMA outside the
+/// device buffer or the IOVA mappings, one started while Bus Master Enable
+/// is clear (it touches no memory), or one whose memory fails the access,
+/// sets [`edu::DMA_ERROR`] (a fake extension); DMA addresses are
+/// not masked to 28 bits; the device buffer at [`edu::DMA_BUFFER`] is also
+/// readable and writable through the BAR.
 pub mod edu {
     /// Vendor id (QEMU).
     pub const VENDOR_ID: u16 = 0x1234;
@@ -84,8 +91,12 @@ pub mod edu {
 
 /// Register layout of the generic DMA engine
 /// ([`crate::RegisterKind::DmaEngine`]): copies `LEN` bytes from IOVA `SRC`
-/// to IOVA `DST` through the device's DMA mappings, synchronously, when a
-/// command with [`dma_engine::CMD_START`] is written.
+/// to IOVA `DST` through the device's DMA mappings when a command with
+/// [`dma_engine::CMD_START`] is written: synchronously when both ranges are
+/// host memory mapped into this process; otherwise (file I/O, requests to
+/// a vfio-user client) on the device's DMA thread after the write returns,
+/// `CMD_START` staying set and `STATUS` 0 until then. Writes to the block
+/// while `CMD_START` is set are ignored.
 pub mod dma_engine {
     /// Source IOVA (8 bytes).
     pub const SRC: u64 = 0x00;
@@ -104,7 +115,8 @@ pub mod dma_engine {
     pub const STATUS: u64 = 0x1c;
     /// Status bit: the last transfer completed.
     pub const STATUS_DONE: u32 = 0x1;
-    /// Status bit: the last transfer was refused; nothing was copied.
+    /// Status bit: the last transfer failed. Nothing was copied, except
+    /// after a [`crate::DmaFault::Unreachable`] met mid-transfer.
     pub const STATUS_ERROR: u32 = 0x2;
     /// Size of the register block.
     pub const BLOCK_SIZE: u64 = 0x20;
@@ -118,6 +130,64 @@ pub(crate) struct Ctx<'a> {
     pub irq: &'a mut IrqState,
     pub dma: &'a DmaMappings,
     pub counters: &'a Counters,
+    /// A transfer the access started that must run after it returns.
+    pub deferred: Option<Job>,
+    /// Bus Master Enable (command bit 2): without it the DMA engines refuse every transfer
+    /// with [`DmaFault::BusMasterDisabled`] and touch no memory.
+    pub bus_master: bool,
+}
+
+/// A DMA transfer that needs file or message I/O: the engine stays busy,
+/// and the device's DMA thread runs it once the register write that
+/// started it has returned, then calls [`edu_finish`] / [`engine_finish`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Job {
+    /// An edu transfer (`cnt` bytes, at most the device buffer).
+    Edu {
+        cmd: u64,
+        src: u64,
+        dst: u64,
+        cnt: u64,
+    },
+    /// A generic engine's transfer, its block at `base`.
+    Engine {
+        base: u64,
+        cmd: u32,
+        src: u64,
+        dst: u64,
+        len: u64,
+        vector: u32,
+    },
+}
+
+/// How a transfer runs.
+enum Plan {
+    /// Not at all: this fault.
+    Refuse(DmaFault),
+    /// Now, by loads and stores, inside the register write.
+    Now,
+    /// Later, on the DMA thread.
+    Later,
+}
+
+/// Where every engine decides whether, and how, it may DMA: the guest
+/// memory it reads (`reads`) and writes (`writes`), as (IOVA, length),
+/// must be mapped (writable where written); a transfer that touches only
+/// host-mapped memory runs now, any other later.
+fn plan(ctx: &Ctx<'_>, reads: Option<(u64, u64)>, writes: Option<(u64, u64)>) -> Plan {
+    for (range, write) in [(reads, false), (writes, true)] {
+        if let Some((iova, len)) = range {
+            if let Err(f) = ctx.dma.check(iova, len, write) {
+                return Plan::Refuse(f);
+            }
+        }
+    }
+    let host = |r: Option<(u64, u64)>| r.is_none_or(|(iova, len)| ctx.dma.all_host(iova, len));
+    if host(reads) && host(writes) {
+        Plan::Now
+    } else {
+        Plan::Later
+    }
 }
 
 pub(crate) fn read(ctx: &mut Ctx<'_>, block: &RegisterBlock, off: u64, data: &mut [u8]) {
@@ -170,6 +240,10 @@ fn engine_write(ctx: &mut Ctx<'_>, base: u64, rel: u64, data: &[u8], vector: u32
         // STATUS is read-only; writes may not straddle into CMD.
         return;
     }
+    if ctx.bar.read_u32(base + CMD) & CMD_START != 0 {
+        // Busy with a transfer on the DMA thread.
+        return;
+    }
     if rel < CMD {
         ctx.bar.write(base + rel, data);
         return;
@@ -183,11 +257,40 @@ fn engine_write(ctx: &mut Ctx<'_>, base: u64, rel: u64, data: &[u8], vector: u32
     let src = ctx.bar.read_u64(base + SRC);
     let dst = ctx.bar.read_u64(base + DST);
     let len = ctx.bar.read_u64(base + LEN);
-    let result = if len > MAX_LEN {
+    let result = if !ctx.bus_master {
+        Err(DmaFault::BusMasterDisabled)
+    } else if len > MAX_LEN {
         Err(DmaFault::TooLong)
     } else {
-        ctx.dma.copy(src, dst, len)
+        match plan(ctx, Some((src, len)), Some((dst, len))) {
+            Plan::Refuse(f) => Err(f),
+            Plan::Now => ctx.dma.copy(src, dst, len),
+            Plan::Later => {
+                ctx.bar.write_u32(base + STATUS, 0);
+                ctx.deferred = Some(Job::Engine {
+                    base,
+                    cmd,
+                    src,
+                    dst,
+                    len,
+                    vector,
+                });
+                return;
+            }
+        }
     };
+    engine_finish(ctx, base, cmd, vector, result);
+}
+
+/// Ends a generic engine's transfer: not busy, the status, the interrupt.
+pub(crate) fn engine_finish(
+    ctx: &mut Ctx<'_>,
+    base: u64,
+    cmd: u32,
+    vector: u32,
+    result: Result<(), DmaFault>,
+) {
+    use dma_engine::*;
     ctx.bar.write_u32(base + CMD, cmd & !CMD_START);
     match result {
         Ok(()) => {
@@ -277,6 +380,9 @@ fn edu_write(ctx: &mut Ctx<'_>, rel: u64, data: &[u8]) {
                 ctx.irq.deassert();
             }
         }
+        // QEMU ignores them while a DMA runs.
+        DMA_SRC | DMA_DST | DMA_COUNT | DMA_CMD
+            if ctx.bar.read_u64(DMA_CMD) & DMA_CMD_START != 0 => {}
         // A 4-byte write zero-extends, as in QEMU.
         DMA_SRC | DMA_DST | DMA_COUNT => ctx.bar.write_u64(rel, val),
         DMA_CMD if val & DMA_CMD_START != 0 => {
@@ -294,27 +400,44 @@ fn edu_dma(ctx: &mut Ctx<'_>, cmd: u64) {
     let cnt = ctx.bar.read_u64(DMA_COUNT);
     let to_ram = cmd & DMA_CMD_TO_RAM != 0;
     let dev = if to_ram { src } else { dst };
+    let (reads, writes) = if to_ram {
+        (None, Some((dst, cnt)))
+    } else {
+        (Some((src, cnt)), None)
+    };
     let in_buffer = dev
         .checked_sub(DMA_BUFFER)
         .filter(|o| o.checked_add(cnt).is_some_and(|e| e <= DMA_BUFFER_SIZE));
     let result = match in_buffer {
+        _ if !ctx.bus_master => Err(DmaFault::BusMasterDisabled),
         None => Err(DmaFault::OutOfDeviceRange),
         Some(_) if cnt == 0 => Ok(()),
         Some(_) => match ctx.bar.ptr(dev, cnt as usize) {
             None => Err(DmaFault::OutOfDeviceRange),
-            Some(p) => {
-                if to_ram {
-                    // SAFETY: `p .. p + cnt` is inside the BAR mapping
-                    // (checked by `ptr`); the DMA mappings are live while
-                    // we hold the device lock (see DmaMappings::write).
-                    unsafe { ctx.dma.write(dst, p, cnt) }
-                } else {
-                    // SAFETY: as above, copying the other way.
-                    unsafe { ctx.dma.read(src, p, cnt) }
+            Some(p) => match plan(ctx, reads, writes) {
+                Plan::Refuse(f) => Err(f),
+                Plan::Later => {
+                    // DMA_CMD_START stays set: busy until the DMA thread
+                    // calls edu_finish.
+                    ctx.deferred = Some(Job::Edu { cmd, src, dst, cnt });
+                    return;
                 }
-            }
+                // SAFETY: `p .. p + cnt` is inside the BAR mapping
+                // (checked by `ptr`); the DMA mappings are host memory
+                // (plan) that stays live while we hold the device lock
+                // (see DmaMappings::write).
+                Plan::Now if to_ram => unsafe { ctx.dma.write(dst, p, cnt) },
+                // SAFETY: as above, copying the other way.
+                Plan::Now => unsafe { ctx.dma.read(src, p, cnt) },
+            },
         },
     };
+    edu_finish(ctx, cmd, result);
+}
+
+/// Ends an edu DMA: not busy, the error register, the interrupt.
+pub(crate) fn edu_finish(ctx: &mut Ctx<'_>, cmd: u64, result: Result<(), DmaFault>) {
+    use edu::*;
     ctx.bar.write_u64(DMA_CMD, cmd & !DMA_CMD_START);
     match result {
         Ok(()) => {

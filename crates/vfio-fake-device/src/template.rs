@@ -429,6 +429,21 @@ pub struct DeviceTemplate {
     blocks: Vec<RegisterBlock>,
 }
 
+/// The ROM BAR size for `len` bytes of ROM (a power of two of at least
+/// 2 KiB), or an error when it is above [`MAX_ROM_SIZE`].
+fn rom_bar_size(len: u64) -> FakeResult<usize> {
+    let size = len
+        .max(2048)
+        .checked_next_power_of_two()
+        .filter(|s| *s <= MAX_ROM_SIZE)
+        .ok_or_else(|| {
+            invalid(format!(
+                "ROM of {len} bytes above the fake's limit of {MAX_ROM_SIZE} bytes (16 MiB)"
+            ))
+        })?;
+    usize::try_from(size).map_err(|_| invalid("ROM size too large"))
+}
+
 fn rd16(c: &[u8], off: usize) -> u16 {
     let mut b = [0u8; 2];
     if let Some(s) = c.get(off..off.saturating_add(2)) {
@@ -594,8 +609,7 @@ impl DeviceTemplate {
         let rom_reg = rd32(&dump.config, 0x30);
         let mut t = DeviceTemplate::from_config(dump.config, &sizes)?;
         if let Some(rom) = dump.rom_size {
-            let len = usize::try_from(rom).map_err(|_| invalid("ROM size too large"))?;
-            t = t.with_rom(vec![0; len])?;
+            t = t.with_rom_size(rom)?;
             // Keep the address the dump shows, masked to the ROM size.
             let rom_size = t.rom().map_or(0, |r| r.len() as u64);
             let mask = (!(rom_size.wrapping_sub(1)) as u32) & 0xffff_f800 | 1;
@@ -607,18 +621,20 @@ impl DeviceTemplate {
     /// Adds an expansion ROM with these bytes (padded with zeros to a power
     /// of two of at least 2 KiB) and sets the ROM BAR's address mask.
     pub fn with_rom(mut self, mut bytes: Vec<u8>) -> FakeResult<Self> {
-        let size = (bytes.len() as u64).max(2048).next_power_of_two();
-        if size > MAX_ROM_SIZE {
-            return Err(invalid(format!(
-                "ROM of {} bytes above the limit of {MAX_ROM_SIZE:#x}",
-                bytes.len()
-            )));
-        }
-        let size_usize = usize::try_from(size).map_err(|_| invalid("ROM size too large"))?;
+        let size_usize = rom_bar_size(bytes.len() as u64)?;
         bytes.resize(size_usize, 0);
         self.rom = Some(bytes);
         wr(&mut self.config, 0x30, &[0; 4]);
         Ok(self)
+    }
+
+    /// Adds a zero-filled expansion ROM of `size` bytes (rounded up as
+    /// [`DeviceTemplate::with_rom`] does). The size is checked against
+    /// [`MAX_ROM_SIZE`] before anything is allocated, so a size taken from
+    /// an operator or a dump (`[size=2G]`) is refused rather than allocated.
+    pub fn with_rom_size(self, size: u64) -> FakeResult<Self> {
+        let len = rom_bar_size(size)?;
+        self.with_rom(vec![0; len])
     }
 
     /// Adds a trapped register block to a BAR.

@@ -595,6 +595,7 @@ fn edu_factorial_raises_msi_when_asked() {
 #[test]
 fn edu_dma_moves_data_through_dma_mappings_and_signals_completion() {
     let d = edu_device();
+    enable_bus_master(&d);
     let mem = GuestMem::new(0x4000);
     let iova = 0x10_0000u64;
     d.dma_map(iova, 0x4000, mem.source(false)).unwrap();
@@ -636,6 +637,7 @@ fn edu_dma_moves_data_through_dma_mappings_and_signals_completion() {
 #[test]
 fn edu_dma_outside_the_mappings_sets_the_error_register_and_touches_nothing() {
     let d = edu_device();
+    enable_bus_master(&d);
     let mem = GuestMem::new(0x2000);
     d.dma_map(0x10_0000, 0x1000, mem.source(false)).unwrap();
     d.dma_map(0x20_0000, 0x1000, mem.source(false).with_offset(0x1000))
@@ -678,6 +680,204 @@ fn edu_dma_outside_the_mappings_sets_the_error_register_and_touches_nothing() {
     assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), DmaFault::ReadOnly.code());
     assert!(mem.read().iter().all(|b| *b == 0xaa));
     assert_eq!(d.counters().dma_errors(), 3);
+}
+
+/// Polls DMA_CMD until the start bit clears (bounded).
+fn wait_edu_idle(d: &FakeDevice) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bar_read32(d, 0, edu::DMA_CMD) & 1 != 0 {
+        assert!(Instant::now() < deadline, "the edu DMA never finished");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn memfd(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"dma".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own, taken over once.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+#[test]
+fn edu_dma_through_a_file_mapping_uses_file_io_and_a_shrunk_file_is_a_dma_fault() {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let d = edu_device();
+    enable_bus_master(&d);
+    let f = memfd(0x4000);
+    let iova = 0x40_0000;
+    let src = vfio_backend::DmaSource {
+        host_addr: 0,
+        file: Some(vfio_backend::DmaFile {
+            fd: f.as_fd(),
+            offset: 0x1000,
+        }),
+        read_only: false,
+    };
+    d.dma_map(iova, 0x3000, src).unwrap();
+    let pattern: Vec<u8> = (0..200u8).map(|i| i ^ 0x3c).collect();
+    f.write_all_at(&pattern, 0x1000 + 0x800).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, iova + 0x800);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), 0);
+    let mut buf = vec![0u8; 200];
+    d.region_read(0, edu::DMA_BUFFER, &mut buf).unwrap();
+    assert_eq!(buf, pattern);
+    // And back into the file.
+    bar_write64(&d, 0, edu::DMA_SRC, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_DST, iova + 0x2000);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(
+        &d,
+        0,
+        edu::DMA_CMD,
+        edu::DMA_CMD_START | edu::DMA_CMD_TO_RAM,
+    );
+    wait_edu_idle(&d);
+    let mut back = vec![0u8; 200];
+    f.read_exact_at(&mut back, 0x3000).unwrap();
+    assert_eq!(back, pattern);
+    // The owner shrinks the file: the device reports a fault; no SIGBUS.
+    f.set_len(0x1000).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, iova + 0x800);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 200);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(
+        bar_read32(&d, 0, edu::DMA_ERROR),
+        DmaFault::Unreachable.code()
+    );
+    assert_eq!(d.counters().dma_errors(), 1);
+}
+
+/// Guest memory only reachable by asking; `read` blocks until `gate` opens.
+struct Remote {
+    mem: std::sync::Mutex<Vec<u8>>,
+    gate: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    threads: std::sync::Mutex<Vec<std::thread::ThreadId>>,
+    fail: bool,
+}
+
+impl Remote {
+    fn new(len: usize, open: bool, fail: bool) -> std::sync::Arc<Remote> {
+        std::sync::Arc::new(Remote {
+            mem: std::sync::Mutex::new((0..len).map(|i| (i * 3) as u8).collect()),
+            gate: std::sync::Mutex::new(open),
+            opened: std::sync::Condvar::new(),
+            threads: std::sync::Mutex::new(Vec::new()),
+            fail,
+        })
+    }
+
+    fn open(&self) {
+        *self.gate.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl vfio_backend::RemoteDma for Remote {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> vfio_backend::Result<()> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        let g = self.gate.lock().unwrap();
+        let _g = self
+            .opened
+            .wait_timeout_while(g, Duration::from_secs(10), |open| !*open)
+            .unwrap();
+        if self.fail {
+            return Err(Error::Timeout {
+                request: "DMA_READ",
+                after: Duration::ZERO,
+            });
+        }
+        let at = (iova - 0x80_0000) as usize;
+        buf.copy_from_slice(&self.mem.lock().unwrap()[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> vfio_backend::Result<()> {
+        self.threads
+            .lock()
+            .unwrap()
+            .push(std::thread::current().id());
+        let at = (iova - 0x80_0000) as usize;
+        self.mem.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+#[test]
+fn edu_dma_through_a_remote_mapping_runs_after_the_write_and_is_busy_until_done() {
+    let d = edu_device();
+    enable_bus_master(&d);
+    let remote = Remote::new(0x2000, false, false);
+    d.dma_map_remote(0x80_0000, 0x2000, false, remote.clone())
+        .unwrap();
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::MSI, 0, &[Some(efd.fd())]).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0100);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    // The doorbell write returns while the owner has not answered.
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START | edu::DMA_CMD_IRQ);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_CMD) & 1, 1, "busy");
+    // Registers still answer meanwhile (no lock held while waiting), and
+    // the DMA registers ignore writes, as QEMU's edu does while busy.
+    assert_eq!(bar_read32(&d, 0, edu::ID), edu::ID_VALUE);
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0800);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_SRC), 0x80_0100);
+    assert_eq!(efd.take(), 0);
+    remote.open();
+    wait_edu_idle(&d);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), 0);
+    let mut buf = vec![0u8; 64];
+    d.region_read(0, edu::DMA_BUFFER, &mut buf).unwrap();
+    assert_eq!(buf, remote.mem.lock().unwrap()[0x100..0x140]);
+    assert_eq!(efd.take(), 1, "completion interrupt");
+    // And back, to another address.
+    bar_write64(&d, 0, edu::DMA_SRC, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_DST, 0x80_1000);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    bar_write64(
+        &d,
+        0,
+        edu::DMA_CMD,
+        edu::DMA_CMD_START | edu::DMA_CMD_TO_RAM,
+    );
+    wait_edu_idle(&d);
+    let mem = remote.mem.lock().unwrap().clone();
+    assert_eq!(mem[0x1000..0x1040], mem[0x100..0x140]);
+    let me = std::thread::current().id();
+    assert!(remote.threads.lock().unwrap().iter().all(|t| *t != me));
+}
+
+#[test]
+fn edu_dma_through_a_remote_mapping_whose_owner_fails_is_a_dma_fault() {
+    let d = edu_device();
+    enable_bus_master(&d);
+    let remote = Remote::new(0x1000, true, true);
+    d.dma_map_remote(0x80_0000, 0x1000, false, remote).unwrap();
+    bar_write64(&d, 0, edu::DMA_SRC, 0x80_0000);
+    bar_write64(&d, 0, edu::DMA_DST, edu::DMA_BUFFER);
+    bar_write64(&d, 0, edu::DMA_COUNT, 64);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START);
+    wait_edu_idle(&d);
+    assert_eq!(
+        bar_read32(&d, 0, edu::DMA_ERROR),
+        DmaFault::Unreachable.code()
+    );
+    assert_eq!(d.counters().dma_errors(), 1);
 }
 
 trait WithOffset {
@@ -724,6 +924,217 @@ fn intx_is_automasked_after_firing_until_unmasked() {
     assert_eq!(efd.take(), 1);
     // MSI cannot be masked through VFIO.
     assert_eq!(errno(d.unmask_irq(irq::MSI)), libc::ENOTTY);
+}
+
+const COMMAND: u64 = 0x04;
+const STATUS: u64 = 0x06;
+/// PCI Local Bus 3.0 §6.2.2: Command bit 2, Bus Master Enable.
+const CMD_BUS_MASTER: u16 = 1 << 2;
+/// PCI Local Bus 3.0 §6.2.2: Command bit 10, Interrupt Disable.
+const CMD_INTX_DISABLE: u16 = 1 << 10;
+/// PCI Local Bus 3.0 §6.2.3: Status bit 3, Interrupt Status.
+const STATUS_INTERRUPT: u16 = 1 << 3;
+
+fn interrupt_status(d: &FakeDevice) -> bool {
+    cfg_read16(d, STATUS) & STATUS_INTERRUPT != 0
+}
+
+fn set_command_bits(d: &FakeDevice, bits: u16, on: bool) {
+    let cmd = cfg_read16(d, COMMAND);
+    cfg_write16(d, COMMAND, if on { cmd | bits } else { cmd & !bits });
+}
+
+#[test]
+fn status_interrupt_bit_reflects_the_intx_line_state() {
+    // §6.2.3 Status bit 3: the state of the function's interrupt, read-only.
+    let d = edu_device();
+    assert!(!interrupt_status(&d));
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::INTX, 0, &[Some(efd.fd())]).unwrap();
+    bar_write32(&d, 0, edu::IRQ_RAISE, 0x1);
+    assert!(interrupt_status(&d), "asserted by IRQ_RAISE");
+    assert_eq!(efd.take(), 1);
+    // A guest cannot clear it through config space (it is not RW1C).
+    cfg_write16(&d, STATUS, 0xffff);
+    assert!(interrupt_status(&d));
+    // The driver acknowledges: the line and the bit drop.
+    bar_write32(&d, 0, edu::IRQ_ACK, 0x1);
+    assert!(!interrupt_status(&d));
+    // Without INTx wired by the host, the line state still shows.
+    d.disable_irqs(irq::INTX).unwrap();
+    bar_write32(&d, 0, edu::IRQ_RAISE, 0x4);
+    assert!(interrupt_status(&d));
+    bar_write32(&d, 0, edu::IRQ_ACK, 0x4);
+    assert!(!interrupt_status(&d));
+}
+
+#[test]
+fn interrupt_disable_keeps_intx_deasserted_and_clearing_it_reasserts_a_pending_line() {
+    // §6.2.2 Command bit 10: while set, INTx# is not asserted; Interrupt Status still
+    // reflects the state, and clearing the bit with the state set asserts the line.
+    let d = edu_device();
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::INTX, 0, &[Some(efd.fd())]).unwrap();
+    // Linux's pci_intx_mask_supported(): the bit must be writable and read back.
+    set_command_bits(&d, CMD_INTX_DISABLE, true);
+    assert_ne!(cfg_read16(&d, COMMAND) & CMD_INTX_DISABLE, 0);
+    bar_write32(&d, 0, edu::IRQ_RAISE, 0x1);
+    assert!(interrupt_status(&d));
+    assert_eq!(efd.take(), 0, "Interrupt Disable: the line is not asserted");
+    assert!(
+        !d.intx_masked(),
+        "nothing fired, so the host masked nothing"
+    );
+    // A VFIO unmask does not bypass the disable bit.
+    d.unmask_irq(irq::INTX).unwrap();
+    assert_eq!(efd.take(), 0);
+    set_command_bits(&d, CMD_INTX_DISABLE, false);
+    assert_eq!(
+        efd.take(),
+        1,
+        "cleared with the status still set: asserted again"
+    );
+    assert!(d.intx_masked(), "and automasked as any INTx");
+    // The handler's dance (pci_check_and_mask_intx / unmask): disable, ack, enable.
+    set_command_bits(&d, CMD_INTX_DISABLE, true);
+    bar_write32(&d, 0, edu::IRQ_ACK, 0x1);
+    assert!(!interrupt_status(&d));
+    set_command_bits(&d, CMD_INTX_DISABLE, false);
+    d.unmask_irq(irq::INTX).unwrap();
+    assert_eq!(efd.take(), 0, "nothing pending: quiet");
+    // With the host's mask (VFIO_IRQ_SET_ACTION_MASK) and the disable bit both set, the
+    // line fires once both are lifted, in either order.
+    d.mask_irq(irq::INTX).unwrap();
+    set_command_bits(&d, CMD_INTX_DISABLE, true);
+    bar_write32(&d, 0, edu::IRQ_RAISE, 0x2);
+    d.unmask_irq(irq::INTX).unwrap();
+    assert_eq!(efd.take(), 0);
+    set_command_bits(&d, CMD_INTX_DISABLE, false);
+    assert_eq!(efd.take(), 1);
+    bar_write32(&d, 0, edu::IRQ_ACK, 0x2);
+    d.unmask_irq(irq::INTX).unwrap();
+    d.mask_irq(irq::INTX).unwrap();
+    bar_write32(&d, 0, edu::IRQ_RAISE, 0x2);
+    set_command_bits(&d, CMD_INTX_DISABLE, true);
+    d.unmask_irq(irq::INTX).unwrap();
+    assert_eq!(efd.take(), 0);
+    set_command_bits(&d, CMD_INTX_DISABLE, false);
+    assert_eq!(efd.take(), 1);
+    // A reset clears Interrupt Disable and the line.
+    d.reset().unwrap();
+    assert!(!interrupt_status(&d));
+    assert_eq!(cfg_read16(&d, COMMAND) & CMD_INTX_DISABLE, 0);
+}
+
+#[test]
+fn intx_doorbell_holds_interrupt_status_until_the_host_unmasks() {
+    // A doorbell in INTx mode (nvme-like) has no acknowledge register: the line holds
+    // until the host's end of interrupt (its unmask), so that a shared-INTx handler that
+    // checks Status bit 3 finds it set and claims the interrupt.
+    let d = nvme_device();
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::INTX, 0, &[Some(efd.fd())]).unwrap();
+    bar_write32(&d, 0, nvme_like::DOORBELLS, 1);
+    assert_eq!(efd.take(), 1);
+    assert!(interrupt_status(&d));
+    d.unmask_irq(irq::INTX).unwrap();
+    assert!(!interrupt_status(&d));
+    assert_eq!(efd.take(), 0, "a pulse fires once");
+    // Rung while Interrupt Disable is set: held, asserted when the bit is cleared.
+    set_command_bits(&d, CMD_INTX_DISABLE, true);
+    bar_write32(&d, 0, nvme_like::DOORBELLS, 1);
+    assert_eq!(efd.take(), 0);
+    assert!(interrupt_status(&d));
+    set_command_bits(&d, CMD_INTX_DISABLE, false);
+    assert_eq!(efd.take(), 1);
+    d.unmask_irq(irq::INTX).unwrap();
+    assert!(!interrupt_status(&d));
+}
+
+#[test]
+fn dma_engines_fail_and_touch_no_memory_while_bus_master_enable_is_clear() {
+    // §6.2.2 Command bit 2: without Bus Master Enable a function initiates no memory
+    // transactions. edu's engine first.
+    let d = edu_device();
+    let mem = GuestMem::new(0x2000);
+    let iova = 0x10_0000u64;
+    d.dma_map(iova, 0x2000, mem.source(false)).unwrap();
+    mem.write(0, &vec![0xaa; mem.len]);
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::MSI, 0, &[Some(efd.fd())]).unwrap();
+    assert_eq!(cfg_read16(&d, COMMAND) & CMD_BUS_MASTER, 0);
+    d.region_write(0, edu::DMA_BUFFER, &[0x5a; 16]).unwrap();
+    let dmas = d.counters().dma_transfers();
+    for (src, dst, cmd) in [
+        (edu::DMA_BUFFER, iova, edu::DMA_CMD_TO_RAM),
+        (iova + 0x1000, edu::DMA_BUFFER, 0),
+    ] {
+        bar_write64(&d, 0, edu::DMA_SRC, src);
+        bar_write64(&d, 0, edu::DMA_DST, dst);
+        bar_write64(&d, 0, edu::DMA_COUNT, 16);
+        bar_write64(
+            &d,
+            0,
+            edu::DMA_CMD,
+            edu::DMA_CMD_START | edu::DMA_CMD_IRQ | cmd,
+        );
+        assert_eq!(
+            bar_read32(&d, 0, edu::DMA_ERROR),
+            DmaFault::BusMasterDisabled.code()
+        );
+        assert_eq!(
+            bar_read32(&d, 0, edu::DMA_CMD) & 1,
+            0,
+            "the transfer is over"
+        );
+    }
+    assert!(
+        mem.read().iter().all(|b| *b == 0xaa),
+        "guest memory untouched"
+    );
+    let mut buf = [0u8; 16];
+    d.region_read(0, edu::DMA_BUFFER, &mut buf).unwrap();
+    assert_eq!(buf, [0x5a; 16], "device buffer untouched");
+    assert_eq!(efd.take(), 0, "no completion interrupt");
+    assert_eq!(d.counters().dma_transfers(), dmas);
+    set_command_bits(&d, CMD_BUS_MASTER, true);
+    bar_write64(&d, 0, edu::DMA_CMD, edu::DMA_CMD_START | edu::DMA_CMD_IRQ);
+    assert_eq!(bar_read32(&d, 0, edu::DMA_ERROR), 0);
+    assert_eq!(efd.take(), 1);
+
+    // The generic engine.
+    let t = DeviceTemplate::builder()
+        .ids(0x1234, 0x0001)
+        .bar(0, BarSpec::mem32(0x1000))
+        .registers(
+            0,
+            0x100,
+            dma_engine::BLOCK_SIZE,
+            RegisterKind::DmaEngine { irq_vector: 0 },
+        )
+        .build()
+        .unwrap();
+    let d = FakeDevice::new(t).unwrap();
+    enable_decoding(&d);
+    let mem = GuestMem::new(0x2000);
+    d.dma_map(0x1000, 0x2000, mem.source(false)).unwrap();
+    mem.write(0, &[0x11; 0x100]);
+    let base = 0x100u64;
+    bar_write64(&d, 0, base + dma_engine::SRC, 0x1000);
+    bar_write64(&d, 0, base + dma_engine::DST, 0x2000);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x100);
+    bar_write32(&d, 0, base + dma_engine::CMD, dma_engine::CMD_START);
+    let status = bar_read32(&d, 0, base + dma_engine::STATUS);
+    assert_eq!(status & dma_engine::STATUS_ERROR, dma_engine::STATUS_ERROR);
+    assert_eq!(status >> 8, DmaFault::BusMasterDisabled.code());
+    assert!(mem.read()[0x1000..0x1100].iter().all(|b| *b == 0));
+    set_command_bits(&d, CMD_BUS_MASTER, true);
+    bar_write32(&d, 0, base + dma_engine::CMD, dma_engine::CMD_START);
+    assert_eq!(
+        bar_read32(&d, 0, base + dma_engine::STATUS),
+        dma_engine::STATUS_DONE
+    );
+    assert!(mem.read()[0x1000..0x1100].iter().all(|b| *b == 0x11));
 }
 
 #[test]
@@ -902,6 +1313,7 @@ fn generic_dma_engine_copies_between_mappings_and_raises_its_vector() {
         .unwrap();
     let d = FakeDevice::new(t).unwrap();
     enable_decoding(&d);
+    enable_bus_master(&d);
     let mem = GuestMem::new(0x3000);
     // Two mappings back to back: a copy may cross from one to the other.
     d.dma_map(0x1000, 0x1000, mem.source(false)).unwrap();
@@ -936,6 +1348,73 @@ fn generic_dma_engine_copies_between_mappings_and_raises_its_vector() {
     let status = bar_read32(&d, 0, base + dma_engine::STATUS);
     assert_eq!(status & dma_engine::STATUS_ERROR, dma_engine::STATUS_ERROR);
     assert_eq!(status >> 8, DmaFault::Unmapped.code());
+}
+
+#[test]
+fn generic_dma_engine_copies_from_a_remote_mapping_to_host_memory_after_the_write() {
+    let t = DeviceTemplate::builder()
+        .ids(0x1234, 0x0002)
+        .bar(0, BarSpec::mem32(0x2000))
+        .capability(Capability::Msi {
+            vectors: 2,
+            addr64: true,
+            per_vector_mask: false,
+        })
+        .registers(
+            0,
+            0x100,
+            dma_engine::BLOCK_SIZE,
+            RegisterKind::DmaEngine { irq_vector: 1 },
+        )
+        .build()
+        .unwrap();
+    let d = FakeDevice::new(t).unwrap();
+    enable_bus_master(&d);
+    enable_decoding(&d);
+    let remote = Remote::new(0x2000, false, false);
+    d.dma_map_remote(0x80_0000, 0x2000, true, remote.clone())
+        .unwrap();
+    let mem = GuestMem::new(0x2000);
+    d.dma_map(0x1000, 0x2000, mem.source(false)).unwrap();
+    let efds = [Efd::new(), Efd::new()];
+    d.set_irq_eventfds(irq::MSI, 0, &[Some(efds[0].fd()), Some(efds[1].fd())])
+        .unwrap();
+    let base = 0x100u64;
+    bar_write64(&d, 0, base + dma_engine::SRC, 0x80_0400);
+    bar_write64(&d, 0, base + dma_engine::DST, 0x1800);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x1000);
+    bar_write32(
+        &d,
+        0,
+        base + dma_engine::CMD,
+        dma_engine::CMD_START | dma_engine::CMD_IRQ,
+    );
+    // Busy: neither done nor error, and writes to the block are ignored.
+    assert_eq!(bar_read32(&d, 0, base + dma_engine::STATUS), 0);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x10);
+    assert_eq!(bar_read32(&d, 0, base + dma_engine::LEN), 0x1000);
+    remote.open();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bar_read32(&d, 0, base + dma_engine::CMD) & dma_engine::CMD_START != 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        bar_read32(&d, 0, base + dma_engine::STATUS),
+        dma_engine::STATUS_DONE
+    );
+    assert_eq!(
+        mem.read()[0x800..0x1800],
+        remote.mem.lock().unwrap()[0x400..0x1400]
+    );
+    assert_eq!((efds[0].take(), efds[1].take()), (0, 1));
+    // The remote range is read-only: copying into it is refused at once.
+    bar_write64(&d, 0, base + dma_engine::SRC, 0x1000);
+    bar_write64(&d, 0, base + dma_engine::DST, 0x80_0000);
+    bar_write64(&d, 0, base + dma_engine::LEN, 0x10);
+    bar_write32(&d, 0, base + dma_engine::CMD, dma_engine::CMD_START);
+    let status = bar_read32(&d, 0, base + dma_engine::STATUS);
+    assert_eq!(status >> 8, DmaFault::ReadOnly.code());
 }
 
 // ---------------------------------------------------------------- DMA map
@@ -1189,4 +1668,18 @@ fn lspci_region_lines_inside_the_sriov_capability_are_not_the_functions_bars() {
     let dump = vfio_fake_device::lspci::parse(&text).unwrap();
     assert_eq!(dump.bar_sizes[0], Some(16 << 10));
     assert_eq!(dump.bar_sizes[2], Some(256));
+}
+
+#[test]
+fn lspci_rom_size_above_the_fake_limit_is_refused_before_it_is_allocated() {
+    // A dump's `Expansion ROM ... [size=1T]` used to be allocated (and abort the process)
+    // before the 16 MiB limit was checked.
+    let text = format!("{LSPCI_XXX}\tExpansion ROM at fe000000 [disabled] [size=1T]\n");
+    let e = DeviceTemplate::from_lspci(&text, Some(&[Some(128 << 10), Some(64)])).unwrap_err();
+    assert!(e.to_string().contains("limit"), "{e}");
+    let t = DeviceTemplate::from_lspci(LSPCI_XXX, Some(&[Some(128 << 10), Some(64)])).unwrap();
+    assert!(t.clone().with_rom_size(1 << 40).is_err());
+    assert!(t.clone().with_rom_size(u64::MAX).is_err());
+    let t = t.with_rom_size(5000).unwrap();
+    assert_eq!(t.rom().unwrap().len(), 8192, "rounded up to a power of two");
 }

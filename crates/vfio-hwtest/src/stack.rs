@@ -555,11 +555,15 @@ pub fn hot_reset(ctx: &Ctx<'_>) -> Result<Outcome> {
     let me = me.context("device under test not opened")?;
     let info = match me.hot_reset_info() {
         Ok(i) => i,
-        Err(e) => {
+        // The kernel answers ENODEV when neither a slot nor a bus reset can
+        // reach the function (a root-complex integrated endpoint, say): not
+        // applicable by design. Any other error is a failure.
+        Err(e) if e.errno() == Some(libc::ENODEV) => {
             return Ok(Outcome::Skip(format!(
-                "no PCI hot reset for this function (VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: {e})"
+                "no PCI hot reset can reach this function (VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: {e})"
             )))
         }
+        Err(e) => return Err(e).context("VFIO_DEVICE_GET_PCI_HOT_RESET_INFO"),
     };
     let affected: Vec<String> = info.devices.iter().map(|d| d.to_string()).collect();
     ensure!(

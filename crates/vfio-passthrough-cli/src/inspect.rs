@@ -3,14 +3,14 @@
 //! and DMA work.
 
 use std::fmt::Write as _;
-use std::os::fd::{FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::probe::{ProbeGroup, ProbeInterrupts};
 use anyhow::{anyhow, Context as _};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
-use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
 use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout, MSIX_CAP_ID};
 use serde::Serialize;
 use vfio_backend::irq;
@@ -310,7 +310,7 @@ pub fn run(opened: &Opened, opts: &Options, progress: &dyn Fn(&str)) -> anyhow::
     let page_size = opts
         .page_size
         .unwrap_or_else(crate::sysfs::current_page_size);
-    let irqs = Arc::new(TestInterruptManager::new());
+    let irqs = Arc::new(ProbeInterrupts::default());
     let windows = BarWindows {
         mmio32: AddressWindow::new(MMIO32.0, MMIO32.1),
         mmio64: Some(AddressWindow::new(MMIO64.0, MMIO64.1)),
@@ -666,16 +666,12 @@ fn bar_read64(dev: &VfioPciDevice, bar: usize, off: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// The test group behind a device's group.
-fn test_group(
-    irqs: &TestInterruptManager,
+/// The probe group behind a device's group.
+fn probe_group(
+    irqs: &ProbeInterrupts,
     g: Option<Arc<dyn InterruptSourceGroup>>,
-) -> Option<Arc<TestInterruptGroup>> {
-    let g = g?;
-    let want = Arc::as_ptr(&g).cast::<u8>();
-    irqs.groups()
-        .into_iter()
-        .find(|t| Arc::as_ptr(t).cast::<u8>() == want)
+) -> Option<Arc<ProbeGroup>> {
+    irqs.find(&g?)
 }
 
 fn outcome(r: anyhow::Result<(Status, String)>) -> (Status, String) {
@@ -748,7 +744,7 @@ fn self_check(
     steps: &mut Steps<'_>,
     dev: &VfioPciDevice,
     opened: &Opened,
-    irqs: &TestInterruptManager,
+    irqs: &ProbeInterrupts,
     bars: &[BarView],
     caps: &Capabilities,
     ints: &Interrupts,
@@ -778,7 +774,7 @@ fn self_check(
 
     match &ints.msix {
         Some(m) => {
-            let group = test_group(irqs, dev.msix_group());
+            let group = probe_group(irqs, dev.msix_group());
             let mut routed = false;
             steps.run("MSI-X routing", || {
                 let r = msix_route(dev, bars, m, group.as_deref());
@@ -802,7 +798,7 @@ fn self_check(
     }
     match &ints.msi {
         Some(m) => {
-            let group = test_group(irqs, dev.msi_group());
+            let group = probe_group(irqs, dev.msi_group());
             steps.run("MSI", || outcome(msi_check(dev, m, group.as_deref(), fire)));
         }
         None => steps.push(
@@ -1022,7 +1018,7 @@ fn msix_route(
     dev: &VfioPciDevice,
     bars: &[BarView],
     m: &MsixReport,
-    group: Option<&TestInterruptGroup>,
+    group: Option<&ProbeGroup>,
 ) -> anyhow::Result<(Status, String)> {
     let bar = bars
         .iter()
@@ -1088,7 +1084,7 @@ fn msix_route(
 /// Makes the device raise each vector and checks its eventfd.
 fn fire_vectors(
     dev: &VfioPciDevice,
-    g: &TestInterruptGroup,
+    g: &ProbeGroup,
     fire: Fire<'_>,
     n: u32,
 ) -> anyhow::Result<(Status, String)> {
@@ -1120,7 +1116,7 @@ fn fire_vectors(
 
 /// Waits briefly for `vector`'s eventfd (a vfio-user or kernel device
 /// signals it from another thread or the hardware).
-fn wait_signal(g: &TestInterruptGroup, vector: u32) -> bool {
+fn wait_signal(g: &ProbeGroup, vector: u32) -> bool {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
         if g.take_signals(vector) > 0 {
@@ -1155,7 +1151,7 @@ fn msix_disable(dev: &VfioPciDevice, m: &MsixReport) -> anyhow::Result<(Status, 
 fn msi_check(
     dev: &VfioPciDevice,
     m: &MsiReport,
-    group: Option<&TestInterruptGroup>,
+    group: Option<&ProbeGroup>,
     fire: Option<Fire<'_>>,
 ) -> anyhow::Result<(Status, String)> {
     let cap = u64::from(m.offset);
@@ -1231,10 +1227,17 @@ fn msi_check(
     Ok(result)
 }
 
-/// Guest RAM backed by a memfd, so that a vfio-user server can map it.
+/// Guest RAM backed by a memfd sealed against resizing, so that a
+/// vfio-user server can map it (it reaches an unsealed file only by file
+/// I/O, since a client could shrink it under a mapping).
 fn guest_ram() -> anyhow::Result<GuestMemoryMmap> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"vfio-passthrough-inspect".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vfio-passthrough-inspect".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(anyhow!(
             "memfd_create for guest RAM: {}",
@@ -1245,6 +1248,20 @@ fn guest_ram() -> anyhow::Result<GuestMemoryMmap> {
     let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     file.set_len(GUEST_RAM)
         .context("sizing the guest RAM memfd")?;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(
+            "sealing the guest RAM memfd: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
         usize::try_from(GUEST_RAM).unwrap_or(2 << 20),

@@ -6,8 +6,10 @@
 //! a self-check step fails); `serve-fake` serves the fake device over vfio-user.
 
 mod check;
+mod input;
 mod inspect;
 mod names;
+mod probe;
 mod serve;
 mod source;
 mod sysfs;
@@ -292,7 +294,7 @@ fn run_inspect(args: &InspectArgs) -> anyhow::Result<u8> {
     progress.finish();
     let r = result?;
     if let Some(path) = &args.dump {
-        std::fs::write(path, &r.lspci_dump)
+        input::write_file(path, r.lspci_dump.as_bytes())
             .map_err(|e| anyhow::anyhow!("cannot write the dump to {}: {e}", path.display()))?;
     }
     if args.json {
@@ -348,8 +350,21 @@ fn print_text(r: &Report) {
     }
 }
 
+/// `check` and `inspect` print a report: when its reader goes away (`| head`), end as
+/// Unix tools do, by SIGPIPE, instead of panicking in `println!` on EPIPE. `serve-fake`
+/// keeps SIGPIPE ignored (its sockets are written with MSG_NOSIGNAL anyway).
+fn default_sigpipe() {
+    // SAFETY: restores the default disposition of one signal; no handler runs our code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::ServeFake(_)) {
+        default_sigpipe();
+    }
     let result = match &cli.command {
         Command::Check(args) => run_check(args).and_then(|r| {
             if args.json {

@@ -3,7 +3,6 @@
 
 use std::io::Write as _;
 use std::os::unix::fs::FileTypeExt as _;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,7 +33,7 @@ fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    match UnixStream::connect(path) {
+    match crate::input::connect_unix(path, crate::input::CONNECT_TIMEOUT) {
         Ok(_) => bail!(
             "a server is already listening on {}; stop it or choose another path",
             path.display()
@@ -91,7 +90,7 @@ pub fn run(socket: &Path, what: &What<'_>) -> anyhow::Result<()> {
     let (fake, name) = match what {
         What::Profile(p) => (source::profile(p)?, format!("profile {p:?}")),
         What::Config(path, sizes) => {
-            let (t, notes, _) = source::template_from_file(path, sizes)?;
+            let (t, notes, _, _) = source::template_from_file(path, sizes)?;
             for n in notes.iter().filter(|n| n.source == "guessed") {
                 if let Some(how) = &n.how {
                     eprintln!("vfio-passthrough: BAR{} size guessed: {how}", n.bar);

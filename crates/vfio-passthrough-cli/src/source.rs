@@ -76,15 +76,25 @@ pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
     match spec {
         Spec::Device { bdf, noiommu } => open_kernel(bdf, *noiommu),
         Spec::VfioUser(path) => {
-            let dev = vfio_backend::user::UserDevice::connect(path).map_err(|e| {
-                anyhow!(
-                    "cannot reach the vfio-user server at {}: {e}\n  \
+            // A bounded connect (a listener that accepts nobody must not hang us), then the
+            // client's own bounded handshake.
+            let dev = crate::input::connect_unix(path, crate::input::CONNECT_TIMEOUT)
+                .map_err(|e| {
+                    vfio_backend::Error::io(
+                        format!("connect to vfio-user socket {}", path.display()),
+                        e,
+                    )
+                })
+                .and_then(|s| vfio_backend::user::UserDevice::from_stream(s, Default::default()))
+                .map_err(|e| {
+                    anyhow!(
+                        "cannot reach the vfio-user server at {}: {e}\n  \
                      Is a server listening there? `vfio-passthrough serve-fake {}` starts one \
                      serving the fake device.",
-                    path.display(),
-                    path.display()
-                )
-            })?;
+                        path.display(),
+                        path.display()
+                    )
+                })?;
             let (maj, min) = dev.protocol_version();
             Ok(Opened {
                 vfio: Arc::new(dev),
@@ -112,8 +122,8 @@ pub fn open(spec: &Spec) -> anyhow::Result<Opened> {
             })
         }
         Spec::Dump { path, bar_sizes } => {
-            let (template, notes, first_line) = template_from_file(path, bar_sizes)?;
-            let warnings = dump_warnings(&std::fs::read_to_string(path).unwrap_or_default());
+            let (template, notes, first_line, text) = template_from_file(path, bar_sizes)?;
+            let warnings = dump_warnings(&text);
             let fake = Arc::new(
                 FakeDevice::new(template)
                     .map_err(|e| anyhow!("{}: cannot build a fake device: {e}", path.display()))?,
@@ -222,15 +232,31 @@ pub fn parse_bar_size(s: &str) -> Result<(usize, u64), String> {
     if !size.is_power_of_two() {
         return Err(format!("{s:?}: a BAR size is a power of two"));
     }
+    // The fake device's own limits, checked here so that nothing is sized from the option
+    // before they are (the template checks them again).
+    let (limit, what) = if n == 6 {
+        (vfio_fake_device::MAX_ROM_SIZE, "an expansion ROM")
+    } else {
+        (vfio_fake_device::MAX_BAR_SIZE, "a BAR")
+    };
+    if size > limit {
+        return Err(format!(
+            "{s:?}: the fake device backs {what} of at most {}",
+            crate::check::human_size(limit)
+        ));
+    }
     Ok((n, size))
 }
 
-/// Reads a dump file and builds its template.
+/// Reads a dump file (a regular file of at most [`crate::input::MAX_DUMP_BYTES`]: a FIFO, a
+/// device or a directory is refused without blocking) and builds its template. Returns the
+/// template, where each size came from, the dump's first line if it names a function, and
+/// the dump's text.
 pub fn template_from_file(
     path: &Path,
     given: &[(usize, u64)],
-) -> anyhow::Result<(DeviceTemplate, Vec<SizeNote>, Option<String>)> {
-    let text = std::fs::read_to_string(path)
+) -> anyhow::Result<(DeviceTemplate, Vec<SizeNote>, Option<String>, String)> {
+    let text = crate::input::read_text_bounded(path, crate::input::MAX_DUMP_BYTES)
         .with_context(|| format!("cannot read the dump {}", path.display()))?;
     let first = text
         .lines()
@@ -245,7 +271,7 @@ pub fn template_from_file(
             path.display()
         )
     })?;
-    Ok((t, notes, first))
+    Ok((t, notes, first, text))
 }
 
 /// Warnings about a dump that shows less than the whole config space.
@@ -423,10 +449,17 @@ pub fn template_from_text(
         .or_else(|| tagged.get(6).copied().flatten().map(|s| (s, "dump")));
     match rom {
         Some((size, source)) => {
-            let len = usize::try_from(size).map_err(|_| anyhow!("ROM size {size} too large"))?;
-            template = template
-                .with_rom(vec![0; len])
-                .map_err(|e| anyhow!("expansion ROM of {size} bytes: {e}"))?;
+            // with_rom_size checks the size against the fake's ROM limit before allocating.
+            template = template.with_rom_size(size).map_err(|e| {
+                anyhow!(
+                    "expansion ROM of {size} bytes (from the {}): {e}",
+                    if source == "option" {
+                        "--bar-size rom= option"
+                    } else {
+                        "dump's Expansion ROM line"
+                    }
+                )
+            })?;
             notes.push(SizeNote {
                 bar: 6,
                 size,

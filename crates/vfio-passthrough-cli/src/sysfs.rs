@@ -97,7 +97,8 @@ pub struct Host {
 /// `/dev/vfio/noiommu-<group>`.
 pub fn is_noiommu_group(root: &Path, group: &str) -> bool {
     let name = root.join(format!("sys/kernel/iommu_groups/{group}/name"));
-    fs::read_to_string(name).is_ok_and(|n| n.trim() == "vfio-noiommu")
+    crate::input::read_text_bounded(&name, crate::input::MAX_SYSFS_BYTES)
+        .is_ok_and(|n| n.trim() == "vfio-noiommu")
         || fs::symlink_metadata(root.join(format!("dev/vfio/noiommu-{group}"))).is_ok()
 }
 
@@ -107,14 +108,17 @@ impl Host {
         self.root.join(abs.trim_start_matches('/'))
     }
 
-    /// Reads a text file, trimmed.
+    /// Reads a text file, trimmed. Like every file read under the root, it must be a regular
+    /// file of at most [`crate::input::MAX_SYSFS_BYTES`] (a sysfs attribute is one page): a
+    /// FIFO or device planted in a copied tree is refused, never waited on.
     pub fn read_text(&self, abs: &str) -> io::Result<String> {
-        fs::read_to_string(self.path(abs)).map(|s| s.trim().to_string())
+        crate::input::read_text_bounded(&self.path(abs), crate::input::MAX_SYSFS_BYTES)
+            .map(|s| s.trim().to_string())
     }
 
-    /// Reads a binary file.
+    /// Reads a binary file (bounded as [`Host::read_text`]).
     pub fn read_bytes(&self, abs: &str) -> io::Result<Vec<u8>> {
-        fs::read(self.path(abs))
+        crate::input::read_bounded(&self.path(abs), crate::input::MAX_SYSFS_BYTES)
     }
 
     /// The last component of a symlink's target (`driver -> ../drivers/vfio-pci` gives `vfio-pci`).

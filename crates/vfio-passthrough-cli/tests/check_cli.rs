@@ -896,3 +896,35 @@ fn short_bdf_is_accepted() {
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.starts_with(BDF));
 }
+
+#[test]
+fn sysfs_and_proc_files_that_are_fifos_are_refused_without_waiting_for_a_writer() {
+    // A copied tree (--root) can hold anything: opening a FIFO with no writer for reading
+    // blocks until one appears, so each file `check` reads is opened without blocking and
+    // must be a regular file. run_bin fails the test if the check takes over 20 s.
+    let f = ready_host();
+    let dir = format!("sys/bus/pci/devices/{BDF}");
+    for rel in [
+        format!("{dir}/config"),
+        format!("{dir}/resource"),
+        format!("{dir}/reset_method"),
+        format!("{dir}/class"),
+        "proc/cmdline".to_string(),
+        "sys/module/vfio/parameters/enable_unsafe_noiommu_mode".to_string(),
+    ] {
+        f.remove(&rel);
+        let c = std::ffi::CString::new(f.p(&rel).display().to_string()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    }
+    let r = f.check(&[]);
+    // Unreadable config space and resource file are warnings (as for a non-root read).
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    for item in ["config space", "BARs"] {
+        let (line, _) = r.item(item);
+        assert!(
+            line.starts_with("[warn]") && line.contains("a FIFO"),
+            "{line}"
+        );
+    }
+}

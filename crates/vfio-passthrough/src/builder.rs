@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use pci_bar_alloc::BarAllocator;
 use pci_interrupts::InterruptManager;
 use vfio_backend::kernel::{KernelContainer, KernelDevice};
+#[cfg(feature = "vfio-user")]
 use vfio_backend::user::{UserDevice, UserOptions};
 use vfio_backend::Vfio;
 use vfio_pci::{
@@ -45,6 +46,7 @@ enum Source {
         container: Option<Arc<KernelContainer>>,
         mode: KernelMode,
     },
+    #[cfg(feature = "vfio-user")]
     VfioUser {
         path: PathBuf,
         options: UserOptions,
@@ -56,6 +58,7 @@ impl Source {
     fn describe(&self) -> String {
         match self {
             Source::Sysfs { path, .. } => format!("host device {}", path.display()),
+            #[cfg(feature = "vfio-user")]
             Source::VfioUser { path, .. } => format!("vfio-user device at {}", path.display()),
             Source::Vfio(_) => "VFIO device".to_owned(),
         }
@@ -156,12 +159,16 @@ impl DeviceBuilder<'static> {
     }
 
     /// A device served by a vfio-user server listening at `path`.
+    #[cfg(feature = "vfio-user")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
     pub fn vfio_user(path: impl Into<PathBuf>) -> Self {
         Self::vfio_user_with_options(path, UserOptions::default())
     }
 
     /// Like [`vfio_user`](Self::vfio_user), with connection options
     /// (request timeouts, transfer sizes).
+    #[cfg(feature = "vfio-user")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
     pub fn vfio_user_with_options(path: impl Into<PathBuf>, options: UserOptions) -> Self {
         Self::with_source(Source::VfioUser {
             path: path.into(),
@@ -371,6 +378,7 @@ fn open(source: Source) -> Result<(Arc<dyn Vfio>, DeviceBackend)> {
             })?);
             Ok((dev.clone(), DeviceBackend::Kernel(dev)))
         }
+        #[cfg(feature = "vfio-user")]
         Source::VfioUser { path, options } => {
             let dev = Arc::new(UserDevice::connect_with_options(&path, options).map_err(
                 |source| Error::OpenDevice {
@@ -398,6 +406,8 @@ pub enum DeviceBackend {
     /// A host device through the kernel's VFIO.
     Kernel(Arc<KernelDevice>),
     /// A vfio-user connection.
+    #[cfg(feature = "vfio-user")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
     User(Arc<UserDevice>),
     /// A backend given with [`DeviceBuilder::vfio`].
     Other,
@@ -436,6 +446,8 @@ impl PassthroughDevice {
     }
 
     /// The vfio-user connection, when built from a socket path.
+    #[cfg(feature = "vfio-user")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
     pub fn user_device(&self) -> Option<&Arc<UserDevice>> {
         match &self.backend {
             DeviceBackend::User(u) => Some(u),

@@ -1,9 +1,11 @@
 //! One dependency for a VMM: the VFIO PCI passthrough stack re-exported, and
 //! the KVM glue behind the `kvm` feature.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod builder;
 mod error;
 #[cfg(feature = "kvm")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub mod kvm;
 
 pub use builder::{DeviceBackend, DeviceBuilder, KernelMode, PassthroughDevice};

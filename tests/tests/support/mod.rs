@@ -396,15 +396,34 @@ impl Default for Vm {
 }
 
 /// Guest RAM as a VMM builds it for vfio-user: memfd-backed regions, so a
-/// server can map the same memory.
+/// server can map the same memory, sealed against shrinking as QEMU's
+/// `memory-backend-memfd` seals it (so our server maps it and the fake's
+/// DMA through it completes inside the doorbell write).
 pub fn guest_ram() -> GuestMemoryMmap {
+    guest_ram_in(guest_ram_file(true))
+}
+
+/// The memfd behind [`guest_ram`], of the size of [`RAM_REGIONS`],
+/// sealed with `F_SEAL_SHRINK` or not.
+pub fn guest_ram_file(sealed: bool) -> File {
     let total: usize = RAM_REGIONS.iter().map(|r| r.1).sum();
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"guest-ram".as_ptr(), flags) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: a fresh descriptor nobody else owns, taken over once.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(total as u64).unwrap();
+    if sealed {
+        // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(rc, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+    }
+    file
+}
+
+/// Guest RAM of [`RAM_REGIONS`] in `file` (see [`guest_ram_file`]).
+pub fn guest_ram_in(file: File) -> GuestMemoryMmap {
     let mut offset = 0u64;
     let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = RAM_REGIONS
         .iter()

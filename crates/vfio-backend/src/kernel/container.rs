@@ -12,9 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vfio_bindings::bindings::vfio as uapi;
 
-use super::device::{DeviceCore, DeviceIommu, KernelDevice};
 use super::ioctls::{self, IommuInfo};
-use super::sysfs::{self, SysfsDevice};
+use super::sysfs::SysfsDevice;
 use super::{check_dma_args, open_node, prefix_error, IommuMode, DEV_VFIO};
 use crate::{DmaSource, Error, Result};
 
@@ -34,7 +33,7 @@ struct ContainerState {
 ///
 /// Created with [`KernelContainer::new`] (type1v2 IOMMU) or
 /// [`KernelContainer::new_noiommu`] (explicit opt-in to no-IOMMU mode), and
-/// shared by `Arc`: each [`KernelGroup`] and hence each [`KernelDevice`]
+/// shared by `Arc`: each [`KernelGroup`] and hence each [`KernelDevice`](super::KernelDevice)
 /// holds a reference.
 #[derive(Debug)]
 pub struct KernelContainer {
@@ -123,26 +122,6 @@ impl KernelContainer {
             ))),
             _ => Ok(()),
         }
-    }
-
-    /// Opens the device at `sysfs_path` (e.g.
-    /// `/sys/bus/pci/devices/0000:00:01.0`): opens its group (or reuses it
-    /// when another device of the group is already open), attaches the
-    /// group to this container, and gets the device fd.
-    pub fn open_device(self: &Arc<Self>, sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let dev = sysfs::probe(sysfs_path.as_ref())?;
-        Self::check_mode_for(&dev, self.mode)?;
-        self.open_probed(dev)
-    }
-
-    pub(crate) fn open_probed(self: &Arc<Self>, dev: SysfsDevice) -> Result<KernelDevice> {
-        let group = self.open_group(dev.group_id)?;
-        let core = group.device_core(&dev.name)?;
-        Ok(KernelDevice::new(
-            core,
-            DeviceIommu::Group(group),
-            Some(dev.path),
-        ))
     }
 
     /// The group `group_id` attached to this container: the one already
@@ -295,7 +274,7 @@ impl AsFd for KernelContainer {
 
 /// An IOMMU group attached to a [`KernelContainer`], shared by `Arc` by the
 /// devices opened from it. Its fd is what the KVM-VFIO device and
-/// [`KernelDevice::hot_reset`] need (`AsFd`). Dropping the last reference
+/// [`KernelDevice::hot_reset`](super::KernelDevice::hot_reset) need (`AsFd`). Dropping the last reference
 /// detaches the group from the container and closes it.
 #[derive(Debug)]
 pub struct KernelGroup {
@@ -314,25 +293,16 @@ impl KernelGroup {
     pub fn container(&self) -> &Arc<KernelContainer> {
         &self.container
     }
+}
 
-    /// Opens the device `name` (its PCI address, `0000:00:01.0`) of this
-    /// group.
-    pub fn open_device(self: &Arc<Self>, name: &str) -> Result<KernelDevice> {
-        let core = self.device_core(name)?;
-        Ok(KernelDevice::new(
-            core,
-            DeviceIommu::Group(Arc::clone(self)),
-            None,
-        ))
-    }
-
-    fn device_core(&self, name: &str) -> Result<DeviceCore> {
+impl KernelGroup {
+    /// The fd of device `name` of this group (`VFIO_GROUP_GET_DEVICE_FD`).
+    pub(super) fn device_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
         let cname = CString::new(name).map_err(|_| {
             Error::InvalidArgument(format!("device name {name:?} contains a NUL byte"))
         })?;
-        let fd = ioctls::group_get_device_fd(self.file.as_fd(), &cname)
-            .map_err(|e| prefix_error(e, &format!("group {}", self.id)))?;
-        DeviceCore::new(fd, name.to_string())
+        ioctls::group_get_device_fd(self.file.as_fd(), &cname)
+            .map_err(|e| prefix_error(e, &format!("group {}", self.id)))
     }
 }
 

@@ -510,21 +510,6 @@ impl KernelDevice {
         }
     }
 
-    /// Opens the device at `sysfs_path` (e.g.
-    /// `/sys/bus/pci/devices/0000:00:01.0`) in a new type1v2 container of its
-    /// own. To share one container (and its DMA mappings) between devices,
-    /// create a [`KernelContainer`] and call [`KernelContainer::open_device`]
-    /// for each.
-    ///
-    /// Fails with [`Error::NotAvailable`] when the device, its IOMMU group or
-    /// `/dev/vfio` is missing, and refuses a no-IOMMU group (see
-    /// [`KernelContainer::new_noiommu`]).
-    pub fn open(sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let dev = super::sysfs::probe(sysfs_path.as_ref())?;
-        KernelContainer::check_mode_for(&dev, super::IommuMode::Type1v2)?;
-        KernelContainer::new()?.open_probed(dev)
-    }
-
     /// The device name: its PCI address for a group-opened device, the cdev
     /// path otherwise.
     pub fn name(&self) -> &str {

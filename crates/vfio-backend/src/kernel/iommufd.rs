@@ -7,14 +7,13 @@
 
 use std::fs::File;
 use std::ops::RangeInclusive;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
 
-use super::device::{DeviceCore, DeviceIommu, KernelDevice};
-use super::{check_dma_args, ioctls, open_node, prefix_error, sysfs};
+use super::{check_dma_args, ioctls, open_node, prefix_error};
 use crate::{DmaSource, Error, Result};
 
 /// The default iommufd node.
@@ -165,55 +164,13 @@ impl IommufdIoas {
         self.ioas_id
     }
 
-    /// Opens the device at `sysfs_path` through its vfio cdev (found in
-    /// `<sysfs_path>/vfio-dev/vfioN`, opened as `/dev/vfio/devices/vfioN`),
-    /// binds it to the iommufd and attaches it to this IOAS.
-    pub fn open_device(self: &Arc<Self>, sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let sysfs_path = sysfs_path.as_ref();
-        let cdev = sysfs::vfio_cdev_name(sysfs_path)?;
-        let name = sysfs_path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or(cdev.as_str())
-            .to_string();
-        // The kernel lists a no-IOMMU device in vfio-dev/ too, but gives it no cdev.
-        if sysfs::probe(sysfs_path).is_ok_and(|d| d.noiommu) {
-            return Err(Error::Unsupported(format!(
-                "{name} is in a no-IOMMU group: the kernel offers no vfio cdev (iommufd) for \
-                 it; open it through the legacy API with KernelContainer::new_noiommu()"
-            )));
-        }
-        let file = open_node(&Path::new(DEV_VFIO_DEVICES).join(&cdev))?;
-        self.attach(OwnedFd::from(file), name, Some(sysfs_path.to_path_buf()))
-    }
-
-    /// Opens the vfio cdev at `cdev_path` (`/dev/vfio/devices/vfioN`), binds
-    /// it to the iommufd and attaches it to this IOAS.
-    pub fn open_cdev(self: &Arc<Self>, cdev_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let cdev_path = cdev_path.as_ref();
-        let file = open_node(cdev_path)?;
-        self.attach(OwnedFd::from(file), cdev_path.display().to_string(), None)
-    }
-
-    fn attach(
-        self: &Arc<Self>,
-        fd: OwnedFd,
-        name: String,
-        sysfs_path: Option<PathBuf>,
-    ) -> Result<KernelDevice> {
-        let dev_id = ioctls::device_bind_iommufd(fd.as_fd(), self.iommufd.as_fd())
-            .map_err(|e| prefix_error(e, &name))?;
-        ioctls::device_attach_iommufd_pt(fd.as_fd(), self.ioas_id)
-            .map_err(|e| prefix_error(e, &name))?;
-        let core = DeviceCore::new(fd, name)?;
-        Ok(KernelDevice::new(
-            core,
-            DeviceIommu::Iommufd {
-                ioas: Arc::clone(self),
-                dev_id,
-            },
-            sysfs_path,
-        ))
+    /// Binds the vfio cdev `fd` to this iommufd and attaches it to this
+    /// IOAS; returns the iommufd device id.
+    pub(super) fn bind_and_attach(&self, fd: BorrowedFd<'_>, name: &str) -> Result<u32> {
+        let dev_id = ioctls::device_bind_iommufd(fd, self.iommufd.as_fd())
+            .map_err(|e| prefix_error(e, name))?;
+        ioctls::device_attach_iommufd_pt(fd, self.ioas_id).map_err(|e| prefix_error(e, name))?;
+        Ok(dev_id)
     }
 
     /// Maps `size` bytes at `host.host_addr` to exactly `iova`

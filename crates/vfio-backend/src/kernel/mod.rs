@@ -44,9 +44,14 @@
 
 mod container;
 mod device;
+// Public for the fuzz targets only (they drive its parsers of what the
+// kernel writes back): not part of the API. Its types that are part of the
+// API are re-exported below.
+#[doc(hidden)]
 pub mod ioctls;
 #[cfg(feature = "iommufd")]
 mod iommufd;
+mod open;
 mod sysfs;
 
 use std::fs::{File, OpenOptions};
@@ -56,6 +61,7 @@ pub use container::{KernelContainer, KernelGroup};
 pub use device::KernelDevice;
 pub use ioctls::{DependentDevice, DependentOwner, HotResetInfo, IommuInfo};
 #[cfg(feature = "iommufd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "iommufd")))]
 pub use iommufd::IommufdIoas;
 
 use crate::{Error, Result};

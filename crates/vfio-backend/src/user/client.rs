@@ -26,12 +26,26 @@
 //!   reply to a message id that was never sent) poisons the connection:
 //!   every waiting and later request fails with [`Error::Protocol`], and the
 //!   socket is shut down.
+//!
+//! Every size, count and descriptor the server names is checked against
+//! what was negotiated before anything is allocated, read or mapped: a
+//! reply's size against our limit (and the request it answers), a region
+//! info reply against the `argsz` we asked for, interrupt vector counts
+//! against 2048 (MSI-X's most). The server's own commands are refused with
+//! an error reply (and nothing allocated) until the `VERSION` reply was
+//! accepted (`EINVAL`), when they carry descriptors (`EINVAL`), when
+//! [`UserOptions::serve_dma_messages`] is off (`ENOTSUP`), when their count
+//! exceeds our `max_data_xfer_size` or disagrees with the payload
+//! (`EINVAL`), and when their range is not inside one mapping registered
+//! with a host address (`EFAULT`; `ENOTSUP` for a file-only mapping,
+//! `EPERM` to write a read-only one). Other commands get `ENOTSUP`.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,6 +61,16 @@ use crate::{DeviceInfo, DmaSource, Error, IrqInfo, Mapping, RegionInfo, Result, 
 pub const MAX_REGIONS: u32 = 256;
 /// The largest region info reply we ask for (capabilities included).
 const MAX_REGION_INFO_ARGSZ: u32 = 64 * 1024;
+/// The most vectors an interrupt index may announce: MSI-X's 2048 (the
+/// table size field of the capability has 11 bits), the largest a PCI
+/// function has.
+const MAX_IRQ_VECTORS: u32 = 2048;
+/// The largest `max_data_xfer_size` we offer, whatever the options say
+/// (16 MiB): every message the server sends may be this big, and is
+/// buffered whole.
+pub const MAX_DATA_XFER_SIZE: u32 = 16 << 20;
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
 /// How many timed-out message ids we remember, to drop their late replies.
 const TIMED_OUT_MEMORY: usize = 1024;
 /// How long after the last request the idle thread starts watching the
@@ -65,13 +89,17 @@ pub struct UserOptions {
     pub reset_timeout: Duration,
     /// The most data bytes we accept in one message from the server (our
     /// `max_data_xfer_size` capability); transfers are also split at the
-    /// server's own value.
+    /// server's own value. Taken as 1 when 0 and as
+    /// [`MAX_DATA_XFER_SIZE`] when larger: a server may make us buffer a
+    /// message of this size.
     pub max_data_xfer_size: u32,
     /// The most file descriptors we accept in one message (our
     /// `max_msg_fds` capability).
     pub max_msg_fds: u32,
     /// Answer the server's `DMA_READ` / `DMA_WRITE` from the host addresses
-    /// given to [`Vfio::dma_map`]. When false they are refused with `ENOTSUP`.
+    /// given to [`Vfio::dma_map`], up to `max_data_xfer_size` bytes each and
+    /// only inside one registered mapping. When false they are refused with
+    /// `ENOTSUP`.
     pub serve_dma_messages: bool,
 }
 
@@ -216,7 +244,18 @@ struct Shared {
     /// Payload buffers for reuse.
     pool: Mutex<Vec<Vec<u8>>>,
     dma: Mutex<Vec<DmaEntry>>,
+    /// The VERSION reply was received and accepted: until then the
+    /// server's commands are refused.
+    negotiated: AtomicBool,
     options: UserOptions,
+}
+
+/// What we answer to a command from the server.
+enum ServerReply {
+    /// `DMA_READ`: the request echoed, then the data (a pooled buffer).
+    Read(DmaAccessPayload, Vec<u8>),
+    /// `DMA_WRITE`: the request echoed.
+    Write(DmaAccessPayload),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -751,6 +790,12 @@ impl Shared {
                     m.fds.len()
                 )));
             }
+            if m.payload.len() > argsz as usize {
+                return Err(self.violation(format!(
+                    "region {index} info reply has {} bytes, more than the {argsz} asked for",
+                    m.payload.len()
+                )));
+            }
             let fixed =
                 RegionInfoPayload::decode(&m.payload).map_err(|e| self.violation(e.to_string()))?;
             if fixed.index != index {
@@ -783,28 +828,19 @@ impl Shared {
     /// Answers a command the server sent us (whoever holds the reader role).
     fn serve_server_command(&self, m: Message) {
         let h = m.header;
-        let reply = match h.command {
-            command::DMA_READ | command::DMA_WRITE if !m.fds.is_empty() => Err(libc::EINVAL),
-            command::DMA_READ => self.dma_read(&m.payload),
-            command::DMA_WRITE => self.dma_write(&m.payload),
-            other => {
-                log::warn!(
-                    "vfio-user server sent unsupported command {other} ({})",
-                    command_name(other)
-                );
-                Err(libc::ENOTSUP)
-            }
-        };
+        let reply = self.server_command_reply(&m);
         self.recycle(m.payload);
-        if h.no_reply() {
-            return;
-        }
         let result = match reply {
-            Ok(parts) => {
-                let len = parts.iter().map(Vec::len).sum();
-                let slices: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
-                Header::reply(&h, len).and_then(|rh| self.send(&rh, &slices, &[]))
+            _ if h.no_reply() => Ok(()),
+            Ok(ServerReply::Read(req, data)) => {
+                let echo = req.encode();
+                let sent = Header::reply(&h, echo.len().saturating_add(data.len()))
+                    .and_then(|rh| self.send(&rh, &[&echo, &data], &[]));
+                self.recycle(data);
+                sent
             }
+            Ok(ServerReply::Write(req)) => Header::reply(&h, DmaAccessPayload::SIZE)
+                .and_then(|rh| self.send(&rh, &[&req.encode()], &[])),
             Err(errno) => self.send(&Header::error_reply(&h, errno), &[], &[]),
         };
         if let Err(e) = result {
@@ -812,58 +848,114 @@ impl Shared {
         }
     }
 
-    fn dma_read(&self, payload: &[u8]) -> std::result::Result<Vec<Vec<u8>>, i32> {
-        if payload.len() != DmaAccessPayload::SIZE {
-            return Err(libc::EINVAL);
+    /// Checks a command from the server against what was negotiated and
+    /// serves it, or says with which errno to refuse it. Nothing the
+    /// server names is allocated, read or written before it is checked:
+    /// the version must be negotiated, DMA messages allowed, the count at
+    /// most our `max_data_xfer_size`, the payload exactly what the count
+    /// says, and the range inside a registered host-memory mapping.
+    fn server_command_reply(&self, m: &Message) -> std::result::Result<ServerReply, i32> {
+        let h = m.header;
+        let refuse = |errno: i32, why: &str| {
+            log::debug!(
+                "vfio-user: refusing the server's {} (id {}) with errno {errno}: {why}",
+                command_name(h.command),
+                h.id
+            );
+            Err(errno)
+        };
+        if !self.negotiated.load(Ordering::Acquire) {
+            return refuse(libc::EINVAL, "the version is not negotiated yet");
         }
-        let req = DmaAccessPayload::decode(payload).map_err(|_| libc::EINVAL)?;
-        let len = usize::try_from(req.count).map_err(|_| libc::EINVAL)?;
-        let mut data = vec![0u8; len];
-        {
-            // Hold the table lock during the copy so that dma_unmap cannot
-            // return (and the caller free the memory) in the middle of it.
-            let _dma = lock(&self.dma);
-            let e = self.dma_lookup_locked(&_dma, req.address, req.count)?;
-            let src = e
-                .host_addr
-                .checked_add(req.address - e.iova)
-                .ok_or(libc::EFAULT)?;
-            // SAFETY: [src, src + len) lies inside a range the caller of
-            // dma_map declared valid host memory for the whole life of the
-            // mapping (the Vfio::dma_map contract), and the mapping cannot be
-            // removed while we hold the table lock. `data` is a fresh buffer
-            // of len bytes.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src as *const u8, data.as_mut_ptr(), len);
-            }
+        if h.command != command::DMA_READ && h.command != command::DMA_WRITE {
+            log::warn!(
+                "vfio-user server sent unsupported command {} ({})",
+                h.command,
+                command_name(h.command)
+            );
+            return Err(libc::ENOTSUP);
         }
-        Ok(vec![req.encode().to_vec(), data])
+        if !m.fds.is_empty() {
+            return refuse(libc::EINVAL, "file descriptors attached");
+        }
+        if !self.options.serve_dma_messages {
+            return refuse(libc::ENOTSUP, "DMA messages are not served");
+        }
+        let Ok(req) = DmaAccessPayload::decode(&m.payload) else {
+            return refuse(libc::EINVAL, "payload shorter than 16 bytes");
+        };
+        if req.count > u64::from(self.options.max_data_xfer_size) {
+            return refuse(libc::EINVAL, "count above our max_data_xfer_size");
+        }
+        // The count is at most a u32 now.
+        let len = usize::try_from(req.count).unwrap_or(usize::MAX);
+        let data_len = m.payload.len().saturating_sub(DmaAccessPayload::SIZE);
+        let expected = if h.command == command::DMA_READ {
+            0
+        } else {
+            len
+        };
+        if m.payload.len() < DmaAccessPayload::SIZE || data_len != expected {
+            return refuse(libc::EINVAL, "payload size does not match the count");
+        }
+        let result = if h.command == command::DMA_READ {
+            self.dma_read(req, len)
+                .map(|data| ServerReply::Read(req, data))
+        } else {
+            let data = m.payload.get(DmaAccessPayload::SIZE..).unwrap_or(&[]);
+            self.dma_write(req, data).map(|()| ServerReply::Write(req))
+        };
+        result.or_else(|errno| refuse(errno, "not inside a registered mapping that allows it"))
     }
 
-    fn dma_write(&self, payload: &[u8]) -> std::result::Result<Vec<Vec<u8>>, i32> {
-        let req = DmaAccessPayload::decode(payload).map_err(|_| libc::EINVAL)?;
-        let data = payload.get(DmaAccessPayload::SIZE..).unwrap_or(&[]);
+    /// Copies `len` (= `req.count`, already checked against our
+    /// `max_data_xfer_size`) bytes out of the registered host memory into
+    /// a pooled buffer, allocated only once the range was found valid.
+    fn dma_read(&self, req: DmaAccessPayload, len: usize) -> std::result::Result<Vec<u8>, i32> {
+        // Hold the table lock during the copy so that dma_unmap cannot
+        // return (and the caller free the memory) in the middle of it.
+        let dma = lock(&self.dma);
+        let e = self.dma_lookup_locked(&dma, req.address, req.count)?;
+        let src = e
+            .host_addr
+            .checked_add(req.address - e.iova)
+            .ok_or(libc::EFAULT)?;
+        let mut data = self.take_buf();
+        data.clear();
+        data.resize(len, 0);
+        // SAFETY: [src, src + len) lies inside a range the caller of
+        // dma_map declared valid host memory for the whole life of the
+        // mapping (the Vfio::dma_map contract; the lookup checked the whole
+        // range and len == req.count), and the mapping cannot be removed
+        // while we hold the table lock. `data` holds len bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src as *const u8, data.as_mut_ptr(), len);
+        }
+        Ok(data)
+    }
+
+    /// Copies `data` (exactly `req.count` bytes, already checked) into the
+    /// registered writable host memory.
+    fn dma_write(&self, req: DmaAccessPayload, data: &[u8]) -> std::result::Result<(), i32> {
         if data.len() as u64 != req.count {
             return Err(libc::EINVAL);
         }
-        {
-            let _dma = lock(&self.dma);
-            let e = self.dma_lookup_locked(&_dma, req.address, req.count)?;
-            if e.read_only {
-                return Err(libc::EPERM);
-            }
-            let dst = e
-                .host_addr
-                .checked_add(req.address - e.iova)
-                .ok_or(libc::EFAULT)?;
-            // SAFETY: as in dma_read: [dst, dst + len) lies inside writable
-            // host memory the caller of dma_map registered and that stays
-            // mapped while we hold the table lock.
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len());
-            }
+        let dma = lock(&self.dma);
+        let e = self.dma_lookup_locked(&dma, req.address, req.count)?;
+        if e.read_only {
+            return Err(libc::EPERM);
         }
-        Ok(vec![req.encode().to_vec()])
+        let dst = e
+            .host_addr
+            .checked_add(req.address - e.iova)
+            .ok_or(libc::EFAULT)?;
+        // SAFETY: as in dma_read: [dst, dst + data.len()) lies inside
+        // writable host memory the caller of dma_map registered and that
+        // stays mapped while we hold the table lock.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len());
+        }
+        Ok(())
     }
 
     /// Finds the registered range holding `address .. address + count`.
@@ -960,7 +1052,7 @@ impl UserDevice {
     /// info (keeping region fds for [`Vfio::mmap_region`]).
     pub fn from_stream(stream: UnixStream, options: UserOptions) -> Result<UserDevice> {
         let options = UserOptions {
-            max_data_xfer_size: options.max_data_xfer_size.max(1),
+            max_data_xfer_size: options.max_data_xfer_size.clamp(1, MAX_DATA_XFER_SIZE),
             ..options
         };
         stream
@@ -988,6 +1080,7 @@ impl UserDevice {
             }),
             pool: Mutex::new(Vec::with_capacity(POOL_BUFFERS)),
             dma: Mutex::new(Vec::new()),
+            negotiated: AtomicBool::new(false),
             options,
         });
         let idle_shared = Arc::clone(&shared);
@@ -1024,6 +1117,8 @@ impl UserDevice {
         if server_caps.max_data_xfer_size == 0 {
             return Err(s.violation("server announced a max_data_xfer_size of 0".into()));
         }
+        // From now on the server may send commands (DMA_READ / DMA_WRITE).
+        s.negotiated.store(true, Ordering::Release);
 
         // DEVICE_GET_INFO.
         let req = DeviceInfoPayload {
@@ -1292,6 +1387,12 @@ impl Vfio for UserDevice {
                 rep.index
             )));
         }
+        if rep.count > MAX_IRQ_VECTORS {
+            return Err(s.violation(format!(
+                "irq index {index} announces {} vectors, more than the {MAX_IRQ_VECTORS} of any PCI index",
+                rep.count
+            )));
+        }
         Ok(IrqInfo {
             index,
             flags: rep.flags,
@@ -1305,7 +1406,9 @@ impl Vfio for UserDevice {
         start: u32,
         fds: &[Option<BorrowedFd<'_>>],
     ) -> Result<()> {
-        let max = self.server_caps.max_msg_fds as usize;
+        // Batches of the server's max_msg_fds, and never more than the
+        // kernel passes in one message.
+        let max = (self.server_caps.max_msg_fds as usize).min(SCM_MAX_FD);
         let flags = irq_set::DATA_EVENTFD | irq_set::ACTION_TRIGGER;
         let mut pos = 0usize;
         let mut batch: Vec<BorrowedFd<'_>> = Vec::new();
@@ -1447,7 +1550,15 @@ impl Vfio for UserDevice {
         if m.payload.is_empty() {
             return s.expect_plain(&m, 0);
         }
-        s.expect_plain(&m, DmaUnmapPayload::SIZE)
+        s.expect_plain(&m, DmaUnmapPayload::SIZE)?;
+        let echo = DmaUnmapPayload::decode(&m.payload).map_err(|e| s.violation(e.to_string()))?;
+        if echo.address != iova || echo.size != size {
+            return Err(s.violation(format!(
+                "DMA_UNMAP reply for {:#x}+{:#x} to a request for {iova:#x}+{size:#x}",
+                echo.address, echo.size
+            )));
+        }
+        Ok(())
     }
 
     fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {

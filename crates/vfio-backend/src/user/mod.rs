@@ -12,10 +12,13 @@
 //!   [`crate::Vfio`] device on a socket that only its owner may use.
 
 mod client;
+// Public for the fuzz targets, the benches and the hostile-peer tests only:
+// the wire codec is not part of the API and may change in any release.
+#[doc(hidden)]
 pub mod protocol;
 mod server;
 
-pub use client::{UserDevice, UserOptions, MAX_REGIONS};
+pub use client::{UserDevice, UserOptions, MAX_DATA_XFER_SIZE, MAX_REGIONS};
 pub use protocol::Capabilities;
 pub use server::{
     bind_socket, serve, serve_connection, serve_connection_with_options, ServerOptions, UserServer,

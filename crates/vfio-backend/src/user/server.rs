@@ -7,10 +7,33 @@
 //! descriptors are bounded and checked, and nothing it sends can make the
 //! server panic.
 //!
-//! What this server does not do: `DMA_MAP` without a file descriptor is
-//! refused with `ENOTSUP` (the device needs host memory it can reach, and
-//! this server does not issue `DMA_READ`/`DMA_WRITE`); `DATA_BOOL` interrupt
-//! sets, client-triggered interrupts, `GET_REGION_IO_FDS`, migration and
+//! DMA, both ways the spec allows:
+//! - `DMA_MAP` with a file descriptor: the file must be a regular file
+//!   (a memfd, a tmpfs or hugetlbfs file) at least `offset + size` long,
+//!   opened for reading (and writing when the map is writable), else
+//!   `EINVAL` / `EACCES`. A file sealed against shrinking (`F_SEAL_SHRINK`,
+//!   as QEMU's `memory-backend-memfd` seals by default) is mmapped and the
+//!   device reaches it with loads and stores. Any other file is not mapped:
+//!   the device gets it with `host_addr` 0 and reaches it by `pread` /
+//!   `pwrite`, so a client that shrinks the file later makes the device's
+//!   DMA fail (a DMA fault) instead of killing the server with `SIGBUS`.
+//!   (hugetlbfs has no `write(2)`: a device writing to an unsealed
+//!   hugetlbfs file faults; a hugetlb memfd can be sealed.)
+//! - `DMA_MAP` without a file descriptor (QEMU sends that when guest RAM is
+//!   not shareable): the device gets the range through
+//!   [`Vfio::dma_map_remote`] and reaches it with `DMA_READ` / `DMA_WRITE`
+//!   messages to the client, each at most the smaller of the two sides'
+//!   `max_data_xfer_size`, each reply awaited at most
+//!   [`ServerOptions::dma_timeout`]. Replies are routed to the waiting
+//!   request by message id while this thread keeps serving the client's
+//!   commands; a late reply is dropped. The device must make those
+//!   requests outside the command handler that started them (the fake
+//!   device replies to the doorbell write first and completes such DMA on
+//!   its own thread, busy until then), since a client may answer our
+//!   requests only after we replied to its own.
+//!
+//! What this server does not do: `DATA_BOOL` interrupt sets,
+//! client-triggered interrupts, `GET_REGION_IO_FDS`, migration and
 //! twin-socket mode are refused with `ENOTSUP`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,15 +42,16 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
-    DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, RegionAccessPayload,
-    RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
+    DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message,
+    RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
-use crate::{DmaFile, DmaSource, Error, Mapping, Result, Vfio};
+use crate::{DmaFile, DmaSource, Error, Mapping, RemoteDma, Result, Vfio};
 
 /// The most vectors one `DEVICE_SET_IRQS` may name (MSI-X has at most 2048).
 const MAX_IRQ_COUNT: u32 = 2048;
@@ -49,6 +73,10 @@ pub struct ServerOptions {
     pub max_msg_fds: u32,
     /// The most simultaneous DMA mappings (our `max_dma_maps`).
     pub max_dma_maps: u32,
+    /// How long the device's DMA waits for the client's reply to one
+    /// `DMA_READ` / `DMA_WRITE` (maps without a file descriptor) before
+    /// that DMA fails.
+    pub dma_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -57,18 +85,285 @@ impl Default for ServerOptions {
             max_data_xfer_size: 1 << 20,
             max_msg_fds: DEFAULT_MAX_MSG_FDS,
             max_dma_maps: 65535,
+            dma_timeout: Duration::from_secs(5),
         }
     }
 }
 
 struct DmaRange {
     size: u64,
-    _mapping: Mapping,
+    /// Our mapping of the client's file, when the device reaches it by
+    /// loads and stores (sealed files only); `None` for fd I/O and
+    /// message DMA.
+    _mapping: Option<Mapping>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The most server requests (`DMA_READ` / `DMA_WRITE`) waiting for their
+/// replies at once.
+const MAX_OUTSTANDING: usize = 64;
+
+/// Our requests to the client that wait for a reply.
+struct Pending {
+    next_id: u16,
+    /// (message id, the reply once it came).
+    waiting: Vec<(u16, Option<Message>)>,
+    /// The connection is over: every wait fails at once.
+    closed: bool,
+}
+
+/// The socket as both directions use it: the session thread sends its
+/// replies, the device's DMA sends requests from whatever thread it runs
+/// on, and the session thread routes the client's replies to them.
+struct Link {
+    stream: UnixStream,
+    /// Held for each whole message sent, so messages never interleave.
+    send_lock: Mutex<()>,
+    pending: Mutex<Pending>,
+    replied: Condvar,
+    /// The thread that reads the socket: a request from it could never
+    /// see its reply, so it fails at once.
+    reader: std::thread::ThreadId,
+}
+
+impl Link {
+    fn send(&self, header: &Header, parts: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        let _g = lock(&self.send_lock);
+        protocol::write_message(self.stream.as_fd(), header, parts, fds)
+    }
+
+    /// Hands a reply from the client to the request waiting for it; a reply
+    /// nobody waits for (late, after a timeout) is dropped.
+    fn deliver(&self, m: Message) {
+        let mut p = lock(&self.pending);
+        let id = m.header.id;
+        match p.waiting.iter_mut().find(|(i, r)| *i == id && r.is_none()) {
+            Some((_, slot)) => {
+                *slot = Some(m);
+                self.replied.notify_all();
+            }
+            None => log::debug!(
+                "vfio-user server: dropped a reply to {} (id {id}) nobody waits for",
+                command_name(m.header.command)
+            ),
+        }
+    }
+
+    /// The session is over: waits fail at once, and the socket is shut
+    /// down even if a device still holds this link (a mapping it failed
+    /// to unmap), so the client sees the end.
+    fn close(&self) {
+        lock(&self.pending).closed = true;
+        self.replied.notify_all();
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Sends a command to the client and waits, at most `timeout`, for its
+    /// reply. An error reply is [`Error::Refused`].
+    fn request(&self, cmd: u16, parts: &[&[u8]], timeout: Duration) -> Result<Message> {
+        if std::thread::current().id() == self.reader {
+            return Err(Error::Unsupported(format!(
+                "{} from inside a command handler: the reply could not be read",
+                command_name(cmd)
+            )));
+        }
+        let len = parts.iter().map(|p| p.len()).sum();
+        let id = {
+            let mut p = lock(&self.pending);
+            if p.closed {
+                return Err(Error::Disconnected("the client left".into()));
+            }
+            if p.waiting.len() >= MAX_OUTSTANDING {
+                return Err(Error::Refused {
+                    context: format!("{}: too many requests in flight", command_name(cmd)),
+                    errno: libc::EBUSY,
+                });
+            }
+            let mut id = p.next_id;
+            while p.waiting.iter().any(|(i, _)| *i == id) {
+                id = id.wrapping_add(1);
+            }
+            p.next_id = id.wrapping_add(1);
+            p.waiting.push((id, None));
+            id
+        };
+        let forget = |p: &mut Pending| p.waiting.retain(|(i, _)| *i != id);
+        if let Err(e) = Header::command(id, cmd, len).and_then(|h| self.send(&h, parts, &[])) {
+            forget(&mut lock(&self.pending));
+            return Err(e);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut p = lock(&self.pending);
+        loop {
+            let pos = p.waiting.iter().position(|(i, r)| *i == id && r.is_some());
+            if let Some(m) = pos.and_then(|pos| p.waiting.swap_remove(pos).1) {
+                if m.header.command != cmd || !m.fds.is_empty() {
+                    return Err(Error::Protocol(format!(
+                        "reply to {} is a {} with {} file descriptors",
+                        command_name(cmd),
+                        command_name(m.header.command),
+                        m.fds.len()
+                    )));
+                }
+                if m.header.is_error() {
+                    return Err(Error::Refused {
+                        context: format!("{} to the client", command_name(cmd)),
+                        errno: i32::try_from(m.header.error)
+                            .ok()
+                            .filter(|e| *e != 0)
+                            .unwrap_or(libc::EIO),
+                    });
+                }
+                return Ok(m);
+            }
+            if p.closed {
+                forget(&mut p);
+                return Err(Error::Disconnected("the client left".into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                forget(&mut p);
+                return Err(Error::Timeout {
+                    request: command_name(cmd),
+                    after: timeout,
+                });
+            }
+            p = self
+                .replied
+                .wait_timeout(p, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+/// A client's memory mapped without a file descriptor, reached with
+/// `DMA_READ` / `DMA_WRITE` messages of at most `chunk` data bytes.
+struct ClientDma {
+    link: Arc<Link>,
+    chunk: u64,
+    timeout: Duration,
+}
+
+impl ClientDma {
+    fn pieces(&self, iova: u64, len: usize) -> Result<impl Iterator<Item = (u64, usize, usize)>> {
+        iova.checked_add(len as u64)
+            .ok_or_else(|| einval("DMA access wraps the address space"))?;
+        let chunk = usize::try_from(self.chunk).unwrap_or(usize::MAX).max(1);
+        Ok((0..len)
+            .step_by(chunk)
+            .map(move |done| (iova + done as u64, done, chunk.min(len - done))))
+    }
+}
+
+impl RemoteDma for ClientDma {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+        for (addr, done, n) in self.pieces(iova, buf.len())? {
+            let req = DmaAccessPayload {
+                address: addr,
+                count: n as u64,
+            };
+            let m = self
+                .link
+                .request(command::DMA_READ, &[&req.encode()], self.timeout)?;
+            let data = m
+                .payload
+                .get(DmaAccessPayload::SIZE..)
+                .filter(|d| d.len() == n)
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "DMA_READ reply of {} bytes to a read of {n}",
+                        m.payload.len()
+                    ))
+                })?;
+            if DmaAccessPayload::decode(&m.payload)? != req {
+                return Err(Error::Protocol(
+                    "DMA_READ reply for another address or count".into(),
+                ));
+            }
+            buf.get_mut(done..done + n)
+                .ok_or_else(|| einval("DMA_READ piece outside the buffer"))?
+                .copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
+        for (addr, done, n) in self.pieces(iova, data.len())? {
+            let req = DmaAccessPayload {
+                address: addr,
+                count: n as u64,
+            };
+            let piece = data
+                .get(done..done + n)
+                .ok_or_else(|| einval("DMA_WRITE piece outside the buffer"))?;
+            let m = self
+                .link
+                .request(command::DMA_WRITE, &[&req.encode(), piece], self.timeout)?;
+            // The spec has the client echo the fixed part; accept an empty
+            // reply too.
+            if !m.payload.is_empty() && DmaAccessPayload::decode(&m.payload)? != req {
+                return Err(Error::Protocol(
+                    "DMA_WRITE reply for another address or count".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a client's file for `DMA_MAP` must be: a regular file (a memfd, a
+/// tmpfs or hugetlbfs file) that holds `offset .. offset + size`, readable,
+/// and writable when the map is. Returns whether the file is sealed against
+/// shrinking (so that a mapping of it can never fault).
+fn check_dma_file(fd: BorrowedFd<'_>, offset: u64, size: u64, writable: bool) -> Result<bool> {
+    // SAFETY: stat is plain data; all-zero is valid.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat into `st`, which is that big, for a
+    // descriptor we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(Error::last_os_error("fstat of the DMA_MAP file"));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(einval(format!(
+            "DMA_MAP file is not a regular file (mode {:#o})",
+            st.st_mode
+        )));
+    }
+    let end = offset
+        .checked_add(size)
+        .ok_or_else(|| einval("DMA_MAP offset + size wraps"))?;
+    let len = u64::try_from(st.st_size).unwrap_or(0);
+    if len < end {
+        return Err(einval(format!(
+            "DMA_MAP of {size:#x} bytes at offset {offset:#x} of a file of {len:#x} bytes"
+        )));
+    }
+    // SAFETY: F_GETFL on a descriptor we own; no pointer involved.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if fl < 0 {
+        return Err(Error::last_os_error("F_GETFL of the DMA_MAP file"));
+    }
+    let mode = fl & libc::O_ACCMODE;
+    if mode == libc::O_WRONLY || (writable && mode == libc::O_RDONLY) {
+        return Err(Error::Refused {
+            context: "DMA_MAP file is not open for the access the map asks".into(),
+            errno: libc::EACCES,
+        });
+    }
+    // SAFETY: F_GET_SEALS on a descriptor we own; files without seals
+    // (not shmem) fail with EINVAL, which means "not sealed".
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    Ok(seals > 0 && seals & libc::F_SEAL_SHRINK != 0)
 }
 
 /// One client connection.
 struct Session<'a> {
     stream: &'a UnixStream,
+    link: Arc<Link>,
     device: &'a dyn Vfio,
     options: ServerOptions,
     negotiated: bool,
@@ -167,9 +462,6 @@ impl Session<'_> {
         if fds.len() > 1 {
             return Err(einval("DMA_MAP with more than one file descriptor"));
         }
-        let fd = fds.pop().ok_or_else(|| {
-            Error::Unsupported("DMA_MAP without a file descriptor (no DMA_READ/WRITE)".into())
-        })?;
         let end = req
             .address
             .checked_add(req.size)
@@ -192,20 +484,51 @@ impl Session<'_> {
                 errno: libc::ENOSPC,
             });
         }
+        if req.flags & !(dma_flags::READ | dma_flags::WRITE) != 0 {
+            return Err(einval(format!("DMA_MAP flags {:#x}", req.flags)));
+        }
         if req.flags & dma_flags::READ == 0 {
             return Err(einval("DMA_MAP without the readable flag"));
         }
         let read_only = req.flags & dma_flags::WRITE == 0;
-        let mut prot = libc::PROT_READ;
-        if !read_only {
-            prot |= libc::PROT_WRITE;
-        }
-        let mapping = Mapping::map_fd(fd.as_fd(), req.offset, req.size, prot)?;
+        let Some(fd) = fds.pop() else {
+            // Memory the client cannot share: reached by DMA_READ/WRITE.
+            let chunk = self
+                .client_caps
+                .max_data_xfer_size
+                .min(self.options.max_data_xfer_size)
+                .max(1);
+            let remote = Arc::new(ClientDma {
+                link: Arc::clone(&self.link),
+                chunk: u64::from(chunk),
+                timeout: self.options.dma_timeout,
+            });
+            self.device
+                .dma_map_remote(req.address, req.size, read_only, remote)?;
+            self.dma.insert(
+                req.address,
+                DmaRange {
+                    size: req.size,
+                    _mapping: None,
+                },
+            );
+            return Ok((Vec::new(), None));
+        };
+        let sealed = check_dma_file(fd.as_fd(), req.offset, req.size, !read_only)?;
+        let mapping = if sealed {
+            let mut prot = libc::PROT_READ;
+            if !read_only {
+                prot |= libc::PROT_WRITE;
+            }
+            Some(Mapping::map_fd(fd.as_fd(), req.offset, req.size, prot)?)
+        } else {
+            None
+        };
         self.device.dma_map(
             req.address,
             req.size,
             DmaSource {
-                host_addr: mapping.as_ptr() as u64,
+                host_addr: mapping.as_ref().map_or(0, |m| m.as_ptr() as u64),
                 file: Some(DmaFile {
                     fd: fd.as_fd(),
                     offset: req.offset,
@@ -450,6 +773,11 @@ impl Session<'_> {
                 Err(e) => return Err(e),
             };
             let h = m.header;
+            if h.is_reply() {
+                // A reply to one of the device's DMA requests.
+                self.link.deliver(m);
+                continue;
+            }
             if !h.is_command() {
                 log::warn!(
                     "vfio-user server: dropping unexpected message type {:#x} ({})",
@@ -466,7 +794,7 @@ impl Session<'_> {
                 Ok((payload, fd)) => {
                     let rh = Header::reply(&h, payload.len())?;
                     let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-                    let sent = protocol::write_message(self.stream.as_fd(), &rh, &[&payload], &fds);
+                    let sent = self.link.send(&rh, &[&payload], &fds);
                     self.reply_spare = recycle(payload);
                     sent
                 }
@@ -476,7 +804,7 @@ impl Session<'_> {
                         Ok(())
                     } else {
                         let rh = Header::error_reply(&h, errno_of(&e));
-                        protocol::write_message(self.stream.as_fd(), &rh, &[], &[])
+                        self.link.send(&rh, &[], &[])
                     }
                 }
             };
@@ -521,8 +849,22 @@ pub fn serve_connection_with_options(
     device: Arc<dyn Vfio>,
     options: ServerOptions,
 ) -> Result<()> {
+    let link = Arc::new(Link {
+        stream: stream
+            .try_clone()
+            .map_err(|e| Error::io("clone the vfio-user client socket", e))?,
+        send_lock: Mutex::new(()),
+        pending: Mutex::new(Pending {
+            next_id: 0,
+            waiting: Vec::new(),
+            closed: false,
+        }),
+        replied: Condvar::new(),
+        reader: std::thread::current().id(),
+    });
     let mut session = Session {
         stream: &stream,
+        link: Arc::clone(&link),
         device: device.as_ref(),
         options,
         negotiated: false,
@@ -536,6 +878,8 @@ pub fn serve_connection_with_options(
         "vfio-user server: client (max_msg_fds {}) left",
         session.client_caps.max_msg_fds
     );
+    // DMA requests still waiting fail now rather than at their timeout.
+    link.close();
     session.cleanup();
     result
 }

@@ -122,6 +122,12 @@ pub fn enable_decoding(d: &FakeDevice) {
     cfg_write16(d, 4, cmd | 0x3);
 }
 
+/// Sets Bus Master Enable (command bit 2), as a driver does before it starts DMA.
+pub fn enable_bus_master(d: &FakeDevice) {
+    let cmd = cfg_read16(d, 4);
+    cfg_write16(d, 4, cmd | 0x4);
+}
+
 pub fn bar_read32(d: &FakeDevice, bar: u32, off: u64) -> u32 {
     let mut b = [0u8; 4];
     d.region_read(bar, off, &mut b).unwrap();

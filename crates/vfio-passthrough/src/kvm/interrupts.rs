@@ -5,7 +5,6 @@ use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use kvm_bindings::KVM_IRQCHIP_IOAPIC;
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -27,12 +26,19 @@ pub struct IntxLine {
 
 impl IntxLine {
     /// `gsi` routed to IOAPIC pin `pin` (KVM's default table routes GSI n to pin n, n < 24).
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
     pub fn ioapic(gsi: u32, pin: u32) -> Self {
         Self {
             gsi,
-            chip: KVM_IRQCHIP_IOAPIC,
+            chip: kvm_bindings::KVM_IRQCHIP_IOAPIC,
             pin,
         }
+    }
+
+    /// `gsi` routed to pin `pin` of irqchip `chip`: on arm64 chip 0 is the
+    /// in-kernel GIC and `pin` an SPI number as KVM numbers them.
+    pub fn new(gsi: u32, chip: u32, pin: u32) -> Self {
+        Self { gsi, chip, pin }
     }
 }
 

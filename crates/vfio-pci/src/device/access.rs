@@ -205,7 +205,7 @@ impl VfioPciDevice {
             match *effect {
                 WriteEffect::BarReprogram { bar, new_base, .. } => {
                     if let Err(e) = self.move_bar_locked(inner, bar, new_base) {
-                        log::warn!("guest BAR move refused: {e}");
+                        log::warn!("guest BAR move refused ({e}); the BAR decodes nowhere");
                     }
                 }
                 WriteEffect::CommandChange { new, .. } => {
@@ -217,12 +217,19 @@ impl VfioPciDevice {
                 }
             }
         }
+        // The command register, a BAR or the ROM BAR: what the registers hold and where
+        // each BAR decodes must agree, whether or not a move was reported.
+        let end = off.saturating_add(buf.len());
+        if (off < 0x06 && end > 0x04) || (off < 0x34 && end > 0x10) {
+            self.sync_decode(inner);
+        }
         result
     }
 
     /// The guest reads `data.len()` (1, 2, 4 or 8) bytes at `offset` of a
-    /// trapped range of BAR `index` (6 = ROM). Bad accesses read as all
-    /// ones and are logged.
+    /// trapped range of BAR `index` (6 = ROM). Bad accesses, and any access
+    /// to a BAR that decodes nowhere (see [`super::BarView::decoding`]), read
+    /// as all ones and are logged.
     pub fn read_bar(&self, index: usize, offset: u64, data: &mut [u8]) {
         let Ok(inner) = self.inner.lock() else {
             data.fill(0xff);
@@ -232,6 +239,12 @@ impl VfioPciDevice {
             data.fill(0xff);
             return;
         };
+        if !bar.decoding {
+            // Its register holds an address the VMM refused: it decodes nowhere, and a read
+            // nobody claims reads all ones.
+            data.fill(0xff);
+            return;
+        }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
                 "BAR{index} read of {} bytes at {offset:#x} ignored",
@@ -288,6 +301,10 @@ impl VfioPciDevice {
         let Some(bar) = bar else {
             return Ok(());
         };
+        if !bar.decoding {
+            log::debug!("BAR{index} write ignored: the BAR decodes nowhere");
+            return Ok(());
+        }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
                 "BAR{index} write of {} bytes at {offset:#x} ignored",

@@ -168,6 +168,11 @@ pub struct BarView {
     pub msix_pba: Option<(u64, u64)>,
     /// The MSI-X table and PBA were relocated into an enlarged BAR.
     pub msix_relocated: bool,
+    /// The BAR decodes at `base`: its register holds that address. False while the register
+    /// holds an address the VMM refused (a sizing pattern, outside the windows, on another
+    /// BAR) or one not yet applied: the BAR then decodes nowhere (nothing mapped, its
+    /// trapped range not served) and `base` is only the range the VMM keeps reserved for it.
+    pub decoding: bool,
 }
 
 impl BarView {
@@ -192,6 +197,10 @@ struct Bar {
     layout: BarLayout,
     placement: Option<BarPlacement>,
     maps: Vec<HostMap>,
+    /// Whether the BAR decodes at its placement: mapped into the guest, its trapped range
+    /// served, found by [`VfioPciDevice::bar_at`]. True only while the BAR register holds
+    /// the placement's address (see [`VfioPciDevice::sync_decode`]).
+    decoding: bool,
 }
 
 struct MsiCtx {
@@ -276,15 +285,6 @@ impl std::fmt::Debug for VfioPciDevice {
     }
 }
 
-fn host_page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(v)
-        .ok()
-        .filter(|v| v.is_power_of_two())
-        .unwrap_or(4096)
-}
-
 fn bar_kind_from_register(reg: u32) -> BarKind {
     if reg & 1 != 0 {
         BarKind::Io
@@ -343,7 +343,9 @@ impl VfioPciDevice {
                 info.num_regions
             )));
         }
-        let page_size = options.page_size.unwrap_or_else(host_page_size);
+        let page_size = options
+            .page_size
+            .unwrap_or_else(pci_bar_alloc::host_page_size);
         if !page_size.is_power_of_two() {
             return Err(Error::InvalidArgument(format!(
                 "page size {page_size:#x} is not a power of two"
@@ -680,6 +682,7 @@ impl VfioPciDevice {
                 layout,
                 placement: None,
                 maps: Vec::new(),
+                decoding: false,
             });
         }
 
@@ -711,6 +714,7 @@ impl VfioPciDevice {
                         region: r,
                         placement: None,
                         maps: Vec::new(),
+                        decoding: false,
                     }),
                     Err(e) => {
                         log::warn!("ROM of {size:#x} bytes cannot be declared ({e}); no ROM");
@@ -948,6 +952,9 @@ impl VfioPciDevice {
                 if (b.kind == BarKind::Io) != io {
                     return None;
                 }
+                if !b.decoding {
+                    return None;
+                }
                 let base = b.placement.as_ref()?.base;
                 let off = addr.checked_sub(base)?;
                 (off < b.layout.guest_size).then_some((b.index, off))
@@ -1043,6 +1050,7 @@ fn bar_view(b: &Bar, inner: &Inner) -> BarView {
         msix_table,
         msix_pba,
         msix_relocated: b.layout.relocated,
+        decoding: b.decoding,
     }
 }
 

@@ -29,6 +29,7 @@ impl VfioPciDevice {
                     if let Some(bar) = inner.bars.get_mut(i).and_then(|b| b.as_mut()) {
                         bar.placement = Some(p);
                         self.guest_map(bar)?;
+                        bar.decoding = true;
                     }
                 }
                 Err(e) if bar.kind == BarKind::Io => {
@@ -55,6 +56,7 @@ impl VfioPciDevice {
                         .set_rom_address(p.base)
                         .map_err(|e| Error::BarPlacement(format!("ROM: {e}")))?;
                     rom.placement = Some(p);
+                    rom.decoding = true;
                 }
                 Err(e) => log::warn!("ROM not placed: {e}; the guest will not see it mapped"),
             }
@@ -100,7 +102,7 @@ impl VfioPciDevice {
         };
         let read_only = !bar.region.writable();
         let mut failed = None;
-        for m in bar.maps.iter_mut() {
+        for m in bar.maps.iter_mut().filter(|m| m.guest.is_none()) {
             let gpa = base.wrapping_add(m.area.offset);
             match self
                 .resources
@@ -136,14 +138,31 @@ impl VfioPciDevice {
         }
     }
 
-    /// Moves BAR `index` (6 = ROM) to `new_base`, as the guest or the VMM
-    /// asked. Refused unless the new range lies inside the VMM's windows and
-    /// overlaps nothing; on any failure the old placement and mappings stay.
+    /// Moves BAR `index` (6 = ROM) to `new_base`, as the VMM asks: the BAR register is set
+    /// to `new_base` and the BAR decodes there. Refused unless the new range lies inside the
+    /// VMM's windows and overlaps nothing; on any failure the old placement, register and
+    /// mappings stay.
     pub fn move_bar(&self, index: usize, new_base: u64) -> Result<()> {
         let mut inner = lock(&self.inner, "device")?;
-        self.move_bar_locked(&mut inner, index, new_base)
+        let r = self.move_bar_locked(&mut inner, index, new_base);
+        if r.is_ok() {
+            let set = if index == ROM_BAR {
+                inner.config.set_rom_address(new_base)
+            } else {
+                inner.config.set_bar_address(index, new_base)
+            };
+            if let Err(e) = set {
+                log::error!("BAR{index}: could not set the register to {new_base:#x}: {e}");
+            }
+        }
+        self.sync_decode(&mut inner);
+        r
     }
 
+    /// Moves BAR `index`'s placement to `new_base` and maps it there. On refusal (outside
+    /// the windows, on another BAR, a mapping the VMM refuses) the placement stays where it
+    /// was; the caller's [`VfioPciDevice::sync_decode`] then makes the BAR decode nowhere
+    /// while its register holds the refused address.
     pub(super) fn move_bar_locked(
         &self,
         inner: &mut Inner,
@@ -167,7 +186,6 @@ impl VfioPciDevice {
             match lock(&self.resources.allocator, "BAR allocator")?.relocate(&old, new_base) {
                 Ok(p) => p,
                 Err(e) => {
-                    restore_register(inner, index, old.base);
                     return Err(Error::BarPlacement(format!(
                         "BAR{index}: move from {:#x} to {new_base:#x} refused: {e}",
                         old.base
@@ -178,23 +196,84 @@ impl VfioPciDevice {
             return Err(Error::InvalidArgument(format!("no BAR {index}")));
         };
         self.guest_unmap(bar);
+        bar.decoding = false;
         bar.placement = Some(moved);
         if let Err(e) = self.guest_map(bar) {
-            // Put everything back where it was.
+            // Back to the old placement; it decodes nowhere until the register agrees.
             bar.placement = Some(old);
             if let Ok(mut a) = self.resources.allocator.lock() {
                 if let Err(r) = a.relocate(&moved, old.base) {
                     log::error!("BAR{index}: could not return to {:#x}: {r}", old.base);
                 }
             }
-            if let Err(r) = self.guest_map(bar) {
-                log::error!("BAR{index}: could not remap at {:#x}: {r}", old.base);
-            }
-            restore_register(inner, index, old.base);
             return Err(e);
         }
+        bar.decoding = true;
         log::debug!("BAR{index} moved from {:#x} to {new_base:#x}", old.base);
         Ok(())
+    }
+
+    /// Makes every BAR's decoding agree with its register: a BAR decodes (is mapped into
+    /// the guest, its trapped range served, found by `bar_at`) only while its register
+    /// holds its placement's address. Whatever else the register holds - a sizing pattern,
+    /// an address the VMM refused, half of a 64-bit address, an address written while
+    /// decoding is disabled and not applied yet - the BAR decodes nowhere; it decodes again
+    /// once the guest writes an address the VMM accepts (the same one, or one a move took
+    /// it to). Call after every guest write that can change a BAR register or the command
+    /// register, after a restore and after a reset.
+    pub(super) fn sync_decode(&self, inner: &mut Inner) {
+        for index in (0..inner.bars.len()).chain([ROM_BAR]) {
+            let reg = if index == ROM_BAR {
+                inner.config.rom().map(|r| r.address)
+            } else {
+                inner.config.bar_address(index)
+            };
+            let Some(bar) = inner.bar_mut(index) else {
+                continue;
+            };
+            let Some(base) = bar.placement.map(|p| p.base) else {
+                bar.decoding = false;
+                continue;
+            };
+            let agree = reg == Some(base);
+            if bar.decoding && !agree {
+                self.guest_unmap(bar);
+                bar.decoding = false;
+                log::debug!(
+                    "BAR{index}: the register holds {:#x}, not the accepted {base:#x}: it \
+                     decodes nowhere until the guest writes an address the VMM accepts",
+                    reg.unwrap_or(0)
+                );
+            } else if !bar.decoding && agree {
+                match self.guest_map(bar) {
+                    Ok(()) => bar.decoding = true,
+                    Err(e) => log::warn!("BAR{index}: mapping it again at {base:#x}: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Writes every placement back into its BAR register (after a reset: the guest finds
+    /// its BARs where the VMM placed them) and makes decoding agree.
+    pub(super) fn restore_bar_registers(&self, inner: &mut Inner) {
+        let placed: Vec<(usize, u64)> = inner
+            .bars
+            .iter()
+            .flatten()
+            .chain(inner.rom.iter())
+            .filter_map(|b| b.placement.map(|p| (b.index, p.base)))
+            .collect();
+        for (index, base) in placed {
+            let r = if index == ROM_BAR {
+                inner.config.set_rom_address(base)
+            } else {
+                inner.config.set_bar_address(index, base)
+            };
+            if let Err(e) = r {
+                log::error!("BAR{index}: could not restore the register to {base:#x}: {e}");
+            }
+        }
+        self.sync_decode(inner);
     }
 
     /// Gives every placement back to the allocator and removes every guest
@@ -203,6 +282,7 @@ impl VfioPciDevice {
         let mut released = Vec::new();
         for bar in inner.bars.iter_mut().flatten().chain(inner.rom.iter_mut()) {
             self.guest_unmap(bar);
+            bar.decoding = false;
             if let Some(p) = bar.placement.take() {
                 released.push(p);
             }
@@ -214,18 +294,5 @@ impl VfioPciDevice {
                 }
             }
         }
-    }
-}
-
-/// Writes the kept base back into the BAR register after a refused move, so
-/// the guest reads where the BAR really is.
-fn restore_register(inner: &mut Inner, index: usize, base: u64) {
-    let r = if index == ROM_BAR {
-        inner.config.set_rom_address(base)
-    } else {
-        inner.config.set_bar_address(index, base)
-    };
-    if let Err(e) = r {
-        log::error!("BAR{index}: could not restore the register to {base:#x}: {e}");
     }
 }

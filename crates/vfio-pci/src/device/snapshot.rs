@@ -150,12 +150,19 @@ impl VfioPciDevice {
             if let Some(bar) = inner.bar_mut(*i) {
                 self.guest_unmap(bar);
                 bar.placement = Some(*p);
-                if let Err(e) = self.guest_map(bar) {
-                    log::error!("restore: mapping BAR{i} at {:#x}: {e}", p.base);
-                }
+                bar.decoding = match self.guest_map(bar) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        log::error!("restore: mapping BAR{i} at {:#x}: {e}", p.base);
+                        false
+                    }
+                };
             }
         }
         inner.config = config;
+        // The snapshot's registers may hold an address not placed (a sizing pattern, a
+        // refused move): such a BAR decodes nowhere, as it did.
+        self.sync_decode(&mut inner);
         // The command register lives in the device too: give it back the
         // decode enables and bus mastering the guest had programmed.
         let cmd = inner.config.command();
@@ -225,6 +232,9 @@ impl VfioPciDevice {
             }
         }
         inner.config.set_command(0);
+        // BAR registers read their placements again, and every placed BAR decodes there
+        // (a register left holding a refused address no longer keeps the BAR off the bus).
+        self.restore_bar_registers(&mut inner);
         let m = self.apply_irq_mode(&mut inner);
         r.and(m)
     }
