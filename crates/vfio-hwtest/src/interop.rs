@@ -913,8 +913,10 @@ fn hot_replug(ctx: &Ctx<'_>) -> Result<Outcome> {
     );
     let t0 = Instant::now();
     request("replug", &dev.bdf)?;
+    // The kernel makes the device's directory first and its `resource<N>` files a moment
+    // later: wait for both.
     let back = vmm::poll_until(HOTPLUG_TIMEOUT, || {
-        Device::open(&dev.bdf).is_ok_and(|d| d.id == dev.id)
+        Device::open(&dev.bdf).is_ok_and(|d| d.id == dev.id) && dev.sysfs.join("resource0").exists()
     });
     ensure!(
         back,
