@@ -750,6 +750,7 @@ impl Vfio for FakeDevice {
                     .ok()
                     .filter(|o| o.checked_add(len).is_some_and(|e| e <= size))
                     .ok_or_else(|| out_of_range(index, offset, len, size as u64))?;
+                let pm_before = power_state(&st.config);
                 crate::config::write(&mut st.config, &inner.template, off, data);
                 if off < 6 && off + len > 4 {
                     inner.sync_command(&st.config);
@@ -757,10 +758,14 @@ impl Vfio for FakeDevice {
                         inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
                     st.irq.set_intx_disabled(disabled, &inner.counters);
                 }
-                if initiates_flr(&st.config, off, data) {
-                    // PCIe r6.0 6.6.2: the function resets; its registers read as at reset
-                    // (Initiate FLR itself reads 0). The VMM's interrupt wiring stays, as the
-                    // kernel's vfio-pci keeps it across an FLR the guest starts.
+                if initiates_flr(&st.config, off, data)
+                    || pm_resets(pm_before, power_state(&st.config))
+                {
+                    // PCIe r6.0 6.6.2 (FLR, also the Advanced Features one) and PCI PM 1.2
+                    // 5.4.1 (D3hot to D0 without No_Soft_Reset): the function resets; its
+                    // registers read as at reset (Initiate FLR itself reads 0). The VMM's
+                    // interrupt wiring stays, as the kernel's vfio-pci keeps it across a
+                    // reset the guest starts.
                     st.dma_epoch = st.dma_epoch.wrapping_add(1);
                     st.config.copy_from_slice(inner.template.config());
                     inner.sync_command(&st.config);
@@ -970,35 +975,58 @@ impl Vfio for FakeDevice {
 /// (a stop also wakes it at once through its eventfd).
 const WATCH_PERIOD_MS: i32 = 1000;
 
-/// Whether a config write of `data` at `off` sets Initiate Function Level Reset (bit 15 of the
-/// PCI Express Device Control register) of a function whose Device Capabilities say it is FLR
-/// capable (bit 28). `config` is the config space after the write.
-fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
+/// The offset of the first standard capability with id `id` (the walk is bounded: 48 entries
+/// fill 256 bytes).
+fn find_cap(config: &[u8], id: u8) -> Option<usize> {
     let byte = |o: usize| config.get(o).copied().unwrap_or(0);
     if byte(0x06) & 0x10 == 0 {
-        return false;
+        return None;
     }
-    // The capability list, bounded (48 entries fill 256 bytes).
     let mut at = usize::from(byte(0x34) & 0xfc);
-    let mut pcie = None;
     for _ in 0..48 {
         if at < 0x40 {
-            break;
+            return None;
         }
-        if byte(at) == cap_id::PCIE {
-            pcie = Some(at);
-            break;
+        if byte(at) == id {
+            return Some(at);
         }
         at = usize::from(byte(at + 1) & 0xfc);
     }
-    let Some(cap) = pcie else {
-        return false;
+    None
+}
+
+/// Advanced Features capability id (PCI Advanced Capabilities ECN).
+const CAP_AF: u8 = 0x13;
+
+/// Whether a config write of `data` at `off` starts a Function Level Reset: Initiate FLR
+/// (bit 15 of the PCI Express Device Control register) of a function whose Device
+/// Capabilities say it is FLR capable (bit 28), or Initiate FLR (bit 0 of AF Control) of one
+/// whose Advanced Features capabilities say it is (bit 1). `config` is the config space after
+/// the write.
+fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
+    let byte = |o: usize| config.get(o).copied().unwrap_or(0);
+    let written = |at: usize, bit: u8| {
+        at.checked_sub(off)
+            .and_then(|i| data.get(i))
+            .is_some_and(|b| b & bit != 0)
     };
-    let flr_capable = byte(cap + 7) & 0x10 != 0;
     // The high byte of Device Control holds Initiate FLR as its bit 7.
-    let written = (cap + 9)
-        .checked_sub(off)
-        .and_then(|i| data.get(i))
-        .is_some_and(|b| b & 0x80 != 0);
-    flr_capable && written
+    let pcie = find_cap(config, cap_id::PCIE)
+        .is_some_and(|cap| byte(cap + 7) & 0x10 != 0 && written(cap + 9, 0x80));
+    let af = find_cap(config, CAP_AF)
+        .is_some_and(|cap| byte(cap + 3) & 0x02 != 0 && written(cap + 4, 0x01));
+    pcie || af
+}
+
+/// The Power Management capability's PMCSR power state (0 = D0, 3 = D3hot) and its
+/// No_Soft_Reset bit, if the function has the capability.
+fn power_state(config: &[u8]) -> Option<(u8, bool)> {
+    let cap = find_cap(config, cap_id::PM)?;
+    let pmcsr = config.get(cap + 4).copied()?;
+    Some((pmcsr & 0x03, pmcsr & 0x08 != 0))
+}
+
+/// Whether a power state change resets the function: D3hot to D0 when No_Soft_Reset is 0.
+fn pm_resets(before: Option<(u8, bool)>, after: Option<(u8, bool)>) -> bool {
+    matches!((before, after), (Some((3, _)), Some((0, false))))
 }

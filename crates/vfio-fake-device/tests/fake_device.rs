@@ -1503,6 +1503,65 @@ fn initiate_flr_resets_an_flr_capable_function_and_keeps_the_interrupt_wiring() 
     assert_eq!(k, [7; 4]);
 }
 
+/// A function from raw config space: one 4 KiB memory BAR, a Power Management capability at
+/// 0x40 whose PMCSR has `pmcsr` (No_Soft_Reset is bit 3), and an Advanced Features capability at
+/// 0x50 with TP and FLR (PCI Advanced Capabilities ECN).
+fn pm_af_device(pmcsr: u16) -> FakeDevice {
+    let mut c = vec![0u8; 256];
+    c[0..4].copy_from_slice(&[0xf4, 0x1a, 0x34, 0x12]);
+    c[6] = 0x10;
+    c[0x0b] = 0xff;
+    c[0x34] = 0x40;
+    c[0x40..0x44].copy_from_slice(&[0x01, 0x50, 0x03, 0x00]);
+    c[0x44..0x46].copy_from_slice(&pmcsr.to_le_bytes());
+    c[0x50..0x54].copy_from_slice(&[0x13, 0x00, 0x06, 0x03]);
+    let t = DeviceTemplate::from_config(c, &[Some(0x1000)]).unwrap();
+    let d = FakeDevice::new(t).unwrap();
+    enable_decoding(&d);
+    d
+}
+
+/// Writes a byte pattern into BAR0 and says whether it is still there.
+fn bar0_keeps(d: &FakeDevice, mark: bool) -> bool {
+    if mark {
+        d.region_write(0, 0x100, &[0x5a; 8]).unwrap();
+    }
+    enable_decoding(d);
+    let mut b = [0u8; 8];
+    d.region_read(0, 0x100, &mut b).unwrap();
+    b == [0x5a; 8]
+}
+
+#[test]
+fn d3hot_to_d0_resets_a_function_without_no_soft_reset_and_spares_one_with_it() {
+    // PCI PM 1.2, 5.4.1 / 7.1.2: with No_Soft_Reset clear, D3hot -> D0 resets the function.
+    let d = pm_af_device(0x0000);
+    assert!(bar0_keeps(&d, true));
+    cfg_write16(&d, 0x44, 0x0003); // D3hot
+    assert!(bar0_keeps(&d, false), "entering D3hot does not reset");
+    cfg_write16(&d, 0x44, 0x0000); // D0
+    assert!(!bar0_keeps(&d, false), "D3hot -> D0 reset the function");
+    assert_eq!(cfg_read16(&d, 0x44) & 3, 0);
+    // No_Soft_Reset set: the state survives the same transition.
+    let k = pm_af_device(0x0008);
+    assert!(bar0_keeps(&k, true));
+    cfg_write16(&k, 0x44, 0x000b);
+    cfg_write16(&k, 0x44, 0x0008);
+    assert!(bar0_keeps(&k, false), "No_Soft_Reset keeps the state");
+}
+
+#[test]
+fn advanced_features_initiate_flr_resets_the_function() {
+    let d = pm_af_device(0x0008);
+    assert!(bar0_keeps(&d, true));
+    // AF Control (cap + 4), bit 0: Initiate FLR.
+    d.region_write(region::CONFIG, 0x54, &[0x01]).unwrap();
+    let mut cfg = vec![0u8; 256];
+    d.region_read(region::CONFIG, 0, &mut cfg).unwrap();
+    assert_eq!(cfg, d.template().config(), "config space as at reset");
+    assert!(!bar0_keeps(&d, false), "AF FLR reset the function");
+}
+
 #[test]
 fn reset_restores_config_and_registers_and_disables_interrupts() {
     let d = edu_device();
