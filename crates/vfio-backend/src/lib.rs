@@ -14,6 +14,7 @@ use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 
 mod error;
+pub mod eventfd;
 pub mod kernel;
 mod mapping;
 #[cfg(feature = "vfio-user")]

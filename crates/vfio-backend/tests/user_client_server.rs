@@ -49,7 +49,12 @@ struct MemDevice {
 
 fn memfd(size: u64) -> std::fs::File {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"test".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"test".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     assert!(fd >= 0);
     // SAFETY: fd is a fresh descriptor we own (checked above), taken over once.
     let f = unsafe { std::fs::File::from_raw_fd(fd) };
@@ -81,7 +86,8 @@ impl MemDevice {
     fn new() -> Arc<MemDevice> {
         Arc::new(MemDevice {
             bar0: Mutex::new(vec![0; BAR0_SIZE]),
-            bar2: memfd(BAR2_SIZE),
+            // Sized for good, as our client requires of a region file it maps.
+            bar2: sealed_memfd(BAR2_SIZE),
             msix: Mutex::new((0..8).map(|_| None).collect()),
             dma: Mutex::new(Vec::new()),
             resets: Mutex::new(0),

@@ -910,3 +910,257 @@ fn an_oversized_max_data_xfer_size_option_is_offered_as_sixteen_mib_and_enforced
     assert!(matches!(e, Error::Protocol(_)), "{e:?}");
     t.join().unwrap();
 }
+
+// Region files: a server shares a file for a region it offers for mmap; it
+// could truncate that file under our mapping afterwards, and whoever then
+// touches the mapping (the VMM, or the guest through KVM) dies of SIGBUS.
+
+const REGION_FLAG_READ: u32 = 1;
+const REGION_FLAG_WRITE: u32 = 2;
+const REGION_FLAG_MMAP: u32 = 4;
+
+/// A memfd of `size` bytes, sealed with `seals` (0: unsealed).
+fn region_memfd(size: u64, seals: i32) -> std::fs::File {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"region".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor we own (checked above), taken over once.
+    let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(size).unwrap();
+    if seals != 0 {
+        // SAFETY: F_ADD_SEALS on a descriptor we own; it changes no memory.
+        let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+    f
+}
+
+/// A server with one readable, writable, mmap-able region of `size` bytes
+/// per entry of `files`, each shared through its file (at file offset 0).
+/// After the handshake and the region infos, `script` gets the stream and
+/// the files.
+fn region_server(
+    size: u64,
+    files: Vec<std::fs::File>,
+    script: impl FnOnce(UnixStream, Vec<std::fs::File>) + Send + 'static,
+) -> (tempfile::TempDir, PathBuf, JoinHandle<()>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("regions.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let v = recv(&s).unwrap();
+        assert_eq!(v.cmd, VERSION);
+        let mut p = vec![0u8, 0, 1, 0];
+        p.extend_from_slice(CAPS.as_bytes());
+        p.push(0);
+        s.write_all(&reply(&v, &p)).unwrap();
+        let d = recv(&s).unwrap();
+        assert_eq!(d.cmd, DEVICE_GET_INFO);
+        let mut p = Vec::new();
+        for x in [16u32, 0b11, files.len() as u32, 4] {
+            p.extend_from_slice(&x.to_le_bytes());
+        }
+        s.write_all(&reply(&d, &p)).unwrap();
+        for f in &files {
+            let r = recv(&s).unwrap();
+            assert_eq!(r.cmd, DEVICE_GET_REGION_INFO);
+            let index = u32_at(&r.payload, 8);
+            let mut p = Vec::new();
+            let flags = REGION_FLAG_READ | REGION_FLAG_WRITE | REGION_FLAG_MMAP;
+            for x in [32u32, flags, index, 0] {
+                p.extend_from_slice(&x.to_le_bytes());
+            }
+            p.extend_from_slice(&size.to_le_bytes());
+            p.extend_from_slice(&0u64.to_le_bytes());
+            let h = protocol::Header::decode(&header(r.id, r.cmd, 16 + 32, REPLY, 0)).unwrap();
+            protocol::write_message(s.as_fd(), &h, &[&p], &[f.as_fd()]).unwrap();
+        }
+        script(s, files);
+    });
+    (dir, path, t)
+}
+
+const WHOLE_PAGE: vfio_backend::SparseArea = vfio_backend::SparseArea {
+    offset: 0,
+    size: 0x1000,
+};
+
+#[test]
+fn a_region_file_not_sealed_against_shrinking_is_not_mmapped_and_is_reached_by_messages() {
+    let unsealed = region_memfd(0x1000, 0);
+    let sealed = region_memfd(0x1000, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+    let (_d, path, t) = region_server(0x1000, vec![unsealed, sealed], |mut s, files| {
+        // The hostile part: shrink the unsealed file to nothing. Had the
+        // client mapped it, its next access would raise SIGBUS.
+        files[0].set_len(0).unwrap();
+        // The sealed one cannot shrink (memfd_create(2): EPERM).
+        let e = files[1].set_len(0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+        // Region 0 is served by messages.
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, REGION_WRITE);
+        assert_eq!((u64_at(&r.payload, 0), u32_at(&r.payload, 8)), (0x10, 0));
+        assert_eq!(&r.payload[16..], &0xfeed_f00du32.to_le_bytes());
+        s.write_all(&reply(&r, &r.payload[..16])).unwrap();
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, REGION_READ);
+        assert_eq!(
+            (
+                u64_at(&r.payload, 0),
+                u32_at(&r.payload, 8),
+                u32_at(&r.payload, 12)
+            ),
+            (0x10, 0, 4)
+        );
+        let mut p = r.payload[..16].to_vec();
+        p.extend_from_slice(&0xfeed_f00du32.to_le_bytes());
+        s.write_all(&reply(&r, &p)).unwrap();
+        // Region 1 is written through the client's mapping.
+        use std::os::unix::fs::FileExt;
+        files[1].write_all_at(&[0xab, 0xcd], 0x20).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    // Region 0: reported not mmap-able, no fd offered on, mmap refused.
+    let info = dev.region_info(0).unwrap();
+    assert!(!info.mmappable(), "{info:?}");
+    assert!(info.mmap_areas().is_empty());
+    assert!(dev.region_mmap_fd(0).is_none());
+    let e = dev.mmap_region(0, WHOLE_PAGE).unwrap_err();
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    // Region 1 (sealed) is mapped as the server offered.
+    assert!(dev.region_info(1).unwrap().mmappable());
+    assert!(dev.region_mmap_fd(1).is_some());
+    let m = dev.mmap_region(1, WHOLE_PAGE).unwrap();
+    // Region 0 still works, through REGION_WRITE / REGION_READ.
+    dev.region_write(0, 0x10, &0xfeed_f00du32.to_le_bytes())
+        .unwrap();
+    let mut b = [0u8; 4];
+    dev.region_read(0, 0x10, &mut b).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0xfeed_f00d);
+    drop(dev);
+    t.join().unwrap();
+    // SAFETY: the mapping is 0x1000 bytes long and alive; its file is
+    // sealed against shrinking, so the page is still backed.
+    let seen = unsafe { [*m.as_ptr().add(0x20), *m.as_ptr().add(0x21)] };
+    assert_eq!(seen, [0xab, 0xcd]);
+}
+
+#[test]
+fn a_sealed_region_file_too_small_for_its_mmap_area_is_reported_not_mmappable() {
+    // A 0x2000-byte region shared through a 0x1000-byte file: mapping its
+    // second page would raise SIGBUS on first touch.
+    let short = region_memfd(0x1000, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+    let (_d, path, t) = region_server(0x2000, vec![short], |s, _files| {
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let info = dev.region_info(0).unwrap();
+    assert!(!info.mmappable(), "{info:?}");
+    assert!(dev.region_mmap_fd(0).is_none());
+    assert!(dev.mmap_region(0, WHOLE_PAGE).is_err());
+    drop(dev);
+    t.join().unwrap();
+}
+
+/// Warnings logged, with the thread that logged them (tests run in
+/// parallel: each looks at its own thread's records only).
+struct Capture(std::sync::Mutex<Vec<(std::thread::ThreadId, String)>>);
+
+static CAPTURE: Capture = Capture(std::sync::Mutex::new(Vec::new()));
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let me = std::thread::current().id();
+            self.0.lock().unwrap().push((me, r.args().to_string()));
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_warnings() {
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+}
+
+/// The warnings this thread logged that contain `what`.
+fn my_warnings(what: &str) -> Vec<String> {
+    let me = std::thread::current().id();
+    CAPTURE
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, m)| *t == me && m.contains(what))
+        .map(|(_, m)| m.clone())
+        .collect()
+}
+
+#[test]
+fn a_region_not_mmapped_for_want_of_a_seal_is_logged_once_naming_the_reason() {
+    capture_warnings();
+    let unsealed = region_memfd(0x1000, 0);
+    let sealed = region_memfd(0x1000, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW);
+    let (_d, path, t) = region_server(0x1000, vec![unsealed, sealed], |s, _files| {
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let _ = dev.region_info(0).unwrap();
+    let _ = dev.mmap_region(0, WHOLE_PAGE).unwrap_err();
+    let _ = dev.mmap_region(0, WHOLE_PAGE).unwrap_err();
+    let logged = my_warnings("region 0");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains("F_SEAL_SHRINK"), "{logged:?}");
+    assert!(my_warnings("region 1").is_empty());
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn dma_map_of_a_file_not_sealed_against_shrinking_warns_once_per_connection() {
+    capture_warnings();
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        for _ in 0..3 {
+            accept_dma_map(&mut s);
+        }
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let sealed = region_memfd(0x2000, libc::F_SEAL_SHRINK);
+    let unsealed = region_memfd(0x2000, 0);
+    let map = |iova: u64, f: &std::fs::File| {
+        dev.dma_map(
+            iova,
+            0x1000,
+            DmaSource {
+                host_addr: 0,
+                file: Some(vfio_backend::DmaFile {
+                    fd: f.as_fd(),
+                    offset: 0,
+                }),
+                read_only: false,
+            },
+        )
+        .unwrap()
+    };
+    map(0x10000, &sealed);
+    assert!(my_warnings("dma_map").is_empty());
+    map(0x20000, &unsealed);
+    map(0x30000, &unsealed);
+    let logged = my_warnings("dma_map");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert!(logged[0].contains("F_SEAL_SHRINK"), "{logged:?}");
+    drop(dev);
+    t.join().unwrap();
+}

@@ -114,11 +114,22 @@ impl ServerBackend for Backend {
 
 fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0);
     // SAFETY: fd is a fresh descriptor we own (checked above), taken over once.
     let f = unsafe { File::from_raw_fd(fd) };
     f.set_len(size).unwrap();
+    // Sized for good, as our client requires of a file it maps.
+    // SAFETY: F_ADD_SEALS on a descriptor we own; it changes no memory.
+    let rc = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
     f
 }
 

@@ -12,7 +12,7 @@
 //! its timeout.
 
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -710,15 +710,448 @@ fn exercise_client(dev: Arc<UserDevice>, bounded: &dyn Fn(&str, Instant)) {
     bounded("host-memory dma calls", t);
 }
 
+/// How long the server in [`user_server`] may take to end once its client
+/// hung up (it has nothing to wait for: a longer wait is a wedge).
+pub const SERVER_END_BOUND: Duration = Duration::from_secs(5);
+
+/// Operations of [`user_server`] (the first byte of each).
+const SRV_MESSAGE: u8 = 0;
+const SRV_RAW: u8 = 1;
+const SRV_LYING_HEADER: u8 = 2;
+const SRV_RAISE: u8 = 3;
+const SRV_FILL: u8 = 4;
+const SRV_OPS: u8 = 5;
+
+/// The file descriptors a hostile client of [`user_server`] sends from:
+/// two blocking eventfds, both ends of a pipe whose buffer is full, a
+/// memfd of 64 KiB and a socket.
+struct FdPool {
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl FdPool {
+    fn new() -> FdPool {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        let mut fds = Vec::new();
+        for _ in 0..2 {
+            // SAFETY: eventfd takes no pointers; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if fd >= 0 {
+                // SAFETY: a fresh descriptor we own, taken over once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        let mut p = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == 0 {
+            // SAFETY: fresh descriptors we own, each taken over once.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+            let chunk = [0u8; 4096];
+            // SAFETY: writes from a live buffer of the length given.
+            while unsafe { libc::write(w.as_raw_fd(), chunk.as_ptr().cast(), chunk.len()) } > 0 {}
+            // Blocking again: a write to it would wait forever.
+            // SAFETY: F_SETFL on a descriptor we own.
+            unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETFL, 0) };
+            fds.push(w);
+            fds.push(r);
+        }
+        if let Ok(f) = crate::user::memfd(c"fuzz-server-dma", 0x1_0000) {
+            fds.push(f.into());
+        }
+        if let Ok((a, _)) = UnixStream::pair() {
+            fds.push(a.into());
+        }
+        FdPool { fds }
+    }
+
+    fn get(&self, sel: u8) -> Option<std::os::fd::BorrowedFd<'_>> {
+        let n = self.fds.len();
+        (n > 0).then(|| self.fds.get(usize::from(sel) % n).map(AsFd::as_fd))?
+    }
+}
+
+/// The id of [`user_server`]'s barrier messages.
+const BARRIER_ID: u16 = 0xfffe;
+
+/// The longest [`user_server`] waits for a barrier's reply (none comes when
+/// the barrier ended up inside a message the input left unfinished).
+const BARRIER_WAIT: Duration = Duration::from_millis(100);
+
+/// Sends a request whose reply tells that the server handled everything
+/// sent before it, and waits for that reply (bounded). Returns false when
+/// no reply came: the stream is inside a message the input left unfinished,
+/// and later barriers of the input are skipped (each would wait in vain).
+fn barrier(ours: &UnixStream, replies: &std::sync::mpsc::Receiver<()>) -> bool {
+    while replies.try_recv().is_ok() {}
+    let info = [16u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let Ok(h) = Header::command(BARRIER_ID, protocol::command::DEVICE_GET_INFO, info.len()) else {
+        return false;
+    };
+    protocol::write_message(ours.as_fd(), &h, &[&info], &[]).is_ok()
+        && replies.recv_timeout(BARRIER_WAIT).is_ok()
+}
+
+/// Drives one hostile client of [`user_server`] over `ours`.
+fn hostile_client(
+    ours: &UnixStream,
+    fake: &FakeDevice,
+    inp: &mut Input<'_>,
+    version_first: bool,
+    replies: &std::sync::mpsc::Receiver<()>,
+) {
+    let pool = FdPool::new();
+    let mut id = 0u16;
+    // Whether the server still answers barriers.
+    let mut in_step = true;
+    if version_first {
+        let v = protocol::encode_version(0, 1, &vfio_backend::user::Capabilities::default());
+        if let Ok(h) = Header::command(id, protocol::command::VERSION, v.len()) {
+            if protocol::write_message(ours.as_fd(), &h, &[&v], &[]).is_err() {
+                return;
+            }
+        }
+    }
+    for _ in 0..MAX_OPS {
+        if inp.is_empty() {
+            break;
+        }
+        let sent = match inp.u8() % SRV_OPS {
+            SRV_MESSAGE => {
+                let command = u16::from(inp.u8() % 24);
+                id = id.wrapping_add(1);
+                let flags = match inp.u8() {
+                    0..=0xef => 0,
+                    f => u32::from(f & 0xf),
+                };
+                let len = usize::from(inp.u16() % 0x1000);
+                let payload = inp.bytes(len);
+                let fd_sel = inp.u8();
+                let fds: Vec<_> = (0..fd_sel % 4)
+                    .filter_map(|k| pool.get(fd_sel.wrapping_shr(2).wrapping_add(k)))
+                    .collect();
+                match Header::command(id, command, payload.len()) {
+                    Ok(mut h) => {
+                        h.flags |= flags;
+                        protocol::write_message(ours.as_fd(), &h, &[payload], &fds).is_ok()
+                    }
+                    Err(_) => true,
+                }
+            }
+            SRV_RAW => {
+                let n = usize::from(inp.u8());
+                let mut w = ours;
+                w.write_all(inp.bytes(n)).is_ok()
+            }
+            SRV_LYING_HEADER => {
+                let h = Header {
+                    id: inp.u16(),
+                    command: inp.u16(),
+                    size: inp.u32(),
+                    flags: inp.u32(),
+                    error: inp.u32(),
+                };
+                let n = usize::from(inp.u8());
+                let mut w = ours;
+                w.write_all(&h.encode()).is_ok() && w.write_all(inp.bytes(n)).is_ok()
+            }
+            SRV_RAISE => {
+                // The device's side: whatever fds the client installed, this
+                // must not wait (it holds the device lock while it signals).
+                // After what was sent before has been handled.
+                if in_step {
+                    in_step = barrier(ours, replies);
+                }
+                let t = Instant::now();
+                fake.raise_irq(u32::from(inp.u8()));
+                assert!(
+                    t.elapsed() < SERVER_END_BOUND,
+                    "raising an interrupt took {:?}",
+                    t.elapsed()
+                );
+                true
+            }
+            _ => {
+                // SRV_FILL: the client raises one of its eventfds' counter to
+                // the maximum, so that a blocking write to it would wait.
+                if let Some(fd) = pool.get(inp.u8() % 2) {
+                    let max: u64 = 0xffff_ffff_ffff_fffe;
+                    // SAFETY: F_GETFL/F_SETFL and an 8-byte write from a live
+                    // u64 on a descriptor we own.
+                    unsafe {
+                        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                        libc::write(fd.as_raw_fd(), std::ptr::from_ref(&max).cast(), 8);
+                    }
+                }
+                true
+            }
+        };
+        if !sent {
+            // The server closed the connection (it may, on a protocol error).
+            break;
+        }
+    }
+}
+
+/// Our vfio-user server (serving the fake device) facing a hostile client:
+/// any bytes, headers that lie about their size, any command with any
+/// payload, eventfds, pipes (full ones), files and sockets as fds, counters
+/// filled up, interrupts raised by the device meanwhile. Nothing panics,
+/// raising an interrupt never waits, and the server ends promptly once the
+/// client hangs up. The input: a byte picking the device (bit 7 set: no
+/// VERSION is sent first), then operations (see `SRV_*`).
+pub fn user_server(data: &[u8]) {
+    let mut inp = Input::new(data);
+    let first = inp.u8();
+    let Some(fake) = pick_device(first & 0x7f) else {
+        return;
+    };
+    let Ok((ours, theirs)) = UnixStream::pair() else {
+        return;
+    };
+    let Ok(reader) = ours.try_clone() else {
+        return;
+    };
+    let options = vfio_backend::user::ServerOptions {
+        max_data_xfer_size: 1 << 16,
+        stall_timeout: SERVER_END_BOUND,
+        ..Default::default()
+    };
+    let (done, ended) = std::sync::mpsc::channel();
+    let device: Arc<dyn Vfio> = fake.clone();
+    let Ok(server) = std::thread::Builder::new()
+        .name("fuzz-server".into())
+        .spawn(move || {
+            let _ = vfio_backend::user::serve_connection_with_options(theirs, device, options);
+            let _ = done.send(());
+        })
+    else {
+        return;
+    };
+    // Replies are read (and dropped, fds included) as they come; barrier
+    // replies are reported.
+    let (barrier_done, replies) = std::sync::mpsc::channel();
+    let Ok(drain) = std::thread::Builder::new()
+        .name("fuzz-drain".into())
+        .spawn(move || {
+            while let Ok(Some(m)) = protocol::read_message(reader.as_fd(), 1 << 22, 64) {
+                if m.header.id == BARRIER_ID {
+                    let _ = barrier_done.send(());
+                }
+            }
+        })
+    else {
+        let _ = ours.shutdown(std::net::Shutdown::Both);
+        let _ = server.join();
+        return;
+    };
+    hostile_client(&ours, &fake, &mut inp, first & 0x80 == 0, &replies);
+    let _ = ours.shutdown(std::net::Shutdown::Write);
+    let t = Instant::now();
+    let ended = ended.recv_timeout(SERVER_END_BOUND);
+    assert!(
+        ended.is_ok(),
+        "the server did not end {:?} after its client hung up",
+        t.elapsed()
+    );
+    assert!(server.join().is_ok(), "the server thread panicked");
+    let _ = ours.shutdown(std::net::Shutdown::Both);
+    let _ = drain.join();
+    // The client's interrupt fds are gone with it.
+    assert_eq!(
+        fake.active_irq(),
+        None,
+        "interrupts left enabled by a gone client"
+    );
+}
+
+/// Encodes one [`user_server`] message operation: `command`, `payload`,
+/// and `fds` picked from its pool (0, 1: eventfds; 2: a full pipe's write
+/// end; 3: its read end; 4: a memfd; 5: a socket).
+fn srv_msg(out: &mut Vec<u8>, command: u16, payload: &[u8], fds: &[u8]) {
+    out.push(SRV_MESSAGE);
+    out.push(command as u8);
+    out.push(0);
+    out.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+    out.extend_from_slice(payload);
+    // Consecutive pool entries from the first one named.
+    let first = fds.first().copied().unwrap_or(0);
+    out.push((fds.len() as u8 & 3) | (first << 2));
+}
+
+/// Seeds of [`user_server`]: sessions as a VMM opens them, and the attacks
+/// the server was found to give in to.
+fn user_server_seeds(out: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
+    use protocol::{command, irq_set, RegionAccessPayload, SetIrqsPayload};
+    let set_irqs = |flags: u32, index: u32, start: u32, count: u32| {
+        SetIrqsPayload {
+            argsz: SetIrqsPayload::SIZE as u32,
+            flags,
+            index,
+            start,
+            count,
+        }
+        .encode()
+        .to_vec()
+    };
+    let access = |region: u32, offset: u64, data: &[u8], count: u32| {
+        let mut p = RegionAccessPayload {
+            offset,
+            region,
+            count,
+        }
+        .encode()
+        .to_vec();
+        p.extend_from_slice(data);
+        p
+    };
+    let trigger = irq_set::DATA_EVENTFD | irq_set::ACTION_TRIGGER;
+
+    // A VMM's probe: info, every region, every interrupt index, config reads.
+    let mut s = vec![0u8];
+    srv_msg(
+        &mut s,
+        command::DEVICE_GET_INFO,
+        &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        &[],
+    );
+    for i in 0..9u32 {
+        let mut p = vec![0u8; 32];
+        p[0] = 32;
+        p[8..12].copy_from_slice(&i.to_le_bytes());
+        srv_msg(&mut s, command::DEVICE_GET_REGION_INFO, &p, &[]);
+    }
+    for i in 0..5u32 {
+        let mut p = vec![0u8; 16];
+        p[0] = 16;
+        p[8..12].copy_from_slice(&i.to_le_bytes());
+        srv_msg(&mut s, command::DEVICE_GET_IRQ_INFO, &p, &[]);
+    }
+    srv_msg(&mut s, command::REGION_READ, &access(7, 0, &[], 64), &[]);
+    srv_msg(
+        &mut s,
+        command::REGION_WRITE,
+        &access(7, 4, &[6, 0], 2),
+        &[],
+    );
+    srv_msg(&mut s, command::REGION_READ, &access(0, 0, &[], 8), &[]);
+    srv_msg(&mut s, command::DEVICE_RESET, &[], &[]);
+    out.push(("user_server", "probe-nvme", s.clone()));
+    s[0] = 4;
+    out.push(("user_server", "probe-edu", s));
+
+    // MSI-X through a full eventfd, a pipe refused, a doorbell, a raise.
+    let mut s = vec![0u8];
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(trigger, 2, 0, 2),
+        &[0, 1],
+    );
+    s.extend_from_slice(&[SRV_FILL, 0, SRV_FILL, 1]);
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(trigger, 2, 2, 1),
+        &[2],
+    );
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(trigger, 2, 3, 1),
+        &[3],
+    );
+    srv_msg(
+        &mut s,
+        command::REGION_WRITE,
+        &access(7, 4, &[6, 0], 2),
+        &[],
+    );
+    srv_msg(
+        &mut s,
+        command::REGION_WRITE,
+        &access(0, 0x1000, &[1, 0, 0, 0], 4),
+        &[],
+    );
+    s.extend_from_slice(&[SRV_RAISE, 0, SRV_RAISE, 1, SRV_RAISE, 2]);
+    out.push(("user_server", "msix-full-eventfd-and-pipe", s));
+
+    // INTx with an unmask eventfd, then a pipe as the unmask fd.
+    let mut s = vec![0u8];
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(trigger, 0, 0, 1),
+        &[0],
+    );
+    let unmask = irq_set::DATA_EVENTFD | irq_set::ACTION_UNMASK;
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(unmask, 0, 0, 1),
+        &[1],
+    );
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(unmask, 0, 0, 1),
+        &[2],
+    );
+    s.extend_from_slice(&[SRV_RAISE, 0, SRV_FILL, 0, SRV_RAISE, 0]);
+    srv_msg(
+        &mut s,
+        command::DEVICE_SET_IRQS,
+        &set_irqs(irq_set::DATA_NONE | irq_set::ACTION_UNMASK, 0, 0, 1),
+        &[],
+    );
+    out.push(("user_server", "intx-unmask-fds", s));
+
+    // DMA: map the memfd, unmap it; and a map with a socket as its fd.
+    let mut s = vec![4u8];
+    let map = protocol::DmaMapPayload {
+        argsz: 32,
+        flags: 3,
+        offset: 0,
+        address: 0x10_0000,
+        size: 0x1_0000,
+    }
+    .encode();
+    srv_msg(&mut s, command::DMA_MAP, &map, &[4]);
+    srv_msg(&mut s, command::DMA_MAP, &map, &[5]);
+    let unmap = protocol::DmaUnmapPayload {
+        argsz: 24,
+        flags: 0,
+        address: 0x10_0000,
+        size: 0x1_0000,
+    }
+    .encode();
+    srv_msg(&mut s, command::DMA_UNMAP, &unmap, &[]);
+    out.push(("user_server", "dma-map-unmap", s));
+
+    // Half a header; a header announcing more than the limit; no VERSION.
+    out.push((
+        "user_server",
+        "half-header",
+        vec![0u8, SRV_RAW, 7, 1, 0, 3, 0, 0, 0, 0],
+    ));
+    let mut s = vec![0u8, SRV_LYING_HEADER];
+    s.extend_from_slice(&[1, 0, 9, 0, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    out.push(("user_server", "lying-header", s));
+    let mut s = vec![0x80u8];
+    srv_msg(&mut s, command::REGION_READ, &access(7, 0, &[], 4), &[]);
+    out.push(("user_server", "no-version", s));
+}
+
 /// The body of a fuzz target.
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name, with their bodies.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("config_space", config_space),
     ("msix", msix),
     ("bar_access", bar_access),
     ("user_client", user_client),
+    ("user_server", user_server),
     ("templates", templates),
     ("backend_parsers", backend_parsers),
 ];
@@ -937,6 +1370,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
                 .map(|(name, s)| ("user_client", name, s)),
         );
     }
+    user_server_seeds(&mut out);
     out
 }
 

@@ -65,16 +65,15 @@ pub fn memfd(name: &std::ffi::CStr, size: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size)
         .map_err(|e| Error::io("size the memfd", e))?;
-    // SAFETY: F_ADD_SEALS on a descriptor we own; no pointer involved.
-    let rc = unsafe {
-        libc::fcntl(
-            file.as_raw_fd(),
-            libc::F_ADD_SEALS,
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io("seal the memfd", std::io::Error::last_os_error()));
+    // Neither we nor whoever we share it with may change its size (a peer
+    // maps a file only when it cannot shrink under the mapping).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; it changes no memory.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(Error::io(
+            "seal the memfd's size",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(file)
 }

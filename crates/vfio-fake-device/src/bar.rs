@@ -1,8 +1,10 @@
 //! The memory behind a BAR: a memfd mapped once into this process, shared
-//! with whoever else maps it.
+//! with whoever else maps it. Its size is sealed once set (`F_SEAL_SHRINK`,
+//! `F_SEAL_GROW`, `F_SEAL_SEAL`): whoever we share it with cannot shrink it
+//! under our mapping, and a vfio-user client may safely map it.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use vfio_backend::{Mapping, SparseArea};
 
@@ -30,7 +32,8 @@ fn memfd(name: &str, len: u64) -> FakeResult<File> {
     })?;
     // SAFETY: memfd_create reads a NUL-terminated string that lives across
     // the call and returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(FakeError::Io {
             context: format!("memfd_create for {name}"),
@@ -43,6 +46,17 @@ fn memfd(name: &str, len: u64) -> FakeResult<File> {
         context: format!("sizing {name} to {len:#x} bytes"),
         source,
     })?;
+    // Its size is final: a client we hand the fd to cannot truncate it
+    // under our own mapping (our next access would die of SIGBUS), and our
+    // vfio-user client maps only files sealed against shrinking.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS on a descriptor we own; it changes no memory.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(FakeError::Io {
+            context: format!("sealing the size of {name}"),
+            source: std::io::Error::last_os_error(),
+        });
+    }
     Ok(file)
 }
 
@@ -163,7 +177,6 @@ impl Bar {
 
     /// Zeroes the whole BAR memory, freeing its pages where possible.
     pub(crate) fn zero(&self) {
-        use std::os::fd::AsRawFd;
         let len = libc::off_t::try_from(self.len).unwrap_or(0);
         // SAFETY: punching a hole in our own memfd; mappings stay valid and
         // read zeros afterwards.

@@ -865,6 +865,11 @@ impl Vfio for FakeDevice {
     fn set_irq_unmask_eventfd(&self, index: u32, fd: Option<BorrowedFd<'_>>) -> Result<()> {
         let inner = self.enter(Op::SetIrqUnmaskEventfd)?;
         inner.lock().irq.check_unmask_fd(index)?;
+        if let Some(f) = fd {
+            // The watcher polls then reads it: a non-blocking eventfd, so a
+            // peer that drains it first cannot make the read wait.
+            vfio_backend::eventfd::prepare_eventfd(f)?;
+        }
         let dup = fd
             .map(|f| f.try_clone_to_owned())
             .transpose()

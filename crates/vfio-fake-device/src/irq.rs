@@ -11,25 +11,19 @@
 //! (its end of interrupt), so that a handler that checks Interrupt Status
 //! finds it set.
 
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use vfio_backend::{irq, Error, Result};
 
 use crate::inject::Counters;
 
-/// Writes 1 to an eventfd-like file. Returns whether the write went through.
+/// Signals an eventfd without ever waiting (the device calls this with its
+/// state locked). Returns whether the write went through. Every fd stored
+/// here passed [`vfio_backend::eventfd::prepare_eventfd`]: it is an eventfd
+/// in non-blocking mode, so a peer that filled its counter cannot make the
+/// device wait.
 fn signal(fd: &OwnedFd) -> bool {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local u64 to a file descriptor we
-    // own; the kernel does not keep the pointer.
-    let n = unsafe {
-        libc::write(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&one).cast::<libc::c_void>(),
-            std::mem::size_of::<u64>(),
-        )
-    };
-    n == 8
+    vfio_backend::eventfd::signal(fd.as_fd())
 }
 
 fn einval(context: String) -> Error {
@@ -152,6 +146,11 @@ impl IrqState {
                 "MSI vectors up to {end} while {} are enabled (MSI cannot grow)",
                 self.msi_enabled
             )));
+        }
+        // Every fd is checked before any is kept: an eventfd (a pipe or a
+        // full counter would block the signal), switched to non-blocking.
+        for fd in fds.iter().flatten() {
+            vfio_backend::eventfd::prepare_eventfd(*fd)?;
         }
         let mut dups = Vec::with_capacity(fds.len());
         for fd in fds {

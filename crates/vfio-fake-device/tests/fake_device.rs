@@ -1742,3 +1742,82 @@ fn lspci_rom_size_above_the_fake_limit_is_refused_before_it_is_allocated() {
     let t = t.with_rom_size(5000).unwrap();
     assert_eq!(t.rom().unwrap().len(), 8192, "rounded up to a power of two");
 }
+
+/// (read end, write end) of a pipe.
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors we own, each taken over once.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+#[test]
+fn interrupt_fds_that_are_not_eventfds_are_einval_and_none_of_the_set_is_kept() {
+    use std::os::fd::AsFd;
+    // vfio-pci takes eventfds only (eventfd_ctx_fdget): anything else is EINVAL.
+    let d = nvme_device();
+    let good = Efd::new();
+    let (r, w) = pipe();
+    let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    for bad in [w.as_fd(), r.as_fd(), sock.as_fd()] {
+        assert_eq!(
+            errno(d.set_irq_eventfds(irq::MSIX, 0, &[Some(good.fd()), Some(bad)])),
+            libc::EINVAL
+        );
+        assert_eq!(d.active_irq(), None, "part of a refused set was kept");
+    }
+    // The INTx unmask fd too.
+    let d = edu_device();
+    d.set_irq_eventfds(irq::INTX, 0, &[Some(good.fd())])
+        .unwrap();
+    assert_eq!(
+        errno(d.set_irq_unmask_eventfd(irq::INTX, Some(w.as_fd()))),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn signalling_an_eventfd_whose_counter_is_full_neither_blocks_nor_holds_the_device() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let d = nvme_device();
+    // A blocking eventfd, as a client may hand one over.
+    // SAFETY: eventfd takes no pointers; the result is checked.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    assert!(raw >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let e = unsafe { OwnedFd::from_raw_fd(raw) };
+    d.set_irq_eventfds(irq::MSIX, 0, &[Some(std::os::fd::AsFd::as_fd(&e))])
+        .unwrap();
+    let max: u64 = 0xffff_ffff_ffff_fffe;
+    // SAFETY: writes 8 bytes from a live u64 (the counter is 0: no wait).
+    let n = unsafe { libc::write(e.as_raw_fd(), std::ptr::from_ref(&max).cast(), 8) };
+    assert_eq!(n, 8);
+    let dropped = d.counters().interrupts_dropped();
+    // In a thread, so that a blocking signal fails the test instead of hanging it.
+    let d = std::sync::Arc::new(d);
+    let d2 = d.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        d2.raise_irq(0);
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(Duration::from_secs(5)).is_err() {
+        // Unwedge the device thread before failing.
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64.
+        unsafe { libc::read(e.as_raw_fd(), std::ptr::from_mut(&mut v).cast(), 8) };
+        panic!("signalling a full eventfd blocked the device");
+    }
+    assert_eq!(d.counters().interrupts_dropped(), dropped + 1);
+    // The device lock is free: config space answers.
+    let mut b = [0u8; 2];
+    d.region_read(region::CONFIG, 0, &mut b).unwrap();
+    assert_eq!(u16::from_le_bytes(b), nvme_like::VENDOR_ID);
+}

@@ -1,10 +1,18 @@
 //! `serve-fake`: the fake device on a vfio-user socket, for other VMMs and
 //! tools, until SIGINT or SIGTERM.
+//!
+//! A signal stops it within a second whatever its client does: the server
+//! never blocks on what a client controls (see `vfio_backend::user`), and
+//! should its thread still not end within [`STOP_BOUND`], the socket is
+//! removed and the process exits anyway. The server's log (refused and
+//! dropped clients, and with `RUST_LOG=debug` every error reply) goes to
+//! stderr; warnings and errors only by default.
 
 use std::io::Write as _;
 use std::os::unix::fs::FileTypeExt as _;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use vfio_backend::user::{ServerOptions, UserServer};
@@ -51,6 +59,42 @@ fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
             "{} exists and cannot be checked ({e}); remove it if no server uses it",
             path.display()
         ),
+    }
+}
+
+/// The longest `serve-fake` waits for its server thread after a signal.
+pub const STOP_BOUND: Duration = Duration::from_millis(800);
+
+/// Log records to stderr, prefixed with the command's name.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!(
+                "vfio-passthrough: {}: {}",
+                r.level().as_str().to_lowercase(),
+                r.args()
+            );
+        }
+    }
+    fn flush(&self) {}
+}
+
+static STDERR_LOG: StderrLog = StderrLog;
+
+/// Installs [`StderrLog`] at the level `RUST_LOG` names (a bare level such
+/// as `debug`; warnings by default).
+fn init_log() {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.trim().parse::<log::LevelFilter>().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&STDERR_LOG).is_ok() {
+        log::set_max_level(level);
     }
 }
 
@@ -109,6 +153,7 @@ pub fn run(socket: &Path, what: &What<'_>) -> anyhow::Result<()> {
             .map_or(0, |b| u16::from_le_bytes([b[0], b[1]])),
     );
     clear_stale_socket(socket)?;
+    init_log();
     let set = block_stop_signals()?;
     let device: Arc<dyn Vfio> = Arc::new(fake);
     let server = UserServer::bind(socket, device, ServerOptions::default()).map_err(|e| {
@@ -129,7 +174,21 @@ pub fn run(socket: &Path, what: &What<'_>) -> anyhow::Result<()> {
     );
     let _ = std::io::stdout().flush();
     let sig = wait_for_signal(&set);
-    server.shutdown();
+    // Bounded: a server thread that does not end in time is left behind
+    // (the process exits right after), with the socket removed here.
+    let (done, stopped) = std::sync::mpsc::channel();
+    let stopper = std::thread::Builder::new()
+        .name("serve-fake-stop".into())
+        .spawn(move || {
+            server.shutdown();
+            let _ = done.send(());
+        });
+    if stopper.is_err() || stopped.recv_timeout(STOP_BOUND).is_err() {
+        let _ = std::fs::remove_file(socket);
+        eprintln!(
+            "vfio-passthrough: the server did not stop within {STOP_BOUND:?}; exiting without it"
+        );
+    }
     eprintln!(
         "vfio-passthrough: {} received, socket {} removed",
         if sig == libc::SIGINT {

@@ -39,6 +39,24 @@
 //! (`EINVAL`), and when their range is not inside one mapping registered
 //! with a host address (`EFAULT`; `ENOTSUP` for a file-only mapping,
 //! `EPERM` to write a read-only one). Other commands get `ENOTSUP`.
+//!
+//! Region files: a server may still resize a file it shared with us, and
+//! truncating it under our mapping makes the next access to it raise
+//! SIGBUS, in this process or, through a KVM memory slot, in the guest
+//! (`KVM_RUN` fails with `EFAULT`). So a region fd is kept for
+//! [`Vfio::mmap_region`] only if its file is sealed against shrinking
+//! (`F_SEAL_SHRINK`, read with `fcntl(F_GET_SEALS)`: a memfd made with
+//! `MFD_ALLOW_SEALING`; a seal cannot be removed), is not write-sealed when
+//! the region is writable, and is large enough for every mmap-able area.
+//! Otherwise the region is reported by [`Vfio::region_info`] without the
+//! `MMAP` flag and its sparse areas, [`Vfio::region_mmap_fd`] offers no fd
+//! and [`Vfio::mmap_region`] fails with [`Error::Unsupported`]: `vfio-pci`
+//! then traps the whole region, whose accesses go through `REGION_READ` /
+//! `REGION_WRITE` messages (slower, but the device works). The reason is
+//! logged once per region, at warn level, when the client connects. The
+//! other way round, a file [`Vfio::dma_map`] shares with the server (guest
+//! memory) could be truncated by the server too: the client warns, once
+//! per connection, when that file is not sealed against shrinking.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
@@ -770,7 +788,10 @@ impl Shared {
         Ok(())
     }
 
-    fn region_info(&self, index: u32) -> Result<(RegionInfo, Option<OwnedFd>)> {
+    /// A region's info and the fd we may mmap it through; when the server
+    /// shared an fd we do not map (see [`vet_region_fd`]), the info is
+    /// reported without `MMAP` and the reason is returned.
+    fn region_info(&self, index: u32) -> Result<RegionInfo3> {
         let mut argsz = RegionInfoPayload::SIZE as u32 + 1024;
         for _attempt in 0..2 {
             let req = RegionInfoPayload {
@@ -815,10 +836,17 @@ impl Shared {
                     m.payload.len()
                 )));
             }
-            let info = protocol::decode_region_info(&m.payload)
+            let mut info = protocol::decode_region_info(&m.payload)
                 .map_err(|e| self.violation(e.to_string()))?;
-            let fd = m.fds.pop().filter(|_| info.mmappable());
-            return Ok((info, fd));
+            return Ok(match vet_region_fd(&info, m.fds.pop()) {
+                Ok(fd) => (info, fd, None),
+                Err(reason) => {
+                    // Not mappable by us: say so in what we report, so
+                    // that whoever lays the region out traps all of it.
+                    strip_mmap(&mut info);
+                    (info, None, Some(reason))
+                }
+            });
         }
         Err(self.violation(format!(
             "region {index} info reply keeps asking for a larger buffer"
@@ -1002,8 +1030,11 @@ impl Drop for Connection {
 }
 
 struct CachedRegion {
+    /// As the server reported it, minus `MMAP` when we will not map it.
     info: RegionInfo,
     fd: Option<OwnedFd>,
+    /// Why a region the server offered for mmap is not mapped.
+    unmapped: Option<String>,
 }
 
 /// A device served by a vfio-user server, reached over a Unix socket.
@@ -1018,6 +1049,9 @@ pub struct UserDevice {
     /// Region infos (and region fds) read at connect time; `None` where the
     /// server refused the query.
     regions: Vec<Option<CachedRegion>>,
+    /// We warned that a file shared by `dma_map` is not sealed against
+    /// shrinking (once per connection).
+    warned_unsealed_dma: AtomicBool,
 }
 
 impl std::fmt::Debug for UserDevice {
@@ -1028,6 +1062,77 @@ impl std::fmt::Debug for UserDevice {
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
+}
+
+/// A region's info, the fd we may mmap it through, and why we do not map a
+/// region the server offered for mmap.
+type RegionInfo3 = (RegionInfo, Option<OwnedFd>, Option<String>);
+
+/// Decides whether we may mmap the fd a server shared for a region: only a
+/// file sealed against shrinking (`F_SEAL_SHRINK`) and large enough for
+/// every mmap-able area. A server could otherwise truncate the file under
+/// our mapping, and whoever touches it next dies of SIGBUS: this process,
+/// or the guest through a KVM memory slot (`KVM_RUN` fails with `EFAULT`).
+/// A seal cannot be removed, so the check holds for the life of the fd.
+///
+/// `Ok(None)`: the region is not mmap-able (any fd is dropped). `Err`: it
+/// is, but we will not map it; the reason names why.
+fn vet_region_fd(
+    info: &RegionInfo,
+    fd: Option<OwnedFd>,
+) -> std::result::Result<Option<OwnedFd>, String> {
+    if !info.mmappable() || info.size == 0 {
+        return Ok(None);
+    }
+    let Some(fd) = fd else {
+        return Err("the server offered it for mmap but shared no file descriptor".into());
+    };
+    // SAFETY: F_GET_SEALS only reads the seals of the open file behind a
+    // descriptor we own for the duration of the call.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 {
+        return Err(format!(
+            "its file cannot carry seals ({}), so the server could shrink it under our mapping",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if seals & libc::F_SEAL_SHRINK == 0 {
+        return Err(
+            "its file is not sealed against shrinking (F_SEAL_SHRINK), so the server could \
+             truncate it under our mapping"
+                .into(),
+        );
+    }
+    if info.writable() && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err("its file is sealed against writes but the region is writable".into());
+    }
+    let len = fd
+        .try_clone()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .map(|m| m.len())
+        .map_err(|e| format!("fstat of its file failed: {e}"))?;
+    for a in info.mmap_areas() {
+        let end = info
+            .offset
+            .checked_add(a.offset)
+            .and_then(|o| o.checked_add(a.size));
+        if end.is_none_or(|e| e > len) {
+            return Err(format!(
+                "its file has {len:#x} bytes, too few for the mmap-able area {:#x}+{:#x} \
+                 at file offset {:#x}",
+                a.offset, a.size, info.offset
+            ));
+        }
+    }
+    Ok(Some(fd))
+}
+
+/// Reports a region as not mmap-able: no `MMAP` flag, no sparse areas.
+fn strip_mmap(info: &mut RegionInfo) {
+    info.flags &= !crate::region_flags::MMAP;
+    info.caps
+        .retain(|c| !matches!(c, crate::RegionCap::SparseMmap(_)));
 }
 
 impl UserDevice {
@@ -1150,7 +1255,15 @@ impl UserDevice {
         let mut regions = Vec::with_capacity(d.num_regions as usize);
         for index in 0..d.num_regions {
             match s.region_info(index) {
-                Ok((info, fd)) => regions.push(Some(CachedRegion { info, fd })),
+                Ok((info, fd, unmapped)) => {
+                    if let Some(why) = &unmapped {
+                        log::warn!(
+                            "vfio-user region {index}: not mmapped, accessed through \
+                             REGION_READ/REGION_WRITE messages instead: {why}"
+                        );
+                    }
+                    regions.push(Some(CachedRegion { info, fd, unmapped }))
+                }
                 Err(Error::Refused { errno, .. }) => {
                     log::debug!("vfio-user server refused info of region {index}: errno {errno}");
                     regions.push(None);
@@ -1165,6 +1278,7 @@ impl UserDevice {
             server_caps,
             version: (major, minor),
             regions,
+            warned_unsealed_dma: AtomicBool::new(false),
         })
     }
 
@@ -1217,6 +1331,28 @@ impl UserDevice {
         s.expect_plain(&m, 0)
     }
 
+    /// Warns (once per connection) when a file we share for DMA is not
+    /// sealed against shrinking: the server could truncate it, and our own
+    /// next access to that memory (or the guest's) would then fault.
+    fn warn_if_shrinkable(&self, fd: BorrowedFd<'_>) {
+        if self.warned_unsealed_dma.load(Ordering::Relaxed) {
+            return;
+        }
+        // SAFETY: F_GET_SEALS only reads the seals of a descriptor the
+        // caller lends us for the call.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            return;
+        }
+        if !self.warned_unsealed_dma.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vfio-user dma_map shares a file that is not sealed against shrinking \
+                 (F_SEAL_SHRINK): the server could truncate it under this process's memory \
+                 (seal guest memory memfds made with MFD_ALLOW_SEALING)"
+            );
+        }
+    }
+
     fn check_region_range(&self, index: u32, offset: u64, len: usize) -> Result<()> {
         if let Some(Some(r)) = self.regions.get(index as usize) {
             let end = offset.checked_add(len as u64);
@@ -1241,7 +1377,14 @@ impl Vfio for UserDevice {
             return Ok(r.info.clone());
         }
         // Not cached (refused at connect time or beyond num_regions): ask.
-        self.shared().region_info(index).map(|(info, _fd)| info)
+        self.shared()
+            .region_info(index)
+            .map(|(info, _fd, unmapped)| {
+                if let Some(why) = unmapped {
+                    log::debug!("vfio-user region {index} is reported not mmap-able: {why}");
+                }
+                info
+            })
     }
 
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> Result<()> {
@@ -1322,7 +1465,10 @@ impl Vfio for UserDevice {
             }
         };
         let fd = r.fd.as_ref().ok_or_else(|| {
-            Error::Unsupported(format!("the server shared no fd for region {index}"))
+            Error::Unsupported(match &r.unmapped {
+                Some(why) => format!("region {index} is not mmapped: {why}"),
+                None => format!("region {index} cannot be mmapped"),
+            })
         })?;
         let end = area.offset.checked_add(area.size);
         let inside = r.info.mmap_areas().iter().any(|a| {
@@ -1347,8 +1493,9 @@ impl Vfio for UserDevice {
         })?;
         // A server may share a file smaller than the region it describes;
         // touching a mapping past the end of its file raises SIGBUS in
-        // whoever touches it (the VMM or, through KVM, the guest). Refuse
-        // such a mapping: the caller then traps the range instead.
+        // whoever touches it (the VMM or, through KVM, the guest). The fd
+        // was kept only if sealed against shrinking and large enough (see
+        // `vet_region_fd`); check again, cheaply, before mapping.
         let meta = fd
             .try_clone()
             .map(std::fs::File::from)
@@ -1519,6 +1666,9 @@ impl Vfio for UserDevice {
             size,
         };
         let fds: Vec<BorrowedFd<'_>> = host.file.map(|f| f.fd).into_iter().collect();
+        if let Some(f) = host.file {
+            self.warn_if_shrinkable(f.fd);
+        }
         if !fds.is_empty() && self.server_caps.max_msg_fds == 0 {
             lock(&s.dma).retain(|e| e.iova != iova);
             return Err(Error::Unsupported(

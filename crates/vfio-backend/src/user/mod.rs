@@ -22,5 +22,5 @@ pub use client::{UserDevice, UserOptions, MAX_DATA_XFER_SIZE, MAX_REGIONS};
 pub use protocol::Capabilities;
 pub use server::{
     bind_socket, serve, serve_connection, serve_connection_with_options, ServerOptions, UserServer,
-    DEFAULT_MAX_MSG_FDS,
+    DEFAULT_MAX_MSG_FDS, DEFAULT_STALL_TIMEOUT,
 };

@@ -32,6 +32,34 @@
 //!   its own thread, busy until then), since a client may answer our
 //!   requests only after we replied to its own.
 //!
+//! Interrupt file descriptors (`DEVICE_SET_IRQS` with `DATA_EVENTFD`, for
+//! `ACTION_TRIGGER` and `ACTION_UNMASK`) must be eventfds: every fd of the
+//! message is checked before the device gets any, and anything else (a
+//! pipe, a socket, a file) is refused with `EINVAL`, as the kernel's
+//! `vfio-pci` does. The eventfds are switched to non-blocking mode (on the
+//! file description the client shares, see [`crate::eventfd`]) so that a
+//! client that fills a counter up cannot make the device block while it
+//! signals.
+//!
+//! One client at a time, and stalls are bounded by
+//! [`ServerOptions::stall_timeout`] (default [`DEFAULT_STALL_TIMEOUT`]):
+//! - a new client must complete VERSION within the bound, or it is dropped;
+//! - a started message (part of a header or payload received) must complete
+//!   within the bound, and a reply must be taken by the client within it;
+//! - a negotiated client that sends nothing is idle, not stalled (a VMM's
+//!   guest may not touch the device for minutes): it is served as long as
+//!   it stays connected;
+//! - a client that connects while another is served ([`UserServer`],
+//!   [`serve`]) is accepted at once, with a warning in our log, rather than
+//!   left waiting in the listen backlog: its first request (VERSION) gets an
+//!   error reply `EBUSY` if its header arrives within a second, and the
+//!   connection is closed (at most four such clients wait at a time; more
+//!   are closed straight away).
+//!
+//! Every error reply is logged at debug level with its command, message id,
+//! errno and reason, so that a client's trouble can be diagnosed from this
+//! side alone.
+//!
 //! What this server does not do: `DATA_BOOL` interrupt sets,
 //! client-triggered interrupts, `GET_REGION_IO_FDS`, migration and
 //! twin-socket mode are refused with `ENOTSUP`.
@@ -41,14 +69,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
-    DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message,
+    DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received,
     RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
 use crate::{DmaFile, DmaSource, Error, Mapping, RemoteDma, Result, Vfio};
@@ -77,7 +106,17 @@ pub struct ServerOptions {
     /// `DMA_READ` / `DMA_WRITE` (maps without a file descriptor) before
     /// that DMA fails.
     pub dma_timeout: Duration,
+    /// How long a client may stall before it is dropped: the longest a new
+    /// client may take to complete VERSION after it connected, a started
+    /// message (part of a header or payload received) may take to complete,
+    /// and a reply may wait for the client to read it. A negotiated client
+    /// that sends nothing is idle, not stalled: it is never dropped for it.
+    /// A zero bound is taken as one millisecond.
+    pub stall_timeout: Duration,
 }
+
+/// The default [`ServerOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -86,6 +125,7 @@ impl Default for ServerOptions {
             max_msg_fds: DEFAULT_MAX_MSG_FDS,
             max_dma_maps: 65535,
             dma_timeout: Duration::from_secs(5),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -645,6 +685,17 @@ impl Session<'_> {
         if req.count > MAX_IRQ_COUNT {
             return Err(einval(format!("DEVICE_SET_IRQS count {}", req.count)));
         }
+        // Every fd of the message is an eventfd, checked before the device
+        // gets any of them (a pipe, or any fd a write can block on, would
+        // let the client wedge the device while it signals). They are made
+        // non-blocking too, so that a counter the client filled up cannot
+        // block a signal either (see `crate::eventfd`).
+        for fd in fds {
+            crate::eventfd::check_eventfd(fd.as_fd())?;
+        }
+        for fd in fds {
+            crate::eventfd::set_nonblocking(fd.as_fd())?;
+        }
         let d = self.device;
         match (data, action) {
             (irq_set::DATA_NONE, irq_set::ACTION_TRIGGER) if req.count == 0 => {
@@ -665,9 +716,8 @@ impl Session<'_> {
                     )));
                 };
                 d.set_irq_eventfds(req.index, req.start, &list)?;
-                if !fds.is_empty() {
-                    self.irq_indices.insert(req.index);
-                }
+                // Enabled, with or without fds: disabled when the client goes.
+                self.irq_indices.insert(req.index);
             }
             (irq_set::DATA_NONE, irq_set::ACTION_UNMASK) if req.count == 1 && req.start == 0 => {
                 d.unmask_irq(req.index)?;
@@ -756,66 +806,315 @@ impl Session<'_> {
         }
     }
 
-    fn run(&mut self) -> Result<()> {
+    /// Answers one request; `Ok(false)` when the connection must close.
+    fn serve_one(&mut self, mut m: Message, spare: &mut Vec<u8>) -> Result<bool> {
+        let h = m.header;
+        if h.is_reply() {
+            // A reply to one of the device's DMA requests.
+            self.link.deliver(m);
+            return Ok(true);
+        }
+        if !h.is_command() {
+            log::warn!(
+                "vfio-user server: dropping unexpected message type {:#x} ({})",
+                h.flags,
+                command_name(h.command)
+            );
+            *spare = recycle(std::mem::take(&mut m.payload));
+            return Ok(true);
+        }
+        let result = self.handle(&mut m);
+        *spare = recycle(std::mem::take(&mut m.payload));
+        drop(m);
+        let sent = match result {
+            Ok(_) if h.no_reply() => Ok(()),
+            Ok((payload, fd)) => {
+                let rh = Header::reply(&h, payload.len())?;
+                let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+                let sent = self.link.send(&rh, &[&payload], &fds);
+                self.reply_spare = recycle(payload);
+                sent
+            }
+            Err(e) => {
+                let errno = errno_of(&e);
+                log::debug!(
+                    "vfio-user server: {} (id {}) failed with errno {errno} ({}){}: {e}",
+                    command_name(h.command),
+                    h.id,
+                    std::io::Error::from_raw_os_error(errno),
+                    if h.no_reply() {
+                        " (no reply asked)"
+                    } else {
+                        ", error reply sent"
+                    },
+                );
+                if h.no_reply() {
+                    Ok(())
+                } else {
+                    let rh = Header::error_reply(&h, errno);
+                    self.link.send(&rh, &[], &[])
+                }
+            }
+        };
+        match sent {
+            Ok(()) => {}
+            Err(Error::Disconnected(_)) => return Ok(false),
+            Err(Error::Timeout { .. }) => {
+                return Err(Error::Protocol(format!(
+                    "the client read no reply for {:?}; dropped",
+                    self.options.stall_timeout
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+        if h.command == command::VERSION && !self.negotiated {
+            // The spec: close the connection on a version we cannot serve.
+            return Err(Error::Protocol("version negotiation failed".into()));
+        }
+        Ok(true)
+    }
+
+    fn run(&mut self, watch: &mut Watch<'_>) -> Result<()> {
         let max_message = HEADER_SIZE
             .saturating_add(64 * 1024)
             .saturating_add(self.options.max_data_xfer_size as usize);
         let max_fds = self.options.max_msg_fds as usize;
+        let stall = self.options.stall_timeout.max(Duration::from_millis(1));
+        // A reply the client does not read is bounded like a stalled request.
+        self.stream
+            .set_write_timeout(Some(stall))
+            .map_err(|e| Error::io("set the vfio-user send timeout", e))?;
         // One buffered reader for the connection: usually one recvmsg per
         // request instead of one for the header and one for the payload.
         let mut reader = protocol::MessageReader::new(max_message, max_fds);
         // The last request's payload buffer, handed back to the reader.
         let mut request_spare = Vec::new();
+        let connected = Instant::now();
+        // When the message being received began (None between messages).
+        let mut started: Option<Instant> = None;
         loop {
-            let mut m = match reader.read_message_reusing(self.stream.as_fd(), &mut request_spare) {
-                Ok(Some(m)) => m,
-                Ok(None) | Err(Error::Disconnected(_)) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let h = m.header;
-            if h.is_reply() {
-                // A reply to one of the device's DMA requests.
-                self.link.deliver(m);
-                continue;
-            }
-            if !h.is_command() {
-                log::warn!(
-                    "vfio-user server: dropping unexpected message type {:#x} ({})",
-                    h.flags,
-                    command_name(h.command)
-                );
-                continue;
-            }
-            let result = self.handle(&mut m);
-            request_spare = recycle(std::mem::take(&mut m.payload));
-            drop(m);
-            let sent = match result {
-                Ok(_) if h.no_reply() => Ok(()),
-                Ok((payload, fd)) => {
-                    let rh = Header::reply(&h, payload.len())?;
-                    let fds: Vec<BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-                    let sent = self.link.send(&rh, &[&payload], &fds);
-                    self.reply_spare = recycle(payload);
-                    sent
+            while let Some(m) = reader.next_message(|| std::mem::take(&mut request_spare))? {
+                started = None;
+                if !self.serve_one(m, &mut request_spare)? {
+                    return Ok(());
                 }
-                Err(e) => {
-                    log::debug!("vfio-user server: {} failed: {e}", command_name(h.command));
-                    if h.no_reply() {
-                        Ok(())
-                    } else {
-                        let rh = Header::error_reply(&h, errno_of(&e));
-                        self.link.send(&rh, &[], &[])
+            }
+            let now = Instant::now();
+            if reader.is_idle() {
+                started = None;
+            } else if started.is_none() {
+                started = Some(now);
+            }
+            // What the client must complete, and by when.
+            let version_due = (!self.negotiated).then(|| (connected + stall, "VERSION"));
+            let message_due = started.map(|t| (t + stall, "the message it started"));
+            let due = match (version_due, message_due) {
+                (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+                (a, b) => a.or(b),
+            };
+            let timeout_ms = match due {
+                Some((deadline, what)) => {
+                    if now >= deadline {
+                        return Err(Error::Protocol(format!(
+                            "the client did not complete {what} within {stall:?}; dropped"
+                        )));
                     }
+                    // Rounded up, so that the wait ends past the deadline.
+                    let left = deadline.saturating_duration_since(now);
+                    i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
                 }
+                None => -1,
             };
-            match sent {
-                Ok(()) => {}
-                Err(Error::Disconnected(_)) => return Ok(()),
-                Err(e) => return Err(e),
+            match watch.wait(self.stream, timeout_ms)? {
+                Woken::Stop => return Ok(()),
+                Woken::Timeout => {}
+                Woken::Listener => watch.refuse_others(),
+                Woken::Client => match reader.recv(self.stream.as_fd(), true) {
+                    Ok(Received::Data(_) | Received::WouldBlock) => {}
+                    // Closed between messages, or mid-message: either way
+                    // the client is gone.
+                    Ok(Received::Closed) | Err(Error::Disconnected(_)) => return Ok(()),
+                    Err(e) => return Err(e),
+                },
             }
-            if h.command == command::VERSION && !self.negotiated {
-                // The spec: close the connection on a version we cannot serve.
-                return Err(Error::Protocol("version negotiation failed".into()));
+        }
+    }
+}
+
+/// What woke a serving loop.
+enum Woken {
+    /// The server is stopping.
+    Stop,
+    /// Another client is knocking.
+    Listener,
+    /// The client sent something (or hung up).
+    Client,
+    /// Nothing: the wait timed out.
+    Timeout,
+}
+
+/// The most clients waiting for their "busy" answer at once; more are
+/// closed without one.
+const MAX_REFUSED: usize = 4;
+
+/// How long a refused client is given to send the header of its first
+/// message (its VERSION), to be answered `EBUSY`, before it is closed.
+const REFUSE_WAIT: Duration = Duration::from_secs(1);
+
+/// A client turned away while another is served, waiting for the header
+/// of its first message.
+struct Refused {
+    stream: UnixStream,
+    until: Instant,
+    header: [u8; HEADER_SIZE],
+    have: usize,
+}
+
+impl Refused {
+    /// Reads what arrived (non-blocking); answers the first message with
+    /// an `EBUSY` error once its header is complete. Returns whether it is
+    /// still waiting.
+    fn advance(&mut self) -> bool {
+        let Some(rest) = self.header.get_mut(self.have..) else {
+            return false;
+        };
+        match std::io::Read::read(&mut &self.stream, rest) {
+            Ok(0) => return false,
+            Ok(n) => self.have = self.have.saturating_add(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
+        }
+        if self.have < HEADER_SIZE {
+            return true;
+        }
+        if let Ok(h) = Header::decode(&self.header) {
+            if h.is_command() && !h.no_reply() {
+                let rh = Header::error_reply(&h, libc::EBUSY);
+                log::debug!(
+                    "vfio-user server: {} (id {}) of a refused client: error reply with errno {} (busy: one client at a time)",
+                    command_name(h.command),
+                    h.id,
+                    libc::EBUSY
+                );
+                let _ = protocol::write_message(self.stream.as_fd(), &rh, &[], &[]);
+            }
+        }
+        // Take what else it sent (a little, without waiting), so that closing
+        // does not reset the connection before the client read our answer.
+        let mut sink = [0u8; 1024];
+        for _ in 0..64 {
+            if !matches!(std::io::Read::read(&mut &self.stream, &mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        false
+    }
+}
+
+/// What a serving loop watches besides its client: the listener, so that
+/// other clients are turned away at once rather than left in the backlog,
+/// and a stop eventfd.
+#[derive(Default)]
+struct Watch<'a> {
+    listener: Option<&'a UnixListener>,
+    stop: Option<BorrowedFd<'a>>,
+    /// Clients turned away, until their first header came or their time ran out.
+    refused: Vec<Refused>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(listener: &'a UnixListener, stop: Option<BorrowedFd<'a>>) -> Watch<'a> {
+        Watch {
+            listener: Some(listener),
+            stop,
+            refused: Vec::with_capacity(MAX_REFUSED),
+        }
+    }
+
+    /// Waits until the client, the listener or the stop fd is readable, or
+    /// `timeout_ms` (-1: no timeout) passes; tends refused clients meanwhile.
+    fn wait(&mut self, client: &UnixStream, timeout_ms: i32) -> Result<Woken> {
+        let pollfd = |fd: i32| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // A negative fd is ignored by poll.
+        let mut pfds = [pollfd(-1); 3 + MAX_REFUSED];
+        let fixed = [
+            self.stop.map_or(-1, |f| f.as_raw_fd()),
+            self.listener.map_or(-1, |l| l.as_raw_fd()),
+            client.as_raw_fd(),
+        ];
+        let refused = self.refused.iter().map(|r| r.stream.as_raw_fd());
+        for (p, fd) in pfds.iter_mut().zip(fixed.into_iter().chain(refused)) {
+            p.fd = fd;
+        }
+        // Wake for the first refused client whose time runs out.
+        let now = Instant::now();
+        let timeout_ms = self
+            .refused
+            .iter()
+            .map(|r| {
+                let left = r.until.saturating_duration_since(now).as_millis();
+                i32::try_from(left.saturating_add(1)).unwrap_or(i32::MAX)
+            })
+            .fold(timeout_ms, |t, r| if t < 0 { r } else { t.min(r) });
+        loop {
+            // SAFETY: pollfds that live across the call; the count is the
+            // array's length.
+            let n =
+                unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+            if n >= 0 {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("poll the vfio-user socket", e));
+            }
+        }
+        let now = Instant::now();
+        let mut i = 0usize;
+        self.refused.retain_mut(|r| {
+            let ready = pfds.get(3 + i).is_some_and(|p| p.revents != 0);
+            i += 1;
+            (!ready || r.advance()) && now < r.until
+        });
+        let [stop, listener, client, ..] = pfds;
+        Ok(if stop.revents != 0 {
+            Woken::Stop
+        } else if client.revents != 0 {
+            Woken::Client
+        } else if listener.revents != 0 {
+            Woken::Listener
+        } else {
+            Woken::Timeout
+        })
+    }
+
+    /// Accepts every client waiting on the listener and turns it away: one
+    /// client at a time is served, and the others learn it now rather than
+    /// hang in the backlog. A refused client's first request (its VERSION)
+    /// is answered with `EBUSY` if its header comes within [`REFUSE_WAIT`];
+    /// then, or past that, it is closed.
+    fn refuse_others(&mut self) {
+        let Some(listener) = self.listener else {
+            return;
+        };
+        // The listener is non-blocking (see `accept_loop`).
+        while let Ok((other, _)) = listener.accept() {
+            log::warn!(
+                "vfio-user server: refused a second client: one client at a time is served and one is connected"
+            );
+            if self.refused.len() < MAX_REFUSED && other.set_nonblocking(true).is_ok() {
+                self.refused.push(Refused {
+                    stream: other,
+                    until: Instant::now() + REFUSE_WAIT,
+                    header: [0; HEADER_SIZE],
+                    have: 0,
+                });
+            } else {
+                let _ = other.shutdown(std::net::Shutdown::Both);
             }
         }
     }
@@ -843,11 +1142,21 @@ pub fn serve_connection(stream: UnixStream, device: Arc<dyn Vfio>) -> Result<()>
     serve_connection_with_options(stream, device, ServerOptions::default())
 }
 
-/// Serves one client connection until it closes.
+/// Serves one client connection until it closes, or until it stalls for
+/// longer than [`ServerOptions::stall_timeout`] (see the module docs).
 pub fn serve_connection_with_options(
     stream: UnixStream,
     device: Arc<dyn Vfio>,
     options: ServerOptions,
+) -> Result<()> {
+    serve_watching(stream, device.as_ref(), options, Watch::default())
+}
+
+fn serve_watching(
+    stream: UnixStream,
+    device: &dyn Vfio,
+    options: ServerOptions,
+    mut watch: Watch<'_>,
 ) -> Result<()> {
     let link = Arc::new(Link {
         stream: stream
@@ -865,7 +1174,7 @@ pub fn serve_connection_with_options(
     let mut session = Session {
         stream: &stream,
         link: Arc::clone(&link),
-        device: device.as_ref(),
+        device,
         options,
         negotiated: false,
         client_caps: Capabilities::default(),
@@ -873,7 +1182,7 @@ pub fn serve_connection_with_options(
         irq_indices: BTreeSet::new(),
         reply_spare: Vec::new(),
     };
-    let result = session.run();
+    let result = session.run(&mut watch);
     log::debug!(
         "vfio-user server: client (max_msg_fds {}) left",
         session.client_caps.max_msg_fds
@@ -906,17 +1215,88 @@ fn peer_is_owner(stream: &UnixStream) -> bool {
 }
 
 /// Serves clients of `listener` one after the other, forever (until
-/// `accept` fails). Clients running as another user are turned away.
+/// `accept` fails), with default options. Clients running as another user
+/// are turned away; so is a client that connects while another is served
+/// (see the module docs). Makes `listener` non-blocking.
 pub fn serve(listener: &UnixListener, device: Arc<dyn Vfio>) -> Result<()> {
+    accept_loop(
+        listener,
+        device.as_ref(),
+        ServerOptions::default(),
+        None,
+        &Mutex::new(None),
+    )
+}
+
+/// Waits until `listener` or `stop` is readable (no timeout: a stop wakes it).
+fn wait_for_client(listener: &UnixListener, stop: Option<BorrowedFd<'_>>) -> Result<bool> {
+    let mut pfds = [
+        libc::pollfd {
+            fd: stop.map_or(-1, |f| f.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
     loop {
-        let (stream, _) = listener
-            .accept()
-            .map_err(|e| Error::io("accept a vfio-user client", e))?;
+        // SAFETY: two pollfds that live across the call; the count matches.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
+        if n >= 0 {
+            return Ok(pfds[0].revents == 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::io("poll the vfio-user listener", e));
+        }
+    }
+}
+
+/// Accepts and serves clients one at a time until `stop` is readable or
+/// accepting fails. `current` holds a clone of the client being served, so
+/// that a stop can shut it down.
+fn accept_loop(
+    listener: &UnixListener,
+    device: &dyn Vfio,
+    options: ServerOptions,
+    stop: Option<BorrowedFd<'_>>,
+    current: &Mutex<Option<UnixStream>>,
+) -> Result<()> {
+    // Non-blocking: a client that gave up between poll and accept does not
+    // block the loop, and `refuse_others` empties the backlog.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("make the vfio-user listener non-blocking", e))?;
+    loop {
+        if !wait_for_client(listener, stop)? {
+            return Ok(());
+        }
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(e) => return Err(Error::io("accept a vfio-user client", e)),
+        };
         if !peer_is_owner(&stream) {
             log::warn!("vfio-user server: refused a client running as another user");
             continue;
         }
-        if let Err(e) = serve_connection(stream, Arc::clone(&device)) {
+        if let Ok(clone) = stream.try_clone() {
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
+        }
+        let watch = Watch::new(listener, stop);
+        let r = serve_watching(stream, device, options, watch);
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(e) = r {
             log::warn!("vfio-user server: connection ended with an error: {e}");
         }
     }
@@ -942,8 +1322,8 @@ pub fn bind_socket(path: impl AsRef<Path>) -> Result<UnixListener> {
 /// time until [`UserServer::shutdown`] or drop, which also removes the
 /// socket file it created.
 pub struct UserServer {
-    stop: Arc<AtomicBool>,
-    listener: UnixListener,
+    /// Signalled (and left readable) to stop the thread.
+    stop: EventFd,
     current: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<()>>,
     path: Option<PathBuf>,
@@ -970,52 +1350,36 @@ impl UserServer {
         Ok(server)
     }
 
-    /// Serves `device` on an already bound listener.
+    /// Serves `device` on an already bound listener (made non-blocking).
     pub fn spawn(
         listener: UnixListener,
         device: Arc<dyn Vfio>,
         options: ServerOptions,
     ) -> Result<UserServer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
-        let ours = listener
+        let stop = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| Error::io("eventfd to stop the vfio-user server", e))?;
+        let theirs = stop
             .try_clone()
-            .map_err(|e| Error::io("clone the vfio-user listener", e))?;
-        let (t_stop, t_current) = (Arc::clone(&stop), Arc::clone(&current));
+            .map_err(|e| Error::io("clone the stop eventfd", e))?;
+        let current: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
+        let t_current = Arc::clone(&current);
         let thread = std::thread::Builder::new()
             .name("vfio-user-server".into())
             .spawn(move || {
-                while !t_stop.load(Ordering::SeqCst) {
-                    let stream = match listener.accept() {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            if !t_stop.load(Ordering::SeqCst) {
-                                log::warn!("vfio-user server: accept failed: {e}");
-                            }
-                            break;
-                        }
-                    };
-                    if t_stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    if !peer_is_owner(&stream) {
-                        log::warn!("vfio-user server: refused a client running as another user");
-                        continue;
-                    }
-                    if let Ok(clone) = stream.try_clone() {
-                        *t_current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
-                    }
-                    let r = serve_connection_with_options(stream, Arc::clone(&device), options);
-                    *t_current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                    if let Err(e) = r {
-                        log::warn!("vfio-user server: connection ended with an error: {e}");
-                    }
+                let stop = theirs.as_raw_fd();
+                // SAFETY: `theirs` owns the fd and lives until the end of
+                // this closure, past every use of the borrow.
+                let stop = unsafe { BorrowedFd::borrow_raw(stop) };
+                if let Err(e) =
+                    accept_loop(&listener, device.as_ref(), options, Some(stop), &t_current)
+                {
+                    log::warn!("vfio-user server: stopped: {e}");
                 }
+                drop(theirs);
             })
             .map_err(|e| Error::io("spawn the vfio-user server thread", e))?;
         Ok(UserServer {
             stop,
-            listener: ours,
             current,
             thread: Some(thread),
             path: None,
@@ -1023,15 +1387,16 @@ impl UserServer {
     }
 
     /// Stops serving: disconnects the current client and ends the thread.
+    /// Returns once the thread ended; every wait of the thread ends on a
+    /// stop (a reply being sent is cut short by shutting the socket down).
     pub fn shutdown(mut self) {
         self.stop_now();
     }
 
     fn stop_now(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown on a listening socket we own; on Linux it wakes a
-        // thread blocked in accept() on the same socket.
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Err(e) = self.stop.write(1) {
+            log::error!("vfio-user server: signalling the stop eventfd: {e}");
+        }
         if let Some(s) = self
             .current
             .lock()
