@@ -16,11 +16,11 @@
 //! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
 //! failure, a missing report, an unexpected QEMU exit or the timeout fails the command.
 
-mod console;
+pub(crate) mod console;
 mod custom;
-mod host;
-mod initramfs;
-mod kernel;
+pub(crate) mod host;
+pub(crate) mod initramfs;
+pub(crate) mod kernel;
 
 use crate::{cargo, root, run_cmd};
 use anyhow::{bail, Context, Result};
@@ -65,7 +65,7 @@ const NVME_IMAGE_BYTES: u64 = 64 << 20;
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 /// Prints a progress line.
-fn step(msg: &str) {
+pub(crate) fn step(msg: &str) {
     println!("== hwtest: {msg}");
 }
 
@@ -173,11 +173,11 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// The statically linked binaries the guest runs (or `--device` runs on the host).
-struct GuestBins {
+pub(crate) struct GuestBins {
     /// `vfio-hwtest`, the scenario runner.
-    hwtest: PathBuf,
+    pub(crate) hwtest: PathBuf,
     /// `vfio-passthrough`, the operator CLI its `cli-*` scenarios spawn.
-    cli: PathBuf,
+    pub(crate) cli: PathBuf,
 }
 
 /// Builds the test binary and the operator CLI, statically linked so they run in an initramfs
@@ -186,7 +186,7 @@ struct GuestBins {
 /// unification gives both the same `vfio-backend` (with `iommufd`, which vfio-hwtest turns on;
 /// the CLI has no features of its own, and its `check` reads iommufd and cdev support from
 /// sysfs and `/dev`).
-fn build_guest_bins(cache: &Path) -> Result<GuestBins> {
+pub(crate) fn build_guest_bins(cache: &Path) -> Result<GuestBins> {
     let target_dir = cache.join("build");
     let mut c = cargo();
     c.args([
@@ -256,7 +256,7 @@ fn elf_interpreter(path: &Path) -> Result<bool> {
 }
 
 /// Prints one scenario line as the run goes.
-fn print_scenario(s: &console::ScenarioLine) {
+pub(crate) fn print_scenario(s: &console::ScenarioLine) {
     let word = match s.verdict {
         Verdict::Pass => "PASS",
         Verdict::Fail => "FAIL",
@@ -270,7 +270,7 @@ fn print_scenario(s: &console::ScenarioLine) {
 }
 
 /// The last `n` lines of a log file, for a failure message.
-fn tail(log: &Path, n: usize) -> String {
+pub(crate) fn tail(log: &Path, n: usize) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -380,6 +380,8 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
             cli: &bins.cli,
             bind_ids: QEMU_BIND_IDS,
             hwtest_args: args,
+            modules: initramfs::GUEST_MODULES,
+            files: &[],
         },
     )?;
     let size = fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);

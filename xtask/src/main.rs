@@ -7,6 +7,7 @@ use std::process::Command;
 mod bench;
 mod fuzz;
 mod hwtest;
+mod interop;
 
 const HELP: &str = "\
 cargo xtask <task>
@@ -18,6 +19,8 @@ Tasks:
   hwtest    the kernel backend against real vfio-pci:
             --device <BDF> on a host, or --qemu [--kernel 6.1|6.12|custom] in a QEMU guest
             (custom: a kernel with iommufd, cdev and no-IOMMU, three modes)
+  interop   our `vfio-passthrough serve-fake` under QEMU 11.1's vfio-user-pci and a Debian
+            guest kernel, each fake profile (QEMU from a trixie chroot under target/interop/)
   bench     criterion benchmarks + summary table (also target/vfio-bench/summary.json);
             --quick: the same table in under two minutes
   fuzz      each cargo-fuzz target in fuzz/ for --seconds N (default 60);
@@ -39,6 +42,7 @@ fn run() -> Result<()> {
     match task.as_str() {
         "test" => test(&rest),
         "hwtest" => hwtest::run(&rest),
+        "interop" => interop::run(&rest),
         "bench" => bench::run(&rest),
         "fuzz" => fuzz::run(&rest),
         "help" | "--help" | "-h" => {

@@ -20,7 +20,7 @@ use crate::error::FakeResult;
 use crate::inject::{Counters, Faults, Injected, Op};
 use crate::irq::{IrqState, Trigger};
 use crate::regs::{self, Ctx, Job};
-use crate::template::{BarKind, DeviceTemplate, PAGE_SIZE};
+use crate::template::{cap_id, BarKind, DeviceTemplate, PAGE_SIZE};
 
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
@@ -750,12 +750,30 @@ impl Vfio for FakeDevice {
                     .ok()
                     .filter(|o| o.checked_add(len).is_some_and(|e| e <= size))
                     .ok_or_else(|| out_of_range(index, offset, len, size as u64))?;
+                let pm_before = power_state(&st.config);
                 crate::config::write(&mut st.config, &inner.template, off, data);
                 if off < 6 && off + len > 4 {
                     inner.sync_command(&st.config);
                     let disabled =
                         inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
                     st.irq.set_intx_disabled(disabled, &inner.counters);
+                }
+                if initiates_flr(&st.config, off, data)
+                    || pm_resets(pm_before, power_state(&st.config))
+                {
+                    // PCIe r6.0 6.6.2 (FLR, also the Advanced Features one) and PCI PM 1.2
+                    // 5.4.1 (D3hot to D0 without No_Soft_Reset): the function resets; its
+                    // registers read as at reset (Initiate FLR itself reads 0). The VMM's
+                    // interrupt wiring stays, as the kernel's vfio-pci keeps it across a
+                    // reset the guest starts.
+                    st.dma_epoch = st.dma_epoch.wrapping_add(1);
+                    st.config.copy_from_slice(inner.template.config());
+                    inner.sync_command(&st.config);
+                    st.irq.function_reset();
+                    let disabled =
+                        inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
+                    st.irq.set_intx_disabled(disabled, &inner.counters);
+                    inner.restore_memory();
                 }
             }
             region::ROM => {
@@ -961,3 +979,59 @@ impl Vfio for FakeDevice {
 /// The longest the unmask watcher sleeps before it looks at its stop flag
 /// (a stop also wakes it at once through its eventfd).
 const WATCH_PERIOD_MS: i32 = 1000;
+
+/// The offset of the first standard capability with id `id` (the walk is bounded: 48 entries
+/// fill 256 bytes).
+fn find_cap(config: &[u8], id: u8) -> Option<usize> {
+    let byte = |o: usize| config.get(o).copied().unwrap_or(0);
+    if byte(0x06) & 0x10 == 0 {
+        return None;
+    }
+    let mut at = usize::from(byte(0x34) & 0xfc);
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        if byte(at) == id {
+            return Some(at);
+        }
+        at = usize::from(byte(at + 1) & 0xfc);
+    }
+    None
+}
+
+/// Advanced Features capability id (PCI Advanced Capabilities ECN).
+const CAP_AF: u8 = 0x13;
+
+/// Whether a config write of `data` at `off` starts a Function Level Reset: Initiate FLR
+/// (bit 15 of the PCI Express Device Control register) of a function whose Device
+/// Capabilities say it is FLR capable (bit 28), or Initiate FLR (bit 0 of AF Control) of one
+/// whose Advanced Features capabilities say it is (bit 1). `config` is the config space after
+/// the write.
+fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
+    let byte = |o: usize| config.get(o).copied().unwrap_or(0);
+    let written = |at: usize, bit: u8| {
+        at.checked_sub(off)
+            .and_then(|i| data.get(i))
+            .is_some_and(|b| b & bit != 0)
+    };
+    // The high byte of Device Control holds Initiate FLR as its bit 7.
+    let pcie = find_cap(config, cap_id::PCIE)
+        .is_some_and(|cap| byte(cap + 7) & 0x10 != 0 && written(cap + 9, 0x80));
+    let af = find_cap(config, CAP_AF)
+        .is_some_and(|cap| byte(cap + 3) & 0x02 != 0 && written(cap + 4, 0x01));
+    pcie || af
+}
+
+/// The Power Management capability's PMCSR power state (0 = D0, 3 = D3hot) and its
+/// No_Soft_Reset bit, if the function has the capability.
+fn power_state(config: &[u8]) -> Option<(u8, bool)> {
+    let cap = find_cap(config, cap_id::PM)?;
+    let pmcsr = config.get(cap + 4).copied()?;
+    Some((pmcsr & 0x03, pmcsr & 0x08 != 0))
+}
+
+/// Whether a power state change resets the function: D3hot to D0 when No_Soft_Reset is 0.
+fn pm_resets(before: Option<(u8, bool)>, after: Option<(u8, bool)>) -> bool {
+    matches!((before, after), (Some((3, _)), Some((0, false))))
+}

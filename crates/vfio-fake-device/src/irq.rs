@@ -220,6 +220,12 @@ impl IrqState {
         self.msix_enabled = 0;
     }
 
+    /// A function level reset started by the guest: the device lowers its INTx line; the
+    /// VMM's eventfds stay registered.
+    pub(crate) fn function_reset(&mut self) {
+        self.intx_level = false;
+    }
+
     /// Forgets the INTx line level and Interrupt Disable too (device reset).
     pub(crate) fn reset(&mut self) {
         self.disable_all();

@@ -1453,6 +1453,115 @@ fn dma_map_refuses_overlaps_misalignment_and_iovas_outside_the_ranges() {
 
 // ---------------------------------------------------------------- reset
 
+/// The PCI Express capability's offset in `d`'s config space.
+fn pcie_cap(d: &FakeDevice) -> u64 {
+    let mut at = u64::from(cfg_read16(d, 0x34) & 0xfc);
+    while at != 0 {
+        if cfg_read16(d, at) & 0xff == u16::from(cap_id::PCIE) {
+            return at;
+        }
+        at = u64::from(cfg_read16(d, at) >> 8) & 0xfc;
+    }
+    panic!("no PCI Express capability");
+}
+
+#[test]
+fn initiate_flr_resets_an_flr_capable_function_and_keeps_the_interrupt_wiring() {
+    // PCIe r6.0 6.6.2 / 7.5.3.4: writing 1 to Initiate Function Level Reset (Device Control
+    // bit 15) of a function whose Device Capabilities has FLR Capable (bit 28) resets it.
+    let d = nvme_device();
+    let cap = pcie_cap(&d);
+    let devcap = u32::from(cfg_read16(&d, cap + 4)) | u32::from(cfg_read16(&d, cap + 6)) << 16;
+    assert_ne!(devcap & (1 << 28), 0, "nvme-like says it is FLR capable");
+    let efd = Efd::new();
+    d.set_irq_eventfds(irq::MSIX, 0, &[Some(efd.fd())]).unwrap();
+    let mem = nvme_like::DOORBELLS + 0x1000; // 0x2000: plain memory, mmap-able
+    d.region_write(0, mem, &[0xa5; 16]).unwrap();
+    let devctl = cfg_read16(&d, cap + 8);
+    // A Device Control write without the bit changes nothing else.
+    cfg_write16(&d, cap + 8, devctl & 0x7fff);
+    let mut b = [0u8; 16];
+    d.region_read(0, mem, &mut b).unwrap();
+    assert_eq!(b, [0xa5; 16]);
+    // With the bit (a one-byte write of the high half, as well): reset.
+    d.region_write(region::CONFIG, cap + 9, &[((devctl >> 8) as u8) | 0x80])
+        .unwrap();
+    let mut cfg = vec![0u8; d.template().config().len()];
+    d.region_read(region::CONFIG, 0, &mut cfg).unwrap();
+    assert_eq!(cfg, d.template().config(), "config space as at reset");
+    assert_eq!(cfg_read16(&d, cap + 8) & 0x8000, 0, "Initiate FLR reads 0");
+    enable_decoding(&d);
+    d.region_read(0, mem, &mut b).unwrap();
+    assert_eq!(b, [0; 16], "device memory as at reset");
+    assert_eq!(d.active_irq(), Some(irq::MSIX), "the VMM's eventfds stay");
+    // A function without FLR (edu has no PCI Express capability) ignores such a write.
+    let e = edu_device();
+    e.region_write(0, edu::DMA_BUFFER, &[7; 4]).unwrap();
+    cfg_write16(&e, 0x48, 0x8000);
+    let mut k = [0u8; 4];
+    e.region_read(0, edu::DMA_BUFFER, &mut k).unwrap();
+    assert_eq!(k, [7; 4]);
+}
+
+/// A function from raw config space: one 4 KiB memory BAR, a Power Management capability at
+/// 0x40 whose PMCSR has `pmcsr` (No_Soft_Reset is bit 3), and an Advanced Features capability at
+/// 0x50 with TP and FLR (PCI Advanced Capabilities ECN).
+fn pm_af_device(pmcsr: u16) -> FakeDevice {
+    let mut c = vec![0u8; 256];
+    c[0..4].copy_from_slice(&[0xf4, 0x1a, 0x34, 0x12]);
+    c[6] = 0x10;
+    c[0x0b] = 0xff;
+    c[0x34] = 0x40;
+    c[0x40..0x44].copy_from_slice(&[0x01, 0x50, 0x03, 0x00]);
+    c[0x44..0x46].copy_from_slice(&pmcsr.to_le_bytes());
+    c[0x50..0x54].copy_from_slice(&[0x13, 0x00, 0x06, 0x03]);
+    let t = DeviceTemplate::from_config(c, &[Some(0x1000)]).unwrap();
+    let d = FakeDevice::new(t).unwrap();
+    enable_decoding(&d);
+    d
+}
+
+/// Writes a byte pattern into BAR0 and says whether it is still there.
+fn bar0_keeps(d: &FakeDevice, mark: bool) -> bool {
+    if mark {
+        d.region_write(0, 0x100, &[0x5a; 8]).unwrap();
+    }
+    enable_decoding(d);
+    let mut b = [0u8; 8];
+    d.region_read(0, 0x100, &mut b).unwrap();
+    b == [0x5a; 8]
+}
+
+#[test]
+fn d3hot_to_d0_resets_a_function_without_no_soft_reset_and_spares_one_with_it() {
+    // PCI PM 1.2, 5.4.1 / 7.1.2: with No_Soft_Reset clear, D3hot -> D0 resets the function.
+    let d = pm_af_device(0x0000);
+    assert!(bar0_keeps(&d, true));
+    cfg_write16(&d, 0x44, 0x0003); // D3hot
+    assert!(bar0_keeps(&d, false), "entering D3hot does not reset");
+    cfg_write16(&d, 0x44, 0x0000); // D0
+    assert!(!bar0_keeps(&d, false), "D3hot -> D0 reset the function");
+    assert_eq!(cfg_read16(&d, 0x44) & 3, 0);
+    // No_Soft_Reset set: the state survives the same transition.
+    let k = pm_af_device(0x0008);
+    assert!(bar0_keeps(&k, true));
+    cfg_write16(&k, 0x44, 0x000b);
+    cfg_write16(&k, 0x44, 0x0008);
+    assert!(bar0_keeps(&k, false), "No_Soft_Reset keeps the state");
+}
+
+#[test]
+fn advanced_features_initiate_flr_resets_the_function() {
+    let d = pm_af_device(0x0008);
+    assert!(bar0_keeps(&d, true));
+    // AF Control (cap + 4), bit 0: Initiate FLR.
+    d.region_write(region::CONFIG, 0x54, &[0x01]).unwrap();
+    let mut cfg = vec![0u8; 256];
+    d.region_read(region::CONFIG, 0, &mut cfg).unwrap();
+    assert_eq!(cfg, d.template().config(), "config space as at reset");
+    assert!(!bar0_keeps(&d, false), "AF FLR reset the function");
+}
+
 #[test]
 fn reset_restores_config_and_registers_and_disables_interrupts() {
     let d = edu_device();

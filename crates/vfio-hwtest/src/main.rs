@@ -10,12 +10,14 @@
 //! if none failed, 1 if one did, 2 for a usage error.
 //!
 //! `cargo xtask hwtest` builds this statically and runs it in a QEMU guest (`--qemu`) or on
-//! the host (`--device`).
+//! the host (`--device`). `cargo xtask interop` runs it with `--interop DIR` in a QEMU guest
+//! whose device is our `serve-fake` attached by QEMU's `vfio-user-pci` ([`interop`]).
 
 mod cli;
 mod device;
 mod edu;
 mod harness;
+mod interop;
 mod modes;
 mod nvme;
 mod scenarios;
@@ -30,7 +32,7 @@ use std::process::ExitCode;
 
 const USAGE: &str = "\
 usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING]
-                   [--cli PATH] [--list]
+                   [--cli PATH] [--interop DIR] [--list]
 
   --mode MODE                how devices are opened: legacy (container + group, default),
                              iommufd (/dev/iommu + vfio cdev) or noiommu (explicit opt-in;
@@ -42,6 +44,9 @@ usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... 
   --only SUBSTRING           run only scenarios whose name contains SUBSTRING
   --cli PATH                 the vfio-passthrough binary the cli-* scenarios run (default
                              /vfio-passthrough; they are skipped when it does not exist)
+  --interop DIR              run the vfio-user interop set instead of the common one: DIR holds
+                             `vfio-passthrough inspect --fake <profile> --json` outputs
+                             (<profile>.json), the prediction the guest's view is checked against
   --list                     print the scenario names and exit
 ";
 
@@ -54,6 +59,7 @@ struct Args {
     list: bool,
     mode: modes::Mode,
     cli: Option<PathBuf>,
+    interop: Option<PathBuf>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -72,6 +78,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--list" => out.list = true,
             "--mode" => out.mode = modes::Mode::parse(&value("--mode")?)?,
             "--cli" => out.cli = Some(PathBuf::from(value("--cli")?)),
+            "--interop" => out.interop = Some(PathBuf::from(value("--interop")?)),
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -81,6 +88,12 @@ fn parse_args(args: &[String]) -> Result<Args> {
 fn run(args: &Args) -> Result<bool> {
     if args.list {
         let mode_only = modes::Mode::ALL.into_iter().flat_map(modes::scenarios);
+        if args.interop.is_some() {
+            for s in interop::SCENARIOS {
+                println!("{}", s.name);
+            }
+            return Ok(true);
+        }
         for s in scenarios::SCENARIOS.iter().chain(mode_only) {
             println!("{}", s.name);
         }
@@ -107,12 +120,18 @@ fn run(args: &Args) -> Result<bool> {
         mode: args.mode,
         cli: args.cli.as_deref(),
     };
-    // The common set, then the scenarios of this mode.
-    let table: Vec<harness::Scenario> = scenarios::SCENARIOS
-        .iter()
-        .chain(modes::scenarios(args.mode))
-        .copied()
-        .collect();
+    // The common set, then the scenarios of this mode; or the interop set.
+    let table: Vec<harness::Scenario> = match &args.interop {
+        Some(dir) => {
+            interop::set_dir(dir.clone());
+            interop::table(&devices)
+        }
+        None => scenarios::SCENARIOS
+            .iter()
+            .chain(modes::scenarios(args.mode))
+            .copied()
+            .collect(),
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let summary = harness::run_all(&table, &devices, &problems, &args.required, opts, &mut out)?;

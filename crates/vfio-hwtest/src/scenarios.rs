@@ -254,7 +254,8 @@ fn vfio_container_api(_ctx: &Ctx<'_>) -> Result<Outcome> {
     Ok(Outcome::Pass(detail))
 }
 
-fn sysfs_bound_to_vfio_pci(ctx: &Ctx<'_>) -> Result<Outcome> {
+/// The function is bound to vfio-pci, as sysfs says.
+pub fn sysfs_bound_to_vfio_pci(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
     match dev.driver()? {
         Some(d) if d == "vfio-pci" => Ok(Outcome::Pass(format!("[{}] driver vfio-pci", dev.id))),

@@ -31,7 +31,7 @@ pub fn tool(name: &str, package: &str) -> Result<PathBuf> {
 }
 
 /// The effective user id, from `/proc/self/status` (std has no geteuid).
-fn euid() -> Option<u32> {
+pub fn euid() -> Option<u32> {
     let status = fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("Uid:"))?;
     line.split_whitespace().nth(2)?.parse().ok()
@@ -286,7 +286,7 @@ fn installed_version(pkg: &str) -> Option<String> {
 }
 
 /// The Debian mirror the host's own sources use for `codename`, or deb.debian.org.
-fn debian_mirror(codename: &str) -> String {
+pub fn debian_mirror(codename: &str) -> String {
     // deb822 sources: a stanza whose Suites list the release itself.
     if let Ok(text) = fs::read_to_string("/etc/apt/sources.list.d/debian.sources") {
         for stanza in text.split("\n\n") {
