@@ -28,6 +28,7 @@ mod device;
 mod dma;
 mod error;
 mod inject;
+mod iommu;
 mod irq;
 pub mod lspci;
 mod profiles;
@@ -38,6 +39,7 @@ pub use device::FakeDevice;
 pub use dma::{DmaFault, MAX_DMA_MAPPINGS};
 pub use error::{FakeError, FakeResult};
 pub use inject::{Counters, Faults, Op, MAX_HANG};
+pub use iommu::FakeIommu;
 pub use profiles::{nvme_like, profile_template, profiles};
 pub use regs::{dma_engine, edu};
 pub use template::{

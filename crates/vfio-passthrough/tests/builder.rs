@@ -92,7 +92,7 @@ fn vfio_user_socket_builds_a_device_with_guest_ram_mapped_and_caps_hidden() {
     assert!(dev.description().contains("nvme.sock"));
     // Both RAM regions are mapped in the server's device.
     assert_eq!(fake.dma_mapping_count(), 2);
-    assert_eq!(dev.dma().mappings().len(), 2);
+    assert_eq!(dev.guest_dma().mappings(dev.dma_domain()).len(), 2);
     // PM hidden on request, MSI-X kept (and emulated).
     assert!(!kept(dev.kept_capabilities(), u16::from(PM), false));
     assert!(dev
