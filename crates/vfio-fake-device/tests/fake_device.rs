@@ -1405,3 +1405,36 @@ fn lspci_region_lines_inside_the_sriov_capability_are_not_the_functions_bars() {
     assert_eq!(dump.bar_sizes[0], Some(16 << 10));
     assert_eq!(dump.bar_sizes[2], Some(256));
 }
+
+#[test]
+fn devices_of_one_fake_iommu_share_its_mappings_and_one_leaving_keeps_them() {
+    let iommu = vfio_fake_device::FakeIommu::new();
+    let edu = || {
+        FakeDevice::with_iommu(
+            vfio_fake_device::profile_template("edu").unwrap(),
+            iommu.clone(),
+        )
+        .unwrap()
+    };
+    let mem = GuestMem::new(0x1000);
+    let a = edu();
+    let b = edu();
+    assert_eq!(a.iommu_domain().id(), b.iommu_domain().id());
+    assert_eq!(iommu.device_count(), 2);
+    // Mapped through one device's domain, reached by the other's DMA.
+    a.dma_map(0x1000, 0x1000, mem.source(false)).unwrap();
+    b.dma_write(0x1010, &[9; 4]).unwrap();
+    assert_eq!(mem.read()[0x10..0x14], [9; 4]);
+    drop(a);
+    assert_eq!(iommu.device_count(), 1);
+    assert_eq!(
+        b.dma_mapping_count(),
+        1,
+        "unplug leaves the domain's mappings"
+    );
+    let mut back = [0u8; 4];
+    b.dma_read(0x1010, &mut back).unwrap();
+    assert_eq!(back, [9; 4]);
+    b.dma_unmap(0x1000, 0x1000).unwrap();
+    assert_eq!(b.dma_read(0x1010, &mut back), Err(DmaFault::Unmapped));
+}
