@@ -400,8 +400,8 @@ fn iommufd_map_unmap(ctx: &Ctx<'_>) -> Result<Outcome> {
     let iova = 0x20_0000;
     let size = 4 * PAGE;
     let d = k.iommu_domain();
-    // SAFETY (all maps below): the kernel pins `_mem`'s pages, each mapping is unmapped
-    // right after (or by the IOAS's destruction), and nothing reads `_mem`.
+    // SAFETY: the kernel pins `_mem`'s pages, each mapping (this one and those below) is
+    // unmapped right after or by the IOAS's destruction, and nothing reads `_mem`.
     unsafe { d.map(iova, size, source(host)) }.context("first map")?;
     // SAFETY: as above.
     let again = unsafe { d.map(iova, size, source(host)) };

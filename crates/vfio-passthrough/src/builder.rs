@@ -308,7 +308,7 @@ impl DeviceBuilder {
                 ),
             });
         }
-        let dma = self.dma.unwrap_or_else(GuestDma::new);
+        let dma = self.dma.unwrap_or_default();
         if let Some(add) = self.memory {
             let regions = add(&dma).map_err(|source| Error::MapGuestMemory {
                 what: what.clone(),
