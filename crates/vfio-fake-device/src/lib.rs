@@ -14,8 +14,9 @@
 //!   table and PBA (their pages are left out of the sparse mmap areas);
 //! - INTx (level, automasked), MSI and MSI-X through eventfds, one index
 //!   enabled at a time;
-//! - a fake IOMMU (`dma_map` / `dma_map_remote` / `dma_unmap` with overlap
-//!   checks): host memory by loads and stores, files by `pread` / `pwrite`
+//! - a fake IOMMU, [`FakeIommu`] (the device's `IommuDomain`: `map` /
+//!   `map_remote` / `unmap` with overlap checks; one per device, or shared
+//!   by several devices as a container is): host memory by loads and stores, files by `pread` / `pwrite`
 //!   (a shrunk file is a [`DmaFault::Unreachable`], not a `SIGBUS`), and
 //!   [`vfio_backend::RemoteDma`] ranges by requests; transfers that need
 //!   file or remote I/O run on a DMA thread after the doorbell write, the

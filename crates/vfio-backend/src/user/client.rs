@@ -915,7 +915,7 @@ impl Shared {
     /// `max_data_xfer_size`) bytes out of the registered host memory into
     /// a pooled buffer, allocated only once the range was found valid.
     fn dma_read(&self, req: DmaAccessPayload, len: usize) -> std::result::Result<Vec<u8>, i32> {
-        // Hold the table lock during the copy so that dma_unmap cannot
+        // Hold the table lock during the copy so that the domain's unmap cannot
         // return (and the caller free the memory) in the middle of it.
         let dma = lock(&self.dma);
         let e = self.dma_lookup_locked(&dma, req.address, req.count)?;
