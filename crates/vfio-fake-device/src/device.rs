@@ -14,13 +14,16 @@ use vfio_backend::{
 };
 
 use crate::bar::Bar;
-use crate::dma::{DmaFault, Piece};
+use crate::dma::{DmaFault, DmaMappings, Piece};
 use crate::error::FakeResult;
 use crate::inject::{Counters, Faults, Injected, Op};
 use crate::iommu::FakeIommu;
 use crate::irq::{IrqState, Trigger};
 use crate::regs::{self, Ctx, Job};
-use crate::template::{BarKind, DeviceTemplate, PAGE_SIZE};
+use crate::template::{BarKind, DeviceTemplate, RegisterKind, PAGE_SIZE};
+
+/// What register accesses that cannot start a DMA see of the mappings.
+static NO_MAPPINGS: DmaMappings = DmaMappings::EMPTY;
 
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
@@ -396,11 +399,23 @@ impl Inner {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let maps = self.iommu.mappings();
+        // Only a write to a DMA engine reaches the mappings: other register
+        // accesses take the device lock alone.
+        let dma_capable = matches!(
+            block.kind,
+            RegisterKind::DmaEngine { .. } | RegisterKind::Edu
+        );
+        let maps;
+        let dma: &DmaMappings = if read.is_none() && dma_capable {
+            maps = self.iommu.mappings();
+            &maps
+        } else {
+            &NO_MAPPINGS
+        };
         let mut ctx = Ctx {
             bar,
             irq: &mut st.irq,
-            dma: &maps,
+            dma,
             counters: &self.counters,
             deferred: None,
         };

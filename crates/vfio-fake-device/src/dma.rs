@@ -114,6 +114,9 @@ fn refused(context: String, errno: i32) -> Error {
 }
 
 impl DmaMappings {
+    /// No mapping.
+    pub(crate) const EMPTY: DmaMappings = DmaMappings { ranges: Vec::new() };
+
     pub(crate) fn map(
         &mut self,
         iova: u64,
