@@ -172,7 +172,10 @@ impl FakeIommu {
     }
 
     fn map_backing(&self, iova: u64, size: u64, backing: Backing, read_only: bool) -> Result<()> {
-        let allowed = Self::effective(&lock(&self.attached));
+        // Held across the map, so that a device attaching meanwhile sees
+        // this mapping (and may refuse to join) or narrows the ranges first.
+        let att = lock(&self.attached);
+        let allowed = Self::effective(&att);
         self.mappings()
             .map(iova, size, backing, read_only, &allowed)
     }

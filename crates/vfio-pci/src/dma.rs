@@ -212,11 +212,15 @@ pub struct GuestDma {
 
 impl std::fmt::Debug for GuestDma {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let st = self.lock();
-        f.debug_struct("GuestDma")
-            .field("ram_regions", &st.ram.len())
-            .field("domains", &st.domains.keys().collect::<Vec<_>>())
-            .finish()
+        // Never waits: Debug may be called while the lock is held.
+        match self.state.try_lock() {
+            Ok(st) => f
+                .debug_struct("GuestDma")
+                .field("ram_regions", &st.ram.len())
+                .field("domains", &st.domains.keys().collect::<Vec<_>>())
+                .finish(),
+            Err(_) => f.write_str("GuestDma { <busy> }"),
+        }
     }
 }
 
