@@ -867,3 +867,35 @@ fn server_refuses_commands_before_version_and_survives_garbage() {
     let client = UserDevice::connect(&path).unwrap();
     assert_eq!(client.device_info().unwrap().num_regions, 9);
 }
+
+#[test]
+fn each_vfio_user_connection_is_an_iommu_domain_of_its_own_that_dies_with_it() {
+    let a = setup(ServerOptions::default());
+    let b = setup(ServerOptions::default());
+    // One device per connection: the connection is its domain.
+    assert_eq!(a.client.iommu_domain().id(), a.client.iommu_domain().id());
+    assert_ne!(a.client.iommu_domain().id(), b.client.iommu_domain().id());
+    assert_eq!(
+        a.client.iommu_domain().iova_ranges().unwrap(),
+        vec![0..=u64::MAX]
+    );
+    let guest = memfd(0x1000);
+    let src = DmaSource {
+        host_addr: 0,
+        file: Some(DmaFile {
+            fd: guest.as_fd(),
+            offset: 0,
+        }),
+        read_only: false,
+    };
+    map(&a.client, 0x1000, 0x1000, src).unwrap();
+    assert_eq!(a.device.dma.table.lock().unwrap().len(), 1);
+    assert!(b.device.dma.table.lock().unwrap().is_empty());
+    // A domain kept past its connection fails instead of reaching a server.
+    let domain = a.client.iommu_domain();
+    drop(a.client);
+    assert!(matches!(
+        domain.unmap(0x1000, 0x1000),
+        Err(Error::Disconnected(_))
+    ));
+}
