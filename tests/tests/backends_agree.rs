@@ -78,7 +78,7 @@ impl Side {
         let vm = Vm::new();
         let mem = guest_ram();
         let dev = vm.attach(&b);
-        dev.dma().map_guest_memory(&mem).unwrap();
+        dev.guest_dma().add_memory(&mem).unwrap();
         Guest::new(&dev, &vm).enumerate(&mut Firmware::new());
         Side { b, vm, mem, dev }
     }

@@ -126,13 +126,13 @@ both_backends! {
         let vm = Vm::new();
         let mem = guest_ram();
         let dev = vm.attach(&b);
-        let maps = b.fake.counters().calls(Op::DmaMap);
-        assert_eq!(dev.dma().map_guest_memory(&mem).unwrap(), RAM_REGIONS.len());
-        assert_eq!(b.fake.counters().calls(Op::DmaMap) - maps, RAM_REGIONS.len() as u64);
+        let maps = b.fake.iommu().counters().calls(Op::DmaMap);
+        assert_eq!(dev.guest_dma().add_memory(&mem).unwrap(), RAM_REGIONS.len());
+        assert_eq!(b.fake.iommu().counters().calls(Op::DmaMap) - maps, RAM_REGIONS.len() as u64);
         assert_eq!(b.fake.dma_mapping_count(), RAM_REGIONS.len());
-        let unmaps = b.fake.counters().calls(Op::DmaUnmap);
+        let unmaps = b.fake.iommu().counters().calls(Op::DmaUnmap);
         drop(dev);
-        assert_eq!(b.fake.counters().calls(Op::DmaUnmap) - unmaps, RAM_REGIONS.len() as u64);
+        assert_eq!(b.fake.iommu().counters().calls(Op::DmaUnmap) - unmaps, RAM_REGIONS.len() as u64);
         assert_eq!(b.fake.dma_mapping_count(), 0);
     }
 
@@ -266,7 +266,7 @@ both_backends! {
         let b = Backend::new(kind, "edu");
         let vm = Vm::new();
         let dev = vm.attach(&b);
-        dev.dma().map_guest_memory(&mem).unwrap();
+        dev.guest_dma().add_memory(&mem).unwrap();
         dev.restore(&serde_json::from_str(&json).unwrap()).unwrap();
         let g = Guest::new(&dev, &vm);
         assert_eq!(g.config_dump(), config);
@@ -328,7 +328,7 @@ both_backends! {
             let vm = Vm::new();
             let mem = guest_ram();
             let dev = vm.attach(&b);
-            dev.dma().map_guest_memory(&mem).unwrap();
+            dev.guest_dma().add_memory(&mem).unwrap();
             let g = Guest::new(&dev, &vm);
             g.enumerate(&mut Firmware::new());
             assert!(b.fake.active_irq().is_some());

@@ -191,7 +191,7 @@ fn garbage_case(kind: BackendKind, profile: &str, pokes: &[Poke]) {
             edu_up(&g, &mem);
         }
         _ => {
-            dev.dma().map_guest_memory(&mem).unwrap();
+            dev.guest_dma().add_memory(&mem).unwrap();
             nvme_up(&g);
         }
     }

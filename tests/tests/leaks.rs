@@ -22,7 +22,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// A guest uses the device as a driver would: enumerate, interrupts,
 /// doorbells or DMA, mapped and trapped BAR accesses.
 fn use_device(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap, profile: &str) {
-    g.dev.dma().map_guest_memory(mem).unwrap();
+    g.dev.guest_dma().add_memory(mem).unwrap();
     let e = g.enumerate(&mut Firmware::new());
     let bar = g.bar_address(0);
     if profile == "edu" {

@@ -31,7 +31,7 @@ fn options(timeout: Duration) -> UserOptions {
 /// Brings an nvme-like up: enumerated, guest RAM mapped, MSI-X on, and a
 /// doorbell that works. Returns (BAR0, MSI-X capability).
 fn bring_up(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap) -> (u64, u64) {
-    g.dev.dma().map_guest_memory(mem).unwrap();
+    g.dev.guest_dma().add_memory(mem).unwrap();
     let e = g.enumerate(&mut Firmware::new());
     let cap = e.cap(CAP_ID_MSIX).unwrap();
     let (table, _) = g.msix_table(cap);
@@ -158,7 +158,7 @@ fn dma_map_of_guest_memory_costs_one_message_per_region() {
     let mem = guest_ram();
     let dev = vm.attach(&b);
     let before = relay.commands().len();
-    assert_eq!(dev.dma().map_guest_memory(&mem).unwrap(), RAM_REGIONS.len());
+    assert_eq!(dev.guest_dma().add_memory(&mem).unwrap(), RAM_REGIONS.len());
     let sent = relay.commands();
     assert_eq!(
         &sent[before..],
@@ -166,7 +166,7 @@ fn dma_map_of_guest_memory_costs_one_message_per_region() {
         "one DMA_MAP per region and nothing else"
     );
     let before = relay.commands().len();
-    dev.dma().unmap_all();
+    dev.guest_dma().remove_memory(&mem).unwrap();
     assert_eq!(
         &relay.commands()[before..],
         vec![command::DMA_UNMAP; RAM_REGIONS.len()].as_slice()

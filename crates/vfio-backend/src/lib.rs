@@ -10,9 +10,10 @@
 //! see [`region`] and [`irq`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
+use std::sync::Arc;
 
+mod domain;
 mod error;
 pub mod eventfd;
 pub mod kernel;
@@ -21,6 +22,7 @@ mod mapping;
 #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
 pub mod user;
 
+pub use domain::{DomainId, IommuDomain};
 pub use error::{Error, Result};
 pub use mapping::Mapping;
 
@@ -259,7 +261,7 @@ pub struct DmaSource<'a> {
 /// [`Error::Disconnected`] rather than wait longer). A device must
 /// therefore not call it while it holds a lock that serving a request to
 /// it takes, nor from inside a request whose reply the owner may be
-/// waiting for (see [`Vfio::dma_map_remote`]).
+/// waiting for (see [`IommuDomain::map_remote`]).
 pub trait RemoteDma: Send + Sync {
     /// Reads `buf.len()` bytes at `iova` of the mapped range.
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()>;
@@ -268,8 +270,8 @@ pub trait RemoteDma: Send + Sync {
     fn write(&self, iova: u64, data: &[u8]) -> Result<()>;
 }
 
-/// One method of the [`Vfio`] trait: what wrappers that count calls or
-/// inject failures key their tables by.
+/// One method of the [`Vfio`] trait or of the device's [`IommuDomain`]:
+/// what wrappers that count calls or inject failures key their tables by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum VfioOp {
     /// `device_info`.
@@ -296,11 +298,11 @@ pub enum VfioOp {
     SetIrqUnmaskEventfd,
     /// `reset`.
     Reset,
-    /// `dma_map`.
+    /// `map` or `map_remote` of the device's [`IommuDomain`].
     DmaMap,
-    /// `dma_unmap`.
+    /// `unmap` of the device's [`IommuDomain`].
     DmaUnmap,
-    /// `iova_ranges`.
+    /// `iova_ranges` of the device's [`IommuDomain`].
     IovaRanges,
 }
 
@@ -327,7 +329,7 @@ impl VfioOp {
         VfioOp::IovaRanges,
     ];
 
-    /// The trait method's name.
+    /// The method's name (the [`IommuDomain`] method for the DMA ones).
     pub fn name(self) -> &'static str {
         match self {
             VfioOp::DeviceInfo => "device_info",
@@ -342,8 +344,8 @@ impl VfioOp {
             VfioOp::MaskIrq => "mask_irq",
             VfioOp::SetIrqUnmaskEventfd => "set_irq_unmask_eventfd",
             VfioOp::Reset => "reset",
-            VfioOp::DmaMap => "dma_map",
-            VfioOp::DmaUnmap => "dma_unmap",
+            VfioOp::DmaMap => "map",
+            VfioOp::DmaUnmap => "unmap",
             VfioOp::IovaRanges => "iova_ranges",
         }
     }
@@ -403,39 +405,12 @@ pub trait Vfio: Send + Sync {
     /// Resets the device (function-level reset where the device has one).
     fn reset(&self) -> Result<()>;
 
-    /// Maps `size` bytes of host memory at `iova` for the device's DMA.
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()>;
-
-    /// Unmaps the DMA mapping `iova .. iova + size` (whichever of
-    /// [`Vfio::dma_map`] and [`Vfio::dma_map_remote`] made it).
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
-
-    /// Maps `size` bytes at `iova` for the device's DMA when that memory is
-    /// not in this process: the device reaches it through `remote`, one
-    /// blocking request per access (a vfio-user server's `DMA_MAP` without
-    /// a file descriptor). A device that accepts such maps must make the
-    /// requests outside any request handler the memory's owner waits on:
-    /// the owner answers only after that handler returns (the fake device
-    /// finishes such DMA on its own thread, busy until then, as hardware
-    /// whose DMA completes after the doorbell write).
-    ///
-    /// The default refuses with [`Error::Unsupported`]: devices backed by
-    /// real hardware need host memory to map.
-    fn dma_map_remote(
-        &self,
-        iova: u64,
-        size: u64,
-        read_only: bool,
-        remote: std::sync::Arc<dyn RemoteDma>,
-    ) -> Result<()> {
-        let _ = (iova, size, read_only, remote);
-        Err(Error::Unsupported(
-            "DMA mapping of memory reachable only by messages".into(),
-        ))
-    }
-
-    /// The IOVA ranges the IOMMU accepts for [`Vfio::dma_map`].
-    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;
+    /// The IOMMU domain the device is attached to, where its DMA mappings
+    /// live: shared by every device of the domain (a legacy container, an
+    /// iommufd IOAS; a vfio-user connection has its own). Two devices of
+    /// one domain return domains with equal [`IommuDomain::id`]s, and the
+    /// domain's mappings stay when one of them goes.
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain>;
 
     /// The file behind region `index` and the offset of the region in it,
     /// for a server that shares the region with a vfio-user client so that

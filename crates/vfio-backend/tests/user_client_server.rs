@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use vfio_backend::user::{ServerOptions, UserDevice, UserOptions, UserServer};
 use vfio_backend::{
-    device_flags, irq_flags, region_flags, DeviceInfo, DmaFile, DmaSource, Error, IrqInfo, Mapping,
-    RegionCap, RegionInfo, Result, SparseArea, Vfio,
+    device_flags, irq_flags, region_flags, DeviceInfo, DmaFile, DmaSource, DomainId, Error,
+    IommuDomain, IrqInfo, Mapping, RegionCap, RegionInfo, Result, SparseArea, Vfio,
 };
 
 const BAR0_SIZE: usize = 0x4000;
@@ -40,9 +40,15 @@ struct MemDevice {
     bar0: Mutex<Vec<u8>>,
     bar2: std::fs::File,
     msix: Mutex<Vec<Option<OwnedFd>>>,
-    dma: Mutex<Vec<Dma>>,
+    dma: Arc<MemDomain>,
     resets: Mutex<u32>,
     disabled: Mutex<Vec<u32>>,
+}
+
+/// The device's IOMMU domain: a table of what was mapped.
+struct MemDomain {
+    id: DomainId,
+    table: Mutex<Vec<Dma>>,
     /// The last range mapped without a file, reached by asking the client.
     remote: Mutex<Option<Arc<dyn vfio_backend::RemoteDma>>>,
 }
@@ -89,10 +95,13 @@ impl MemDevice {
             // Sized for good, as our client requires of a region file it maps.
             bar2: sealed_memfd(BAR2_SIZE),
             msix: Mutex::new((0..8).map(|_| None).collect()),
-            dma: Mutex::new(Vec::new()),
+            dma: Arc::new(MemDomain {
+                id: DomainId::new_unique(),
+                table: Mutex::new(Vec::new()),
+                remote: Mutex::new(None),
+            }),
             resets: Mutex::new(0),
             disabled: Mutex::new(Vec::new()),
-            remote: Mutex::new(None),
         })
     }
 
@@ -107,7 +116,7 @@ impl MemDevice {
 
     fn dma_out(&self, iova: u64) -> Result<()> {
         let data: Vec<u8> = self.bar0.lock().unwrap()[..16].to_vec();
-        let dma = self.dma.lock().unwrap();
+        let dma = self.dma.table.lock().unwrap();
         let d = dma
             .iter()
             .find(|d| iova >= d.iova && iova + 16 <= d.iova + d.size && !d.read_only)
@@ -191,6 +200,7 @@ impl Vfio for MemDevice {
             (0, DOORBELL_DMA) => self.dma_out(u64::from_le_bytes(data.try_into().unwrap())),
             (0, DOORBELL_REMOTE_READ) => {
                 let remote = self
+                    .dma
                     .remote
                     .lock()
                     .unwrap()
@@ -285,8 +295,24 @@ impl Vfio for MemDevice {
         Ok(())
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
-        self.dma.lock().unwrap().push(Dma {
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain> {
+        self.dma.clone()
+    }
+
+    fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
+        (index == 2).then(|| (self.bar2.as_fd(), 0))
+    }
+}
+
+impl IommuDomain for MemDomain {
+    fn id(&self) -> DomainId {
+        self.id
+    }
+
+    /// # Safety
+    /// As [`IommuDomain::map`]: the device stores at `host_addr`.
+    unsafe fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        self.table.lock().unwrap().push(Dma {
             iova,
             size,
             host_addr: host.host_addr,
@@ -295,7 +321,7 @@ impl Vfio for MemDevice {
         Ok(())
     }
 
-    fn dma_map_remote(
+    fn map_remote(
         &self,
         _iova: u64,
         _size: u64,
@@ -306,8 +332,8 @@ impl Vfio for MemDevice {
         Ok(())
     }
 
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        let mut dma = self.dma.lock().unwrap();
+    fn unmap(&self, iova: u64, size: u64) -> Result<()> {
+        let mut dma = self.table.lock().unwrap();
         let before = dma.len();
         dma.retain(|d| !(d.iova == iova && d.size == size));
         if dma.len() == before {
@@ -318,10 +344,6 @@ impl Vfio for MemDevice {
 
     fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
         Ok(vec![0..=u64::MAX])
-    }
-
-    fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
-        (index == 2).then(|| (self.bar2.as_fd(), 0))
     }
 }
 
@@ -374,6 +396,15 @@ fn read_eventfd(fd: &OwnedFd) -> Option<u64> {
     // SAFETY: reads at most 8 bytes into a live 8-byte buffer.
     let n = unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), 8) };
     (n == 8).then(|| u64::from_ne_bytes(b))
+}
+
+/// Maps through the client's domain.
+fn map(client: &UserDevice, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+    // SAFETY: every host address the tests map is a mapping or buffer that
+    // outlives the client (declared before the test's `Setup` drops, or
+    // unmapped first), touched by the test through file I/O or after the
+    // device's stores only.
+    unsafe { client.iommu_domain().map(iova, size, host) }
 }
 
 #[test]
@@ -502,21 +533,21 @@ fn device_dma_into_a_sealed_memfd_mapping_is_seen_by_the_client() {
         libc::PROT_READ | libc::PROT_WRITE,
     )
     .unwrap();
-    s.client
-        .dma_map(
-            0x100000,
-            0x8000,
-            DmaSource {
-                host_addr: local.as_ptr() as u64 + 0x4000,
-                file: Some(DmaFile {
-                    fd: guest.as_fd(),
-                    offset: 0x4000,
-                }),
-                read_only: false,
-            },
-        )
-        .unwrap();
-    assert_eq!(s.device.dma.lock().unwrap().len(), 1);
+    map(
+        &s.client,
+        0x100000,
+        0x8000,
+        DmaSource {
+            host_addr: local.as_ptr() as u64 + 0x4000,
+            file: Some(DmaFile {
+                fd: guest.as_fd(),
+                offset: 0x4000,
+            }),
+            read_only: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(s.device.dma.table.lock().unwrap().len(), 1);
     let pattern: Vec<u8> = (0..16u8).map(|i| i ^ 0x5a).collect();
     s.client.region_write(0, 0, &pattern).unwrap();
     s.client
@@ -525,11 +556,11 @@ fn device_dma_into_a_sealed_memfd_mapping_is_seen_by_the_client() {
     let mut seen = [0u8; 16];
     guest.read_exact_at(&mut seen, 0x4040).unwrap();
     assert_eq!(&seen[..], &pattern[..]);
-    s.client.dma_unmap(0x100000, 0x8000).unwrap();
-    assert!(s.device.dma.lock().unwrap().is_empty());
+    s.client.iommu_domain().unmap(0x100000, 0x8000).unwrap();
+    assert!(s.device.dma.table.lock().unwrap().is_empty());
     // Unmapping again is refused by the server.
     assert!(matches!(
-        s.client.dma_unmap(0x100000, 0x8000),
+        s.client.iommu_domain().unmap(0x100000, 0x8000),
         Err(Error::Refused { .. })
     ));
 }
@@ -549,9 +580,9 @@ fn dma_map_maps_only_files_sealed_against_shrinking_into_the_server() {
     }
     let plain = memfd(0x1000);
     let sealed = sealed_memfd(0x1000);
-    s.client.dma_map(0x1000, 0x1000, src(&plain)).unwrap();
-    s.client.dma_map(0x2000, 0x1000, src(&sealed)).unwrap();
-    let dma = s.device.dma.lock().unwrap();
+    map(&s.client, 0x1000, 0x1000, src(&plain)).unwrap();
+    map(&s.client, 0x2000, 0x1000, src(&sealed)).unwrap();
+    let dma = s.device.dma.table.lock().unwrap();
     let host = |iova| dma.iter().find(|d| d.iova == iova).unwrap().host_addr;
     // A file the client could shrink is not mapped: the device must use
     // file I/O, which cannot raise SIGBUS.
@@ -568,7 +599,8 @@ fn dma_map_of_a_file_shorter_than_offset_plus_size_is_refused_with_einval() {
         (0, 0, 0x1000),
     ] {
         let guest = memfd(file_len);
-        let r = s.client.dma_map(
+        let r = map(
+            &s.client,
             0x10000,
             size,
             DmaSource {
@@ -593,7 +625,8 @@ fn dma_map_of_a_file_shorter_than_offset_plus_size_is_refused_with_einval() {
     }
     // offset + size wraps.
     let guest = memfd(0x1000);
-    let r = s.client.dma_map(
+    let r = map(
+        &s.client,
         0x10000,
         0x1000,
         DmaSource {
@@ -615,7 +648,7 @@ fn dma_map_of_a_file_shorter_than_offset_plus_size_is_refused_with_einval() {
         ),
         "{r:?}"
     );
-    assert!(s.device.dma.lock().unwrap().is_empty());
+    assert!(s.device.dma.table.lock().unwrap().is_empty());
 }
 
 #[test]
@@ -627,7 +660,8 @@ fn dma_map_of_a_file_that_is_not_a_regular_file_is_refused_with_einval() {
         .write(true)
         .open("/dev/zero")
         .unwrap();
-    let res = s.client.dma_map(
+    let res = map(
+        &s.client,
         0x10000,
         0x1000,
         DmaSource {
@@ -649,29 +683,30 @@ fn dma_map_of_a_file_that_is_not_a_regular_file_is_refused_with_einval() {
         ),
         "{res:?}"
     );
-    assert!(s.device.dma.lock().unwrap().is_empty());
+    assert!(s.device.dma.table.lock().unwrap().is_empty());
 }
 
 #[test]
 fn a_device_asking_the_client_for_dma_inside_a_command_handler_fails_at_once() {
     // The client could only answer after the handler returned; waiting for
     // the DMA timeout would stall every request behind it.
+    // Declared before the client, so it outlives the mapping.
+    let guest = vec![0u8; 0x1000];
     let s = setup(ServerOptions {
         dma_timeout: Duration::from_secs(5),
         ..ServerOptions::default()
     });
-    let guest = vec![0u8; 0x1000];
-    s.client
-        .dma_map(
-            0x10000,
-            0x1000,
-            DmaSource {
-                host_addr: guest.as_ptr() as u64,
-                file: None,
-                read_only: true,
-            },
-        )
-        .unwrap();
+    map(
+        &s.client,
+        0x10000,
+        0x1000,
+        DmaSource {
+            host_addr: guest.as_ptr() as u64,
+            file: None,
+            read_only: true,
+        },
+    )
+    .unwrap();
     let t = Instant::now();
     let r = s
         .client
@@ -701,9 +736,9 @@ fn dma_map_over_an_existing_mapping_is_refused() {
         }),
         read_only: true,
     };
-    s.client.dma_map(0x1000, 0x1000, src(0)).unwrap();
-    assert!(s.client.dma_map(0x1000, 0x1000, src(0x1000)).is_err());
-    assert_eq!(s.device.dma.lock().unwrap().len(), 1);
+    map(&s.client, 0x1000, 0x1000, src(0)).unwrap();
+    assert!(map(&s.client, 0x1000, 0x1000, src(0x1000)).is_err());
+    assert_eq!(s.device.dma.table.lock().unwrap().len(), 1);
 }
 
 #[test]
@@ -748,20 +783,20 @@ fn concurrent_calls_from_many_threads_each_get_their_own_reply() {
 fn disconnecting_client_has_its_dma_and_interrupts_released() {
     let s = setup(ServerOptions::default());
     let guest = memfd(0x1000);
-    s.client
-        .dma_map(
-            0,
-            0x1000,
-            DmaSource {
-                host_addr: 0,
-                file: Some(DmaFile {
-                    fd: guest.as_fd(),
-                    offset: 0,
-                }),
-                read_only: false,
-            },
-        )
-        .unwrap();
+    map(
+        &s.client,
+        0,
+        0x1000,
+        DmaSource {
+            host_addr: 0,
+            file: Some(DmaFile {
+                fd: guest.as_fd(),
+                offset: 0,
+            }),
+            read_only: false,
+        },
+    )
+    .unwrap();
     let e = eventfd();
     s.client.set_irq_eventfds(2, 0, &[Some(e.as_fd())]).unwrap();
     let Setup {
@@ -772,10 +807,10 @@ fn disconnecting_client_has_its_dma_and_interrupts_released() {
     } = s;
     drop(client);
     let t0 = Instant::now();
-    while !device.dma.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+    while !device.dma.table.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(device.dma.lock().unwrap().is_empty());
+    assert!(device.dma.table.lock().unwrap().is_empty());
     assert!(device.disabled.lock().unwrap().contains(&2));
     assert!(device.msix.lock().unwrap().iter().all(Option::is_none));
     // The server serves the next client.
@@ -837,4 +872,36 @@ fn server_refuses_commands_before_version_and_survives_garbage() {
     // And the next client is served normally.
     let client = UserDevice::connect(&path).unwrap();
     assert_eq!(client.device_info().unwrap().num_regions, 9);
+}
+
+#[test]
+fn each_vfio_user_connection_is_an_iommu_domain_of_its_own_that_dies_with_it() {
+    let a = setup(ServerOptions::default());
+    let b = setup(ServerOptions::default());
+    // One device per connection: the connection is its domain.
+    assert_eq!(a.client.iommu_domain().id(), a.client.iommu_domain().id());
+    assert_ne!(a.client.iommu_domain().id(), b.client.iommu_domain().id());
+    assert_eq!(
+        a.client.iommu_domain().iova_ranges().unwrap(),
+        vec![0..=u64::MAX]
+    );
+    let guest = memfd(0x1000);
+    let src = DmaSource {
+        host_addr: 0,
+        file: Some(DmaFile {
+            fd: guest.as_fd(),
+            offset: 0,
+        }),
+        read_only: false,
+    };
+    map(&a.client, 0x1000, 0x1000, src).unwrap();
+    assert_eq!(a.device.dma.table.lock().unwrap().len(), 1);
+    assert!(b.device.dma.table.lock().unwrap().is_empty());
+    // A domain kept past its connection fails instead of reaching a server.
+    let domain = a.client.iommu_domain();
+    drop(a.client);
+    assert!(matches!(
+        domain.unmap(0x1000, 0x1000),
+        Err(Error::Disconnected(_))
+    ));
 }

@@ -478,15 +478,20 @@ fn server_dma_read_and_write_are_served_from_registered_host_memory_with_bounds(
         let _ = recv(&s);
     });
     let dev = connect(&path, 5000);
-    dev.dma_map(
-        0x10000,
-        4096,
-        DmaSource {
-            host_addr,
-            file: None,
-            read_only: false,
-        },
-    )
+    // SAFETY: `memory` (at host_addr) is declared before `dev`, so it
+    // outlives the connection that reaches it, and the test reads it only
+    // through raw pointer reads (memory_at).
+    unsafe {
+        dev.iommu_domain().map(
+            0x10000,
+            4096,
+            DmaSource {
+                host_addr,
+                file: None,
+                read_only: false,
+            },
+        )
+    }
     .unwrap();
     // Wait for the server script to run its DMA messages, then close.
     let t0 = Instant::now();
@@ -628,16 +633,22 @@ fn refused_with(r: &Req) -> u32 {
     r.errno
 }
 
-fn map_host_memory(dev: &UserDevice, iova: u64, memory: &mut [u8]) {
-    dev.dma_map(
-        iova,
-        memory.len() as u64,
-        DmaSource {
-            host_addr: memory.as_mut_ptr() as u64,
-            file: None,
-            read_only: false,
-        },
-    )
+/// # Safety
+/// `memory` outlives `dev` (callers declare it first) and is not read
+/// through a reference while the server may write it.
+unsafe fn map_host_memory(dev: &UserDevice, iova: u64, memory: &mut [u8]) {
+    // SAFETY: the function's contract.
+    unsafe {
+        dev.iommu_domain().map(
+            iova,
+            memory.len() as u64,
+            DmaSource {
+                host_addr: memory.as_mut_ptr() as u64,
+                file: None,
+                read_only: false,
+            },
+        )
+    }
     .unwrap();
 }
 
@@ -670,7 +681,8 @@ fn dma_read_of_a_terabyte_or_of_u64_max_bytes_is_refused_with_einval_without_all
     });
     let mut memory: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
     let dev = connect(&path, 5000);
-    map_host_memory(&dev, 0x10000, &mut memory);
+    // SAFETY: `memory` is declared before `dev`.
+    unsafe { map_host_memory(&dev, 0x10000, &mut memory) };
     t.join().unwrap();
     drop(dev);
 }
@@ -749,7 +761,8 @@ fn dma_messages_when_serving_them_is_off_are_refused_with_enotsup_without_alloca
         },
     )
     .unwrap();
-    map_host_memory(&dev, 0x10000, &mut memory);
+    // SAFETY: `memory` is declared before `dev`.
+    unsafe { map_host_memory(&dev, 0x10000, &mut memory) };
     t.join().unwrap();
     drop(dev);
     assert!(memory.iter().all(|&b| b == 0), "the refused write wrote");
@@ -771,7 +784,8 @@ fn dma_write_without_a_reply_wanted_is_served_and_not_answered() {
     });
     let mut memory = vec![0u8; 4096];
     let dev = connect(&path, 5000);
-    map_host_memory(&dev, 0x10000, &mut memory);
+    // SAFETY: `memory` is declared before `dev`.
+    unsafe { map_host_memory(&dev, 0x10000, &mut memory) };
     t.join().unwrap();
     drop(dev);
     assert_eq!(&memory[0x10..0x12], &[0xab, 0xcd]);
@@ -836,8 +850,9 @@ fn dma_unmap_reply_echoing_another_range_is_a_protocol_error() {
     });
     let mut memory = vec![0u8; 4096];
     let dev = connect(&path, 5000);
-    map_host_memory(&dev, 0x10000, &mut memory);
-    let e = dev.dma_unmap(0x10000, 4096).unwrap_err();
+    // SAFETY: `memory` is declared before `dev`.
+    unsafe { map_host_memory(&dev, 0x10000, &mut memory) };
+    let e = dev.iommu_domain().unmap(0x10000, 4096).unwrap_err();
     assert!(matches!(e, Error::Protocol(_)), "{e:?}");
     drop(dev);
     t.join().unwrap();
@@ -1139,19 +1154,24 @@ fn dma_map_of_a_file_not_sealed_against_shrinking_warns_once_per_connection() {
     let dev = connect(&path, 5000);
     let sealed = region_memfd(0x2000, libc::F_SEAL_SHRINK);
     let unsealed = region_memfd(0x2000, 0);
+    let domain = dev.iommu_domain();
     let map = |iova: u64, f: &std::fs::File| {
-        dev.dma_map(
-            iova,
-            0x1000,
-            DmaSource {
-                host_addr: 0,
-                file: Some(vfio_backend::DmaFile {
-                    fd: f.as_fd(),
-                    offset: 0,
-                }),
-                read_only: false,
-            },
-        )
+        // SAFETY: host_addr 0 gives the client no memory to reach: the
+        // server has only the file, which outlives the connection.
+        unsafe {
+            domain.map(
+                iova,
+                0x1000,
+                DmaSource {
+                    host_addr: 0,
+                    file: Some(vfio_backend::DmaFile {
+                        fd: f.as_fd(),
+                        offset: 0,
+                    }),
+                    read_only: false,
+                },
+            )
+        }
         .unwrap()
     };
     map(0x10000, &sealed);

@@ -307,23 +307,27 @@ fn dma_map_with_a_memfd_lets_the_vfio_user_crate_backend_write_client_memory() {
     let s = setup();
     let c = s.client.as_ref().unwrap();
     let guest = memfd(0x4000);
-    c.dma_map(
-        0x8000_0000,
-        0x2000,
-        DmaSource {
-            host_addr: 0,
-            file: Some(DmaFile {
-                fd: guest.as_fd(),
-                offset: 0x2000,
-            }),
-            read_only: false,
-        },
-    )
+    // SAFETY: no host address; the memfd is the test's, for the server
+    // to read and write.
+    unsafe {
+        c.iommu_domain().map(
+            0x8000_0000,
+            0x2000,
+            DmaSource {
+                host_addr: 0,
+                file: Some(DmaFile {
+                    fd: guest.as_fd(),
+                    offset: 0x2000,
+                }),
+                read_only: false,
+            },
+        )
+    }
     .unwrap();
     let mut b = [0u8; 20];
     guest.read_exact_at(&mut b, 0x2008).unwrap();
     assert_eq!(&b, b"written by vfio_user");
-    c.dma_unmap(0x8000_0000, 0x2000).unwrap();
+    c.iommu_domain().unmap(0x8000_0000, 0x2000).unwrap();
     let seen = s.seen.lock().unwrap();
     // READ | WRITE, the file offset, the address and size, with an fd.
     assert_eq!(

@@ -303,10 +303,10 @@ impl Dma {
     /// Maps the guest memory; returns how long it took. Unmaps it again.
     fn map_once(&self) -> Duration {
         let t = Instant::now();
-        let n = self.dev.dma().map_guest_memory(&self.mem).unwrap();
+        let n = self.dev.guest_dma().add_memory(&self.mem).unwrap();
         let took = t.elapsed();
         assert_eq!(n, DMA_REGIONS);
-        self.dev.dma().unmap_all();
+        self.dev.guest_dma().remove_memory(&self.mem).unwrap();
         took
     }
 }
@@ -644,12 +644,12 @@ fn user_roundtrip_rows(rows: &mut Vec<Row>, quick: bool) {
 fn user_other_rows(rows: &mut Vec<Row>, quick: bool) {
     let dma = Dma::new();
     let reps = if quick { 10 } else { 50 };
-    let msgs0 = dma.fake.counters().calls(Op::DmaMap);
+    let msgs0 = dma.fake.iommu().counters().calls(Op::DmaMap);
     let client0 = dma.counting.calls(Call::DmaMap);
     let times: Vec<f64> = (0..reps)
         .map(|_| dma.map_once().as_nanos() as f64)
         .collect();
-    let server_msgs = dma.fake.counters().calls(Op::DmaMap) - msgs0;
+    let server_msgs = dma.fake.iommu().counters().calls(Op::DmaMap) - msgs0;
     let client_msgs = dma.counting.calls(Call::DmaMap) - client0;
     let per_region = server_msgs as f64 / (reps * DMA_REGIONS) as f64;
     assert_eq!(

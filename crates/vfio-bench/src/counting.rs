@@ -5,13 +5,18 @@
 //! every call is one message (or a few, for transfers split at the
 //! server's maximum). Counting calls at the trait therefore counts the
 //! system calls or messages a guest operation costs, whatever the backend.
+//! The device's IOMMU domain is wrapped too, so its calls (DMA map, unmap,
+//! IOVA ranges) count with the device's.
 
 use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vfio_backend::{DeviceInfo, DmaSource, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
+use vfio_backend::{
+    DeviceInfo, DmaSource, DomainId, IommuDomain, IrqInfo, Mapping, RegionInfo, RemoteDma, Result,
+    SparseArea, Vfio,
+};
 
 /// The trait methods, for [`CountingVfio::calls`].
 pub use vfio_backend::VfioOp as Call;
@@ -21,7 +26,57 @@ const CALLS: usize = Call::COUNT;
 /// Counts every call it forwards to the wrapped backend.
 pub struct CountingVfio {
     inner: Arc<dyn Vfio>,
-    counts: [AtomicU64; CALLS],
+    counts: Arc<Counts>,
+}
+
+type Counts = [AtomicU64; CALLS];
+
+fn bump(counts: &Counts, c: Call) {
+    if let Some(a) = counts.get(c as usize) {
+        a.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The wrapped device's domain, counting into the device's counters. Its
+/// id is the wrapped domain's: wrapping does not split a domain.
+struct CountingDomain {
+    inner: Arc<dyn IommuDomain>,
+    counts: Arc<Counts>,
+}
+
+impl IommuDomain for CountingDomain {
+    fn id(&self) -> DomainId {
+        self.inner.id()
+    }
+
+    /// # Safety
+    /// As [`IommuDomain::map`] (forwarded as is).
+    unsafe fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        bump(&self.counts, Call::DmaMap);
+        // SAFETY: the caller's contract, forwarded.
+        unsafe { self.inner.map(iova, size, host) }
+    }
+
+    fn map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: Arc<dyn RemoteDma>,
+    ) -> Result<()> {
+        bump(&self.counts, Call::DmaMap);
+        self.inner.map_remote(iova, size, read_only, remote)
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<()> {
+        bump(&self.counts, Call::DmaUnmap);
+        self.inner.unmap(iova, size)
+    }
+
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+        bump(&self.counts, Call::IovaRanges);
+        self.inner.iova_ranges()
+    }
 }
 
 impl std::fmt::Debug for CountingVfio {
@@ -42,9 +97,7 @@ impl CountingVfio {
     }
 
     fn bump(&self, c: Call) {
-        if let Some(a) = self.counts.get(c as usize) {
-            a.fetch_add(1, Ordering::Relaxed);
-        }
+        bump(&self.counts, c);
     }
 
     /// Calls of one method so far.
@@ -127,30 +180,11 @@ impl Vfio for CountingVfio {
         self.inner.reset()
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
-        self.bump(Call::DmaMap);
-        self.inner.dma_map(iova, size, host)
-    }
-
-    fn dma_map_remote(
-        &self,
-        iova: u64,
-        size: u64,
-        read_only: bool,
-        remote: std::sync::Arc<dyn vfio_backend::RemoteDma>,
-    ) -> vfio_backend::Result<()> {
-        self.bump(Call::DmaMap);
-        self.inner.dma_map_remote(iova, size, read_only, remote)
-    }
-
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        self.bump(Call::DmaUnmap);
-        self.inner.dma_unmap(iova, size)
-    }
-
-    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
-        self.bump(Call::IovaRanges);
-        self.inner.iova_ranges()
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain> {
+        Arc::new(CountingDomain {
+            inner: self.inner.iommu_domain(),
+            counts: Arc::clone(&self.counts),
+        })
     }
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {

@@ -365,19 +365,8 @@ impl Vfio for MirrorVfio {
     fn reset(&self) -> vfio_backend::Result<()> {
         self.fake.reset()
     }
-    fn dma_map(
-        &self,
-        iova: u64,
-        size: u64,
-        host: vfio_backend::DmaSource<'_>,
-    ) -> vfio_backend::Result<()> {
-        self.fake.dma_map(iova, size, host)
-    }
-    fn dma_unmap(&self, iova: u64, size: u64) -> vfio_backend::Result<()> {
-        self.fake.dma_unmap(iova, size)
-    }
-    fn iova_ranges(&self) -> vfio_backend::Result<Vec<std::ops::RangeInclusive<u64>>> {
-        self.fake.iova_ranges()
+    fn iommu_domain(&self) -> Arc<dyn vfio_backend::IommuDomain> {
+        self.fake.iommu_domain()
     }
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
         self.fake.region_mmap_fd(index)

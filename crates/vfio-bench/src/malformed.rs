@@ -9,13 +9,11 @@
 //! Each [`Case`] documents what the stack must do with it; the tests in
 //! `tests/malformed_devices.rs` pin that down.
 
-use std::ops::RangeInclusive;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 
 use vfio_backend::{
-    region, DeviceInfo, DmaSource, IrqInfo, Mapping, RegionInfo, Result as VfioResult, SparseArea,
-    Vfio,
+    region, DeviceInfo, IrqInfo, Mapping, RegionInfo, Result as VfioResult, SparseArea, Vfio,
 };
 use vfio_fake_device::{BarSpec, Capability, DeviceTemplate, FakeDevice};
 
@@ -137,26 +135,8 @@ impl Vfio for PatchedDevice {
         self.fake.reset()
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> VfioResult<()> {
-        self.fake.dma_map(iova, size, host)
-    }
-
-    fn dma_map_remote(
-        &self,
-        iova: u64,
-        size: u64,
-        read_only: bool,
-        remote: std::sync::Arc<dyn vfio_backend::RemoteDma>,
-    ) -> vfio_backend::Result<()> {
-        self.fake.dma_map_remote(iova, size, read_only, remote)
-    }
-
-    fn dma_unmap(&self, iova: u64, size: u64) -> VfioResult<()> {
-        self.fake.dma_unmap(iova, size)
-    }
-
-    fn iova_ranges(&self) -> VfioResult<Vec<RangeInclusive<u64>>> {
-        self.fake.iova_ranges()
+    fn iommu_domain(&self) -> std::sync::Arc<dyn vfio_backend::IommuDomain> {
+        self.fake.iommu_domain()
     }
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use vfio_backend::Vfio;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::Result;
@@ -248,7 +248,17 @@ impl SlotMapper {
 }
 
 impl GuestMapper for SlotMapper {
-    fn map(&self, gpa: u64, size: u64, _host: *mut u8, _ro: bool) -> std::io::Result<MappingId> {
+    /// Records the mapping (the memory is never touched).
+    ///
+    /// # Safety
+    /// As [`GuestMapper::map`]; this mapper never dereferences `host`.
+    unsafe fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        _host: *mut u8,
+        _ro: bool,
+    ) -> std::io::Result<MappingId> {
         let mut live = lock(&self.live);
         let end = gpa.saturating_add(size);
         if live
@@ -281,6 +291,8 @@ pub struct Vm {
     pub mapper: Arc<SlotMapper>,
     /// The BAR windows.
     pub alloc: Arc<Mutex<BarAllocator>>,
+    /// Guest RAM for DMA and the live IOMMU domains.
+    pub dma: Arc<GuestDma>,
 }
 
 impl Vm {
@@ -311,6 +323,7 @@ impl Vm {
             alloc: Arc::new(Mutex::new(BarAllocator::with_page_size(
                 windows, page_size,
             )?)),
+            dma: GuestDma::new(),
         })
     }
 
@@ -320,6 +333,7 @@ impl Vm {
             interrupts: self.irqs.clone(),
             mapper: self.mapper.clone(),
             allocator: self.alloc.clone(),
+            dma: self.dma.clone(),
         }
     }
 

@@ -132,14 +132,8 @@ impl Vfio for ShortFile {
     fn reset(&self) -> vfio_backend::Result<()> {
         self.inner.reset()
     }
-    fn dma_map(&self, i: u64, s: u64, h: vfio_backend::DmaSource<'_>) -> vfio_backend::Result<()> {
-        self.inner.dma_map(i, s, h)
-    }
-    fn dma_unmap(&self, i: u64, s: u64) -> vfio_backend::Result<()> {
-        self.inner.dma_unmap(i, s)
-    }
-    fn iova_ranges(&self) -> vfio_backend::Result<Vec<std::ops::RangeInclusive<u64>>> {
-        self.inner.iova_ranges()
+    fn iommu_domain(&self) -> Arc<dyn vfio_backend::IommuDomain> {
+        self.inner.iommu_domain()
     }
     fn region_mmap_fd(&self, i: u32) -> Option<(BorrowedFd<'_>, u64)> {
         (i == 0).then(|| (self.file.as_fd(), 0))

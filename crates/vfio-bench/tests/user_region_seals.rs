@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vfio_backend::user::UserOptions;
-use vfio_backend::{DeviceInfo, DmaSource, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
+use vfio_backend::{DeviceInfo, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
 use vfio_bench::guest::enable_device;
 use vfio_bench::user::serve_pair;
 use vfio_bench::vmm::Vm;
@@ -64,14 +64,8 @@ impl Vfio for SharesFile {
     fn reset(&self) -> Result<()> {
         self.inner.reset()
     }
-    fn dma_map(&self, i: u64, s: u64, h: DmaSource<'_>) -> Result<()> {
-        self.inner.dma_map(i, s, h)
-    }
-    fn dma_unmap(&self, i: u64, s: u64) -> Result<()> {
-        self.inner.dma_unmap(i, s)
-    }
-    fn iova_ranges(&self) -> Result<Vec<std::ops::RangeInclusive<u64>>> {
-        self.inner.iova_ranges()
+    fn iommu_domain(&self) -> std::sync::Arc<dyn vfio_backend::IommuDomain> {
+        self.inner.iommu_domain()
     }
     fn region_mmap_fd(&self, i: u32) -> Option<(BorrowedFd<'_>, u64)> {
         (i == 0).then(|| (self.file.as_fd(), 0))

@@ -1,26 +1,29 @@
 //! [`FakeDevice`]: a [`DeviceTemplate`] brought to life behind the
 //! [`Vfio`] trait.
 
-use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_backend::{
-    device_flags, irq, irq_flags, region, region_flags, DeviceInfo, Error, IrqInfo, Mapping,
-    RegionCap, RegionInfo, RemoteDma, Result, SparseArea, Vfio,
+    device_flags, irq, irq_flags, region, region_flags, DeviceInfo, Error, IommuDomain, IrqInfo,
+    Mapping, RegionCap, RegionInfo, Result, SparseArea, Vfio,
 };
 
 use crate::bar::Bar;
-use crate::dma::{Backing, DmaFault, DmaMappings, Piece};
+use crate::dma::{DmaFault, DmaMappings, Piece};
 use crate::error::FakeResult;
 use crate::inject::{Counters, Faults, Injected, Op};
+use crate::iommu::FakeIommu;
 use crate::irq::{IrqState, Trigger};
 use crate::regs::{self, Ctx, Job};
-use crate::template::{cap_id, BarKind, DeviceTemplate, PAGE_SIZE};
+use crate::template::{cap_id, BarKind, DeviceTemplate, RegisterKind, PAGE_SIZE};
+
+/// What register accesses that cannot start a DMA see of the mappings.
+static NO_MAPPINGS: DmaMappings = DmaMappings::EMPTY;
 
 /// Number of interrupt indices reported (`VFIO_PCI_NUM_IRQS`).
 const NUM_IRQS: u32 = 5;
@@ -37,7 +40,6 @@ const STATUS_INTERRUPT: u8 = 1 << 3;
 struct State {
     config: Vec<u8>,
     irq: IrqState,
-    dma: DmaMappings,
     /// Bumped by every reset: a transfer the DMA thread started before it
     /// neither writes device memory nor completes after it.
     dma_epoch: u64,
@@ -80,11 +82,11 @@ struct Inner {
     counters: Counters,
     faults: Faults,
     watcher: Mutex<Option<Watcher>>,
-    /// Held (shared) by the DMA thread across each piece of file I/O and
-    /// (exclusive) by `dma_unmap`, so that once `dma_unmap` returns no
-    /// access to the unmapped file is still under way. Taken before the
-    /// state lock, never while holding it.
-    file_io: RwLock<()>,
+    /// The IOMMU domain the device is attached to. Lock order: the state
+    /// lock, then the domain's mapping lock.
+    iommu: Arc<FakeIommu>,
+    /// The device's attachment to `iommu`.
+    iommu_token: u64,
 }
 
 /// A fake PCI function behind the [`Vfio`] trait, in-process.
@@ -95,19 +97,22 @@ struct Inner {
 /// (8). Interrupts follow `vfio-pci` too: one index enabled at a time,
 /// eventfds per vector, INTx automasked.
 ///
-/// DMA: every device access is checked against the mapped ranges. A
+/// DMA: every device access is checked against the mappings of its
+/// [`FakeIommu`] domain ([`Vfio::iommu_domain`]; its own, or one shared
+/// with other fake devices, see [`FakeDevice::with_iommu`]). A
 /// [`vfio_backend::DmaSource`] with a `host_addr` is reached by loads and
 /// stores at that address: as with the kernel backend, the caller keeps
-/// that memory mapped, and at its size, until [`Vfio::dma_unmap`] of the
-/// range returns. One with `host_addr` 0 and a file is reached by
+/// that memory mapped, and at its size, until the domain's
+/// [`IommuDomain::unmap`] of the range returns. One with `host_addr` 0 and a file is reached by
 /// `pread` / `pwrite` on a duplicate of the file: a file that shrinks later
 /// makes the DMA fail with [`DmaFault::Unreachable`], never `SIGBUS` (our
 /// vfio-user server does this for a client's files not sealed with
-/// `F_SEAL_SHRINK`). [`Vfio::dma_map_remote`] ranges are reached through
-/// their [`RemoteDma`] (a vfio-user client's `DMA_READ` / `DMA_WRITE`).
-/// Once [`Vfio::dma_unmap`] returns the device no longer touches the range:
+/// `F_SEAL_SHRINK`). [`IommuDomain::map_remote`] ranges are reached
+/// through their [`RemoteDma`](vfio_backend::RemoteDma) (a vfio-user client's `DMA_READ` /
+/// `DMA_WRITE`). Once [`IommuDomain::unmap`] returns no device of the
+/// domain touches the range:
 /// it waits for a load, store or piece of file I/O under way; a request to
-/// a [`RemoteDma`] is not waited for (its owner refuses requests to what it
+/// a [`RemoteDma`](vfio_backend::RemoteDma) is not waited for (its owner refuses requests to what it
 /// unmapped).
 ///
 /// A transfer that touches only host memory completes inside the register
@@ -146,9 +151,20 @@ fn out_of_range(index: u32, offset: u64, len: usize, size: u64) -> Error {
 
 impl FakeDevice {
     /// Creates the device: one memfd per implemented BAR, the config space
-    /// and registers at their template values, no interrupt enabled, no DMA
-    /// mapping.
+    /// and registers at their template values, no interrupt enabled, and a
+    /// fake IOMMU domain of its own with no DMA mapping.
     pub fn new(template: DeviceTemplate) -> FakeResult<FakeDevice> {
+        FakeDevice::with_iommu(template, FakeIommu::new())
+    }
+
+    /// Creates the device as [`FakeDevice::new`] does, attached to `iommu`:
+    /// several devices attached to one domain share its DMA mappings, as
+    /// kernel devices in one container or IOAS do, and the domain accepts
+    /// only the IOVAs all of them accept (the template's
+    /// [`iova_ranges`](DeviceTemplate::iova_ranges)). Fails when a live
+    /// mapping of the domain lies outside this device's IOVA ranges
+    /// (`EADDRINUSE`, as iommufd refuses such an attach).
+    pub fn with_iommu(template: DeviceTemplate, iommu: Arc<FakeIommu>) -> FakeResult<FakeDevice> {
         let mut bars: [Option<Bar>; 6] = Default::default();
         for (i, slot) in bars.iter_mut().enumerate() {
             if let Some(spec) = template.bar(i as u8) {
@@ -166,11 +182,17 @@ impl FakeDevice {
             template.msi().map_or(0, |m| m.vectors),
             template.msix().map_or(0, |m| m.vectors),
         );
+        let iommu_token =
+            iommu
+                .attach(template.iova_ranges())
+                .map_err(|e| crate::FakeError::Io {
+                    context: format!("attaching the device to its fake IOMMU: {e}"),
+                    source: std::io::Error::from_raw_os_error(e.errno().unwrap_or(libc::EINVAL)),
+                })?;
         let inner = Inner {
             state: Mutex::new(State {
                 config: template.config().to_vec(),
                 irq,
-                dma: DmaMappings::default(),
                 dma_epoch: 0,
             }),
             command: AtomicU16::new(0),
@@ -179,7 +201,8 @@ impl FakeDevice {
             counters: Counters::default(),
             faults: Faults::default(),
             watcher: Mutex::new(None),
-            file_io: RwLock::new(()),
+            iommu,
+            iommu_token,
         };
         inner.restore_memory();
         inner.sync_command(inner.template.config());
@@ -225,9 +248,15 @@ impl FakeDevice {
         self.inner.lock().irq.intx_masked()
     }
 
-    /// Number of DMA mappings.
+    /// Number of DMA mappings in the device's IOMMU domain.
     pub fn dma_mapping_count(&self) -> usize {
-        self.inner.lock().dma.len()
+        self.inner.iommu.mapping_count()
+    }
+
+    /// The fake IOMMU domain the device is attached to (also what
+    /// [`Vfio::iommu_domain`] returns).
+    pub fn iommu(&self) -> &Arc<FakeIommu> {
+        &self.inner.iommu
     }
 
     /// The device raises interrupt `vector` once (an edge: one MSI/MSI-X
@@ -241,7 +270,7 @@ impl FakeDevice {
     }
 
     /// The device reads guest memory at `iova` through its DMA mappings.
-    /// May block on file I/O or a [`RemoteDma`] request (without the
+    /// May block on file I/O or a [`RemoteDma`](vfio_backend::RemoteDma) request (without the
     /// device lock).
     pub fn dma_read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), DmaFault> {
         self.inner.dma_io_read(iova, buf)
@@ -283,10 +312,13 @@ impl FakeDevice {
 }
 
 impl Drop for FakeDevice {
+    /// Unplug: the watcher stops and the device leaves its IOMMU domain,
+    /// whose mappings stay for the other devices attached to it.
     fn drop(&mut self) {
         if let Some(w) = self.inner.take_watcher() {
             w.stop();
         }
+        self.inner.iommu.detach(self.inner.iommu_token);
     }
 }
 
@@ -374,10 +406,23 @@ impl Inner {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
+        // Only a write to a DMA engine reaches the mappings: other register
+        // accesses take the device lock alone.
+        let dma_capable = matches!(
+            block.kind,
+            RegisterKind::DmaEngine { .. } | RegisterKind::Edu
+        );
+        let maps;
+        let dma: &DmaMappings = if read.is_none() && dma_capable {
+            maps = self.iommu.mappings();
+            &maps
+        } else {
+            &NO_MAPPINGS
+        };
         let mut ctx = Ctx {
             bar,
             irq: &mut st.irq,
-            dma: &st.dma,
+            dma,
             counters: &self.counters,
             deferred: None,
             bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
@@ -389,18 +434,18 @@ impl Inner {
         Ok(ctx.deferred.map(|job| (index, job, st.dma_epoch)))
     }
 
-    /// Reads guest memory at `iova`, piece by piece: the device lock is
-    /// held to look each piece up (and to copy host-mapped ones), never
-    /// during file I/O or a remote request.
+    /// Reads guest memory at `iova`, piece by piece: the domain's mapping
+    /// lock is held to look each piece up (and to copy host-mapped ones),
+    /// never during file I/O or a remote request.
     fn dma_io_read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), DmaFault> {
         let len = buf.len() as u64;
-        self.lock().dma.check(iova, len, false)?;
+        self.iommu.mappings().check(iova, len, false)?;
         let mut done = 0u64;
         while done < len {
             let cur = iova + done; // cannot wrap: check passed
-            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
-            let st = self.lock();
-            let (piece, n) = st.dma.piece(cur, len - done, false)?;
+            let io = self.iommu.file_io();
+            let st = self.iommu.mappings();
+            let (piece, n) = st.piece(cur, len - done, false)?;
             let dst = usize::try_from(done)
                 .ok()
                 .zip(usize::try_from(n).ok())
@@ -409,8 +454,9 @@ impl Inner {
             match piece {
                 Piece::Host(host) => {
                     // SAFETY: `host .. host + n` lies in one host mapping,
-                    // live while we hold the device lock (the dma_map
-                    // contract); `dst` is a distinct buffer of n bytes.
+                    // live while we hold the domain's mapping lock (the
+                    // IommuDomain::map contract); `dst` is a distinct
+                    // buffer of n bytes.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
                             host as usize as *const u8,
@@ -450,13 +496,13 @@ impl Inner {
     /// Writes guest memory at `iova`, as [`Inner::dma_io_read`] reads it.
     fn dma_io_write(&self, iova: u64, data: &[u8]) -> std::result::Result<(), DmaFault> {
         let len = data.len() as u64;
-        self.lock().dma.check(iova, len, true)?;
+        self.iommu.mappings().check(iova, len, true)?;
         let mut done = 0u64;
         while done < len {
             let cur = iova + done; // cannot wrap: check passed
-            let io = self.file_io.read().unwrap_or_else(|e| e.into_inner());
-            let st = self.lock();
-            let (piece, n) = st.dma.piece(cur, len - done, true)?;
+            let io = self.iommu.file_io();
+            let st = self.iommu.mappings();
+            let (piece, n) = st.piece(cur, len - done, true)?;
             let src = usize::try_from(done)
                 .ok()
                 .zip(usize::try_from(n).ok())
@@ -571,10 +617,11 @@ impl Inner {
         if st.dma_epoch != epoch {
             return;
         }
+        let maps = self.iommu.mappings();
         let mut ctx = Ctx {
             bar,
             irq: &mut st.irq,
-            dma: &st.dma,
+            dma: &maps,
             counters: &self.counters,
             deferred: None,
             // Finishing only writes status and raises the interrupt: the
@@ -911,60 +958,8 @@ impl Vfio for FakeDevice {
         Ok(())
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: vfio_backend::DmaSource<'_>) -> Result<()> {
-        let inner = self.enter(Op::DmaMap)?;
-        let backing = match (host.host_addr, host.file) {
-            (0, Some(f)) => {
-                let dup =
-                    f.fd.try_clone_to_owned()
-                        .map_err(|e| Error::io("dup of a DMA file", e))?;
-                Backing::File(Arc::new(std::fs::File::from(dup)), f.offset)
-            }
-            (0, None) => {
-                return Err(Error::InvalidArgument(
-                    "DMA map with neither a host address nor a file".into(),
-                ))
-            }
-            (addr, _) => Backing::Host(addr),
-        };
-        let mut st = inner.lock();
-        st.dma.map(
-            iova,
-            size,
-            backing,
-            host.read_only,
-            inner.template.iova_ranges(),
-        )
-    }
-
-    fn dma_map_remote(
-        &self,
-        iova: u64,
-        size: u64,
-        read_only: bool,
-        remote: Arc<dyn RemoteDma>,
-    ) -> Result<()> {
-        let inner = self.enter(Op::DmaMap)?;
-        let mut st = inner.lock();
-        st.dma.map(
-            iova,
-            size,
-            Backing::Remote(remote),
-            read_only,
-            inner.template.iova_ranges(),
-        )
-    }
-
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        let inner = self.enter(Op::DmaUnmap)?;
-        // Waits for a piece of file I/O under way (see `Inner::file_io`).
-        let _io = inner.file_io.write().unwrap_or_else(|e| e.into_inner());
-        inner.lock().dma.unmap(iova, size)
-    }
-
-    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
-        let inner = self.enter(Op::IovaRanges)?;
-        Ok(inner.template.iova_ranges().to_vec())
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain> {
+        self.inner.iommu.clone()
     }
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {

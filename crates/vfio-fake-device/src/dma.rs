@@ -1,16 +1,19 @@
-//! The fake IOMMU: DMA mappings received through `dma_map` and
-//! `dma_map_remote`, and the device's bounds-checked accesses through them.
+//! The fake IOMMU's DMA mappings (received through
+//! [`IommuDomain::map`](vfio_backend::IommuDomain::map) and `map_remote` of
+//! a [`crate::FakeIommu`]), and the devices' bounds-checked accesses
+//! through them.
 //!
 //! A mapping is reached one of three ways, chosen at map time:
-//! - host memory (`host_addr` not 0): loads and stores, under the device
-//!   lock. The caller keeps the memory mapped until `dma_unmap` returns
+//! - host memory (`host_addr` not 0): loads and stores, under the
+//!   domain's mapping lock. The caller keeps the memory mapped until the
+//!   domain's `unmap` returns
 //!   and does not let it shrink (the in-process VMM owns its RAM; our
 //!   vfio-user server passes an address only for files sealed with
 //!   `F_SEAL_SHRINK`);
 //! - a file (`host_addr` 0): `pread` / `pwrite` on a duplicate of the fd,
 //!   so that a file its owner shrinks makes the access come up short (a
 //!   [`DmaFault::Unreachable`]) instead of raising `SIGBUS`;
-//! - a [`RemoteDma`] (`dma_map_remote`): requests to the memory's owner.
+//! - a [`RemoteDma`] (`map_remote`): requests to the memory's owner.
 //!
 //! Transfers that touch only host memory complete inside the register
 //! write that starts them; any other transfer runs on the device's DMA
@@ -115,6 +118,9 @@ fn refused(context: String, errno: i32) -> Error {
 }
 
 impl DmaMappings {
+    /// No mapping.
+    pub(crate) const EMPTY: DmaMappings = DmaMappings { ranges: Vec::new() };
+
     pub(crate) fn map(
         &mut self,
         iova: u64,
@@ -208,6 +214,15 @@ impl DmaMappings {
             ));
         }
         Ok(())
+    }
+
+    /// Whether every mapping lies inside one of `ranges`.
+    pub(crate) fn all_inside(&self, ranges: &[RangeInclusive<u64>]) -> bool {
+        self.ranges.iter().all(|m| {
+            ranges
+                .iter()
+                .any(|r| r.contains(&m.iova) && r.contains(&m.last))
+        })
     }
 
     /// Number of mappings.
@@ -324,9 +339,9 @@ impl DmaMappings {
     ///
     /// # Safety
     /// `dst` must be valid for `len` bytes of writes. The host memory behind
-    /// the mappings must still be mapped: the contract of `dma_map` is that
-    /// the caller keeps it mapped until `dma_unmap` returns, and callers
-    /// hold the device lock that `dma_unmap` takes.
+    /// the mappings must still be mapped: the contract of `IommuDomain::map` is that
+    /// the caller keeps it mapped until the domain's `unmap` returns, and
+    /// callers hold the domain's mapping lock that `unmap` takes.
     pub(crate) unsafe fn read(
         &self,
         iova: u64,
@@ -381,7 +396,7 @@ impl DmaMappings {
         while done < len {
             let n = (len - done).min(buf.len() as u64);
             // SAFETY: `buf` holds at least `n` bytes; the mapped memory is
-            // live for the whole call (the caller holds the device lock).
+            // live for the whole call (the caller holds the mapping lock).
             unsafe {
                 self.read(src + done, buf.as_mut_ptr(), n)?;
                 self.write(dst + done, buf.as_ptr(), n)?;

@@ -17,8 +17,9 @@
 //!   enabled at a time;
 //! - no DMA while Bus Master Enable (Command bit 2) is clear: the engines
 //!   report [`DmaFault::BusMasterDisabled`] and touch no memory;
-//! - a fake IOMMU (`dma_map` / `dma_map_remote` / `dma_unmap` with overlap
-//!   checks): host memory by loads and stores, files by `pread` / `pwrite`
+//! - a fake IOMMU, [`FakeIommu`] (the device's `IommuDomain`: `map` /
+//!   `map_remote` / `unmap` with overlap checks; one per device, or shared
+//!   by several devices as a container is): host memory by loads and stores, files by `pread` / `pwrite`
 //!   (a shrunk file is a [`DmaFault::Unreachable`], not a `SIGBUS`), and
 //!   [`vfio_backend::RemoteDma`] ranges by requests; transfers that need
 //!   file or remote I/O run on a DMA thread after the doorbell write, the
@@ -31,6 +32,7 @@ mod device;
 mod dma;
 mod error;
 mod inject;
+mod iommu;
 mod irq;
 pub mod lspci;
 mod profiles;
@@ -41,6 +43,7 @@ pub use device::FakeDevice;
 pub use dma::{DmaFault, MAX_DMA_MAPPINGS};
 pub use error::{FakeError, FakeResult};
 pub use inject::{Counters, Faults, Op, MAX_HANG};
+pub use iommu::FakeIommu;
 pub use profiles::{nvme_like, profile_template, profiles};
 pub use regs::{dma_engine, edu};
 pub use template::{

@@ -424,7 +424,7 @@ fn edu_dma(ctx: &mut Ctx<'_>, cmd: u64) {
                 }
                 // SAFETY: `p .. p + cnt` is inside the BAR mapping
                 // (checked by `ptr`); the DMA mappings are host memory
-                // (plan) that stays live while we hold the device lock
+                // (plan) that stays live while we hold the mapping lock
                 // (see DmaMappings::write).
                 Plan::Now if to_ram => unsafe { ctx.dma.write(dst, p, cnt) },
                 // SAFETY: as above, copying the other way.

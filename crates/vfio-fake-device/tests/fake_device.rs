@@ -1619,8 +1619,12 @@ fn a_dead_device_fails_every_call_with_eio() {
     assert_eq!(errno(d.region_read(region::CONFIG, 0, &mut b)), libc::EIO);
     assert_eq!(errno(d.reset()), libc::EIO);
     assert!(d.device_info().is_err());
-    assert!(d.iova_ranges().is_err());
     assert!(d.region_mmap_fd(0).is_none());
+    // The IOMMU domain is not the device: it still answers, and plays dead on its own.
+    d.iova_ranges().unwrap();
+    d.iommu().faults().set_dead(true);
+    assert_eq!(errno(d.iova_ranges().map(drop)), libc::EIO);
+    d.iommu().faults().clear();
     d.faults().clear();
     d.region_read(region::CONFIG, 0, &mut b).unwrap();
 }
@@ -1628,7 +1632,7 @@ fn a_dead_device_fails_every_call_with_eio() {
 #[test]
 fn an_injected_failure_hits_only_its_operation_and_count() {
     let d = edu_device();
-    d.faults().fail(Op::DmaMap, libc::ENOMEM, Some(2));
+    d.iommu().faults().fail(Op::DmaMap, libc::ENOMEM, Some(2));
     let mem = GuestMem::new(0x1000);
     assert_eq!(
         errno(d.dma_map(0x1000, 0x1000, mem.source(false))),
@@ -1820,4 +1824,37 @@ fn signalling_an_eventfd_whose_counter_is_full_neither_blocks_nor_holds_the_devi
     let mut b = [0u8; 2];
     d.region_read(region::CONFIG, 0, &mut b).unwrap();
     assert_eq!(u16::from_le_bytes(b), nvme_like::VENDOR_ID);
+}
+
+#[test]
+fn devices_of_one_fake_iommu_share_its_mappings_and_one_leaving_keeps_them() {
+    let iommu = vfio_fake_device::FakeIommu::new();
+    let edu = || {
+        FakeDevice::with_iommu(
+            vfio_fake_device::profile_template("edu").unwrap(),
+            iommu.clone(),
+        )
+        .unwrap()
+    };
+    let mem = GuestMem::new(0x1000);
+    let a = edu();
+    let b = edu();
+    assert_eq!(a.iommu_domain().id(), b.iommu_domain().id());
+    assert_eq!(iommu.device_count(), 2);
+    // Mapped through one device's domain, reached by the other's DMA.
+    a.dma_map(0x1000, 0x1000, mem.source(false)).unwrap();
+    b.dma_write(0x1010, &[9; 4]).unwrap();
+    assert_eq!(mem.read()[0x10..0x14], [9; 4]);
+    drop(a);
+    assert_eq!(iommu.device_count(), 1);
+    assert_eq!(
+        b.dma_mapping_count(),
+        1,
+        "unplug leaves the domain's mappings"
+    );
+    let mut back = [0u8; 4];
+    b.dma_read(0x1010, &mut back).unwrap();
+    assert_eq!(back, [9; 4]);
+    b.dma_unmap(0x1000, 0x1000).unwrap();
+    assert_eq!(b.dma_read(0x1010, &mut back), Err(DmaFault::Unmapped));
 }

@@ -23,7 +23,7 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use vfio_backend::kernel::{IommufdIoas, KernelContainer, KernelDevice};
-use vfio_backend::{region, DmaSource, Vfio};
+use vfio_backend::{region, DmaSource, IommuDomain, Vfio};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// How the kernel backend opens devices in this run.
@@ -360,8 +360,9 @@ fn iommufd_shared_ioas_dma(ctx: &Ctx<'_>) -> Result<Outcome> {
     // One mapping in the shared IOAS: 64 KiB at IOVA 1 MiB (edu masks DMA to 28 bits).
     let (mem, host) = dma_memory(0x10000)?;
     let iova = 0x10_0000;
-    ioas.dma_map(iova, 0x10000, source(host))
-        .context("IOMMU_IOAS_MAP")?;
+    // SAFETY: the kernel pins the pages of `mem` for the IOAS; the range is unmapped below,
+    // or by the IOAS's destruction on an early return; the test reads `mem` through vm-memory.
+    unsafe { ioas.map(iova, 0x10000, source(host)) }.context("IOMMU_IOAS_MAP")?;
     let pattern: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(7) ^ 0x5a) as u8)
         .collect();
@@ -373,7 +374,7 @@ fn iommufd_shared_ioas_dma(ctx: &Ctx<'_>) -> Result<Outcome> {
     let took = t0.elapsed();
     let mut back = vec![0u8; 4096];
     mem.read_slice(&mut back, GuestAddress(0x8000))?;
-    ioas.dma_unmap(iova, 0x10000).context("IOMMU_IOAS_UNMAP")?;
+    ioas.unmap(iova, 0x10000).context("IOMMU_IOAS_UNMAP")?;
     ensure!(
         back == pattern,
         "edu's DMA through the shared IOAS did not bring the pattern back"
@@ -398,13 +399,18 @@ fn iommufd_map_unmap(ctx: &Ctx<'_>) -> Result<Outcome> {
     let (_mem, host) = dma_memory(4 * PAGE as usize)?;
     let iova = 0x20_0000;
     let size = 4 * PAGE;
-    k.dma_map(iova, size, source(host)).context("first map")?;
-    let again = k.dma_map(iova, size, source(host));
-    let unmapped = k.dma_unmap(iova, size);
-    let twice = k.dma_unmap(iova, size);
-    let msi = k.dma_map(*MSI_WINDOW.start(), PAGE, source(host));
+    let d = k.iommu_domain();
+    // SAFETY: the kernel pins `_mem`'s pages, each mapping (this one and those below) is
+    // unmapped right after or by the IOAS's destruction, and nothing reads `_mem`.
+    unsafe { d.map(iova, size, source(host)) }.context("first map")?;
+    // SAFETY: as above.
+    let again = unsafe { d.map(iova, size, source(host)) };
+    let unmapped = d.unmap(iova, size);
+    let twice = d.unmap(iova, size);
+    // SAFETY: as above.
+    let msi = unsafe { d.map(*MSI_WINDOW.start(), PAGE, source(host)) };
     if msi.is_ok() {
-        let _ = k.dma_unmap(*MSI_WINDOW.start(), PAGE);
+        let _ = d.unmap(*MSI_WINDOW.start(), PAGE);
     }
     let e_again = match again {
         Ok(()) => bail!("mapping IOVA {iova:#x} twice was accepted"),
@@ -663,7 +669,10 @@ fn noiommu_dma_refused(ctx: &Ctx<'_>) -> Result<Outcome> {
     // Through the Vfio trait, as a VMM sees it.
     let k = open_device(ctx, &dev.sysfs)?;
     let (_mem, host) = dma_memory(PAGE as usize)?;
-    let msg = match k.dma_map(0x10_0000, PAGE, source(host)) {
+    let d = k.iommu_domain();
+    // SAFETY: refused in no-IOMMU mode (what this checks); were it accepted, `_mem` outlives
+    // `d` and `k`, whose drop leaves the container.
+    let msg = match unsafe { d.map(0x10_0000, PAGE, source(host)) } {
         Ok(()) => bail!("dma_map succeeded in no-IOMMU mode"),
         Err(vfio_backend::Error::Unsupported(m)) => m,
         Err(e) => bail!("dma_map failed, but not as unsupported: {e}"),
@@ -672,7 +681,7 @@ fn noiommu_dma_refused(ctx: &Ctx<'_>) -> Result<Outcome> {
         msg.contains("no-IOMMU") && msg.contains("no IOMMU"),
         "the refusal does not say why: {msg}"
     );
-    let ranges = k.iova_ranges()?;
+    let ranges = d.iova_ranges()?;
     ensure!(ranges.is_empty(), "IOVA ranges offered: {ranges:x?}");
     Ok(Outcome::Pass(format!("dma_map refused: {msg}")))
 }

@@ -417,6 +417,16 @@ fn check_readback(vm: &Vm, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Brings the controller up (MSI-X, admin queues in DMA-mapped guest RAM), runs Identify
+/// Controller (the controller reads the command from guest RAM and writes the completion and
+/// the data there: DMA both ways) and shuts it down; returns the serial number.
+pub fn identify_check(vm: &Vm) -> Result<String> {
+    let mut n = Nvme::bring_up(vm)?;
+    let (serial, _model) = n.identify_controller()?;
+    n.shut_down()?;
+    Ok(serial)
+}
+
 /// Enable MSI-X, bring the controller up with admin queues in DMA-mapped guest RAM, Identify
 /// Controller: the serial number is the one QEMU was given.
 pub fn identify(ctx: &Ctx<'_>) -> Result<Outcome> {

@@ -93,6 +93,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: stack::unplug_no_leaks,
     },
     Scenario {
+        name: "shared-domain-unplug",
+        needs: Needs::Nothing,
+        run: stack::shared_domain_unplug,
+    },
+    Scenario {
         name: "iova-ranges",
         needs: Needs::EachDevice,
         run: stack::iova_ranges,

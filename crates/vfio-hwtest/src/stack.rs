@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use vfio_backend::{region, DmaSource, Vfio};
-use vfio_pci::{DmaMapper, DmaMode, IrqMode};
+use vfio_pci::{DmaMode, GuestDma, IrqMode};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const ROM_INDEX: usize = 6;
@@ -337,8 +337,10 @@ fn busy_vm(ctx: &Ctx<'_>) -> Result<Vm> {
 }
 
 /// Dropping the device releases everything: the kernel's interrupt handlers, guest mappings,
-/// BAR placements, DMA mappings (the same IOVA range maps again), file descriptors and memory
-/// mappings of the process, and the group (the device opens again).
+/// BAR placements, DMA mappings (it was the only device of its container or IOAS, so the last
+/// of its IOMMU domain: the same IOVA range maps again there), file descriptors and memory
+/// mappings of the process, and the group (the device opens again). With another device in
+/// the domain the mappings stay: see [`shared_domain_unplug`].
 pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
     // A first cycle, so one-time allocations (allocator arenas, lazy statics) are not counted.
@@ -355,9 +357,16 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
         irqs,
         mapper,
         allocator,
+        dma,
         bdf: _,
     } = vm;
+    let domain = pci.dma_domain();
     drop(pci);
+    ensure!(
+        dma.domains().is_empty() && dma.mappings(domain).is_empty(),
+        "the last device of {domain} went, yet the domain is live with {:x?}",
+        dma.mappings(domain)
+    );
     // The device let go of its interrupt groups: only the manager still holds them.
     let groups = irqs.groups();
     for g in &groups {
@@ -390,8 +399,11 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
         .get_host_address(GuestAddress(RAM_BASE))
         .context("guest RAM host address")?;
     let size = RAM_SIZE as u64;
-    kernel
-        .dma_map(
+    let kernel_domain = kernel.iommu_domain();
+    // SAFETY: `ram` (still registered with `dma`, so kept mapped) is unmapped right below,
+    // before it drops; nothing reads it meanwhile.
+    unsafe {
+        kernel_domain.map(
             RAM_BASE,
             size,
             DmaSource {
@@ -400,9 +412,12 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
                 read_only: false,
             },
         )
-        .context("re-mapping the guest RAM IOVA range after unplug (still mapped?)")?;
-    kernel.dma_unmap(RAM_BASE, size)?;
+    }
+    .context("re-mapping the guest RAM IOVA range after unplug (still mapped?)")?;
+    kernel_domain.unmap(RAM_BASE, size)?;
+    drop(kernel_domain);
     drop(ram);
+    drop(dma);
     drop(kernel);
     drop(irqs);
     drop(mapper);
@@ -428,12 +443,13 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
 
 /// The IOMMU reports IOVA ranges; a mapping inside one works, one past the last range, in a
 /// hole between ranges or above 2^48 is refused by the kernel with an errno, and refused by
-/// `DmaMapper` before it reaches the kernel.
+/// `GuestDma` (external mode) before it reaches the kernel.
 pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
     crate::modes::require_dma(ctx.mode)?;
     let kernel = Arc::new(crate::modes::open_kernel(ctx.mode, &dev.sysfs)?);
-    let ranges = kernel.iova_ranges().context("iova_ranges")?;
+    let domain = kernel.iommu_domain();
+    let ranges = domain.iova_ranges().context("iova_ranges")?;
     ensure!(!ranges.is_empty(), "no IOVA ranges reported");
     for w in ranges.windows(2) {
         ensure!(
@@ -463,10 +479,11 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
 
     // Inside the first range.
     let inside = align(*ranges[0].start()).context("first range start")?;
-    kernel
-        .dma_map(inside, PAGE, src)
+    // SAFETY: `mem` outlives the mapping: unmapped right below (and every later map is
+    // refused or unmapped at once, before `mem` drops at the end).
+    unsafe { domain.map(inside, PAGE, src) }
         .with_context(|| format!("DMA map at {inside:#x}, inside {:#x?}", ranges[0]))?;
-    kernel.dma_unmap(inside, PAGE)?;
+    domain.unmap(inside, PAGE)?;
 
     let mut outside = Vec::new();
     if let Some(past) = ranges
@@ -491,13 +508,21 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
         !outside.is_empty(),
         "the ranges {ranges:x?} cover the whole 64-bit space: nothing to refuse"
     );
-    let vfio: Arc<dyn Vfio> = kernel.clone();
-    let mapper = DmaMapper::new(vfio, DmaMode::External).context("DmaMapper")?;
+    // A VMM with a vIOMMU: the device in external DMA mode, the VMM mapping IOVAs itself.
+    let vm = Vm::attach_kernel(
+        kernel.clone(),
+        &dev.bdf,
+        GuestDma::new(),
+        None,
+        DmaMode::External,
+    )?;
+    let id = vm.dev.dma_domain();
     let mut refused = Vec::new();
     for (what, iova) in &outside {
-        match kernel.dma_map(*iova, PAGE, src) {
+        // SAFETY: as above: refused, or unmapped at once.
+        match unsafe { domain.map(*iova, PAGE, src) } {
             Ok(()) => {
-                let _ = kernel.dma_unmap(*iova, PAGE);
+                let _ = domain.unmap(*iova, PAGE);
                 bail!("the kernel accepted a DMA map at {iova:#x} ({what}); ranges {ranges:x?}");
             }
             Err(e) => {
@@ -507,22 +532,24 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
                 refused.push(format!("{iova:#x} ({what}) errno {errno}"));
             }
         }
-        match mapper.map(*iova, PAGE, src) {
-            Ok(()) => bail!("DmaMapper accepted {iova:#x} ({what}) outside {ranges:x?}"),
+        // SAFETY: as above: refused, or (a failure of this check) unmapped with the domain's
+        // last device when `vm` drops, before `mem`.
+        match unsafe { vm.dma.map_external(id, *iova, PAGE, src) } {
+            Ok(()) => bail!("GuestDma accepted {iova:#x} ({what}) outside {ranges:x?}"),
             Err(vfio_pci::Error::Dma(m)) => {
                 ensure!(
                     m.contains(&format!("{iova:#x}")),
-                    "DmaMapper's refusal does not name the IOVA: {m}"
+                    "GuestDma's refusal does not name the IOVA: {m}"
                 );
             }
-            Err(e) => bail!("DmaMapper refused {iova:#x} ({what}) only in the kernel: {e}"),
+            Err(e) => bail!("GuestDma refused {iova:#x} ({what}) only in the kernel: {e}"),
         }
     }
     ensure!(
-        mapper.mappings().is_empty(),
-        "DmaMapper kept a refused mapping"
+        vm.dma.mappings(id).is_empty(),
+        "GuestDma kept a refused mapping"
     );
-    drop(mapper);
+    drop(vm);
     Ok(Outcome::Pass(format!(
         "ranges {}; page sizes {pgsizes}; map at {inside:#x} ok; refused: {}",
         ranges
@@ -531,6 +558,108 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
             .collect::<Vec<_>>()
             .join(" "),
         refused.join(", ")
+    )))
+}
+
+/// The DMA a device does with the guest RAM of the test: an edu moves a pattern RAM -> device
+/// -> RAM, an NVMe controller runs Identify (command read from RAM, data and completion
+/// written there).
+fn device_dma(vm: &Vm, is_edu: bool) -> Result<String> {
+    if is_edu {
+        vm.enable_memory_and_bus_master()?;
+        crate::edu::dma_check(vm)?;
+        Ok(format!(
+            "{} (edu) moved a pattern RAM -> device -> RAM",
+            vm.bdf
+        ))
+    } else {
+        let serial = crate::nvme::identify_check(vm)?;
+        Ok(format!("{} (nvme) ran Identify, serial {serial:?}", vm.bdf))
+    }
+}
+
+/// An edu and an NVMe controller in one IOMMU domain (one container in legacy mode, one IOAS
+/// with iommufd), sharing one `GuestDma`: guest RAM is mapped there once, both devices reach
+/// it, and unplugging either (both orders) leaves the mapping to the other, which still does
+/// DMA; the last one's unplug unmaps it.
+pub fn shared_domain_unplug(ctx: &Ctx<'_>) -> Result<Outcome> {
+    crate::modes::require_dma(ctx.mode)?;
+    let edu = ctx.devices.iter().find(|d| d.id == crate::scenarios::EDU);
+    let nvme = ctx
+        .devices
+        .iter()
+        .find(|d| d.id == crate::scenarios::QEMU_NVME);
+    let (Some(edu), Some(nvme)) = (edu, nvme) else {
+        return Ok(Outcome::Skip(
+            "needs QEMU's edu and NVMe controller among the devices under test".into(),
+        ));
+    };
+    let mut seen = Vec::new();
+    for edu_first in [true, false] {
+        let pair = [edu.clone(), nvme.clone()];
+        let mut opened = crate::modes::open_all_shared(ctx.mode, &pair)?.into_iter();
+        let (Some(k_edu), Some(k_nvme)) = (opened.next(), opened.next()) else {
+            bail!("open_all_shared did not open both devices");
+        };
+        let dma = GuestDma::new();
+        let mem = vmm::guest_ram()?;
+        dma.add_memory(&mem).context("registering guest RAM")?;
+        let vm_edu = Vm::attach_kernel(
+            Arc::new(k_edu),
+            &edu.bdf,
+            dma.clone(),
+            Some(mem.clone()),
+            DmaMode::GuestPhysical,
+        )?;
+        let vm_nvme = Vm::attach_kernel(
+            Arc::new(k_nvme),
+            &nvme.bdf,
+            dma.clone(),
+            Some(mem),
+            DmaMode::GuestPhysical,
+        )?;
+        let id = vm_edu.dev.dma_domain();
+        ensure!(
+            vm_nvme.dev.dma_domain() == id,
+            "the devices of one {} report different domains ({id}, {})",
+            ctx.mode.name(),
+            vm_nvme.dev.dma_domain()
+        );
+        ensure!(
+            dma.device_count(id) == 2 && dma.mappings(id).len() == 1,
+            "{id}: {} device(s), mappings {:x?}; expected 2 devices and guest RAM mapped once",
+            dma.device_count(id),
+            dma.mappings(id)
+        );
+        device_dma(&vm_edu, true)?;
+        device_dma(&vm_nvme, false)?;
+        let (gone, stays, stays_edu) = if edu_first {
+            (vm_edu, vm_nvme, false)
+        } else {
+            (vm_nvme, vm_edu, true)
+        };
+        let gone_bdf = gone.bdf.clone();
+        drop(gone);
+        ensure!(
+            dma.device_count(id) == 1 && dma.mappings(id).len() == 1,
+            "after unplugging {gone_bdf}: {} device(s), mappings {:x?}; the RAM mapping must stay",
+            dma.device_count(id),
+            dma.mappings(id)
+        );
+        let did = device_dma(&stays, stays_edu)
+            .with_context(|| format!("DMA of {} after unplugging {gone_bdf}", stays.bdf))?;
+        drop(stays);
+        ensure!(
+            dma.domains().is_empty(),
+            "the last device went, yet {:?} is live",
+            dma.domains()
+        );
+        seen.push(format!("unplugged {gone_bdf}: {did}"));
+    }
+    Ok(Outcome::Pass(format!(
+        "{} with both devices, guest RAM mapped once; {}",
+        ctx.mode.name(),
+        seen.join("; ")
     )))
 }
 

@@ -3,7 +3,10 @@
 //! VMM side: [`Vm::attach`] opens a function through the kernel backend
 //! (`vfio_backend::kernel::KernelDevice`), builds a `vfio_pci::VfioPciDevice` on it with a
 //! recording guest mapper, a BAR allocator and the instrumented interrupt manager of
-//! `pci_interrupts::testing`, and (optionally) maps a small guest RAM for DMA.
+//! `pci_interrupts::testing`, and (optionally) registers a small guest RAM for DMA with a
+//! `vfio_pci::GuestDma`, which maps it into the device's IOMMU domain as the device attaches.
+//! [`Vm::attach_kernel`] attaches an already opened device with a given `GuestDma`: devices
+//! of one container or IOAS share it, as a VMM's do.
 //!
 //! Guest side: the helpers below only use what a guest driver has: config space through
 //! `read_config` / `write_config` (walking capabilities, programming MSI and MSI-X as a guest
@@ -22,7 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vfio_backend::kernel::KernelDevice;
 use vfio_backend::Vfio;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{
+    DeviceOptions, DeviceResources, DmaMode, GuestDma, GuestMapper, MappingId, VfioPciDevice,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device::Device;
@@ -38,6 +43,11 @@ const MMIO32: AddressWindow = AddressWindow::new(0xC000_0000, 0x2000_0000);
 const MMIO64: AddressWindow = AddressWindow::new(0x10_0000_0000, 0x10_0000_0000);
 /// The VMM's I/O port window.
 const IO: AddressWindow = AddressWindow::new(0xC000, 0x4000);
+
+/// [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`].
+pub fn guest_ram() -> Result<GuestMemoryMmap> {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), RAM_SIZE)]).context("guest RAM")
+}
 
 /// An x86 MSI address (local APIC 0), as a guest would program it.
 pub const MSI_ADDRESS: u64 = 0xFEE0_0000;
@@ -73,7 +83,17 @@ impl RecordingMapper {
 }
 
 impl GuestMapper for RecordingMapper {
-    fn map(&self, gpa: u64, size: u64, host: *mut u8, _ro: bool) -> std::io::Result<MappingId> {
+    /// Records the mapping; `host` is never dereferenced.
+    ///
+    /// # Safety
+    /// As [`GuestMapper::map`]; this mapper never touches `host`.
+    unsafe fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        _ro: bool,
+    ) -> std::io::Result<MappingId> {
         if host.is_null() {
             return Err(std::io::Error::other("null host address"));
         }
@@ -113,13 +133,16 @@ pub struct MsixInfo {
 
 /// One attached function: the VMM's objects and the guest's view.
 ///
-/// Fields drop in order: the device first (interrupts off, BARs unmapped and released, DMA
-/// unmapped), then guest RAM, then the kernel device.
+/// Fields drop in order: the device first (interrupts off, BARs unmapped and released, detached
+/// from its IOMMU domain: the domain's last device unmaps guest RAM), then guest RAM, then the
+/// kernel device.
 pub struct Vm {
     /// The device as our stack presents it.
     pub dev: VfioPciDevice,
-    /// Guest RAM, mapped for the device's DMA at [`RAM_BASE`] (when asked for).
+    /// Guest RAM, registered for DMA at [`RAM_BASE`] (when asked for).
     pub ram: Option<GuestMemoryMmap>,
+    /// Guest RAM for DMA and the live IOMMU domains (shared by the devices of one domain).
+    pub dma: Arc<GuestDma>,
     /// The kernel backend under the device.
     pub kernel: Arc<KernelDevice>,
     /// The interrupt manager the device made its groups with.
@@ -133,8 +156,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Attaches `device` through the kernel backend and `VfioPciDevice`; with `ram`, also maps
-    /// [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`] for DMA.
+    /// Attaches `device` through the kernel backend and `VfioPciDevice`; with `ram`, also
+    /// registers [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`] for DMA (mapped into the
+    /// device's IOMMU domain as it attaches).
     pub fn attach(device: &Device, ram: bool) -> Result<Vm> {
         let mode = crate::modes::current();
         if ram {
@@ -142,6 +166,28 @@ impl Vm {
             crate::modes::require_dma(mode)?;
         }
         let kernel = Arc::new(crate::modes::open_kernel(mode, &device.sysfs)?);
+        let dma = GuestDma::new();
+        let ram = if ram {
+            let mem = guest_ram()?;
+            let n = dma.add_memory(&mem).context("registering guest RAM")?;
+            ensure!(n == 1, "add_memory registered {n} regions, expected 1");
+            Some(mem)
+        } else {
+            None
+        };
+        Self::attach_kernel(kernel, &device.bdf, dma, ram, DmaMode::GuestPhysical)
+    }
+
+    /// Attaches an opened kernel device with `dma` (RAM registered there is mapped into the
+    /// device's domain when it is the domain's first device) in DMA `mode`; `ram` is the
+    /// guest RAM the guest side of the test reads and writes.
+    pub fn attach_kernel(
+        kernel: Arc<KernelDevice>,
+        bdf: &str,
+        dma: Arc<GuestDma>,
+        ram: Option<GuestMemoryMmap>,
+        mode: DmaMode,
+    ) -> Result<Vm> {
         let irqs = Arc::new(TestInterruptManager::new());
         let mapper = Arc::new(RecordingMapper::default());
         let allocator = Arc::new(Mutex::new(
@@ -159,31 +205,24 @@ impl Vm {
                 interrupts: irqs.clone(),
                 mapper: mapper.clone(),
                 allocator: allocator.clone(),
+                dma: dma.clone(),
             },
-            DeviceOptions::default(),
+            DeviceOptions {
+                dma_mode: mode,
+                ..DeviceOptions::default()
+            },
         )
         .context("VfioPciDevice::new")?;
-        let mut vm = Vm {
+        Ok(Vm {
             dev,
-            ram: None,
+            ram,
+            dma,
             kernel,
             irqs,
             mapper,
             allocator,
-            bdf: device.bdf.clone(),
-        };
-        if ram {
-            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(RAM_BASE), RAM_SIZE)])
-                .context("guest RAM")?;
-            let n = vm
-                .dev
-                .dma()
-                .map_guest_memory(&mem)
-                .context("DMA map of guest RAM")?;
-            ensure!(n == 1, "map_guest_memory mapped {n} regions, expected 1");
-            vm.ram = Some(mem);
-        }
-        Ok(vm)
+            bdf: bdf.to_string(),
+        })
     }
 
     // ---- config space, as the guest sees it ----
@@ -624,7 +663,8 @@ mod tests {
     fn recording_mapper_forgets_unmapped_ranges_and_refuses_unknown_ids() {
         let m = RecordingMapper::default();
         let mut x = 0u8;
-        let id = m.map(0x1000, 0x2000, &mut x, false).unwrap();
+        // SAFETY: the recording mapper never dereferences the address.
+        let id = unsafe { m.map(0x1000, 0x2000, &mut x, false) }.unwrap();
         assert_eq!(m.live(), vec![(0x1000, 0x2000)]);
         m.unmap(id).unwrap();
         assert!(m.live().is_empty());

@@ -16,7 +16,8 @@ use serde::Serialize;
 use vfio_backend::irq;
 use vfio_fake_device::{edu, nvme_like};
 use vfio_pci::{
-    BarView, DeviceOptions, DeviceResources, GuestMapper, IrqMode, MappingId, VfioPciDevice,
+    BarView, DeviceOptions, DeviceResources, GuestDma, GuestMapper, IrqMode, MappingId,
+    VfioPciDevice,
 };
 use vm_memory::{Bytes as _, FileOffset, GuestAddress, GuestMemoryMmap};
 
@@ -271,7 +272,11 @@ struct AcceptingMapper {
 }
 
 impl GuestMapper for AcceptingMapper {
-    fn map(&self, _: u64, _: u64, _: *mut u8, _: bool) -> std::io::Result<MappingId> {
+    /// Hands out an id; `host` is never touched.
+    ///
+    /// # Safety
+    /// As [`GuestMapper::map`]; this mapper never dereferences `host`.
+    unsafe fn map(&self, _: u64, _: u64, _: *mut u8, _: bool) -> std::io::Result<MappingId> {
         Ok(MappingId(self.next.fetch_add(1, Ordering::Relaxed)))
     }
 
@@ -322,6 +327,7 @@ pub fn run(opened: &Opened, opts: &Options, progress: &dyn Fn(&str)) -> anyhow::
         interrupts: irqs.clone(),
         mapper: Arc::new(AcceptingMapper::default()),
         allocator: Arc::new(Mutex::new(allocator)),
+        dma: GuestDma::new(),
     };
     let options = DeviceOptions {
         page_size: Some(page_size),
@@ -825,7 +831,8 @@ fn self_check(
 fn dma_steps(steps: &mut Steps<'_>, dev: &VfioPciDevice, model: Option<Model>, id: &Identity) {
     let mut memory = None;
     steps.run("DMA map of guest RAM", || match guest_ram() {
-        Ok(mem) => match dev.dma().map_guest_memory(&mem) {
+        // The device is attached: registering RAM maps it into its domain.
+        Ok(mem) => match dev.guest_dma().add_memory(&mem) {
             Ok(n) => {
                 memory = Some(mem);
                 (
@@ -860,9 +867,12 @@ fn dma_steps(steps: &mut Steps<'_>, dev: &VfioPciDevice, model: Option<Model>, i
             Duration::ZERO,
         ),
     }
-    // The device's DMA mappings must go before the memory behind them.
-    dev.dma().unmap_all();
-    drop(memory);
+    // Hot-unplug of the RAM: unmapped from the device's domain.
+    if let Some(mem) = memory {
+        if let Err(e) = dev.guest_dma().remove_memory(&mem) {
+            log::warn!("removing guest RAM after the DMA steps: {e}");
+        }
+    }
 }
 
 fn no_fire_note() -> String {

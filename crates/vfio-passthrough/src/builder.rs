@@ -1,7 +1,7 @@
 //! [`DeviceBuilder`]: one way to make a [`VfioPciDevice`] from a host device
 //! bound to `vfio-pci` (sysfs path), a vfio-user socket, or any
 //! [`Vfio`] backend, with the VMM's resources and options, and guest RAM
-//! DMA-mapped at build time.
+//! registered for DMA (mapped once per IOMMU domain, see [`GuestDma`]).
 
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use vfio_backend::kernel::{KernelContainer, KernelDevice};
 use vfio_backend::user::{UserDevice, UserOptions};
 use vfio_backend::Vfio;
 use vfio_pci::{
-    DeviceOptions, DeviceResources, DmaMapper, DmaMode, GuestMapper, MsixRelocation, TrapAllMapper,
+    DeviceOptions, DeviceResources, DmaMode, GuestDma, GuestMapper, MsixRelocation, TrapAllMapper,
     VfioPciDevice,
 };
 use vm_memory::GuestMemoryBackend;
@@ -65,10 +65,10 @@ impl Source {
     }
 }
 
-type MapMemory<'m> = Box<dyn FnOnce(&DmaMapper) -> vfio_pci::Result<usize> + 'm>;
+type AddMemory = Box<dyn FnOnce(&GuestDma) -> vfio_pci::Result<usize>>;
 
 /// Builds a [`PassthroughDevice`]: picks the backend, lends the VMM's
-/// resources, sets the options, and maps guest RAM for DMA.
+/// resources, sets the options, and registers guest RAM for DMA.
 ///
 /// ```no_run
 /// # fn demo(
@@ -90,36 +90,47 @@ type MapMemory<'m> = Box<dyn FnOnce(&DmaMapper) -> vfio_pci::Result<usize> + 'm>
 ///
 /// The interrupt manager and the BAR allocator are required. Without a
 /// [`mapper`](Self::mapper), every BAR access traps ([`TrapAllMapper`]).
+///
+/// DMA: guest RAM lives in a [`GuestDma`], the VMM's one record of its RAM
+/// and of the IOMMU domains of its devices. Devices that share an IOMMU
+/// domain (a [`KernelContainer`] given to [`sysfs_in`](Self::sysfs_in), an
+/// iommufd IOAS) must share the `GuestDma` too ([`guest_dma`](Self::guest_dma)):
+/// guest RAM is then mapped into the domain once, when its first device is
+/// built, and stays mapped until its last device is dropped, whichever
+/// device goes first. Without one, the device gets a `GuestDma` of its own.
 #[must_use = "a builder does nothing until build() is called"]
-pub struct DeviceBuilder<'m> {
+pub struct DeviceBuilder {
     source: Source,
     interrupts: Option<Arc<dyn InterruptManager>>,
     mapper: Option<Arc<dyn GuestMapper>>,
     allocator: Option<Arc<Mutex<BarAllocator>>>,
+    dma: Option<Arc<GuestDma>>,
     options: DeviceOptions,
-    memory: Option<MapMemory<'m>>,
+    memory: Option<AddMemory>,
 }
 
-impl std::fmt::Debug for DeviceBuilder<'_> {
+impl std::fmt::Debug for DeviceBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceBuilder")
             .field("source", &self.source.describe())
             .field("interrupts", &self.interrupts.is_some())
             .field("mapper", &self.mapper.is_some())
             .field("allocator", &self.allocator.is_some())
+            .field("guest_dma", &self.dma)
             .field("options", &self.options)
             .field("guest_memory", &self.memory.is_some())
             .finish()
     }
 }
 
-impl DeviceBuilder<'static> {
+impl DeviceBuilder {
     fn with_source(source: Source) -> Self {
         DeviceBuilder {
             source,
             interrupts: None,
             mapper: None,
             allocator: None,
+            dma: None,
             options: DeviceOptions::default(),
             memory: None,
         }
@@ -148,8 +159,10 @@ impl DeviceBuilder<'static> {
     }
 
     /// Like [`sysfs`](Self::sysfs), in a container shared with other
-    /// devices: they then share one IOMMU address space, so guest RAM is
-    /// DMA-mapped once for all of them (map it with the first device only).
+    /// devices: they then share one IOMMU address space. Give all of them
+    /// the same [`guest_dma`](Self::guest_dma), so that guest RAM is
+    /// DMA-mapped once for all of them and stays mapped while any of them
+    /// is attached.
     pub fn sysfs_in(container: Arc<KernelContainer>, path: impl Into<PathBuf>) -> Self {
         Self::with_source(Source::Sysfs {
             path: path.into(),
@@ -180,10 +193,8 @@ impl DeviceBuilder<'static> {
     pub fn vfio(vfio: Arc<dyn Vfio>) -> Self {
         Self::with_source(Source::Vfio(vfio))
     }
-}
 
-impl<'m> DeviceBuilder<'m> {
-    /// The VMM's interrupt manager (required).
+    /// The interrupt manager (required).
     pub fn interrupts(mut self, interrupts: Arc<dyn InterruptManager>) -> Self {
         self.interrupts = Some(interrupts);
         self
@@ -202,11 +213,20 @@ impl<'m> DeviceBuilder<'m> {
         self
     }
 
-    /// All three resources at once.
+    /// The VMM's guest RAM and IOMMU domains, shared with its other
+    /// devices (default: one of the device's own). Devices of one IOMMU
+    /// domain must share it.
+    pub fn guest_dma(mut self, dma: Arc<GuestDma>) -> Self {
+        self.dma = Some(dma);
+        self
+    }
+
+    /// All four resources at once.
     pub fn resources(self, resources: DeviceResources) -> Self {
         self.interrupts(resources.interrupts)
             .mapper(resources.mapper)
             .allocator(resources.allocator)
+            .guest_dma(resources.dma)
     }
 
     /// Replaces every option at once.
@@ -246,28 +266,26 @@ impl<'m> DeviceBuilder<'m> {
         self
     }
 
-    /// Guest RAM to DMA-map (every region at its guest physical address)
-    /// when the device is built. For a vfio-user device the regions must
-    /// be file-backed (e.g. a memfd) so the server can map them.
-    pub fn guest_memory<'a, M: GuestMemoryBackend>(self, memory: &'a M) -> DeviceBuilder<'a>
+    /// Guest RAM for DMA (every region at its guest physical address),
+    /// registered with the [`GuestDma`] before the device attaches
+    /// ([`GuestDma::add_memory`]: regions it holds already are skipped, so
+    /// every device of a VMM may be given the VMM's RAM). The first device
+    /// of an IOMMU domain maps it there. For a vfio-user device the regions
+    /// must be file-backed (e.g. a memfd) so the server can map them.
+    pub fn guest_memory<M>(mut self, memory: &M) -> Self
     where
-        'm: 'a,
+        M: GuestMemoryBackend + Clone + Send + Sync + 'static,
     {
-        DeviceBuilder {
-            source: self.source,
-            interrupts: self.interrupts,
-            mapper: self.mapper,
-            allocator: self.allocator,
-            options: self.options,
-            memory: Some(Box::new(move |dma: &DmaMapper| {
-                dma.map_guest_memory(memory)
-            })),
-        }
+        let memory = memory.clone();
+        self.memory = Some(Box::new(move |dma: &GuestDma| dma.add_memory(&memory)));
+        self
     }
 
-    /// Opens the backend, attaches the device (config space, BAR placement
-    /// and mapping, interrupt groups) and maps guest RAM if given. On any
-    /// failure nothing is left behind.
+    /// Registers guest RAM if given, opens the backend and attaches the
+    /// device (config space, BAR placement and mapping, interrupt groups,
+    /// its IOMMU domain, where guest RAM is mapped if it is the domain's
+    /// first device). On failure the device leaves nothing behind (RAM
+    /// registered with a shared [`GuestDma`] stays registered).
     pub fn build(self) -> Result<PassthroughDevice> {
         let what = self.source.describe();
         // Check what we were given before touching the host.
@@ -280,6 +298,24 @@ impl<'m> DeviceBuilder<'m> {
             call: "allocator",
         })?;
         let mapper: Arc<dyn GuestMapper> = self.mapper.unwrap_or_else(|| Arc::new(TrapAllMapper));
+        if self.memory.is_some() && self.options.dma_mode == DmaMode::External {
+            return Err(Error::MapGuestMemory {
+                what,
+                source: vfio_pci::Error::Dma(
+                    "the device is in external DMA mode: the VMM maps IOVAs itself (a vIOMMU), \
+                     so guest RAM given to the builder would never be mapped for it"
+                        .into(),
+                ),
+            });
+        }
+        let dma = self.dma.unwrap_or_default();
+        if let Some(add) = self.memory {
+            let regions = add(&dma).map_err(|source| Error::MapGuestMemory {
+                what: what.clone(),
+                source,
+            })?;
+            log::debug!("{what}: {regions} new guest RAM regions registered for DMA");
+        }
         let (vfio, backend) = open(self.source)?;
         let device = VfioPciDevice::new(
             vfio,
@@ -287,6 +323,7 @@ impl<'m> DeviceBuilder<'m> {
                 interrupts,
                 mapper,
                 allocator,
+                dma,
             },
             self.options,
         )
@@ -294,14 +331,6 @@ impl<'m> DeviceBuilder<'m> {
             what: what.clone(),
             source,
         })?;
-        if let Some(map) = self.memory {
-            // On error the device drops here, releasing what it took.
-            let regions = map(device.dma()).map_err(|source| Error::MapGuestMemory {
-                what: what.clone(),
-                source,
-            })?;
-            log::debug!("{what}: {regions} guest RAM regions mapped for DMA");
-        }
         Ok(PassthroughDevice {
             device,
             backend,
@@ -415,8 +444,9 @@ pub enum DeviceBackend {
 
 /// A device made by [`DeviceBuilder`]: the [`VfioPciDevice`] (also
 /// reachable through `Deref`) and the backend it runs on. Dropping it
-/// unplugs the device: interrupts off, mappings, BAR placements and DMA
-/// mappings given back.
+/// unplugs the device: interrupts off, mappings and BAR placements given
+/// back, and the device detached from its IOMMU domain (the domain's last
+/// device unmaps guest RAM there).
 #[derive(Debug)]
 pub struct PassthroughDevice {
     // Declared first so that it drops first, before the backend handle.

@@ -93,9 +93,11 @@ pub enum Error {
         #[source]
         source: vfio_pci::Error,
     },
-    /// Guest RAM could not be DMA-mapped for the device; the device was
-    /// detached again.
-    #[error("mapping guest RAM for DMA of {what}: {source}")]
+    /// Guest RAM could not be registered for DMA before the device was
+    /// opened (it overlaps other registered RAM, or a live IOMMU domain
+    /// refused to map it). A failure to map registered RAM into the new
+    /// device's domain is an [`Error::AttachDevice`].
+    #[error("registering guest RAM for DMA of {what}: {source}")]
     MapGuestMemory {
         /// The device.
         what: String,

@@ -92,7 +92,7 @@ fn vfio_user_socket_builds_a_device_with_guest_ram_mapped_and_caps_hidden() {
     assert!(dev.description().contains("nvme.sock"));
     // Both RAM regions are mapped in the server's device.
     assert_eq!(fake.dma_mapping_count(), 2);
-    assert_eq!(dev.dma().mappings().len(), 2);
+    assert_eq!(dev.guest_dma().mappings(dev.dma_domain()).len(), 2);
     // PM hidden on request, MSI-X kept (and emulated).
     assert!(!kept(dev.kept_capabilities(), u16::from(PM), false));
     assert!(dev
@@ -253,4 +253,46 @@ fn no_iommu_is_used_only_when_asked_for_and_fails_clearly_without_vfio() {
         assert!(err.to_string().contains("0000:ff:1f.7"), "{mode:?}: {err}");
     }
     assert_eq!(KernelMode::default(), KernelMode::Auto);
+}
+
+#[test]
+fn devices_built_into_one_domain_share_guest_ram_and_unplugging_either_keeps_it_for_the_other() {
+    use vfio_passthrough::vfio_pci::GuestDma;
+    for unplug_first in [0usize, 1] {
+        // Two functions of one container: one fake IOMMU domain.
+        let iommu = vfio_fake_device::FakeIommu::new();
+        let fakes: Vec<Arc<FakeDevice>> = (0..2)
+            .map(|_| {
+                let t = vfio_fake_device::profile_template("nvme-like").unwrap();
+                Arc::new(FakeDevice::with_iommu(t, iommu.clone()).unwrap())
+            })
+            .collect();
+        let dma = GuestDma::new();
+        let alloc = allocator();
+        let mem = guest_ram();
+        let mut devs: Vec<Option<_>> = fakes
+            .iter()
+            .map(|f| {
+                // Every device is given the VMM's RAM and the VMM's GuestDma.
+                Some(
+                    DeviceBuilder::vfio(f.clone())
+                        .interrupts(Arc::new(TestInterruptManager::new()))
+                        .allocator(alloc.clone())
+                        .guest_dma(dma.clone())
+                        .guest_memory(&mem)
+                        .build()
+                        .unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(dma.ram_regions().len(), 2, "registered once");
+        assert_eq!(iommu.mapping_count(), 2, "mapped once for the domain");
+        devs[unplug_first] = None;
+        assert_eq!(iommu.mapping_count(), 2);
+        let other = &fakes[1 - unplug_first];
+        other.dma_write(0x1_0000_0000, &[1, 2, 3, 4]).unwrap();
+        devs[1 - unplug_first] = None;
+        assert_eq!(iommu.mapping_count(), 0);
+        assert!(other.dma_write(0x1_0000_0000, &[0; 4]).is_err());
+    }
 }

@@ -128,6 +128,21 @@ fn run_until(vcpu: &mut VcpuFd, done_port: u16) -> Option<Vec<Exit>> {
     panic!("guest did not finish: {exits:?}");
 }
 
+/// Maps through the trait.
+fn map(
+    mapper: &KvmGuestMapper,
+    gpa: u64,
+    size: u64,
+    host: *mut u8,
+    read_only: bool,
+) -> std::io::Result<vfio_pci::MappingId> {
+    // SAFETY: every test declares its `HostPages` before the mapper, so the
+    // pages stay mapped for as long as any slot of the mapper (which
+    // deletes its slots when dropped) may point at them; the test touches
+    // them through raw pointers only.
+    unsafe { mapper.map(gpa, size, host, read_only) }
+}
+
 #[test]
 fn a_guest_reads_and_writes_host_memory_through_the_slots_and_read_only_slots_trap_writes() {
     let Some(kvm) = kvm() else { return };
@@ -148,16 +163,10 @@ fn a_guest_reads_and_writes_host_memory_through_the_slots_and_read_only_slots_tr
     host.write(2, &[0xa5]);
 
     let mapper = KvmGuestMapper::new(vm.clone(), 1..4).unwrap();
-    mapper
-        .map(0x1000, PAGE as u64, host.page(0), false)
-        .unwrap();
-    mapper
-        .map(0x2000, PAGE as u64, host.page(1), false)
-        .unwrap();
+    map(&mapper, 0x1000, PAGE as u64, host.page(0), false).unwrap();
+    map(&mapper, 0x2000, PAGE as u64, host.page(1), false).unwrap();
     let read_only = mapper.readonly_supported();
-    mapper
-        .map(0x3000, PAGE as u64, host.page(2), read_only)
-        .unwrap();
+    map(&mapper, 0x3000, PAGE as u64, host.page(2), read_only).unwrap();
 
     let Some(mut vcpu) = real_mode_vcpu(&vm, 0x1000) else {
         eprintln!("skipped: cannot set up a real-mode vCPU");
@@ -234,10 +243,8 @@ fn an_msi_signalled_while_masked_reaches_the_guest_once_unmasked() {
     };
 
     let mapper = KvmGuestMapper::new(vm.clone(), 1..3).unwrap();
-    mapper.map(0, PAGE as u64, host.page(0), false).unwrap();
-    mapper
-        .map(0x1000, PAGE as u64, host.page(1), false)
-        .unwrap();
+    map(&mapper, 0, PAGE as u64, host.page(0), false).unwrap();
+    map(&mapper, 0x1000, PAGE as u64, host.page(1), false).unwrap();
     let Some(mut vcpu) = real_mode_vcpu(&vm, 0x1000) else {
         eprintln!("skipped: cannot set up a real-mode vCPU");
         return;

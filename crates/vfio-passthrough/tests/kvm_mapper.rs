@@ -96,6 +96,20 @@ fn gpa_is_free_in_kvm(vm: &VmFd, gpa: u64, host: &HostPages) -> bool {
     }
 }
 
+/// Maps through the trait.
+fn map(
+    mapper: &KvmGuestMapper,
+    gpa: u64,
+    size: u64,
+    host: *mut u8,
+    read_only: bool,
+) -> std::io::Result<MappingId> {
+    // SAFETY: every test declares its `HostPages` before the mapper, so the
+    // pages stay mapped for as long as any slot of the mapper (which
+    // deletes its slots when dropped) may point at them.
+    unsafe { mapper.map(gpa, size, host, read_only) }
+}
+
 #[test]
 fn a_mapping_is_a_kvm_memory_slot_from_the_vmm_range() {
     let Some(vm) = vm() else { return };
@@ -103,9 +117,7 @@ fn a_mapping_is_a_kvm_memory_slot_from_the_vmm_range() {
     let probe = HostPages::new(1);
     let mapper = KvmGuestMapper::new(vm.clone(), 10..12).unwrap();
     assert!(gpa_is_free_in_kvm(&vm, 0x10_0000, &probe));
-    let id = mapper
-        .map(0x10_0000, 2 * PAGE, host.page(0), false)
-        .unwrap();
+    let id = map(&mapper, 0x10_0000, 2 * PAGE, host.page(0), false).unwrap();
     assert!((10..12).contains(&mapper.slot_of(id).unwrap()));
     assert!(
         !gpa_is_free_in_kvm(&vm, 0x10_0000, &probe),
@@ -120,20 +132,14 @@ fn an_overlapping_mapping_is_refused_and_changes_nothing() {
     let Some(vm) = vm() else { return };
     let host = HostPages::new(2);
     let mapper = KvmGuestMapper::new(vm, 10..20).unwrap();
-    mapper
-        .map(0x10_0000, 2 * PAGE, host.page(0), false)
-        .unwrap();
-    let err = mapper
-        .map(0x10_1000, PAGE, host.page(1), false)
-        .unwrap_err();
+    map(&mapper, 0x10_0000, 2 * PAGE, host.page(0), false).unwrap();
+    let err = map(&mapper, 0x10_1000, PAGE, host.page(1), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-    let err = mapper
-        .map(0x0f_f000, 2 * PAGE, host.page(0), false)
-        .unwrap_err();
+    let err = map(&mapper, 0x0f_f000, 2 * PAGE, host.page(0), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists);
     assert_eq!(mapper.mapping_count(), 1);
     // Adjacent is not overlapping.
-    mapper.map(0x10_2000, PAGE, host.page(1), false).unwrap();
+    map(&mapper, 0x10_2000, PAGE, host.page(1), false).unwrap();
 }
 
 #[test]
@@ -151,14 +157,12 @@ fn kvm_refuses_a_mapping_over_a_vmm_slot_and_the_slot_number_is_not_lost() {
     // SAFETY: `vmm_page` outlives the VM's use of it (the VM is dropped first, below).
     unsafe { vm.set_user_memory_region(region) }.unwrap();
     let mapper = KvmGuestMapper::new(vm.clone(), 10..11).unwrap();
-    let err = mapper
-        .map(0x20_0000, PAGE, host.page(0), false)
-        .unwrap_err();
+    let err = map(&mapper, 0x20_0000, PAGE, host.page(0), false).unwrap_err();
     let source = err.into_inner().unwrap();
     let ours = source.downcast_ref::<vfio_passthrough::Error>().unwrap();
     assert_eq!(ours.errno(), Some(libc::EEXIST));
     // The only slot of the range is still free.
-    let id = mapper.map(0x30_0000, PAGE, host.page(0), false).unwrap();
+    let id = map(&mapper, 0x30_0000, PAGE, host.page(0), false).unwrap();
     assert_eq!(mapper.slot_of(id), Some(10));
     drop(mapper);
     drop(vm);
@@ -170,10 +174,8 @@ fn unmap_deletes_the_slot_and_frees_its_number_for_reuse() {
     let host = HostPages::new(2);
     let probe = HostPages::new(1);
     let mapper = KvmGuestMapper::new(vm.clone(), 7..8).unwrap();
-    let a = mapper.map(0x10_0000, PAGE, host.page(0), false).unwrap();
-    let err = mapper
-        .map(0x40_0000, PAGE, host.page(1), false)
-        .unwrap_err();
+    let a = map(&mapper, 0x10_0000, PAGE, host.page(0), false).unwrap();
+    let err = map(&mapper, 0x40_0000, PAGE, host.page(1), false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::OutOfMemory, "one slot only: {err}");
 
     mapper.unmap(a).unwrap();
@@ -181,7 +183,7 @@ fn unmap_deletes_the_slot_and_frees_its_number_for_reuse() {
         gpa_is_free_in_kvm(&vm, 0x10_0000, &probe),
         "KVM deleted the slot"
     );
-    let b = mapper.map(0x40_0000, PAGE, host.page(1), false).unwrap();
+    let b = map(&mapper, 0x40_0000, PAGE, host.page(1), false).unwrap();
     assert_eq!(mapper.slot_of(b), Some(7));
     assert_eq!(mapper.slot_of(a), None);
     assert_eq!(mapper.unmap(a).unwrap_err().kind(), ErrorKind::NotFound);
@@ -193,7 +195,7 @@ fn dropping_the_mapper_deletes_the_slots_it_still_holds() {
     let host = HostPages::new(1);
     let probe = HostPages::new(1);
     let mapper = KvmGuestMapper::new(vm.clone(), 3..5).unwrap();
-    mapper.map(0x10_0000, PAGE, host.page(0), false).unwrap();
+    map(&mapper, 0x10_0000, PAGE, host.page(0), false).unwrap();
     drop(mapper);
     assert!(gpa_is_free_in_kvm(&vm, 0x10_0000, &probe));
 }
@@ -211,7 +213,7 @@ fn unaligned_empty_or_wrapping_ranges_are_refused_before_kvm() {
         (u64::MAX - PAGE + 1, 2 * PAGE, host.page(0)),
     ];
     for (gpa, size, ptr) in cases {
-        let err = mapper.map(gpa, size, ptr, false).unwrap_err();
+        let err = map(&mapper, gpa, size, ptr, false).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidInput, "{gpa:#x}+{size:#x}");
     }
     assert_eq!(mapper.mapping_count(), 0);
@@ -223,7 +225,7 @@ fn a_read_only_mapping_uses_kvm_mem_readonly_or_asks_to_trap() {
     let Some(vm) = vm() else { return };
     let host = HostPages::new(1);
     let mapper = KvmGuestMapper::new(vm, 3..5).unwrap();
-    match mapper.map(0x10_0000, PAGE, host.page(0), true) {
+    match map(&mapper, 0x10_0000, PAGE, host.page(0), true) {
         Ok(id) => {
             assert!(mapper.readonly_supported());
             mapper.unmap(id).unwrap();
@@ -240,9 +242,9 @@ fn mapping_ids_are_not_reused() {
     let Some(vm) = vm() else { return };
     let host = HostPages::new(1);
     let mapper = KvmGuestMapper::new(vm, 3..4).unwrap();
-    let a = mapper.map(0x10_0000, PAGE, host.page(0), false).unwrap();
+    let a = map(&mapper, 0x10_0000, PAGE, host.page(0), false).unwrap();
     mapper.unmap(a).unwrap();
-    let b: MappingId = mapper.map(0x10_0000, PAGE, host.page(0), false).unwrap();
+    let b: MappingId = map(&mapper, 0x10_0000, PAGE, host.page(0), false).unwrap();
     assert_ne!(a, b, "a stale id must not unmap a newer mapping");
     assert!(mapper.unmap(a).is_err());
     assert_eq!(mapper.mapping_count(), 1);

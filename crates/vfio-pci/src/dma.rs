@@ -1,29 +1,51 @@
-//! DMA mappings of guest RAM for the device.
+//! DMA of guest RAM, per IOMMU domain.
 //!
-//! The guest programs its device with guest physical addresses, so each RAM
-//! region is mapped for DMA at its guest physical address (the IOVA). Only
-//! guest RAM is ever mapped, and only inside the IOVA ranges the IOMMU
-//! accepts. A VMM with a virtual IOMMU uses the external mode instead: it
-//! maps and unmaps IOVAs itself as the guest programs the vIOMMU.
+//! The guest programs its devices with guest physical addresses, so each
+//! RAM region is mapped for DMA at its guest physical address (the IOVA).
+//! Mappings live in IOMMU domains ([`IommuDomain`]: a legacy container, an
+//! iommufd IOAS, a vfio-user connection), which several devices may share.
+//! [`GuestDma`] is the VMM's one record of both: the guest RAM regions it
+//! registered, and the live domains with the devices attached to each.
+//! Guest RAM is mapped into a domain once, when its first device attaches
+//! (or when RAM is added), and unmapped when its last device goes, so
+//! unplugging one device never takes DMA away from another device of its
+//! domain. Only registered guest RAM is ever mapped, and only inside the
+//! IOVA ranges the domain accepts (read again whenever a device joins,
+//! since a new device may narrow them).
+//!
+//! A VMM with a virtual IOMMU uses the external mode instead
+//! ([`DmaMode::External`]): it maps and unmaps IOVAs itself as the guest
+//! programs the vIOMMU ([`GuestDma::map_external`]); those mappings, too,
+//! go when the domain's last device goes.
+//!
+//! Locking: one mutex inside [`GuestDma`], held across the domain calls
+//! (which may block: an ioctl, or a vfio-user message within its timeout).
+//! It is never taken while a device lock or the BAR allocator lock is
+//! held, and it takes neither: it sits outside the device-then-allocator
+//! order (see [`DeviceResources`](crate::DeviceResources)).
 
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::ops::RangeInclusive;
 use std::os::fd::AsFd;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_backend::{DmaFile, DmaSource, Vfio};
+use vfio_backend::{DmaFile, DmaSource, DomainId, IommuDomain, Vfio};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::{Error, Result};
 
-/// How guest memory reaches the device's DMA.
+/// How guest memory reaches the DMA of the devices of a domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DmaMode {
-    /// Every RAM region is mapped at its guest physical address (no vIOMMU).
+    /// Every registered RAM region is mapped at its guest physical address
+    /// (no vIOMMU).
     #[default]
     GuestPhysical,
-    /// The VMM maps and unmaps IOVAs itself (a virtual IOMMU in front of the
-    /// device); [`DmaMapper::map_guest_memory`] is refused in this mode.
+    /// The VMM maps and unmaps IOVAs itself (a virtual IOMMU in front of
+    /// the devices of the domain) with [`GuestDma::map_external`]; guest
+    /// RAM is not mapped.
     External,
 }
 
@@ -34,118 +56,60 @@ pub struct DmaMapping {
     pub iova: u64,
     /// Size in bytes.
     pub size: u64,
-    /// Host address of the first byte in this process.
+    /// Host address of the first byte in this process (0 for memory
+    /// reached through its file only).
     pub host_addr: u64,
 }
 
-/// Keeps the device's DMA mappings and undoes them on drop.
-pub struct DmaMapper {
-    vfio: Arc<dyn Vfio>,
+/// A registered guest RAM region.
+struct Ram {
+    size: u64,
+    host_addr: u64,
+    file: Option<(Arc<File>, u64)>,
+    /// A removal failed in some domain: the region is on its way out and
+    /// is not mapped into domains that attach from now on.
+    removing: bool,
+    /// Keeps the memory mapped in this process while any domain may map it.
+    _keep: Arc<dyn Any + Send + Sync>,
+}
+
+impl Ram {
+    fn source(&self) -> DmaSource<'_> {
+        DmaSource {
+            host_addr: self.host_addr,
+            file: self.file.as_ref().map(|(f, offset)| DmaFile {
+                fd: f.as_fd(),
+                offset: *offset,
+            }),
+            read_only: false,
+        }
+    }
+}
+
+/// A mapping this object made in a domain.
+#[derive(Clone, Copy, Debug)]
+struct Mapped {
+    m: DmaMapping,
+    /// Registered guest RAM (else a VMM mapping in external mode).
+    ram: bool,
+}
+
+/// A live domain and the devices attached to it.
+struct Domain {
+    domain: Arc<dyn IommuDomain>,
     mode: DmaMode,
+    devices: usize,
     iova_ranges: Vec<RangeInclusive<u64>>,
-    mapped: Mutex<BTreeMap<u64, DmaMapping>>,
+    mapped: BTreeMap<u64, Mapped>,
 }
 
-impl std::fmt::Debug for DmaMapper {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmaMapper")
-            .field("mode", &self.mode)
-            .field("iova_ranges", &self.iova_ranges)
-            .field("mapped", &self.mappings().len())
-            .finish()
-    }
-}
-
-impl DmaMapper {
-    /// A mapper for `vfio`, reading the IOVA ranges its IOMMU accepts.
-    pub fn new(vfio: Arc<dyn Vfio>, mode: DmaMode) -> Result<Self> {
-        let iova_ranges = vfio
-            .iova_ranges()
-            .map_err(|e| Error::backend("reading the IOMMU's IOVA ranges", e))?;
-        Ok(DmaMapper {
-            vfio,
-            mode,
-            iova_ranges,
-            mapped: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    /// The mode this mapper was made with.
-    pub fn mode(&self) -> DmaMode {
-        self.mode
-    }
-
-    /// The IOVA ranges the IOMMU accepts.
-    pub fn iova_ranges(&self) -> &[RangeInclusive<u64>] {
-        &self.iova_ranges
-    }
-
-    /// The live mappings, lowest IOVA first.
-    pub fn mappings(&self) -> Vec<DmaMapping> {
-        self.mapped
-            .lock()
-            .map(|m| m.values().copied().collect())
-            .unwrap_or_default()
-    }
-
-    /// Maps every region of `memory` at its guest physical address. On
-    /// failure the regions this call mapped are unmapped again.
-    pub fn map_guest_memory<M: GuestMemoryBackend>(&self, memory: &M) -> Result<usize> {
-        if self.mode == DmaMode::External {
-            return Err(Error::Dma(
-                "the device is in external DMA mode: the VMM maps IOVAs itself".into(),
-            ));
-        }
-        let mut done: Vec<(u64, u64)> = Vec::new();
-        for region in memory.iter() {
-            match self.map_region(region) {
-                Ok(()) => done.push((region.start_addr().0, region.len())),
-                Err(e) => {
-                    for (iova, size) in done.into_iter().rev() {
-                        if let Err(u) = self.unmap(iova, size) {
-                            log::warn!("rollback of DMA mapping {iova:#x}+{size:#x}: {u}");
-                        }
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(done.len())
-    }
-
-    /// Maps one guest RAM region at its guest physical address (memory
-    /// hotplug). An fd-backed region passes its fd, so that a vfio-user
-    /// server can map the same memory.
-    pub fn map_region<R: GuestMemoryRegion>(&self, region: &R) -> Result<()> {
-        let gpa = region.start_addr().0;
-        let size = region.len();
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| {
-                Error::Dma(format!("guest region at {gpa:#x} has no host address: {e}"))
-            })?;
-        let file = region.file_offset().map(|fo| DmaFile {
-            fd: fo.file().as_fd(),
-            offset: fo.start(),
-        });
-        self.map_checked(
-            gpa,
-            size,
-            DmaSource {
-                host_addr: host as u64,
-                file,
-                read_only: false,
-            },
-        )
-    }
-
-    /// Maps `size` bytes at `iova` from `host`, for a VMM in external mode
-    /// (a virtual IOMMU) or one that manages guest RAM itself.
-    pub fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
-        self.map_checked(iova, size, host)
-    }
-
-    fn map_checked(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+impl Domain {
+    /// Maps `size` bytes at `iova` from `host` after checking the range
+    /// against the domain's IOVA ranges and its other mappings.
+    ///
+    /// # Safety
+    /// As [`IommuDomain::map`].
+    unsafe fn map(&mut self, iova: u64, size: u64, host: DmaSource<'_>, ram: bool) -> Result<()> {
         let last = check_range(iova, size)?;
         if !self
             .iova_ranges
@@ -153,76 +117,463 @@ impl DmaMapper {
             .any(|r| *r.start() <= iova && last <= *r.end())
         {
             return Err(Error::Dma(format!(
-                "IOVA range {iova:#x}..={last:#x} is outside the IOMMU's accepted ranges {:x?}",
-                self.iova_ranges
+                "IOVA range {iova:#x}..={last:#x} is outside the accepted ranges {:x?} of {}",
+                self.iova_ranges,
+                self.domain.id()
             )));
         }
-        let mut mapped = self
-            .mapped
-            .lock()
-            .map_err(|_| Error::Dma("DMA mapping table poisoned".into()))?;
-        if let Some((_, m)) = mapped.range(..=last).next_back() {
-            if m.iova.saturating_add(m.size) > iova {
+        if let Some((_, m)) = self.mapped.range(..=last).next_back() {
+            if m.m.iova.saturating_add(m.m.size) > iova {
                 return Err(Error::Dma(format!(
-                    "IOVA range {iova:#x}..={last:#x} overlaps the mapping at {:#x} (+{:#x})",
-                    m.iova, m.size
+                    "IOVA range {iova:#x}..={last:#x} overlaps the mapping at {:#x} (+{:#x}) of {}",
+                    m.m.iova,
+                    m.m.size,
+                    self.domain.id()
                 )));
             }
         }
-        self.vfio
-            .dma_map(iova, size, host)
-            .map_err(|e| Error::backend(format!("DMA map of {iova:#x} (+{size:#x})"), e))?;
-        mapped.insert(
+        // SAFETY: the caller's contract is the one of IommuDomain::map.
+        unsafe { self.domain.map(iova, size, host) }.map_err(|e| {
+            Error::backend(
+                format!("DMA map of {iova:#x} (+{size:#x}) in {}", self.domain.id()),
+                e,
+            )
+        })?;
+        self.mapped.insert(
             iova,
-            DmaMapping {
-                iova,
-                size,
-                host_addr: host.host_addr,
+            Mapped {
+                m: DmaMapping {
+                    iova,
+                    size,
+                    host_addr: host.host_addr,
+                },
+                ram,
             },
         );
         Ok(())
     }
 
-    /// Unmaps the mapping that starts at `iova` with `size` bytes (memory
-    /// hot-unplug, or the vIOMMU unmapping).
-    pub fn unmap(&self, iova: u64, size: u64) -> Result<()> {
-        let mut mapped = self
-            .mapped
-            .lock()
-            .map_err(|_| Error::Dma("DMA mapping table poisoned".into()))?;
-        match mapped.get(&iova) {
-            Some(m) if m.size == size => {}
-            _ => {
-                return Err(Error::Dma(format!(
-                    "no DMA mapping at {iova:#x} of {size:#x} bytes"
-                )))
-            }
-        }
-        self.vfio
-            .dma_unmap(iova, size)
-            .map_err(|e| Error::backend(format!("DMA unmap of {iova:#x} (+{size:#x})"), e))?;
-        mapped.remove(&iova);
+    fn unmap(&mut self, iova: u64, size: u64) -> Result<()> {
+        self.domain.unmap(iova, size).map_err(|e| {
+            Error::backend(
+                format!(
+                    "DMA unmap of {iova:#x} (+{size:#x}) in {}",
+                    self.domain.id()
+                ),
+                e,
+            )
+        })?;
+        self.mapped.remove(&iova);
         Ok(())
     }
 
-    /// Unmaps everything; errors are logged, and the table is emptied.
-    pub fn unmap_all(&self) {
-        let drained: Vec<DmaMapping> = match self.mapped.lock() {
-            Ok(mut m) => std::mem::take(&mut *m).into_values().collect(),
-            Err(_) => return,
-        };
-        for m in drained {
-            if let Err(e) = self.vfio.dma_unmap(m.iova, m.size) {
-                log::warn!("DMA unmap of {:#x} (+{:#x}): {e}", m.iova, m.size);
+    /// Unmaps everything (the last device went); errors are logged.
+    fn unmap_all(&mut self) {
+        for (iova, m) in std::mem::take(&mut self.mapped) {
+            if let Err(e) = self.domain.unmap(iova, m.m.size) {
+                log::warn!(
+                    "DMA unmap of {iova:#x} (+{:#x}) in {}: {e}",
+                    m.m.size,
+                    self.domain.id()
+                );
             }
         }
     }
 }
 
-impl Drop for DmaMapper {
-    fn drop(&mut self) {
-        self.unmap_all();
+#[derive(Default)]
+struct State {
+    ram: BTreeMap<u64, Ram>,
+    domains: BTreeMap<DomainId, Domain>,
+}
+
+/// The VMM's DMA: the guest RAM regions it registered and the live IOMMU
+/// domains of its devices. One per VMM (or per guest address space),
+/// shared by every device through [`DeviceResources`](crate::DeviceResources).
+///
+/// - [`GuestDma::add_memory`] / [`GuestDma::add_region`] register guest
+///   RAM (memory hotplug included): it is mapped into every live domain in
+///   guest-physical mode at once, and into each domain that comes later
+///   when its first device attaches.
+/// - [`GuestDma::remove_region`] (hot-unplug) unmaps a region from every
+///   domain, then lets go of it.
+/// - [`VfioPciDevice::new`](crate::VfioPciDevice::new) attaches the device
+///   to its backend's domain ([`Vfio::iommu_domain`]), counting the
+///   devices of each domain; dropping the device detaches it, and the
+///   last device of a domain unmaps everything mapped there.
+///
+/// Safe by construction: the RAM entry points take vm-memory regions and
+/// keep them (hence their memory mapped in this process) until they are
+/// unmapped from every domain. The raw entry point for a vIOMMU,
+/// [`GuestDma::map_external`], is `unsafe`.
+pub struct GuestDma {
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for GuestDma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never waits: Debug may be called while the lock is held.
+        match self.state.try_lock() {
+            Ok(st) => f
+                .debug_struct("GuestDma")
+                .field("ram_regions", &st.ram.len())
+                .field("domains", &st.domains.keys().collect::<Vec<_>>())
+                .finish(),
+            Err(_) => f.write_str("GuestDma { <busy> }"),
+        }
     }
+}
+
+impl Default for GuestDma {
+    fn default() -> Self {
+        GuestDma {
+            state: Mutex::new(State::default()),
+        }
+    }
+}
+
+impl GuestDma {
+    /// No RAM registered, no domain.
+    pub fn new() -> Arc<GuestDma> {
+        Arc::new(GuestDma::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update keeps the state consistent at each step (a mapping
+        // is recorded only once made, forgotten only once unmapped), so a
+        // panic elsewhere leaves it usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers every region of `memory` as guest RAM at its guest
+    /// physical address and maps it into every live domain in
+    /// guest-physical mode. Regions registered already (same address, size
+    /// and host memory) are skipped, so each device's builder may pass the
+    /// VMM's RAM; returns how many regions were new. A clone of `memory`
+    /// (for vm-memory's collections: references to its regions) is kept
+    /// until its last region is removed, so the memory stays mapped in
+    /// this process while a device may reach it. An fd-backed region
+    /// passes its fd, so a vfio-user server can map the same memory. On
+    /// failure, the regions this call registered are removed again.
+    pub fn add_memory<M>(&self, memory: &M) -> Result<usize>
+    where
+        M: GuestMemoryBackend + Clone + Send + Sync + 'static,
+    {
+        let keep = Arc::new(memory.clone());
+        let keep_any: Arc<dyn Any + Send + Sync> = keep.clone();
+        let mut st = self.lock();
+        let mut added: Vec<(u64, u64)> = Vec::new();
+        for region in keep.iter() {
+            let gpa = region.start_addr().0;
+            let size = region.len();
+            let host_addr = host_address(region)?;
+            if let Some(r) = st.ram.get(&gpa) {
+                if r.size == size && r.host_addr == host_addr && !r.removing {
+                    continue;
+                }
+            }
+            let ram = Ram {
+                size,
+                host_addr,
+                file: region
+                    .file_offset()
+                    .map(|fo| (Arc::clone(fo.arc()), fo.start())),
+                removing: false,
+                _keep: Arc::clone(&keep_any),
+            };
+            if let Err(e) = Self::register_locked(&mut st, gpa, ram) {
+                for (gpa, size) in added.into_iter().rev() {
+                    if let Err(u) = Self::remove_locked(&mut st, gpa, size) {
+                        log::warn!("rollback of guest RAM at {gpa:#x} (+{size:#x}): {u}");
+                    }
+                }
+                return Err(e);
+            }
+            added.push((gpa, size));
+        }
+        Ok(added.len())
+    }
+
+    /// Registers one guest RAM region (memory hotplug) and maps it into
+    /// every live domain in guest-physical mode; on failure it is mapped
+    /// nowhere. The region is kept until [`GuestDma::remove_region`].
+    pub fn add_region<R>(&self, region: Arc<R>) -> Result<()>
+    where
+        R: GuestMemoryRegion + Send + Sync + 'static,
+    {
+        let gpa = region.start_addr().0;
+        let ram = Ram {
+            size: region.len(),
+            host_addr: host_address(&*region)?,
+            file: region
+                .file_offset()
+                .map(|fo| (Arc::clone(fo.arc()), fo.start())),
+            removing: false,
+            _keep: region,
+        };
+        Self::register_locked(&mut self.lock(), gpa, ram)
+    }
+
+    fn register_locked(st: &mut State, gpa: u64, ram: Ram) -> Result<()> {
+        let last = check_range(gpa, ram.size)?;
+        if let Some((&other, r)) = st.ram.range(..=last).next_back() {
+            if other.saturating_add(r.size) > gpa {
+                return Err(Error::Dma(format!(
+                    "guest RAM {gpa:#x}..={last:#x} overlaps the region at {other:#x} (+{:#x})",
+                    r.size
+                )));
+            }
+        }
+        let mut done: Vec<DomainId> = Vec::new();
+        let mut failed = None;
+        for (id, d) in st.domains.iter_mut() {
+            if d.mode != DmaMode::GuestPhysical {
+                continue;
+            }
+            // SAFETY: `ram` keeps its memory mapped in this process (its
+            // `_keep`) until it is unmapped from every domain: the entry
+            // leaves `st.ram` only after that (remove_locked), and a failed
+            // map here drops it unmapped. Guest RAM is reached through
+            // vm-memory's volatile accesses only.
+            match unsafe { d.map(gpa, ram.size, ram.source(), true) } {
+                Ok(()) => done.push(*id),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for id in done {
+                if let Some(d) = st.domains.get_mut(&id) {
+                    if let Err(u) = d.unmap(gpa, ram.size) {
+                        // Keep the memory: a device may still reach it.
+                        log::warn!("rollback of guest RAM {gpa:#x} in {id}: {u}");
+                        st.ram.insert(
+                            gpa,
+                            Ram {
+                                removing: true,
+                                ..ram
+                            },
+                        );
+                        return Err(e);
+                    }
+                }
+            }
+            return Err(e);
+        }
+        st.ram.insert(gpa, ram);
+        Ok(())
+    }
+
+    /// Unmaps the guest RAM region at `gpa` of `size` bytes from every
+    /// domain (memory hot-unplug), then lets go of it. When a domain fails
+    /// to unmap it, the error is returned and the region stays registered
+    /// (and its memory kept) until a later call succeeds; it is no longer
+    /// mapped into domains that come meanwhile.
+    pub fn remove_region(&self, gpa: u64, size: u64) -> Result<()> {
+        Self::remove_locked(&mut self.lock(), gpa, size)
+    }
+
+    /// Removes every region of `memory` that is registered; returns how
+    /// many were.
+    pub fn remove_memory<M: GuestMemoryBackend>(&self, memory: &M) -> Result<usize> {
+        let mut st = self.lock();
+        let mut n = 0;
+        for region in memory.iter() {
+            let (gpa, size) = (region.start_addr().0, region.len());
+            if st.ram.get(&gpa).is_some_and(|r| r.size == size) {
+                Self::remove_locked(&mut st, gpa, size)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn remove_locked(st: &mut State, gpa: u64, size: u64) -> Result<()> {
+        match st.ram.get_mut(&gpa) {
+            Some(r) if r.size == size => r.removing = true,
+            _ => {
+                return Err(Error::Dma(format!(
+                    "no guest RAM region at {gpa:#x} of {size:#x} bytes"
+                )))
+            }
+        }
+        let mut first_err = None;
+        for d in st.domains.values_mut() {
+            if d.mapped.get(&gpa).is_some_and(|m| m.ram) {
+                if let Err(e) = d.unmap(gpa, size) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => {
+                st.ram.remove(&gpa);
+                Ok(())
+            }
+        }
+    }
+
+    /// The registered guest RAM regions (guest physical address, size),
+    /// lowest first.
+    pub fn ram_regions(&self) -> Vec<(u64, u64)> {
+        self.lock().ram.iter().map(|(g, r)| (*g, r.size)).collect()
+    }
+
+    /// The live domains.
+    pub fn domains(&self) -> Vec<DomainId> {
+        self.lock().domains.keys().copied().collect()
+    }
+
+    /// How many devices are attached to domain `id` (0 when it is not
+    /// live).
+    pub fn device_count(&self, id: DomainId) -> usize {
+        self.lock().domains.get(&id).map_or(0, |d| d.devices)
+    }
+
+    /// The IOVA ranges domain `id` accepts, as read when its last device
+    /// joined; `None` when it is not live.
+    pub fn iova_ranges(&self, id: DomainId) -> Option<Vec<RangeInclusive<u64>>> {
+        self.lock().domains.get(&id).map(|d| d.iova_ranges.clone())
+    }
+
+    /// The mappings made in domain `id`, lowest IOVA first.
+    pub fn mappings(&self, id: DomainId) -> Vec<DmaMapping> {
+        self.lock()
+            .domains
+            .get(&id)
+            .map(|d| d.mapped.values().map(|m| m.m).collect())
+            .unwrap_or_default()
+    }
+
+    /// Maps `size` bytes at `iova` from `host` in domain `id`, which is in
+    /// external mode (a vIOMMU: the VMM decides what the devices see). The
+    /// mapping goes with [`GuestDma::unmap_external`], or when the domain's
+    /// last device goes.
+    ///
+    /// # Safety
+    ///
+    /// As [`IommuDomain::map`]: `host` (its address, and its file when
+    /// given) stays mapped and may be read and written by the devices of
+    /// the domain until the mapping is unmapped, by
+    /// [`GuestDma::unmap_external`] or by the last device of the domain
+    /// going.
+    pub unsafe fn map_external(
+        &self,
+        id: DomainId,
+        iova: u64,
+        size: u64,
+        host: DmaSource<'_>,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        let d = external_domain(&mut st, id)?;
+        // SAFETY: the caller's contract.
+        unsafe { d.map(iova, size, host, false) }
+    }
+
+    /// Unmaps the external-mode mapping at `iova` of `size` bytes of
+    /// domain `id`.
+    pub fn unmap_external(&self, id: DomainId, iova: u64, size: u64) -> Result<()> {
+        let mut st = self.lock();
+        let d = external_domain(&mut st, id)?;
+        match d.mapped.get(&iova) {
+            Some(m) if m.m.size == size && !m.ram => d.unmap(iova, size),
+            _ => Err(Error::Dma(format!(
+                "no DMA mapping at {iova:#x} of {size:#x} bytes in {id}"
+            ))),
+        }
+    }
+
+    /// Attaches a device of `vfio` in `mode`: the first device of a domain
+    /// maps the registered RAM there (guest-physical mode); a later one
+    /// reads the domain's IOVA ranges again, and is refused when they no
+    /// longer hold a live mapping or when its mode differs.
+    pub(crate) fn attach(&self, vfio: &dyn Vfio, mode: DmaMode) -> Result<DomainId> {
+        let domain = vfio.iommu_domain();
+        let id = domain.id();
+        let mut st = self.lock();
+        let ranges = domain
+            .iova_ranges()
+            .map_err(|e| Error::backend(format!("reading the IOVA ranges of {id}"), e))?;
+        if let Some(d) = st.domains.get_mut(&id) {
+            if d.mode != mode {
+                return Err(Error::Dma(format!(
+                    "{id} is in {:?} DMA mode; a device in {mode:?} mode cannot join it",
+                    d.mode
+                )));
+            }
+            if let Some(m) = d.mapped.values().find(|m| {
+                !ranges.iter().any(|r| {
+                    r.contains(&m.m.iova)
+                        && r.contains(&m.m.iova.saturating_add(m.m.size.saturating_sub(1)))
+                })
+            }) {
+                return Err(Error::Dma(format!(
+                    "with the new device, {id} accepts only {ranges:x?}, which no longer holds \
+                     the mapping at {:#x} (+{:#x})",
+                    m.m.iova, m.m.size
+                )));
+            }
+            d.iova_ranges = ranges;
+            d.devices += 1;
+            return Ok(id);
+        }
+        let mut d = Domain {
+            domain,
+            mode,
+            devices: 1,
+            iova_ranges: ranges,
+            mapped: BTreeMap::new(),
+        };
+        if mode == DmaMode::GuestPhysical {
+            for (gpa, ram) in st.ram.iter().filter(|(_, r)| !r.removing) {
+                // SAFETY: as in register_locked: `ram` keeps its memory
+                // until it is unmapped from every domain, this one
+                // included (the domain is recorded below, or unmapped
+                // here on failure).
+                if let Err(e) = unsafe { d.map(*gpa, ram.size, ram.source(), true) } {
+                    d.unmap_all();
+                    return Err(e);
+                }
+            }
+        }
+        st.domains.insert(id, d);
+        Ok(id)
+    }
+
+    /// Detaches a device from domain `id`; the last one unmaps everything
+    /// mapped there (errors are logged) and lets go of the domain.
+    pub(crate) fn detach(&self, id: DomainId) {
+        let mut st = self.lock();
+        let Some(d) = st.domains.get_mut(&id) else {
+            return;
+        };
+        d.devices = d.devices.saturating_sub(1);
+        if d.devices == 0 {
+            d.unmap_all();
+            st.domains.remove(&id);
+        }
+    }
+}
+
+fn external_domain(st: &mut State, id: DomainId) -> Result<&mut Domain> {
+    match st.domains.get_mut(&id) {
+        Some(d) if d.mode == DmaMode::External => Ok(d),
+        Some(_) => Err(Error::Dma(format!(
+            "{id} is in guest-physical DMA mode: guest RAM is mapped for it"
+        ))),
+        None => Err(Error::Dma(format!("{id} has no device attached"))),
+    }
+}
+
+fn host_address<R: GuestMemoryRegion>(region: &R) -> Result<u64> {
+    let gpa = region.start_addr().0;
+    region
+        .get_host_address(MemoryRegionAddress(0))
+        .map(|p| p as u64)
+        .map_err(|e| Error::Dma(format!("guest region at {gpa:#x} has no host address: {e}")))
 }
 
 /// Checks a non-empty range that does not wrap; returns its last address.

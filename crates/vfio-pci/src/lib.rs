@@ -6,8 +6,9 @@
 //! allocator, MSI and MSI-X emulated, SR-IOV, ARI and resizable BAR hidden,
 //! everything else passed through), maps device memory straight into the
 //! guest through the VMM's [`GuestMapper`], wires interrupts from VFIO
-//! eventfds to the VMM's [`pci_interrupts::InterruptSourceGroup`]s, and maps
-//! guest RAM for the device's DMA with [`DmaMapper`].
+//! eventfds to the VMM's [`pci_interrupts::InterruptSourceGroup`]s, and
+//! attaches it to its IOMMU domain in the VMM's [`GuestDma`], which maps
+//! guest RAM once per domain for the DMA of all the devices in it.
 //!
 //! ```
 //! use std::sync::{Arc, Mutex};
@@ -15,7 +16,7 @@
 //! use pci_interrupts::testing::TestInterruptManager;
 //! use vfio_backend::Vfio;
 //! use vfio_fake_device::FakeDevice;
-//! use vfio_pci::{DeviceOptions, DeviceResources, TrapAllMapper, VfioPciDevice};
+//! use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, TrapAllMapper, VfioPciDevice};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
 //! // Any backend: here the fake device; a VMM uses the kernel or vfio-user one.
@@ -26,15 +27,18 @@
 //!     mmio64: Some(AddressWindow { base: 1 << 40, size: 1 << 40 }),
 //!     io: None,
 //! };
+//! // Guest RAM for DMA, at its guest physical addresses: registered once
+//! // for all devices, mapped once per IOMMU domain as devices attach.
+//! let dma = GuestDma::new();
+//! let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)])?;
+//! dma.add_memory(&ram)?;
 //! let resources = DeviceResources {
 //!     interrupts: Arc::new(TestInterruptManager::new()),
 //!     mapper: Arc::new(TrapAllMapper),
 //!     allocator: Arc::new(Mutex::new(BarAllocator::new(windows)?)),
+//!     dma,
 //! };
 //! let dev = VfioPciDevice::new(vfio, resources, DeviceOptions::default())?;
-//! // Guest RAM for the device's DMA, at its guest physical addresses.
-//! let ram = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)])?;
-//! dev.dma().map_guest_memory(&ram)?;
 //!
 //! // The guest's config and BAR accesses go through the device.
 //! let mut id = [0u8; 4];
@@ -55,7 +59,7 @@ pub use device::{
     BarView, DeviceOptions, DeviceResources, DeviceSnapshot, DeviceState, HiddenCapability,
     IrqMode, KeptCapability, VfioPciDevice, CONFIG_SPACE_SIZE, DEVICE_SNAPSHOT_VERSION,
 };
-pub use dma::{DmaMapper, DmaMapping, DmaMode};
+pub use dma::{DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};
 pub use layout::MsixRelocation;
 pub use mapper::{GuestMapper, MappingId, TrapAllMapper};

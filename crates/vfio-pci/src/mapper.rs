@@ -10,11 +10,19 @@ pub struct MappingId(pub u64);
 pub trait GuestMapper: Send + Sync {
     /// Makes `size` bytes at `host` visible to the guest at `gpa`.
     ///
-    /// `host` stays valid until [`GuestMapper::unmap`] is called with the
-    /// returned id: the device owns the host mapping and unmaps it only
-    /// after. An error of kind [`std::io::ErrorKind::Unsupported`] tells the
+    /// An error of kind [`std::io::ErrorKind::Unsupported`] tells the
     /// device to trap that range instead; any other error fails the request.
-    fn map(
+    ///
+    /// # Safety
+    ///
+    /// `host .. host + size` is memory mapped in this process (readable,
+    /// and writable unless `read_only`) that stays mapped, at its size,
+    /// until [`GuestMapper::unmap`] with the returned id has returned: the
+    /// device owns the host mapping and unmaps it only after. The guest
+    /// reads and writes it at any time, so nothing in this process holds a
+    /// Rust reference into it. An implementation may rely on this (KVM
+    /// hands the range to the guest as a memory slot).
+    unsafe fn map(
         &self,
         gpa: u64,
         size: u64,
@@ -32,7 +40,7 @@ pub trait GuestMapper: Send + Sync {
 pub struct TrapAllMapper;
 
 impl GuestMapper for TrapAllMapper {
-    fn map(&self, _: u64, _: u64, _: *mut u8, _: bool) -> std::io::Result<MappingId> {
+    unsafe fn map(&self, _: u64, _: u64, _: *mut u8, _: bool) -> std::io::Result<MappingId> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             "this VMM traps every BAR access",

@@ -22,7 +22,7 @@ use vfio_backend::user::{protocol, ServerOptions, UserDevice, UserOptions, UserS
 use vfio_backend::Vfio;
 use vfio_fake_device::{edu, nvme_like, FakeDevice};
 use vfio_pci::IrqMode;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// The VMM's 32-bit MMIO window for BARs.
@@ -307,7 +307,13 @@ impl RecordingMapper {
 }
 
 impl GuestMapper for RecordingMapper {
-    fn map(&self, gpa: u64, size: u64, host: *mut u8, ro: bool) -> std::io::Result<MappingId> {
+    unsafe fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        ro: bool,
+    ) -> std::io::Result<MappingId> {
         let mut live = self.live.lock().unwrap();
         if live
             .values()
@@ -335,6 +341,7 @@ pub struct Vm {
     pub irqs: Arc<TestInterruptManager>,
     pub mapper: Arc<RecordingMapper>,
     pub alloc: Arc<Mutex<BarAllocator>>,
+    pub dma: Arc<GuestDma>,
 }
 
 impl Vm {
@@ -357,6 +364,7 @@ impl Vm {
             irqs: Arc::new(TestInterruptManager::new()),
             mapper: Arc::new(RecordingMapper::default()),
             alloc: Arc::new(Mutex::new(BarAllocator::new(windows).unwrap())),
+            dma: GuestDma::new(),
         }
     }
 
@@ -365,6 +373,7 @@ impl Vm {
             interrupts: self.irqs.clone(),
             mapper: self.mapper.clone(),
             allocator: self.alloc.clone(),
+            dma: self.dma.clone(),
         }
     }
 
@@ -954,7 +963,7 @@ pub fn edu_round_trip(
 /// Returns (enumeration, BAR0 address).
 pub fn edu_up(g: &Guest<'_>, mem: &GuestMemoryMmap) -> (Enumeration, u64) {
     assert_eq!(
-        g.dev.dma().map_guest_memory(mem).unwrap(),
+        g.dev.guest_dma().add_memory(mem).unwrap(),
         RAM_REGIONS.len()
     );
     let e = g.enumerate(&mut Firmware::new());

@@ -15,7 +15,7 @@ use vfio_bindings::bindings::vfio as uapi;
 use super::ioctls::{self, IommuInfo};
 use super::sysfs::SysfsDevice;
 use super::{check_dma_args, open_node, prefix_error, IommuMode, DEV_VFIO};
-use crate::{DmaSource, Error, Result};
+use crate::{DmaSource, DomainId, Error, IommuDomain, Result};
 
 /// What the container tracks about its groups.
 #[derive(Debug, Default)]
@@ -29,7 +29,10 @@ struct ContainerState {
 }
 
 /// A legacy VFIO container: one IOMMU address space shared by every group
-/// attached to it, so one set of DMA mappings serves all their devices.
+/// attached to it, so one set of DMA mappings serves all their devices: it
+/// is their [`IommuDomain`]. The kernel drops every mapping when the last
+/// group leaves the container; until then a mapping stays, whichever
+/// device goes.
 ///
 /// Created with [`KernelContainer::new`] (type1v2 IOMMU) or
 /// [`KernelContainer::new_noiommu`] (explicit opt-in to no-IOMMU mode), and
@@ -41,6 +44,7 @@ pub struct KernelContainer {
     mode: IommuMode,
     dev_dir: PathBuf,
     state: Mutex<ContainerState>,
+    id: DomainId,
 }
 
 impl KernelContainer {
@@ -54,7 +58,7 @@ impl KernelContainer {
     /// for devices in `noiommu-N` groups. Such devices can DMA anywhere in
     /// host memory; the kernel allows it only with the `vfio` module's
     /// `enable_unsafe_noiommu_mode=1` and to `CAP_SYS_RAWIO` holders, and
-    /// [`KernelContainer::dma_map`] is unsupported.
+    /// [`IommuDomain::map`] is unsupported.
     pub fn new_noiommu() -> Result<Arc<KernelContainer>> {
         Self::open_at(DEV_VFIO, IommuMode::NoIommu)
     }
@@ -93,6 +97,7 @@ impl KernelContainer {
             mode,
             dev_dir,
             state: Mutex::new(ContainerState::default()),
+            id: DomainId::new_unique(),
         }))
     }
 
@@ -206,11 +211,29 @@ impl KernelContainer {
         Ok(())
     }
 
+    /// `VFIO_IOMMU_GET_INFO`: page sizes and IOVA ranges of the container's
+    /// IOMMU (needs an attached group).
+    pub fn iommu_info(&self) -> Result<IommuInfo> {
+        self.require_iommu("VFIO_IOMMU_GET_INFO")?;
+        ioctls::iommu_get_info(self.file.as_fd())
+    }
+}
+
+impl IommuDomain for KernelContainer {
+    fn id(&self) -> DomainId {
+        self.id
+    }
+
     /// Maps `size` bytes at `host.host_addr` in this process to `iova` for
     /// every device in the container (`VFIO_IOMMU_MAP_DMA`); the device may
     /// write there unless `host.read_only`. Addresses and size must be
     /// page aligned. Unsupported in no-IOMMU mode.
-    pub fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// As [`IommuDomain::map`]: the kernel pins the pages and the device
+    /// reaches them until they are unmapped.
+    unsafe fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
         self.require_iommu("DMA map")?;
         check_dma_args(iova, size, host.host_addr)?;
         let flags = dma_map_flags(host.read_only);
@@ -220,7 +243,7 @@ impl KernelContainer {
     /// Unmaps `iova .. iova + size` (`VFIO_IOMMU_UNMAP_DMA`). The range must
     /// cover whole earlier mappings; unmapping less than `size` bytes (parts
     /// of the range were not mapped) is reported as an error.
-    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+    fn unmap(&self, iova: u64, size: u64) -> Result<()> {
         self.require_iommu("DMA unmap")?;
         check_dma_args(iova, size, 0)?;
         let done = ioctls::iommu_unmap_dma(self.file.as_fd(), iova, size)?;
@@ -233,18 +256,11 @@ impl KernelContainer {
         Ok(())
     }
 
-    /// `VFIO_IOMMU_GET_INFO`: page sizes and IOVA ranges of the container's
-    /// IOMMU (needs an attached group).
-    pub fn iommu_info(&self) -> Result<IommuInfo> {
-        self.require_iommu("VFIO_IOMMU_GET_INFO")?;
-        ioctls::iommu_get_info(self.file.as_fd())
-    }
-
-    /// The IOVA ranges [`KernelContainer::dma_map`] accepts: those of the
+    /// The IOVA ranges [`IommuDomain::map`] accepts: those of the
     /// IOVA-range capability, or the whole 64-bit space when the kernel
     /// does not report it. Empty in no-IOMMU mode, where nothing can be
     /// mapped.
-    pub fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
         if self.mode == IommuMode::NoIommu {
             return Ok(Vec::new());
         }
@@ -377,6 +393,7 @@ mod tests {
                 groups: HashMap::new(),
                 iommu_set,
             }),
+            id: DomainId::new_unique(),
         })
     }
 
@@ -388,15 +405,23 @@ mod tests {
         }
     }
 
+    /// Maps through a container that never reaches the IOMMU: its fd is
+    /// a plain file, or its mode or state refuses first.
+    fn try_map(c: &KernelContainer, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        // SAFETY: the container's fd is a plain file, so no ioctl maps
+        // anything; no memory is handed to an IOMMU.
+        unsafe { c.map(iova, size, host) }
+    }
+
     #[test]
     fn dma_map_in_a_no_iommu_container_is_unsupported_and_says_why() {
         let dir = tempfile::tempdir().unwrap();
         let c = fake_container(dir.path(), IommuMode::NoIommu, true);
         let page = super::super::page_size();
-        let e = c.dma_map(0, page, source(0)).unwrap_err();
+        let e = try_map(&c, 0, page, source(0)).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e}");
         assert!(e.to_string().contains("no-IOMMU"), "{e}");
-        assert!(matches!(c.dma_unmap(0, page), Err(Error::Unsupported(_))));
+        assert!(matches!(c.unmap(0, page), Err(Error::Unsupported(_))));
         // Nothing can be mapped, so no IOVA range is usable.
         assert_eq!(c.iova_ranges().unwrap(), Vec::<RangeInclusive<u64>>::new());
     }
@@ -407,9 +432,7 @@ mod tests {
         // which needs a group in the container.
         let dir = tempfile::tempdir().unwrap();
         let c = fake_container(dir.path(), IommuMode::Type1v2, false);
-        let e = c
-            .dma_map(0, super::super::page_size(), source(0))
-            .unwrap_err();
+        let e = try_map(&c, 0, super::super::page_size(), source(0)).unwrap_err();
         assert!(e.to_string().contains("no group is attached"), "{e}");
         assert!(c.iova_ranges().is_err());
     }
@@ -420,13 +443,13 @@ mod tests {
         let c = fake_container(dir.path(), IommuMode::Type1v2, true);
         let page = super::super::page_size();
         assert!(matches!(
-            c.dma_map(1, page, source(0)),
+            try_map(&c, 1, page, source(0)),
             Err(Error::InvalidArgument(_))
         ));
-        let e = c.dma_map(page, page, source(2 * page)).unwrap_err();
+        let e = try_map(&c, page, page, source(2 * page)).unwrap_err();
         assert_eq!(e.errno(), Some(libc::ENOTTY));
         assert!(e.to_string().contains("VFIO_IOMMU_MAP_DMA"), "{e}");
-        let e = c.dma_unmap(page, page).unwrap_err();
+        let e = c.unmap(page, page).unwrap_err();
         assert!(e.to_string().contains("VFIO_IOMMU_UNMAP_DMA"), "{e}");
     }
 

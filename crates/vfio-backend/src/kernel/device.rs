@@ -3,7 +3,6 @@
 //! [`Vfio`] implementation on top of it.
 
 use std::fs::File;
-use std::ops::RangeInclusive;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +16,8 @@ use super::ioctls::{self, HotResetInfo};
 use super::iommufd::IommufdIoas;
 use super::{page_size, prefix_error};
 use crate::{
-    irq_flags, DeviceInfo, DmaSource, Error, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio,
+    irq_flags, DeviceInfo, Error, IommuDomain, IrqInfo, Mapping, RegionInfo, Result, SparseArea,
+    Vfio,
 };
 
 /// Upper bound on the region and interrupt counts a device may report; a
@@ -559,7 +559,7 @@ impl KernelDevice {
     }
 
     /// The device is in a no-IOMMU group: it can DMA anywhere in host memory
-    /// and [`Vfio::dma_map`] is unsupported.
+    /// and [`IommuDomain::map`](crate::IommuDomain::map) is unsupported.
     pub fn is_noiommu(&self) -> bool {
         self.container()
             .is_some_and(|c| c.mode() == super::IommuMode::NoIommu)
@@ -675,27 +675,11 @@ impl Vfio for KernelDevice {
         self.core.reset()
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain> {
         match &self.iommu {
-            DeviceIommu::Group(g) => g.container().dma_map(iova, size, host),
+            DeviceIommu::Group(g) => g.container().clone(),
             #[cfg(feature = "iommufd")]
-            DeviceIommu::Iommufd { ioas, .. } => ioas.dma_map(iova, size, host),
-        }
-    }
-
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        match &self.iommu {
-            DeviceIommu::Group(g) => g.container().dma_unmap(iova, size),
-            #[cfg(feature = "iommufd")]
-            DeviceIommu::Iommufd { ioas, .. } => ioas.dma_unmap(iova, size),
-        }
-    }
-
-    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
-        match &self.iommu {
-            DeviceIommu::Group(g) => g.container().iova_ranges(),
-            #[cfg(feature = "iommufd")]
-            DeviceIommu::Iommufd { ioas, .. } => ioas.iova_ranges(),
+            DeviceIommu::Iommufd { ioas, .. } => ioas.clone(),
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
 
 use super::{check_dma_args, ioctls, open_node, prefix_error};
-use crate::{DmaSource, Error, Result};
+use crate::{DmaSource, DomainId, Error, IommuDomain, Result};
 
 /// The default iommufd node.
 pub(crate) const DEV_IOMMU: &str = "/dev/iommu";
@@ -118,13 +118,15 @@ fn size_of_u32<T>() -> u32 {
 const MAX_IOVA_RANGES: u32 = 1 << 16;
 
 /// An iommufd I/O address space (IOAS): the iommufd counterpart of a
-/// [`KernelContainer`](super::KernelContainer). Shared by `Arc` by the
-/// devices attached to it; destroyed when the last one is dropped.
+/// [`KernelContainer`](super::KernelContainer), and like it the
+/// [`IommuDomain`] of its devices. Shared by `Arc` by the devices attached
+/// to it; destroyed when the last reference is dropped.
 #[derive(Debug)]
 pub struct IommufdIoas {
     iommufd: File,
     ioas_id: u32,
     path: PathBuf,
+    id: DomainId,
 }
 
 impl IommufdIoas {
@@ -156,6 +158,7 @@ impl IommufdIoas {
             iommufd,
             ioas_id: alloc.out_ioas_id,
             path,
+            id: DomainId::new_unique(),
         }))
     }
 
@@ -172,11 +175,22 @@ impl IommufdIoas {
         ioctls::device_attach_iommufd_pt(fd, self.ioas_id).map_err(|e| prefix_error(e, name))?;
         Ok(dev_id)
     }
+}
+
+impl IommuDomain for IommufdIoas {
+    fn id(&self) -> DomainId {
+        self.id
+    }
 
     /// Maps `size` bytes at `host.host_addr` to exactly `iova`
     /// (`IOMMU_IOAS_MAP` with `IOMMU_IOAS_MAP_FIXED_IOVA`); the device may
     /// write there unless `host.read_only`.
-    pub fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+    ///
+    /// # Safety
+    ///
+    /// As [`IommuDomain::map`]: the kernel pins the pages and the devices
+    /// reach them until they are unmapped.
+    unsafe fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
         check_dma_args(iova, size, host.host_addr)?;
         let flags = ioas_map_flags(host.read_only);
         let mut map = IommuIoasMap {
@@ -205,7 +219,7 @@ impl IommufdIoas {
 
     /// Unmaps `iova .. iova + size` (`IOMMU_IOAS_UNMAP`); unmapping less
     /// than `size` bytes is reported as an error.
-    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+    fn unmap(&self, iova: u64, size: u64) -> Result<()> {
         check_dma_args(iova, size, 0)?;
         let mut unmap = IommuIoasUnmap {
             size: size_of_u32::<IommuIoasUnmap>(),
@@ -236,7 +250,7 @@ impl IommufdIoas {
 
     /// The IOVA ranges the IOAS accepts (`IOMMU_IOAS_IOVA_RANGES`): they
     /// shrink as devices with reserved regions are attached.
-    pub fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
         let mut capacity: u32 = 16;
         for _ in 0..4 {
             let mut ranges = vec![IommuIovaRange::default(); capacity as usize];

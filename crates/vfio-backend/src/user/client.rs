@@ -73,7 +73,10 @@ use super::protocol::{
     DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message,
     MessageReader, Received, RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
-use crate::{DeviceInfo, DmaSource, Error, IrqInfo, Mapping, RegionInfo, Result, SparseArea, Vfio};
+use crate::{
+    DeviceInfo, DmaSource, DomainId, Error, IommuDomain, IrqInfo, Mapping, RegionInfo, Result,
+    SparseArea, Vfio,
+};
 
 /// The most regions and interrupt indices a server may announce.
 pub const MAX_REGIONS: u32 = 256;
@@ -115,7 +118,7 @@ pub struct UserOptions {
     /// `max_msg_fds` capability).
     pub max_msg_fds: u32,
     /// Answer the server's `DMA_READ` / `DMA_WRITE` from the host addresses
-    /// given to [`Vfio::dma_map`], up to `max_data_xfer_size` bytes each and
+    /// given to [`IommuDomain::map`], up to `max_data_xfer_size` bytes each and
     /// only inside one registered mapping. When false they are refused with
     /// `ENOTSUP`.
     pub serve_dma_messages: bool,
@@ -940,7 +943,7 @@ impl Shared {
     /// `max_data_xfer_size`) bytes out of the registered host memory into
     /// a pooled buffer, allocated only once the range was found valid.
     fn dma_read(&self, req: DmaAccessPayload, len: usize) -> std::result::Result<Vec<u8>, i32> {
-        // Hold the table lock during the copy so that dma_unmap cannot
+        // Hold the table lock during the copy so that the domain's unmap cannot
         // return (and the caller free the memory) in the middle of it.
         let dma = lock(&self.dma);
         let e = self.dma_lookup_locked(&dma, req.address, req.count)?;
@@ -952,8 +955,8 @@ impl Shared {
         data.clear();
         data.resize(len, 0);
         // SAFETY: [src, src + len) lies inside a range the caller of
-        // dma_map declared valid host memory for the whole life of the
-        // mapping (the Vfio::dma_map contract; the lookup checked the whole
+        // IommuDomain::map declared valid host memory for the whole life of the
+        // mapping (the IommuDomain::map contract; the lookup checked the whole
         // range and len == req.count), and the mapping cannot be removed
         // while we hold the table lock. `data` holds len bytes.
         unsafe {
@@ -978,7 +981,7 @@ impl Shared {
             .checked_add(req.address - e.iova)
             .ok_or(libc::EFAULT)?;
         // SAFETY: as in dma_read: [dst, dst + data.len()) lies inside
-        // writable host memory the caller of dma_map registered and that
+        // writable host memory the caller of IommuDomain::map registered and that
         // stays mapped while we hold the table lock.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len());
@@ -1037,21 +1040,158 @@ struct CachedRegion {
     unmapped: Option<String>,
 }
 
+/// The DMA side of one vfio-user connection, its [`IommuDomain`]: the
+/// server's device is the only one in it. Its mappings are the ranges
+/// registered for the server's `DMA_READ` / `DMA_WRITE` plus what the
+/// server was told with `DMA_MAP`. Once the [`UserDevice`] is dropped (the
+/// connection closed), every call fails with [`Error::Disconnected`].
+struct UserDomain {
+    shared: Arc<Shared>,
+    /// The server's `max_msg_fds`.
+    max_msg_fds: u32,
+    id: DomainId,
+    /// We warned that a file shared by `map` is not sealed against
+    /// shrinking (once per connection).
+    warned_unsealed_dma: AtomicBool,
+}
+
+impl UserDomain {
+    /// Warns (once per connection) when a file we share for DMA is not
+    /// sealed against shrinking: the server could truncate it, and our own
+    /// next access to that memory (or the guest's) would then fault.
+    fn warn_if_shrinkable(&self, fd: BorrowedFd<'_>) {
+        if self.warned_unsealed_dma.load(Ordering::Relaxed) {
+            return;
+        }
+        // SAFETY: F_GET_SEALS only reads the seals of a descriptor the
+        // caller lends us for the call.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
+            return;
+        }
+        if !self.warned_unsealed_dma.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "vfio-user dma_map shares a file that is not sealed against shrinking \
+                 (F_SEAL_SHRINK): the server could truncate it under this process's memory \
+                 (seal guest memory memfds made with MFD_ALLOW_SEALING)"
+            );
+        }
+    }
+}
+
+impl IommuDomain for UserDomain {
+    fn id(&self) -> DomainId {
+        self.id
+    }
+
+    /// Registers the range (so that the server's `DMA_READ` / `DMA_WRITE`
+    /// to it are served from `host.host_addr`), then sends `DMA_MAP` with
+    /// the file, if any.
+    ///
+    /// # Safety
+    ///
+    /// As [`IommuDomain::map`]: this process reads and writes the memory at
+    /// `host.host_addr` when the server asks, until `unmap` returns.
+    unsafe fn map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        if size == 0 || iova.checked_add(size).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "DMA range {iova:#x}+{size:#x}"
+            )));
+        }
+        let s = &self.shared;
+        {
+            let mut dma = lock(&s.dma);
+            let overlaps = dma
+                .iter()
+                .any(|e| iova < e.iova.saturating_add(e.size) && e.iova < iova + size);
+            if overlaps {
+                return Err(Error::InvalidArgument(format!(
+                    "DMA range {iova:#x}+{size:#x} overlaps an existing mapping"
+                )));
+            }
+            dma.push(DmaEntry {
+                iova,
+                size,
+                host_addr: host.host_addr,
+                read_only: host.read_only,
+            });
+        }
+        let mut flags = dma_flags::READ;
+        if !host.read_only {
+            flags |= dma_flags::WRITE;
+        }
+        let req = DmaMapPayload {
+            argsz: DmaMapPayload::SIZE as u32,
+            flags,
+            offset: host.file.map_or(0, |f| f.offset),
+            address: iova,
+            size,
+        };
+        let fds: Vec<BorrowedFd<'_>> = host.file.map(|f| f.fd).into_iter().collect();
+        if let Some(f) = host.file {
+            self.warn_if_shrinkable(f.fd);
+        }
+        if !fds.is_empty() && self.max_msg_fds == 0 {
+            lock(&s.dma).retain(|e| e.iova != iova);
+            return Err(Error::Unsupported(
+                "the server accepts no file descriptors (max_msg_fds is 0)".into(),
+            ));
+        }
+        let result = s
+            .request(command::DMA_MAP, &[&req.encode()], &fds, s.options.timeout)
+            .and_then(|m| s.expect_plain(&m, 0));
+        if result.is_err() {
+            lock(&s.dma).retain(|e| e.iova != iova);
+        }
+        result
+    }
+
+    fn unmap(&self, iova: u64, size: u64) -> Result<()> {
+        let s = &self.shared;
+        // Forget the range first: from now on the server's DMA messages to it
+        // are refused, so the caller may free the memory once we return.
+        lock(&s.dma).retain(|e| !(e.iova == iova && e.size == size));
+        let req = DmaUnmapPayload {
+            argsz: DmaUnmapPayload::SIZE as u32,
+            flags: 0,
+            address: iova,
+            size,
+        };
+        let m = s.request(command::DMA_UNMAP, &[&req.encode()], &[], s.options.timeout)?;
+        // The spec has the server echo the entry; some servers send nothing.
+        if m.payload.is_empty() {
+            return s.expect_plain(&m, 0);
+        }
+        s.expect_plain(&m, DmaUnmapPayload::SIZE)?;
+        let echo = DmaUnmapPayload::decode(&m.payload).map_err(|e| s.violation(e.to_string()))?;
+        if echo.address != iova || echo.size != size {
+            return Err(s.violation(format!(
+                "DMA_UNMAP reply for {:#x}+{:#x} to a request for {iova:#x}+{size:#x}",
+                echo.address, echo.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+        // vfio-user has no IOMMU aperture: every address may be mapped.
+        Ok(vec![0..=u64::MAX])
+    }
+}
+
 /// A device served by a vfio-user server, reached over a Unix socket.
 ///
 /// Implements [`Vfio`]; every method may be called from several threads at
 /// once. Dropping it closes the socket and ends its idle thread.
 pub struct UserDevice {
     conn: Connection,
+    domain: Arc<UserDomain>,
     info: DeviceInfo,
     server_caps: Capabilities,
     version: (u16, u16),
     /// Region infos (and region fds) read at connect time; `None` where the
     /// server refused the query.
     regions: Vec<Option<CachedRegion>>,
-    /// We warned that a file shared by `dma_map` is not sealed against
-    /// shrinking (once per connection).
-    warned_unsealed_dma: AtomicBool,
 }
 
 impl std::fmt::Debug for UserDevice {
@@ -1272,13 +1412,19 @@ impl UserDevice {
             }
         }
 
+        let domain = Arc::new(UserDomain {
+            shared: Arc::clone(&conn.shared),
+            max_msg_fds: server_caps.max_msg_fds,
+            id: DomainId::new_unique(),
+            warned_unsealed_dma: AtomicBool::new(false),
+        });
         Ok(UserDevice {
             conn,
+            domain,
             info,
             server_caps,
             version: (major, minor),
             regions,
-            warned_unsealed_dma: AtomicBool::new(false),
         })
     }
 
@@ -1329,28 +1475,6 @@ impl UserDevice {
             self.timeout(),
         )?;
         s.expect_plain(&m, 0)
-    }
-
-    /// Warns (once per connection) when a file we share for DMA is not
-    /// sealed against shrinking: the server could truncate it, and our own
-    /// next access to that memory (or the guest's) would then fault.
-    fn warn_if_shrinkable(&self, fd: BorrowedFd<'_>) {
-        if self.warned_unsealed_dma.load(Ordering::Relaxed) {
-            return;
-        }
-        // SAFETY: F_GET_SEALS only reads the seals of a descriptor the
-        // caller lends us for the call.
-        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
-        if seals >= 0 && seals & libc::F_SEAL_SHRINK != 0 {
-            return;
-        }
-        if !self.warned_unsealed_dma.swap(true, Ordering::Relaxed) {
-            log::warn!(
-                "vfio-user dma_map shares a file that is not sealed against shrinking \
-                 (F_SEAL_SHRINK): the server could truncate it under this process's memory \
-                 (seal guest memory memfds made with MFD_ALLOW_SEALING)"
-            );
-        }
     }
 
     fn check_region_range(&self, index: u32, offset: u64, len: usize) -> Result<()> {
@@ -1630,90 +1754,8 @@ impl Vfio for UserDevice {
         s.expect_plain(&m, 0)
     }
 
-    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
-        if size == 0 || iova.checked_add(size).is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "DMA range {iova:#x}+{size:#x}"
-            )));
-        }
-        let s = self.shared();
-        {
-            let mut dma = lock(&s.dma);
-            let overlaps = dma
-                .iter()
-                .any(|e| iova < e.iova.saturating_add(e.size) && e.iova < iova + size);
-            if overlaps {
-                return Err(Error::InvalidArgument(format!(
-                    "DMA range {iova:#x}+{size:#x} overlaps an existing mapping"
-                )));
-            }
-            dma.push(DmaEntry {
-                iova,
-                size,
-                host_addr: host.host_addr,
-                read_only: host.read_only,
-            });
-        }
-        let mut flags = dma_flags::READ;
-        if !host.read_only {
-            flags |= dma_flags::WRITE;
-        }
-        let req = DmaMapPayload {
-            argsz: DmaMapPayload::SIZE as u32,
-            flags,
-            offset: host.file.map_or(0, |f| f.offset),
-            address: iova,
-            size,
-        };
-        let fds: Vec<BorrowedFd<'_>> = host.file.map(|f| f.fd).into_iter().collect();
-        if let Some(f) = host.file {
-            self.warn_if_shrinkable(f.fd);
-        }
-        if !fds.is_empty() && self.server_caps.max_msg_fds == 0 {
-            lock(&s.dma).retain(|e| e.iova != iova);
-            return Err(Error::Unsupported(
-                "the server accepts no file descriptors (max_msg_fds is 0)".into(),
-            ));
-        }
-        let result = s
-            .request(command::DMA_MAP, &[&req.encode()], &fds, self.timeout())
-            .and_then(|m| s.expect_plain(&m, 0));
-        if result.is_err() {
-            lock(&s.dma).retain(|e| e.iova != iova);
-        }
-        result
-    }
-
-    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
-        let s = self.shared();
-        // Forget the range first: from now on the server's DMA messages to it
-        // are refused, so the caller may free the memory once we return.
-        lock(&s.dma).retain(|e| !(e.iova == iova && e.size == size));
-        let req = DmaUnmapPayload {
-            argsz: DmaUnmapPayload::SIZE as u32,
-            flags: 0,
-            address: iova,
-            size,
-        };
-        let m = s.request(command::DMA_UNMAP, &[&req.encode()], &[], self.timeout())?;
-        // The spec has the server echo the entry; some servers send nothing.
-        if m.payload.is_empty() {
-            return s.expect_plain(&m, 0);
-        }
-        s.expect_plain(&m, DmaUnmapPayload::SIZE)?;
-        let echo = DmaUnmapPayload::decode(&m.payload).map_err(|e| s.violation(e.to_string()))?;
-        if echo.address != iova || echo.size != size {
-            return Err(s.violation(format!(
-                "DMA_UNMAP reply for {:#x}+{:#x} to a request for {iova:#x}+{size:#x}",
-                echo.address, echo.size
-            )));
-        }
-        Ok(())
-    }
-
-    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
-        // vfio-user has no IOMMU aperture: every address may be mapped.
-        Ok(vec![0..=u64::MAX])
+    fn iommu_domain(&self) -> Arc<dyn IommuDomain> {
+        self.domain.clone()
     }
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {

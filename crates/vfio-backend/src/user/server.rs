@@ -21,7 +21,8 @@
 //!   hugetlbfs file faults; a hugetlb memfd can be sealed.)
 //! - `DMA_MAP` without a file descriptor (QEMU sends that when guest RAM is
 //!   not shareable): the device gets the range through
-//!   [`Vfio::dma_map_remote`] and reaches it with `DMA_READ` / `DMA_WRITE`
+//!   [`IommuDomain::map_remote`](crate::IommuDomain::map_remote) of its
+//!   domain and reaches it with `DMA_READ` / `DMA_WRITE`
 //!   messages to the client, each at most the smaller of the two sides'
 //!   `max_data_xfer_size`, each reply awaited at most
 //!   [`ServerOptions::dma_timeout`]. Replies are routed to the waiting
@@ -544,7 +545,8 @@ impl Session<'_> {
                 timeout: self.options.dma_timeout,
             });
             self.device
-                .dma_map_remote(req.address, req.size, read_only, remote)?;
+                .iommu_domain()
+                .map_remote(req.address, req.size, read_only, remote)?;
             self.dma.insert(
                 req.address,
                 DmaRange {
@@ -564,18 +566,25 @@ impl Session<'_> {
         } else {
             None
         };
-        self.device.dma_map(
-            req.address,
-            req.size,
-            DmaSource {
-                host_addr: mapping.as_ref().map_or(0, |m| m.as_ptr() as u64),
-                file: Some(DmaFile {
-                    fd: fd.as_fd(),
-                    offset: req.offset,
-                }),
-                read_only,
-            },
-        )?;
+        let source = DmaSource {
+            host_addr: mapping.as_ref().map_or(0, |m| m.as_ptr() as u64),
+            file: Some(DmaFile {
+                fd: fd.as_fd(),
+                offset: req.offset,
+            }),
+            read_only,
+        };
+        // SAFETY: `host_addr` is 0 (file I/O only) or our own mapping of
+        // the client's file, sealed against shrinking so it stays backed at
+        // its size; the mapping is kept in `self.dma` until the domain's
+        // unmap of the range returned (here or in `cleanup`), and nothing
+        // in this process holds a reference into it. The client gave the
+        // file for the device to read and write.
+        unsafe {
+            self.device
+                .iommu_domain()
+                .map(req.address, req.size, source)?;
+        }
         self.dma.insert(
             req.address,
             DmaRange {
@@ -601,7 +610,7 @@ impl Session<'_> {
             Some(r) if r.size == req.size => {}
             _ => return Err(einval("DMA_UNMAP does not match a mapping")),
         }
-        self.device.dma_unmap(req.address, req.size)?;
+        self.device.iommu_domain().unmap(req.address, req.size)?;
         // The device let go of the range: now unmap it here.
         self.dma.remove(&req.address);
         Ok((req.encode().to_vec(), None))
@@ -791,9 +800,14 @@ impl Session<'_> {
     /// What the spec asks of a server when its client goes away: unmap the
     /// client's memory and close its interrupt fds; keep the device state.
     fn cleanup(&mut self) {
+        let domain = self.device.iommu_domain();
         for (iova, r) in std::mem::take(&mut self.dma) {
-            if let Err(e) = self.device.dma_unmap(iova, r.size) {
-                log::warn!("vfio-user server: dma_unmap({iova:#x}) on disconnect: {e}");
+            if let Err(e) = domain.unmap(iova, r.size) {
+                // The device may still reach the range: keep our mapping of
+                // the client's file (leak it) rather than unmap memory a
+                // DMA may touch.
+                log::warn!("vfio-user server: DMA unmap of {iova:#x} on disconnect: {e}");
+                std::mem::forget(r);
             }
         }
         for index in std::mem::take(&mut self.irq_indices) {

@@ -3,7 +3,10 @@
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use vfio_backend::{region, DmaSource, Vfio};
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use vfio_backend::{region, DmaSource, RemoteDma, Result, Vfio};
 use vfio_fake_device::FakeDevice;
 
 /// A non-blocking eventfd.
@@ -169,4 +172,47 @@ pub fn walk_ext_caps(cfg: &[u8]) -> Vec<(usize, u16, u8)> {
         p = (h >> 20) as usize & 0xffc;
     }
     out
+}
+
+/// The device's IOMMU domain calls, as the tests use them.
+pub trait TestDma {
+    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()>;
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: Arc<dyn RemoteDma>,
+    ) -> Result<()>;
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()>;
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;
+}
+
+impl TestDma for FakeDevice {
+    fn dma_map(&self, iova: u64, size: u64, host: DmaSource<'_>) -> Result<()> {
+        // SAFETY: the tests map `GuestMem` (an anonymous mapping) or files they own; the fake
+        // device reaches them only while the test drives it (a register write, or a DMA thread
+        // the test waits for), and every test is done with the device before that memory is
+        // unmapped at the end of the test.
+        unsafe { self.iommu_domain().map(iova, size, host) }
+    }
+
+    fn dma_map_remote(
+        &self,
+        iova: u64,
+        size: u64,
+        read_only: bool,
+        remote: Arc<dyn RemoteDma>,
+    ) -> Result<()> {
+        self.iommu_domain()
+            .map_remote(iova, size, read_only, remote)
+    }
+
+    fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
+        self.iommu_domain().unmap(iova, size)
+    }
+
+    fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>> {
+        self.iommu_domain().iova_ranges()
+    }
 }

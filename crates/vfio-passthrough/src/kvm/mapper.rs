@@ -135,7 +135,16 @@ impl KvmGuestMapper {
         }
     }
 
-    fn map_inner(&self, gpa: u64, size: u64, host: *mut u8, read_only: bool) -> Result<MappingId> {
+    /// # Safety
+    /// The [`GuestMapper::map`] contract: `size` bytes at `host` stay
+    /// mapped until the mapping is removed.
+    unsafe fn map_inner(
+        &self,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        read_only: bool,
+    ) -> Result<MappingId> {
         let host = host as u64;
         self.check(gpa, size, host)?;
         if read_only && !self.readonly_supported {
@@ -215,15 +224,20 @@ fn host_page_size() -> u64 {
 }
 
 impl GuestMapper for KvmGuestMapper {
-    fn map(
+    /// Makes `size` bytes at `host` a KVM memory slot at `gpa`.
+    ///
+    /// # Safety
+    /// As [`GuestMapper::map`]: the guest reaches that memory through the
+    /// slot until [`GuestMapper::unmap`] (or this mapper's drop).
+    unsafe fn map(
         &self,
         gpa: u64,
         size: u64,
         host: *mut u8,
         read_only: bool,
     ) -> std::io::Result<MappingId> {
-        self.map_inner(gpa, size, host, read_only)
-            .map_err(std::io::Error::from)
+        // SAFETY: the caller's contract is map_inner's.
+        unsafe { self.map_inner(gpa, size, host, read_only) }.map_err(std::io::Error::from)
     }
 
     fn unmap(&self, id: MappingId) -> std::io::Result<()> {

@@ -7,9 +7,9 @@ use pci_bar_alloc::{BarAllocator, BarPlacement, BarRequest};
 use pci_config::{cap_id, ext_cap_id, BarKind, ConfigSpace, ROM_BAR};
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, IntxState, MsiState, MsixState};
 use serde::{Deserialize, Serialize};
-use vfio_backend::{irq, region, Mapping, RegionInfo, SparseArea, Vfio};
+use vfio_backend::{irq, region, DomainId, Mapping, RegionInfo, SparseArea, Vfio};
 
-use crate::dma::{DmaMapper, DmaMode};
+use crate::dma::{DmaMode, GuestDma};
 use crate::layout::{BarLayout, MappedArea, MsixPiece, MsixRelocation};
 use crate::mapper::{GuestMapper, MappingId};
 use crate::{Error, Result};
@@ -28,8 +28,14 @@ const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
 /// Smallest ROM BAR size the PCI spec allows (2 KiB).
 const MIN_ROM_SIZE: u64 = 2048;
 
-/// What the VMM lends the device: interrupt delivery, guest mappings and
-/// the BAR windows (shared with the VMM's other devices).
+/// What the VMM lends the device: interrupt delivery, guest mappings, the
+/// BAR windows and guest RAM for DMA (the last two shared with the VMM's
+/// other devices).
+///
+/// Lock order: a device's own lock first, then the BAR `allocator`'s; never
+/// the other way round. The lock inside [`GuestDma`] is outside that
+/// order: it is taken with neither held (when a device attaches or goes,
+/// and by the VMM's own calls) and takes neither.
 #[derive(Clone)]
 pub struct DeviceResources {
     /// Creates the MSI, MSI-X and INTx groups (KVM: irqfds and GSI routes).
@@ -39,6 +45,11 @@ pub struct DeviceResources {
     /// The VMM's BAR windows; shared with its other devices so that no two
     /// BARs overlap.
     pub allocator: Arc<Mutex<BarAllocator>>,
+    /// Guest RAM for DMA and the live IOMMU domains, shared by all the
+    /// VMM's devices: a device attaches to its backend's domain when made
+    /// (the first device of a domain maps guest RAM there) and detaches
+    /// when dropped (the last one unmaps it).
+    pub dma: Arc<GuestDma>,
 }
 
 /// Why a capability is hidden from the guest.
@@ -79,7 +90,8 @@ pub struct DeviceOptions {
     pub page_size: Option<u64>,
     /// When the MSI-X table is moved out of the way of mapped memory.
     pub msix_relocation: MsixRelocation,
-    /// How guest memory reaches the device's DMA.
+    /// How guest memory reaches the device's DMA. Every device of one IOMMU
+    /// domain must use the same mode.
     pub dma_mode: DmaMode,
 }
 
@@ -267,7 +279,7 @@ impl Inner {
 pub struct VfioPciDevice {
     vfio: Arc<dyn Vfio>,
     resources: DeviceResources,
-    dma: DmaMapper,
+    dma_domain: DomainId,
     policy: Box<[Dword; DWORDS]>,
     config_size: usize,
     kept: Vec<KeptCapability>,
@@ -832,11 +844,13 @@ impl VfioPciDevice {
             None
         };
 
-        let dma = DmaMapper::new(vfio.clone(), options.dma_mode)?;
+        // Joins the backend's IOMMU domain (the domain's first device maps
+        // guest RAM there); dropping the device leaves it again.
+        let dma_domain = resources.dma.attach(&*vfio, options.dma_mode)?;
         let dev = VfioPciDevice {
             vfio,
             resources,
-            dma,
+            dma_domain,
             policy,
             config_size,
             kept,
@@ -864,10 +878,16 @@ impl VfioPciDevice {
         &self.vfio
     }
 
-    /// The device's DMA mappings: map guest RAM with
-    /// [`DmaMapper::map_guest_memory`] after attaching.
-    pub fn dma(&self) -> &DmaMapper {
-        &self.dma
+    /// The VMM's guest RAM and IOMMU domains this device is attached to
+    /// (its [`DeviceResources::dma`]).
+    pub fn guest_dma(&self) -> &Arc<GuestDma> {
+        &self.resources.dma
+    }
+
+    /// The IOMMU domain of the device's DMA (equal for the devices that
+    /// share one container, IOAS or connection).
+    pub fn dma_domain(&self) -> DomainId {
+        self.dma_domain
     }
 
     /// Size of the device's own config region (256 or 4096).
@@ -1062,8 +1082,9 @@ fn notifiers(group: &dyn InterruptSourceGroup, n: u32) -> Vec<Option<BorrowedFd<
 
 impl Drop for VfioPciDevice {
     /// Hot-unplug: interrupts off, guest mappings removed, host mappings
-    /// unmapped, BAR placements returned; the DMA mappings go with the
-    /// [`DmaMapper`].
+    /// unmapped, BAR placements returned, and the device detached from its
+    /// IOMMU domain (the domain's last device unmaps its DMA mappings; the
+    /// others keep them).
     fn drop(&mut self) {
         let inner = match self.inner.get_mut() {
             Ok(i) => i,
@@ -1094,6 +1115,8 @@ impl Drop for VfioPciDevice {
             }
         }
         self.release_all(&mut taken);
+        // Before the backend (and with it, maybe, the domain) goes.
+        self.resources.dma.detach(self.dma_domain);
         // Host mappings unmap as `taken` drops here.
     }
 }

@@ -104,11 +104,17 @@ impl VfioPciDevice {
         let mut failed = None;
         for m in bar.maps.iter_mut().filter(|m| m.guest.is_none()) {
             let gpa = base.wrapping_add(m.area.offset);
-            match self
-                .resources
-                .mapper
-                .map(gpa, m.area.len, m.mapping.as_ptr(), read_only)
-            {
+            // SAFETY: `m.mapping` is this device's mmap of the BAR area,
+            // `m.area.len` bytes; every path that drops a host mapping
+            // (release_all, the device's drop) first removes its guest
+            // mapping with guest_unmap, and nothing here holds a reference
+            // into it.
+            let mapped = unsafe {
+                self.resources
+                    .mapper
+                    .map(gpa, m.area.len, m.mapping.as_ptr(), read_only)
+            };
+            match mapped {
                 Ok(id) => m.guest = Some(id),
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => m.guest = None,
                 Err(e) => {

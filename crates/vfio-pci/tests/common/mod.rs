@@ -10,7 +10,7 @@ use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
 use vfio_backend::Vfio;
 use vfio_fake_device::FakeDevice;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice};
 
 pub const MMIO32_BASE: u64 = 0xc000_0000;
 pub const MMIO32_SIZE: u64 = 0x2000_0000;
@@ -48,7 +48,13 @@ impl RecordingMapper {
 }
 
 impl GuestMapper for RecordingMapper {
-    fn map(&self, gpa: u64, size: u64, host: *mut u8, ro: bool) -> std::io::Result<MappingId> {
+    unsafe fn map(
+        &self,
+        gpa: u64,
+        size: u64,
+        host: *mut u8,
+        ro: bool,
+    ) -> std::io::Result<MappingId> {
         let mut live = self.live.lock().unwrap();
         if live
             .values()
@@ -78,6 +84,7 @@ pub struct Vm {
     pub irqs: Arc<TestInterruptManager>,
     pub mapper: Arc<RecordingMapper>,
     pub alloc: Arc<Mutex<BarAllocator>>,
+    pub dma: Arc<GuestDma>,
 }
 
 impl Vm {
@@ -106,6 +113,7 @@ impl Vm {
             alloc: Arc::new(Mutex::new(
                 BarAllocator::with_page_size(windows, page).unwrap(),
             )),
+            dma: GuestDma::new(),
         }
     }
 
@@ -114,6 +122,7 @@ impl Vm {
             interrupts: self.irqs.clone(),
             mapper: self.mapper.clone(),
             allocator: self.alloc.clone(),
+            dma: self.dma.clone(),
         }
     }
 }
