@@ -570,23 +570,10 @@ fn boot(
     })?;
     let took = boot_start.elapsed();
 
-    let mut problems = Vec::new();
-    match end {
-        End::TimedOut => problems.push(format!(
-            "QEMU killed after the {} s timeout",
-            opts.timeout.as_secs()
-        )),
-        // isa-debug-exit: QEMU exits with (value << 1) | 1, /init writes 0 on pass and 1 on
-        // failure. QEMU's own errors exit 1 as well: the report's status line settles that.
-        End::Exited(s) => match s.code() {
-            Some(1) => {}
-            Some(3) => problems.push("the guest signalled failure through isa-debug-exit".into()),
-            _ => problems.push(format!(
-                "QEMU exited with {s} without the guest's isa-debug-exit (kernel panic, \
-                 early poweroff or a QEMU error)"
-            )),
-        },
-    }
+    let mut problems: Vec<String> = end
+        .problem(opts.timeout, "kernel panic, early poweroff or a QEMU error")
+        .into_iter()
+        .collect();
     problems.extend(report.problems(true));
     Ok(BootResult {
         mode,

@@ -17,7 +17,7 @@
 //! scenario: QEMU sends DMA_MAP without file descriptors, so the server must serve DMA by
 //! messages), nvme-like with memfd guest RAM (every scenario).
 
-use crate::hwtest::console::{self, End, Report};
+use crate::hwtest::console::{self, Report};
 use crate::hwtest::{self, host, initramfs, kernel};
 use crate::root;
 use anyhow::{bail, Context, Result};
@@ -731,20 +731,10 @@ fn boot(
     } else {
         stop_server(server)?;
     }
-    match end {
-        End::TimedOut => problems.push(format!(
-            "QEMU killed after the {} s timeout",
-            opts.timeout.as_secs()
-        )),
-        End::Exited(s) => match s.code() {
-            Some(1) => {}
-            Some(3) => problems.push("the guest signalled failure through isa-debug-exit".into()),
-            _ => problems.push(format!(
-                "QEMU exited with {s} without the guest's isa-debug-exit (kernel panic, \
-                 QEMU error, or a refused vfio-user connection: see the log)"
-            )),
-        },
-    }
+    problems.extend(end.problem(
+        opts.timeout,
+        "kernel panic, QEMU error, or a refused vfio-user connection: see the log",
+    ));
     problems.extend(report.problems(true));
     Ok((report, problems, log))
 }

@@ -19,6 +19,28 @@ pub enum End {
     TimedOut,
 }
 
+impl End {
+    /// What went wrong with a guest that reports through `isa-debug-exit`, if anything:
+    /// QEMU exits with `(value << 1) | 1` and `/init` writes 0 on pass and 1 on failure, so
+    /// 1 is a pass and 3 a reported failure. QEMU's own errors exit 1 as well: the report's
+    /// status line settles that. `otherwise` names what else ends QEMU without that exit.
+    pub fn problem(&self, timeout: std::time::Duration, otherwise: &str) -> Option<String> {
+        match self {
+            End::TimedOut => Some(format!(
+                "QEMU killed after the {} s timeout",
+                timeout.as_secs()
+            )),
+            End::Exited(s) => match s.code() {
+                Some(1) => None,
+                Some(3) => Some("the guest signalled failure through isa-debug-exit".into()),
+                _ => Some(format!(
+                    "QEMU exited with {s} without the guest's isa-debug-exit ({otherwise})"
+                )),
+            },
+        }
+    }
+}
+
 /// Runs `cmd` with stdin closed, passing each line of its stdout and stderr (with the seconds
 /// since start) to `on_line` and to `log`, and kills it (only it, by its handle) when
 /// `timeout` passes.
