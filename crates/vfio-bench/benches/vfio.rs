@@ -93,7 +93,7 @@ impl Hot {
                 Box::new(move || {
                     // Message data of unmasked vector 3: the route changes.
                     d.write_bar(
-                        0,
+                        vfio_pci::BarIndex::Bar(0),
                         black_box(table + 3 * MSIX_ENTRY + 8),
                         &0x43u32.to_le_bytes(),
                     )
@@ -104,15 +104,19 @@ impl Hot {
                 "trapped BAR read",
                 Box::new(move || {
                     let mut b = [0u8; 4];
-                    d.read_bar(0, black_box(nvme_like::VS), &mut b);
+                    d.read_bar(vfio_pci::BarIndex::Bar(0), black_box(nvme_like::VS), &mut b);
                     black_box(b);
                 }),
             ),
             (
                 "trapped BAR write",
                 Box::new(move || {
-                    d.write_bar(0, black_box(0x14), &1u32.to_le_bytes())
-                        .unwrap();
+                    d.write_bar(
+                        vfio_pci::BarIndex::Bar(0),
+                        black_box(0x14),
+                        &1u32.to_le_bytes(),
+                    )
+                    .unwrap();
                 }),
             ),
         ]
@@ -570,8 +574,12 @@ fn syscall_rows(rows: &mut Vec<Row>) {
                 "only the VMM's route changes",
             );
             let n = calls_of(&c, || {
-                dev.write_bar(bar, table + 5 * MSIX_ENTRY + 8, &0x77u32.to_le_bytes())
-                    .unwrap();
+                dev.write_bar(
+                    bar_index(bar),
+                    table + 5 * MSIX_ENTRY + 8,
+                    &0x77u32.to_le_bytes(),
+                )
+                .unwrap();
             });
             row("MSI-X table write (message data)".into(), n, 0, "emulated");
             let n = calls_of(&c, || msix_enable(&dev, cap, false).unwrap());
@@ -600,7 +608,7 @@ fn syscall_rows(rows: &mut Vec<Row>) {
     );
     let n = calls_of(&c, || {
         let mut b = [0u8; 4];
-        dev.read_bar(0, nvme_like::VS, &mut b);
+        dev.read_bar(vfio_pci::BarIndex::Bar(0), nvme_like::VS, &mut b);
     });
     row(
         "trapped BAR read".into(),

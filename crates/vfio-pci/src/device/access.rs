@@ -4,10 +4,12 @@
 //! BAR access take the device lock once and allocate nothing. A passed-
 //! through config read takes no lock at all.
 
-use pci_config::{WriteEffect, ROM_BAR};
+use pci_config::WriteEffect;
 use vfio_backend::region;
 
+use super::placement::record_decode_changes;
 use super::{lock, Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
+use crate::outcome::{BarIndex, ConfigWriteOutcome};
 use crate::{Error, Result};
 
 /// Checks a guest access: 1, 2 or 4 bytes (8 for BARs) inside `limit`.
@@ -101,16 +103,20 @@ impl VfioPciDevice {
     }
 
     /// The guest writes `data` (1, 2 or 4 bytes) to config space at
-    /// `offset`. Garbage is handled (ignored, masked or refused and logged);
-    /// an `Err` reports a backend or VMM failure, after which the device
-    /// keeps its previous consistent state.
-    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// `offset`, and learns what changed for its bus: BARs that moved, that
+    /// decode again or decode nowhere now, decode enables that flipped (see
+    /// [`ConfigWriteOutcome`]). Garbage is handled (ignored, masked or refused
+    /// and logged). An `Err` reports a backend or VMM failure, after which
+    /// the device keeps a consistent state but what changed is not reported:
+    /// re-read [`bars`](Self::bars). Allocates nothing.
+    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<ConfigWriteOutcome> {
+        let mut outcome = ConfigWriteOutcome::default();
         if !access_ok(offset, data.len(), CONFIG_SPACE_SIZE as u64, 4) {
             log::debug!(
                 "config write of {} bytes at {offset:#x} ignored",
                 data.len()
             );
-            return Ok(());
+            return Ok(outcome);
         }
         let mut result = Ok(());
         let mut done = 0usize;
@@ -118,27 +124,34 @@ impl VfioPciDevice {
             let off = offset as usize + done;
             let chunk = (4 - off % 4).min(data.len() - done);
             if let Some(buf) = data.get(done..done + chunk) {
-                if let Err(e) = self.write_chunk(off, buf) {
-                    result = Err(e);
+                match self.write_chunk(off, buf) {
+                    Ok(o) => outcome.merge(&o),
+                    Err(e) => result = Err(e),
                 }
             }
             done += chunk;
         }
-        result
+        result.map(|()| outcome)
     }
 
-    /// Writes `len` bytes of `value` at byte `offset` of config register
-    /// `reg` (the Cloud Hypervisor-style entry point).
-    pub fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` at byte `offset` of config register `reg` (the Cloud
+    /// Hypervisor-style entry point); see [`write_config`](Self::write_config).
+    pub fn write_config_register(
+        &self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<ConfigWriteOutcome> {
         self.write_config((reg as u64).saturating_mul(4).saturating_add(offset), data)
     }
 
-    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<()> {
+    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<ConfigWriteOutcome> {
         let policy = self.policy.get(off / 4).copied().unwrap_or(Dword::Emulated);
         match policy {
             Dword::Passthrough => self
                 .vfio
                 .region_write(region::CONFIG, off as u64, buf)
+                .map(|()| ConfigWriteOutcome::default())
                 .map_err(|e| Error::backend(format!("config write at {off:#x}"), e)),
             Dword::Command => {
                 // The device sees command and status writes (bus master,
@@ -162,16 +175,17 @@ impl VfioPciDevice {
                     Dword::Msi => inner.msi.as_ref().map(|m| m.offset),
                     _ => inner.msix.as_ref().map(|m| m.offset),
                 };
+                let none = ConfigWriteOutcome::default();
                 let Some(rel) = cap_off.and_then(|c| off.checked_sub(c)) else {
-                    return Ok(());
+                    return Ok(none);
                 };
                 // Bytes 0 and 1 (id, next pointer) are read-only: skip them.
                 let skip = 2usize.saturating_sub(rel).min(buf.len());
                 let Some(rest) = buf.get(skip..) else {
-                    return Ok(());
+                    return Ok(none);
                 };
                 if rest.is_empty() {
-                    return Ok(());
+                    return Ok(none);
                 }
                 let at = (rel + skip) as u64;
                 let r = match policy {
@@ -186,22 +200,45 @@ impl VfioPciDevice {
                 };
                 let r = r.map_err(|e| Error::Interrupts(e.to_string()));
                 let m = self.apply_irq_mode(&mut inner);
-                r.and(m)
+                r.and(m).map(|()| none)
             }
         }
     }
 
     /// A write to the emulated config space, and what it means.
-    fn emulated_write(&self, inner: &mut Inner, off: usize, buf: &[u8]) -> Result<()> {
+    fn emulated_write(
+        &self,
+        inner: &mut Inner,
+        off: usize,
+        buf: &[u8],
+    ) -> Result<ConfigWriteOutcome> {
+        let mut outcome = ConfigWriteOutcome::default();
+        // The command register, a BAR or the ROM BAR: what the registers hold and where
+        // each BAR decodes must agree, whether or not a move was reported.
+        let end = off.saturating_add(buf.len());
+        let touches_decode = (off < 0x06 && end > 0x04) || (off < 0x34 && end > 0x10);
+        let touches_rom = off < 0x34 && end > 0x30;
+        let before = touches_decode.then(|| inner.decoded());
+        let rom_before = inner
+            .config
+            .rom()
+            .filter(|_| touches_rom)
+            .map(|r| r.enabled);
         let effects = match inner.config.write(off, buf) {
             Ok(e) => e,
             Err(e) => {
                 log::debug!("config write at {off:#x} ignored: {e}");
-                return Ok(());
+                return Ok(outcome);
             }
         };
         let mut result = Ok(());
         for effect in effects.iter() {
+            if let Some(on) = effect.memory_decode_toggled() {
+                outcome.memory_decode = Some(on);
+            }
+            if let Some(on) = effect.io_decode_toggled() {
+                outcome.io_decode = Some(on);
+            }
             match *effect {
                 WriteEffect::BarReprogram { bar, new_base, .. } => {
                     if let Err(e) = self.move_bar_locked(inner, bar, new_base) {
@@ -217,20 +254,25 @@ impl VfioPciDevice {
                 }
             }
         }
-        // The command register, a BAR or the ROM BAR: what the registers hold and where
-        // each BAR decodes must agree, whether or not a move was reported.
-        let end = off.saturating_add(buf.len());
-        if (off < 0x06 && end > 0x04) || (off < 0x34 && end > 0x10) {
+        if let Some(before) = before {
             self.sync_decode(inner);
+            record_decode_changes(inner, &before, &mut outcome);
         }
-        result
+        if let Some(was) = rom_before {
+            let now = inner.config.rom().is_some_and(|r| r.enabled);
+            if now != was {
+                outcome.rom_enable = Some(now);
+            }
+        }
+        result.map(|()| outcome)
     }
 
     /// The guest reads `data.len()` (1, 2, 4 or 8) bytes at `offset` of a
-    /// trapped range of BAR `index` (6 = ROM). Bad accesses, and any access
-    /// to a BAR that decodes nowhere (see [`super::BarView::decoding`]), read
-    /// as all ones and are logged.
-    pub fn read_bar(&self, index: usize, offset: u64, data: &mut [u8]) {
+    /// trapped range of BAR `which`. Bad accesses, and any access to a BAR
+    /// that decodes nowhere (see [`super::BarView::decoding`]), read as all
+    /// ones and are logged.
+    pub fn read_bar(&self, which: BarIndex, offset: u64, data: &mut [u8]) {
+        let index = which.slot();
         let Ok(inner) = self.inner.lock() else {
             data.fill(0xff);
             return;
@@ -247,7 +289,7 @@ impl VfioPciDevice {
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
-                "BAR{index} read of {} bytes at {offset:#x} ignored",
+                "{which} read of {} bytes at {offset:#x} ignored",
                 data.len()
             );
             data.fill(0xff);
@@ -277,7 +319,7 @@ impl VfioPciDevice {
         if offset.saturating_add(len) <= bar.region.size {
             let idx = u32::try_from(index).unwrap_or(u32::MAX);
             if let Err(e) = self.vfio.region_read(idx, offset, data) {
-                log::warn!("BAR{index} read at {offset:#x} failed: {e}");
+                log::warn!("{which} read at {offset:#x} failed: {e}");
                 data.fill(0xff);
             }
         } else {
@@ -287,12 +329,13 @@ impl VfioPciDevice {
     }
 
     /// The guest writes `data` (1, 2, 4 or 8 bytes) at `offset` of a trapped
-    /// range of BAR `index`. Bad accesses are ignored and logged; an `Err`
-    /// reports a backend failure.
-    pub fn write_bar(&self, index: usize, offset: u64, data: &[u8]) -> Result<()> {
+    /// range of BAR `which`. Bad accesses, and writes to the (read-only) ROM,
+    /// are ignored and logged; an `Err` reports a backend failure.
+    pub fn write_bar(&self, which: BarIndex, offset: u64, data: &[u8]) -> Result<()> {
+        let index = which.slot();
         let mut inner = lock(&self.inner, "device")?;
         let inner = &mut *inner;
-        let bar = if index == ROM_BAR {
+        let bar = if which.is_rom() {
             // The ROM is read-only.
             return Ok(());
         } else {
@@ -302,12 +345,12 @@ impl VfioPciDevice {
             return Ok(());
         };
         if !bar.decoding {
-            log::debug!("BAR{index} write ignored: the BAR decodes nowhere");
+            log::debug!("{which} write ignored: the BAR decodes nowhere");
             return Ok(());
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
-                "BAR{index} write of {} bytes at {offset:#x} ignored",
+                "{which} write of {} bytes at {offset:#x} ignored",
                 data.len()
             );
             return Ok(());
@@ -342,7 +385,7 @@ impl VfioPciDevice {
             let idx = u32::try_from(index).unwrap_or(u32::MAX);
             self.vfio
                 .region_write(idx, offset, data)
-                .map_err(|e| Error::backend(format!("BAR{index} write at {offset:#x}"), e))
+                .map_err(|e| Error::backend(format!("{which} write at {offset:#x}"), e))
         } else {
             Ok(())
         }

@@ -12,6 +12,7 @@ use vfio_backend::{irq, region, Mapping, RegionInfo, SparseArea, Vfio};
 use crate::dma::{DmaMapper, DmaMode};
 use crate::layout::{BarLayout, MappedArea, MsixPiece, MsixRelocation};
 use crate::mapper::{GuestMapper, MappingId};
+use crate::outcome::{AddressSpace, BarIndex, BarRange, SLOTS};
 use crate::{Error, Result};
 
 mod access;
@@ -150,8 +151,8 @@ enum Dword {
 /// One BAR as the guest sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BarView {
-    /// BAR index (0..=5), or 6 for the expansion ROM.
-    pub index: usize,
+    /// Which BAR (or the expansion ROM).
+    pub index: BarIndex,
     /// Memory or I/O, 32 or 64 bits, prefetchable.
     pub kind: BarKind,
     /// Size of the device's region.
@@ -176,6 +177,11 @@ pub struct BarView {
 }
 
 impl BarView {
+    /// The address space the BAR decodes in.
+    pub fn space(&self) -> AddressSpace {
+        AddressSpace::of(self.kind)
+    }
+
     /// Bytes of the BAR that trap to `read_bar` / `write_bar`.
     pub fn trapped_bytes(&self) -> u64 {
         let mapped: u64 = self.mapped.iter().map(|m| m.1).sum();
@@ -191,7 +197,7 @@ struct HostMap {
 }
 
 struct Bar {
-    index: usize,
+    index: BarIndex,
     kind: BarKind,
     region: RegionInfo,
     layout: BarLayout,
@@ -235,7 +241,7 @@ struct Inner {
 }
 
 impl Inner {
-    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`].
+    /// The BAR at `index` (a [`BarIndex::slot`]: 0..=5, or the ROM at [`ROM_BAR`]).
     fn bar(&self, index: usize) -> Option<&Bar> {
         if index == ROM_BAR {
             self.rom.as_ref()
@@ -244,13 +250,35 @@ impl Inner {
         }
     }
 
-    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`], to change.
+    /// The BAR at slot `index`, to change.
     fn bar_mut(&mut self, index: usize) -> Option<&mut Bar> {
         if index == ROM_BAR {
             self.rom.as_mut()
         } else {
             self.bars.get_mut(index).and_then(|b| b.as_mut())
         }
+    }
+
+    /// Where each BAR decodes now, by slot: what a config write's outcome compares.
+    fn decoded(&self) -> [Option<BarRange>; SLOTS] {
+        let mut out = [None; SLOTS];
+        for (slot, o) in out.iter_mut().enumerate() {
+            *o = self.bar(slot).and_then(Bar::decoded);
+        }
+        out
+    }
+}
+
+impl Bar {
+    /// The range the BAR decodes at, or `None` (decodes nowhere).
+    fn decoded(&self) -> Option<BarRange> {
+        if !self.decoding {
+            return None;
+        }
+        self.placement.map(|p| BarRange {
+            base: p.base,
+            size: self.layout.guest_size,
+        })
     }
 }
 
@@ -676,7 +704,7 @@ impl VfioPciDevice {
                 continue;
             }
             bars[i] = Some(Bar {
-                index: i,
+                index: BarIndex::Bar(i as u8),
                 kind,
                 region: rinfo,
                 layout,
@@ -696,7 +724,7 @@ impl VfioPciDevice {
                     .max(MIN_ROM_SIZE);
                 match config.declare_rom(size) {
                     Ok(()) => Some(Bar {
-                        index: ROM_BAR,
+                        index: BarIndex::Rom,
                         kind: BarKind::Memory32 {
                             prefetchable: false,
                         },
@@ -925,7 +953,7 @@ impl VfioPciDevice {
             .unwrap_or(0)
     }
 
-    /// Every BAR (and the ROM, as index 6) as the guest sees it.
+    /// Every BAR (then the ROM) as the guest sees it.
     pub fn bars(&self) -> Vec<BarView> {
         let Ok(inner) = self.inner.lock() else {
             return Vec::new();
@@ -939,9 +967,9 @@ impl VfioPciDevice {
             .collect()
     }
 
-    /// The BAR (index, offset) that holds guest address `addr` of the given
-    /// space, if any: what a VMM's bus dispatch needs.
-    pub fn bar_at(&self, addr: u64, io: bool) -> Option<(usize, u64)> {
+    /// The BAR (index, offset) that decodes guest address (or port) `addr` of
+    /// `space`, if any: what a VMM's bus dispatch needs.
+    pub fn bar_at(&self, addr: u64, space: AddressSpace) -> Option<(BarIndex, u64)> {
         let inner = self.inner.lock().ok()?;
         inner
             .bars
@@ -949,7 +977,7 @@ impl VfioPciDevice {
             .flatten()
             .chain(inner.rom.iter())
             .find_map(|b| {
-                if (b.kind == BarKind::Io) != io {
+                if AddressSpace::of(b.kind) != space {
                     return None;
                 }
                 if !b.decoding {
@@ -1030,10 +1058,11 @@ fn bar_view(b: &Bar, inner: &Inner) -> BarView {
     let base = b.placement.as_ref().map(|p| p.base);
     let at = |off: u64| base.map(|x| x.wrapping_add(off)).unwrap_or(off);
     let msix_table = inner.msix.as_ref().and_then(|m| {
-        (m.table.0 == b.index && b.index != ROM_BAR).then(|| (at(m.table.1.offset), m.table.1.len))
+        (m.table.0 == b.index.slot() && !b.index.is_rom())
+            .then(|| (at(m.table.1.offset), m.table.1.len))
     });
     let msix_pba = inner.msix.as_ref().and_then(|m| {
-        (m.pba.0 == b.index && b.index != ROM_BAR).then(|| (at(m.pba.1.offset), m.pba.1.len))
+        (m.pba.0 == b.index.slot() && !b.index.is_rom()).then(|| (at(m.pba.1.offset), m.pba.1.len))
     });
     BarView {
         index: b.index,

@@ -6,7 +6,25 @@ use pci_config::{BarKind, ROM_BAR};
 use vfio_backend::SparseArea;
 
 use super::{lock, request_for, Bar, HostMap, Inner, VfioPciDevice};
+use crate::outcome::{AddressSpace, BarIndex, BarRange, ConfigWriteOutcome, SLOTS};
 use crate::{Error, Result};
+
+/// Records in `outcome` every BAR whose decoded range differs from `before` (by slot).
+pub(super) fn record_decode_changes(
+    inner: &Inner,
+    before: &[Option<BarRange>; SLOTS],
+    outcome: &mut ConfigWriteOutcome,
+) {
+    for (slot, old) in before.iter().enumerate() {
+        let Some(bar) = inner.bar(slot) else {
+            continue;
+        };
+        let new = bar.decoded();
+        if new != *old {
+            outcome.record(bar.index, AddressSpace::of(bar.kind), *old, new);
+        }
+    }
+}
 
 impl VfioPciDevice {
     /// Places every BAR and the ROM, makes the host mappings and maps them
@@ -67,7 +85,7 @@ impl VfioPciDevice {
     /// Makes the host mappings of a BAR's mappable areas. An area the
     /// backend refuses to map is trapped instead.
     pub(super) fn host_map(&self, bar: &mut Bar) {
-        let Ok(index) = u32::try_from(bar.index) else {
+        let Ok(index) = u32::try_from(bar.index.slot()) else {
             return;
         };
         for area in &bar.layout.mapped {
@@ -84,7 +102,7 @@ impl VfioPciDevice {
                     guest: None,
                 }),
                 Err(e) => log::warn!(
-                    "BAR{}: mmap of {:#x}+{:#x} failed ({e}); that range traps",
+                    "{}: mmap of {:#x}+{:#x} failed ({e}); that range traps",
                     bar.index,
                     area.offset,
                     area.len
@@ -113,7 +131,7 @@ impl VfioPciDevice {
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => m.guest = None,
                 Err(e) => {
                     failed = Some(Error::GuestMapping(format!(
-                        "BAR{} at {gpa:#x} (+{:#x}): {e}",
+                        "{} at {gpa:#x} (+{:#x}): {e}",
                         bar.index, m.area.len
                     )));
                     break;
@@ -132,18 +150,21 @@ impl VfioPciDevice {
         for m in bar.maps.iter_mut() {
             if let Some(id) = m.guest.take() {
                 if let Err(e) = self.resources.mapper.unmap(id) {
-                    log::warn!("BAR{}: guest unmap failed: {e}", bar.index);
+                    log::warn!("{}: guest unmap failed: {e}", bar.index);
                 }
             }
         }
     }
 
-    /// Moves BAR `index` (6 = ROM) to `new_base`, as the VMM asks: the BAR register is set
-    /// to `new_base` and the BAR decodes there. Refused unless the new range lies inside the
+    /// Moves BAR `bar` to `new_base`, as the VMM asks: the BAR register is set to
+    /// `new_base` and the BAR decodes there. Refused unless the new range lies inside the
     /// VMM's windows and overlaps nothing; on any failure the old placement, register and
-    /// mappings stay.
-    pub fn move_bar(&self, index: usize, new_base: u64) -> Result<()> {
+    /// mappings stay. Returns what changed for the bus, as
+    /// [`write_config`](Self::write_config) does.
+    pub fn move_bar(&self, bar: BarIndex, new_base: u64) -> Result<ConfigWriteOutcome> {
+        let index = bar.slot();
         let mut inner = lock(&self.inner, "device")?;
+        let before = inner.decoded();
         let r = self.move_bar_locked(&mut inner, index, new_base);
         if r.is_ok() {
             let set = if index == ROM_BAR {
@@ -156,7 +177,9 @@ impl VfioPciDevice {
             }
         }
         self.sync_decode(&mut inner);
-        r
+        let mut outcome = ConfigWriteOutcome::default();
+        record_decode_changes(&inner, &before, &mut outcome);
+        r.map(|()| outcome)
     }
 
     /// Moves BAR `index`'s placement to `new_base` and maps it there. On refusal (outside
@@ -261,7 +284,7 @@ impl VfioPciDevice {
             .iter()
             .flatten()
             .chain(inner.rom.iter())
-            .filter_map(|b| b.placement.map(|p| (b.index, p.base)))
+            .filter_map(|b| b.placement.map(|p| (b.index.slot(), p.base)))
             .collect();
         for (index, base) in placed {
             let r = if index == ROM_BAR {

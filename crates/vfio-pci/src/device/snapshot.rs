@@ -279,7 +279,7 @@ fn placements(inner: &Inner) -> Vec<(usize, BarPlacement)> {
         .iter()
         .flatten()
         .chain(inner.rom.iter())
-        .filter_map(|b| b.placement.map(|p| (b.index, p)))
+        .filter_map(|b| b.placement.map(|p| (b.index.slot(), p)))
         .collect()
 }
 
