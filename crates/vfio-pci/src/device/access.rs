@@ -4,6 +4,7 @@
 //! BAR access take the device lock once and allocate nothing. A passed-
 //! through config read takes no lock at all.
 
+use pci_config::regs::{BAR0, COMMAND, ROM_ADDRESS};
 use pci_config::WriteEffect;
 use vfio_backend::region;
 
@@ -216,8 +217,9 @@ impl VfioPciDevice {
         // The command register, a BAR or the ROM BAR: what the registers hold and where
         // each BAR decodes must agree, whether or not a move was reported.
         let end = off.saturating_add(buf.len());
-        let touches_decode = (off < 0x06 && end > 0x04) || (off < 0x34 && end > 0x10);
-        let touches_rom = off < 0x34 && end > 0x30;
+        let overlaps = |start: usize, len: usize| off < start + len && end > start;
+        let touches_decode = overlaps(COMMAND, 2) || overlaps(BAR0, ROM_ADDRESS + 4 - BAR0);
+        let touches_rom = overlaps(ROM_ADDRESS, 4);
         let before = touches_decode.then(|| inner.decoded());
         let rom_before = inner
             .config

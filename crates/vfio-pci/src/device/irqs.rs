@@ -7,10 +7,74 @@
 //! VFIO: only the route in the VMM changes, and a vector that fires while
 //! masked stays latched in its eventfd until it is unmasked.
 
+use pci_interrupts::{InterruptManager, IntxState};
 use vfio_backend::irq;
 
-use super::{notifiers, Inner, IrqMode, VfioPciDevice};
+use super::plan::AttachPlan;
+use super::{notifiers, Inner, IntxCtx, IrqMode, MsiCtx, MsixCtx, VfioPciDevice};
 use crate::{Error, Result};
+
+/// The interrupt contexts of a planned device, with their groups.
+pub(super) struct Groups {
+    pub msi: Option<MsiCtx>,
+    pub msix: Option<MsixCtx>,
+    pub intx: Option<IntxCtx>,
+}
+
+/// The attach stage after planning: creates and binds the interrupt groups the plan asks
+/// for (the VMM's interrupt manager does the I/O: irqfds, routes).
+pub(super) fn create_groups(irqs: &dyn InterruptManager, plan: &mut AttachPlan) -> Result<Groups> {
+    let msi = match plan.msi.take() {
+        Some((offset, mut state)) => {
+            let group = irqs
+                .create_msi_group(state.max_vectors())
+                .map_err(|e| Error::Interrupts(format!("creating the MSI group: {e}")))?;
+            state
+                .set_group(Some(group.clone()))
+                .map_err(|e| Error::Interrupts(format!("binding the MSI group: {e}")))?;
+            Some(MsiCtx {
+                offset,
+                state,
+                group,
+            })
+        }
+        None => None,
+    };
+    let msix = match plan.msix.take() {
+        Some(mut m) => {
+            let state = &mut m.state;
+            let group = irqs
+                .create_msi_group(state.table_size())
+                .map_err(|e| Error::Interrupts(format!("creating the MSI-X group: {e}")))?;
+            state
+                .set_group(Some(group.clone()))
+                .map_err(|e| Error::Interrupts(format!("binding the MSI-X group: {e}")))?;
+            Some(MsixCtx {
+                offset: m.offset,
+                state: m.state,
+                group,
+                table: m.table,
+                pba: m.pba,
+            })
+        }
+        None => None,
+    };
+    let intx = match plan.intx_pin {
+        Some(pin) => {
+            let mut state = IntxState::from_pin_register(pin)
+                .map_err(|e| Error::Interrupts(format!("INTx pin: {e}")))?;
+            let group = irqs
+                .create_intx_group()
+                .map_err(|e| Error::Interrupts(format!("creating the INTx group: {e}")))?;
+            state
+                .set_group(Some(group.clone()))
+                .map_err(|e| Error::Interrupts(format!("binding the INTx group: {e}")))?;
+            Some(IntxCtx { state, group })
+        }
+        None => None,
+    };
+    Ok(Groups { msi, msix, intx })
+}
 
 impl VfioPciDevice {
     /// The interrupt the guest's programming asks for.

@@ -5,6 +5,9 @@
 //! internal state is not ours to save (that is VFIO migration's job).
 
 use pci_bar_alloc::BarPlacement;
+use pci_config::regs::{
+    COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
+};
 use pci_config::{ConfigSpace, ConfigSpaceSnapshot, ROM_BAR};
 use pci_interrupts::{IntxSnapshot, MsiSnapshot, MsixSnapshot};
 use serde::{Deserialize, Serialize};
@@ -243,13 +246,18 @@ impl VfioPciDevice {
 /// Clears I/O, memory, bus master and INTx disable in the device's command
 /// register (not the emulated one); failures are logged.
 fn quiesce_command(vfio: &dyn vfio_backend::Vfio) {
-    const QUIESCE: u16 = 0x1 | 0x2 | 0x4 | 0x400;
+    const QUIESCE: u16 =
+        COMMAND_IO_SPACE | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
     let mut cmd = [0u8; 2];
     let r = vfio
-        .region_read(vfio_backend::region::CONFIG, 0x04, &mut cmd)
+        .region_read(vfio_backend::region::CONFIG, COMMAND as u64, &mut cmd)
         .and_then(|()| {
             let v = u16::from_le_bytes(cmd) & !QUIESCE;
-            vfio.region_write(vfio_backend::region::CONFIG, 0x04, &v.to_le_bytes())
+            vfio.region_write(
+                vfio_backend::region::CONFIG,
+                COMMAND as u64,
+                &v.to_le_bytes(),
+            )
         });
     if let Err(e) = r {
         log::warn!("clearing the command register before reset: {e}");
