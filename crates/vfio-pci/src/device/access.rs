@@ -199,7 +199,9 @@ impl VfioPciDevice {
                         None => Ok(()),
                     },
                 };
-                let r = r.map_err(|e| Error::Interrupts(e.to_string()));
+                let r = r.map_err(Error::interrupts(
+                    "a guest write to the MSI or MSI-X capability",
+                ));
                 let m = self.apply_irq_mode(&mut inner);
                 r.and(m).map(|()| none)
             }
@@ -250,7 +252,10 @@ impl VfioPciDevice {
                 WriteEffect::CommandChange { new, .. } => {
                     if let Some(intx) = inner.intx.as_mut() {
                         if let Err(e) = intx.state.set_command(new) {
-                            result = Err(Error::Interrupts(e.to_string()));
+                            result = Err(Error::Interrupts {
+                                context: "a guest write to the command register (INTx disable)",
+                                source: e,
+                            });
                         }
                     }
                 }
@@ -363,7 +368,7 @@ impl VfioPciDevice {
                 return m
                     .state
                     .table_write(offset - m.table.1.offset, data)
-                    .map_err(|e| Error::Interrupts(e.to_string()));
+                    .map_err(Error::interrupts("a guest write to the MSI-X table"));
             }
             if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
                 m.state.pba_write(offset - m.pba.1.offset, data);

@@ -28,10 +28,10 @@ pub(super) fn create_groups(irqs: &dyn InterruptManager, plan: &mut AttachPlan) 
         Some((offset, mut state)) => {
             let group = irqs
                 .create_msi_group(state.max_vectors())
-                .map_err(|e| Error::Interrupts(format!("creating the MSI group: {e}")))?;
+                .map_err(Error::interrupts("creating the MSI group"))?;
             state
                 .set_group(Some(group.clone()))
-                .map_err(|e| Error::Interrupts(format!("binding the MSI group: {e}")))?;
+                .map_err(Error::interrupts("binding the MSI group"))?;
             Some(MsiCtx {
                 offset,
                 state,
@@ -45,10 +45,10 @@ pub(super) fn create_groups(irqs: &dyn InterruptManager, plan: &mut AttachPlan) 
             let state = &mut m.state;
             let group = irqs
                 .create_msi_group(state.table_size())
-                .map_err(|e| Error::Interrupts(format!("creating the MSI-X group: {e}")))?;
+                .map_err(Error::interrupts("creating the MSI-X group"))?;
             state
                 .set_group(Some(group.clone()))
-                .map_err(|e| Error::Interrupts(format!("binding the MSI-X group: {e}")))?;
+                .map_err(Error::interrupts("binding the MSI-X group"))?;
             Some(MsixCtx {
                 offset: m.offset,
                 state: m.state,
@@ -61,14 +61,14 @@ pub(super) fn create_groups(irqs: &dyn InterruptManager, plan: &mut AttachPlan) 
     };
     let intx = match plan.intx_pin {
         Some(pin) => {
-            let mut state = IntxState::from_pin_register(pin)
-                .map_err(|e| Error::Interrupts(format!("INTx pin: {e}")))?;
+            let mut state =
+                IntxState::from_pin_register(pin).map_err(Error::interrupts("INTx pin"))?;
             let group = irqs
                 .create_intx_group()
-                .map_err(|e| Error::Interrupts(format!("creating the INTx group: {e}")))?;
+                .map_err(Error::interrupts("creating the INTx group"))?;
             state
                 .set_group(Some(group.clone()))
-                .map_err(|e| Error::Interrupts(format!("binding the INTx group: {e}")))?;
+                .map_err(Error::interrupts("binding the INTx group"))?;
             Some(IntxCtx { state, group })
         }
         None => None,

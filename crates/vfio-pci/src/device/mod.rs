@@ -314,9 +314,8 @@ fn request_for(kind: BarKind, size: u64, mmappable: bool) -> BarRequest {
     }
 }
 
-fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
-    m.lock()
-        .map_err(|_| Error::InvalidArgument(format!("{what} lock poisoned by an earlier panic")))
+fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
+    m.lock().map_err(|_| Error::Poisoned { what })
 }
 
 impl VfioPciDevice {
@@ -338,9 +337,7 @@ impl VfioPciDevice {
             .page_size
             .unwrap_or_else(pci_bar_alloc::host_page_size);
         if !page_size.is_power_of_two() {
-            return Err(Error::InvalidArgument(format!(
-                "page size {page_size:#x} is not a power of two"
-            )));
+            return Err(Error::PageSize { size: page_size });
         }
         let probe = probe.read_regions(vfio.as_ref())?;
         let mut plan = plan::AttachPlan::build(&probe, &options, page_size)?;

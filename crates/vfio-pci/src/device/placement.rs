@@ -43,7 +43,7 @@ impl VfioPciDevice {
                     inner
                         .config
                         .set_bar_address(i, p.base)
-                        .map_err(|e| Error::BarPlacement(format!("BAR{i}: {e}")))?;
+                        .map_err(Error::config("declaring a BAR's address"))?;
                     if let Some(bar) = inner.bars.get_mut(i).and_then(|b| b.as_mut()) {
                         bar.placement = Some(p);
                         self.guest_map(bar)?;
@@ -57,10 +57,10 @@ impl VfioPciDevice {
                     );
                 }
                 Err(e) => {
-                    return Err(Error::BarPlacement(format!(
-                        "BAR{i} ({:#x} bytes): {e}",
-                        bar.layout.guest_size
-                    )))
+                    return Err(Error::BarPlacement {
+                        bar: bar.index,
+                        source: e,
+                    })
                 }
             }
         }
@@ -72,7 +72,7 @@ impl VfioPciDevice {
                     inner
                         .config
                         .set_rom_address(p.base)
-                        .map_err(|e| Error::BarPlacement(format!("ROM: {e}")))?;
+                        .map_err(Error::config("declaring the ROM's address"))?;
                     rom.placement = Some(p);
                     rom.decoding = true;
                 }
@@ -130,10 +130,12 @@ impl VfioPciDevice {
                 Ok(id) => m.guest = Some(id),
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => m.guest = None,
                 Err(e) => {
-                    failed = Some(Error::GuestMapping(format!(
-                        "{} at {gpa:#x} (+{:#x}): {e}",
-                        bar.index, m.area.len
-                    )));
+                    failed = Some(Error::GuestMapping {
+                        bar: bar.index,
+                        gpa,
+                        len: m.area.len,
+                        source: e,
+                    });
                     break;
                 }
             }
@@ -193,15 +195,14 @@ impl VfioPciDevice {
         new_base: u64,
     ) -> Result<()> {
         let Some(bar) = inner.bar_mut(index) else {
-            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+            return Err(Error::NoSuchBar { slot: index });
         };
         let Some(old) = bar.placement else {
             // Never placed (an I/O BAR without an I/O window): nothing the
             // guest may move it onto is known to be free.
-            return Err(Error::BarPlacement(format!(
-                "BAR{index} has no placement in the VMM's windows; moves are refused"
-            )));
+            return Err(Error::BarNotPlaced { bar: bar.index });
         };
+        let which = bar.index;
         if old.base == new_base {
             return Ok(());
         }
@@ -209,14 +210,14 @@ impl VfioPciDevice {
             match lock(&self.resources.allocator, "BAR allocator")?.relocate(&old, new_base) {
                 Ok(p) => p,
                 Err(e) => {
-                    return Err(Error::BarPlacement(format!(
-                        "BAR{index}: move from {:#x} to {new_base:#x} refused: {e}",
-                        old.base
-                    )));
+                    return Err(Error::BarPlacement {
+                        bar: which,
+                        source: e,
+                    });
                 }
             };
         let Some(bar) = inner.bar_mut(index) else {
-            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+            return Err(Error::NoSuchBar { slot: index });
         };
         self.guest_unmap(bar);
         bar.decoding = false;

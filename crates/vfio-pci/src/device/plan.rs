@@ -51,17 +51,13 @@ impl Probe {
             .device_info()
             .map_err(|e| Error::backend("VFIO_DEVICE_GET_INFO", e))?;
         if !info.is_pci() {
-            return Err(Error::Config(format!(
-                "not a PCI device (device flags {:#x})",
-                info.flags
-            )));
+            return Err(Error::NotPci { flags: info.flags });
         }
         if info.num_regions < region::CONFIG + 1 {
-            return Err(Error::Config(format!(
-                "a PCI device has at least {} regions, this one reports {}",
-                region::CONFIG + 1,
-                info.num_regions
-            )));
+            return Err(Error::TooFewRegions {
+                found: info.num_regions,
+                needed: region::CONFIG + 1,
+            });
         }
         Ok(Probe::default())
     }
@@ -75,9 +71,7 @@ impl Probe {
             .unwrap_or(CONFIG_SPACE_SIZE)
             .min(CONFIG_SPACE_SIZE);
         if config_size < HEADER_SIZE {
-            return Err(Error::Config(format!(
-                "config region of {config_size} bytes is smaller than the 64-byte header"
-            )));
+            return Err(Error::ConfigTooSmall { size: config_size });
         }
         self.raw = vec![0u8; config_size];
         vfio.region_read(region::CONFIG, 0, &mut self.raw)
@@ -239,13 +233,13 @@ pub(super) fn guest_msix(
     let tl = device.table_location();
     let pl = device.pba_location();
     let (Ok(t_off), Ok(p_off)) = (u32::try_from(t.offset), u32::try_from(p.offset)) else {
-        return Err(Error::Config(format!(
-            "MSI-X table at {:#x} or PBA at {:#x} beyond 4 GiB",
-            t.offset, p.offset
-        )));
+        return Err(Error::MsixBeyond4G {
+            table: t.offset,
+            pba: p.offset,
+        });
     };
     let state = MsixState::new(device.table_size(), tl.bir, t_off, pl.bir, p_off)
-        .map_err(|e| Error::Interrupts(format!("MSI-X capability: {e}")))?;
+        .map_err(Error::interrupts("MSI-X capability"))?;
     Ok(Some(PlannedMsix {
         offset,
         state,
@@ -309,8 +303,8 @@ pub(super) fn header_policy(config_size: usize) -> Box<Policy> {
 
 /// The config space the guest starts from: the device's, as a single-function device.
 pub(super) fn initial_config(raw: &[u8]) -> Result<ConfigSpace> {
-    let mut config = ConfigSpace::from_bytes(raw)
-        .map_err(|e| Error::Config(format!("device config space: {e}")))?;
+    let mut config =
+        ConfigSpace::from_bytes(raw).map_err(Error::config("parsing the device's config space"))?;
     // A passed-through function is a single-function device to the guest.
     config.set_multifunction(false);
     Ok(config)
@@ -469,7 +463,7 @@ impl Capabilities {
             if options.hide_capabilities.contains(&c.id) {
                 config
                     .hide_capability(c.offset)
-                    .map_err(|e| Error::Config(format!("hiding capability {:#x}: {e}", c.id)))?;
+                    .map_err(Error::config("hiding a capability"))?;
                 set_policy(policy, off, self.std_extent(off), Dword::Emulated);
                 self.hidden.push(HiddenCapability {
                     id: u16::from(c.id),
@@ -534,9 +528,9 @@ impl Capabilities {
                 });
                 continue;
             };
-            config.hide_extended_capability(c.offset).map_err(|e| {
-                Error::Config(format!("hiding extended capability {:#x}: {e}", c.id))
-            })?;
+            config
+                .hide_extended_capability(c.offset)
+                .map_err(Error::config("hiding an extended capability"))?;
             // Its body is no longer reachable: keep the guest away from the device's
             // registers there, and show zeros.
             let end = self.ext_extent(off);

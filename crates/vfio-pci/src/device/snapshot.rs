@@ -13,6 +13,7 @@ use pci_interrupts::{IntxSnapshot, MsiSnapshot, MsixSnapshot};
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Inner, IrqMode, VfioPciDevice};
+use crate::outcome::BarIndex;
 use crate::{Error, Result};
 
 /// Format version of [`DeviceState`] inside a [`DeviceSnapshot`].
@@ -73,14 +74,14 @@ impl VfioPciDevice {
     /// routes it had. On error nothing changes.
     pub fn restore(&self, snapshot: &DeviceSnapshot) -> Result<()> {
         if snapshot.version != DEVICE_SNAPSHOT_VERSION {
-            return Err(Error::Snapshot(format!(
-                "snapshot format version {} is not supported (this build reads {})",
-                snapshot.version, DEVICE_SNAPSHOT_VERSION
-            )));
+            return Err(Error::SnapshotVersion {
+                found: snapshot.version,
+                supported: DEVICE_SNAPSHOT_VERSION,
+            });
         }
         let s = &snapshot.payload;
-        let config = ConfigSpace::restore(&s.config)
-            .map_err(|e| Error::Snapshot(format!("config space: {e}")))?;
+        let config =
+            ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
         let mut inner = lock(&self.inner, "device")?;
         check_shape(&inner, s)?;
 
@@ -138,10 +139,11 @@ impl VfioPciDevice {
                     for (_, p) in &current {
                         let _ = alloc.reserve_exact(p);
                     }
-                    return Err(Error::Snapshot(format!(
-                        "BAR{i} at {:#x} cannot be placed again: {e}",
-                        p.base
-                    )));
+                    return Err(Error::SnapshotPlacement {
+                        bar: BarIndex::from_slot(*i).unwrap_or(BarIndex::Rom),
+                        base: p.base,
+                        source: e,
+                    });
                 }
                 taken.push(*p);
             }
@@ -181,21 +183,30 @@ impl VfioPciDevice {
         if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
             let _ = m.group.disable();
             if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("MSI after restore: {e}")));
+                result = Err(Error::Interrupts {
+                    context: "binding the MSI group after restore",
+                    source: e,
+                });
             }
             m.state = st;
         }
         if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
             let _ = m.group.disable();
             if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("MSI-X after restore: {e}")));
+                result = Err(Error::Interrupts {
+                    context: "binding the MSI-X group after restore",
+                    source: e,
+                });
             }
             m.state = st;
         }
         if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
             let _ = m.group.disable();
             if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("INTx after restore: {e}")));
+                result = Err(Error::Interrupts {
+                    context: "binding the INTx group after restore",
+                    source: e,
+                });
             }
             m.state = st;
         }
@@ -268,13 +279,16 @@ fn quiesce_command(vfio: &dyn vfio_backend::Vfio) {
 fn restored<T: Clone, S>(
     state: Option<&T>,
     snap: Option<&S>,
-    what: &str,
+    what: &'static str,
     f: impl FnOnce(&mut T, &S) -> pci_interrupts::Result<()>,
 ) -> Result<Option<T>> {
     match (state, snap) {
         (Some(st), Some(sn)) => {
             let mut c = st.clone();
-            f(&mut c, sn).map_err(|e| Error::Snapshot(format!("{what}: {e}")))?;
+            f(&mut c, sn).map_err(|source| Error::SnapshotInterrupts {
+                capability: what,
+                source,
+            })?;
             Ok(Some(c))
         }
         _ => Ok(None),
@@ -293,24 +307,28 @@ fn placements(inner: &Inner) -> Vec<(usize, BarPlacement)> {
 
 fn check_shape(inner: &Inner, s: &DeviceState) -> Result<()> {
     if s.bars.len() != inner.bars.len() {
-        return Err(Error::Snapshot(format!(
-            "snapshot has {} BARs, the device {}",
-            s.bars.len(),
-            inner.bars.len()
-        )));
+        return Err(Error::SnapshotMismatch {
+            reason: format!(
+                "snapshot has {} BARs, the device {}",
+                s.bars.len(),
+                inner.bars.len()
+            ),
+        });
     }
     for (i, (ours, theirs)) in inner.bars.iter().zip(s.bars.iter()).enumerate() {
         match (ours, theirs) {
             (Some(b), Some(p)) if p.size != b.layout.guest_size => {
-                return Err(Error::Snapshot(format!(
-                    "BAR{i} is {:#x} bytes here but {:#x} in the snapshot",
-                    b.layout.guest_size, p.size
-                )))
+                return Err(Error::SnapshotMismatch {
+                    reason: format!(
+                        "BAR{i} is {:#x} bytes here but {:#x} in the snapshot",
+                        b.layout.guest_size, p.size
+                    ),
+                })
             }
             (None, Some(_)) => {
-                return Err(Error::Snapshot(format!(
-                    "the snapshot places BAR{i}, which this device does not have"
-                )))
+                return Err(Error::SnapshotMismatch {
+                    reason: format!("the snapshot places BAR{i}, which this device does not have"),
+                })
             }
             _ => {}
         }
@@ -319,9 +337,9 @@ fn check_shape(inner: &Inner, s: &DeviceState) -> Result<()> {
         || s.msix.is_some() != inner.msix.is_some()
         || s.intx.is_some() != inner.intx.is_some()
     {
-        return Err(Error::Snapshot(
-            "the snapshot's interrupt capabilities differ from this device's".into(),
-        ));
+        return Err(Error::SnapshotMismatch {
+            reason: "the snapshot's interrupt capabilities differ from this device's".into(),
+        });
     }
     Ok(())
 }
