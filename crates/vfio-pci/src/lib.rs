@@ -9,6 +9,11 @@
 //! eventfds to the VMM's [`pci_interrupts::InterruptSourceGroup`]s, and maps
 //! guest RAM for the device's DMA with [`DmaMapper`].
 //!
+//! Attach ([`VfioPciDevice::new`]) reads the device, runs pure planning stages (one PCI
+//! policy each), then creates interrupt groups and places and maps BARs. No device lock
+//! is held across a blocking backend call; the lock order is documented on
+//! [`DeviceResources`]. Errors keep their source and errno ([`Error::errno`]).
+//!
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};

@@ -2,14 +2,19 @@
 //!
 //! Hot paths: an emulated config read, an MSI-X table access and a trapped
 //! BAR access take the device lock once and allocate nothing. A passed-
-//! through config read takes no lock at all.
+//! through config read takes no lock at all. An access forwarded to the
+//! device (a config write, a trapped BAR range that is not the MSI-X table
+//! or PBA) is made with no device lock held: it may wait for the backend.
+//! A read of the MSI-X PBA or the MSI Pending Bits register of a device
+//! wired through VFIO reports the masked vectors whose eventfd fired
+//! (see `pending.rs`).
 
 use pci_config::regs::{BAR0, COMMAND, ROM_ADDRESS};
 use pci_config::WriteEffect;
 use vfio_backend::region;
 
 use super::placement::record_decode_changes;
-use super::{lock, Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
+use super::{lock, pending, Dword, Inner, IrqMode, VfioPciDevice, CONFIG_SPACE_SIZE};
 use crate::outcome::{BarIndex, ConfigWriteOutcome};
 use crate::{Error, Result};
 
@@ -90,6 +95,10 @@ impl VfioPciDevice {
                     };
                     if let Some(s) = msi {
                         s.read(rel as u64, t);
+                        // Wired through VFIO: a masked vector whose eventfd fired is pending.
+                        if let (IrqMode::Msi(_), Some(m)) = (inner.irq_mode, inner.msi.as_ref()) {
+                            pending::msi_pending(s, m.group.as_ref(), rel as u64, t);
+                        }
                     } else if let Some(s) = msix {
                         s.read(rel as u64, t);
                     }
@@ -202,7 +211,11 @@ impl VfioPciDevice {
                 let r = r.map_err(Error::interrupts(
                     "a guest write to the MSI or MSI-X capability",
                 ));
-                let m = self.apply_irq_mode(&mut inner);
+                // Rewiring VFIO (an enable, a vector count change) is a backend call: made
+                // after the device lock is dropped.
+                let stale = Self::irq_mode_stale(&inner);
+                drop(inner);
+                let m = if stale { self.sync_irq_mode() } else { Ok(()) };
                 r.and(m).map(|()| none)
             }
         }
@@ -278,21 +291,36 @@ impl VfioPciDevice {
     /// trapped range of BAR `which`. Bad accesses, and any access to a BAR
     /// that decodes nowhere (see [`super::BarView::decoding`]), read as all
     /// ones and are logged.
+    ///
+    /// An access forwarded to the device's region is made after the device lock is
+    /// dropped: it may wait for the backend (a vfio-user reply) without holding up other
+    /// vCPUs' accesses to this device.
     pub fn read_bar(&self, which: BarIndex, offset: u64, data: &mut [u8]) {
+        if let Some(region) = self.read_bar_locked(which, offset, data) {
+            if let Err(e) = self.vfio.region_read(region, offset, data) {
+                log::warn!("{which} read at {offset:#x} failed: {e}");
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// The part of [`Self::read_bar`] under the device lock: serves the access, or returns
+    /// the region to forward it to.
+    fn read_bar_locked(&self, which: BarIndex, offset: u64, data: &mut [u8]) -> Option<u32> {
         let index = which.slot();
         let Ok(inner) = self.inner.lock() else {
             data.fill(0xff);
-            return;
+            return None;
         };
         let Some(bar) = inner.bar(index) else {
             data.fill(0xff);
-            return;
+            return None;
         };
         if !bar.decoding {
             // Its register holds an address the VMM refused: it decodes nowhere, and a read
             // nobody claims reads all ones.
             data.fill(0xff);
-            return;
+            return None;
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
@@ -300,17 +328,22 @@ impl VfioPciDevice {
                 data.len()
             );
             data.fill(0xff);
-            return;
+            return None;
         }
         let len = data.len() as u64;
         if let Some(m) = inner.msix.as_ref() {
             if m.table.0 == index && within(offset, len, m.table.1.offset, m.table.1.len) {
                 m.state.table_read(offset - m.table.1.offset, data);
-                return;
+                return None;
             }
             if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
-                m.state.pba_read(offset - m.pba.1.offset, data);
-                return;
+                let rel = offset - m.pba.1.offset;
+                m.state.pba_read(rel, data);
+                // Wired through VFIO: a masked vector whose eventfd fired is pending.
+                if inner.irq_mode == IrqMode::Msix {
+                    pending::msix_pba(&m.state, m.group.as_ref(), rel, data);
+                }
+                return None;
             }
         }
         if let Some(hm) = bar
@@ -321,46 +354,57 @@ impl VfioPciDevice {
             // SAFETY: the range lies inside the live mapping (checked by
             // `within`), which this device owns until drop.
             unsafe { volatile_read(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
-            return;
+            return None;
         }
         if offset.saturating_add(len) <= bar.region.size {
-            let idx = u32::try_from(index).unwrap_or(u32::MAX);
-            if let Err(e) = self.vfio.region_read(idx, offset, data) {
-                log::warn!("{which} read at {offset:#x} failed: {e}");
-                data.fill(0xff);
-            }
-        } else {
-            // Padding beyond the device's region (rounded-up or relocated BAR).
-            data.fill(0);
+            return Some(u32::try_from(index).unwrap_or(u32::MAX));
         }
+        // Padding beyond the device's region (rounded-up or relocated BAR).
+        data.fill(0);
+        None
     }
 
     /// The guest writes `data` (1, 2, 4 or 8 bytes) at `offset` of a trapped
     /// range of BAR `which`. Bad accesses, and writes to the (read-only) ROM,
     /// are ignored and logged; an `Err` reports a backend failure.
+    ///
+    /// As for reads, a write forwarded to the device's region is made after the device
+    /// lock is dropped.
     pub fn write_bar(&self, which: BarIndex, offset: u64, data: &[u8]) -> Result<()> {
+        match self.write_bar_locked(which, offset, data)? {
+            Some(region) => self
+                .vfio
+                .region_write(region, offset, data)
+                .map_err(|e| Error::backend(format!("{which} write at {offset:#x}"), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The part of [`Self::write_bar`] under the device lock: serves the access, or returns
+    /// the region to forward it to.
+    fn write_bar_locked(&self, which: BarIndex, offset: u64, data: &[u8]) -> Result<Option<u32>> {
         let index = which.slot();
         let mut inner = lock(&self.inner, "device")?;
         let inner = &mut *inner;
         let bar = if which.is_rom() {
             // The ROM is read-only.
-            return Ok(());
+            return Ok(None);
         } else {
             inner.bars.get(index).and_then(|b| b.as_ref())
         };
         let Some(bar) = bar else {
-            return Ok(());
+            return Ok(None);
         };
         if !bar.decoding {
             log::debug!("{which} write ignored: the BAR decodes nowhere");
-            return Ok(());
+            return Ok(None);
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
                 "{which} write of {} bytes at {offset:#x} ignored",
                 data.len()
             );
-            return Ok(());
+            return Ok(None);
         }
         let len = data.len() as u64;
         if let Some(m) = inner.msix.as_mut() {
@@ -368,11 +412,12 @@ impl VfioPciDevice {
                 return m
                     .state
                     .table_write(offset - m.table.1.offset, data)
+                    .map(|()| None)
                     .map_err(Error::interrupts("a guest write to the MSI-X table"));
             }
             if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
                 m.state.pba_write(offset - m.pba.1.offset, data);
-                return Ok(());
+                return Ok(None);
             }
         }
         if let Some(hm) = bar
@@ -381,21 +426,15 @@ impl VfioPciDevice {
             .find(|h| within(offset, len, h.area.offset, h.area.len))
         {
             if !bar.region.writable() {
-                return Ok(());
+                return Ok(None);
             }
             // SAFETY: the range lies inside the live mapping (checked by
             // `within`), which this device owns until drop.
             unsafe { volatile_write(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
-            return Ok(());
+            return Ok(None);
         }
-        if offset.saturating_add(len) <= bar.region.size {
-            let idx = u32::try_from(index).unwrap_or(u32::MAX);
-            self.vfio
-                .region_write(idx, offset, data)
-                .map_err(|e| Error::backend(format!("{which} write at {offset:#x}"), e))
-        } else {
-            Ok(())
-        }
+        Ok((offset.saturating_add(len) <= bar.region.size)
+            .then(|| u32::try_from(index).unwrap_or(u32::MAX)))
     }
 }
 

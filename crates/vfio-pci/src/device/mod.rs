@@ -17,6 +17,7 @@ use crate::{Error, Result};
 
 mod access;
 mod irqs;
+mod pending;
 mod placement;
 mod plan;
 mod snapshot;
@@ -29,6 +30,19 @@ const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
 
 /// What the VMM lends the device: interrupt delivery, guest mappings and
 /// the BAR windows (shared with the VMM's other devices).
+///
+/// # Locks
+///
+/// A device has two locks of its own: the interrupt wiring lock, which serializes
+/// changes of what VFIO signals (`SET_IRQS`), and the device lock over its guest-visible
+/// state. The order is: wiring, then device, then the shared [`allocator`](Self::allocator);
+/// the interrupt groups' own locks (taken by [`InterruptSourceGroup`] calls) come last and
+/// are never held while taking any of these. No device lock is held across a backend call
+/// that can block (a forwarded config or BAR access, `SET_IRQS`, a reset): a vfio-user
+/// reply may take up to its timeout, and vCPUs touching the device's MSI-X table or
+/// emulated registers meanwhile must not wait. The wiring lock may be held across
+/// `SET_IRQS`; only interrupt rewiring, reset and restore take it. The `mapper` is called
+/// under the device lock (KVM memory slot changes do not wait on a peer).
 #[derive(Clone)]
 pub struct DeviceResources {
     /// Creates the MSI, MSI-X and INTx groups (KVM: irqfds and GSI routes).
@@ -287,6 +301,10 @@ pub struct VfioPciDevice {
     config_size: usize,
     kept: Vec<KeptCapability>,
     hidden: Vec<HiddenCapability>,
+    /// Serializes changes of VFIO's interrupt wiring (see `irqs.rs`); taken before the
+    /// device lock, never under it, and held across the `SET_IRQS` calls, which the device
+    /// lock never is.
+    wiring: Mutex<()>,
     inner: Mutex<Inner>,
 }
 
@@ -324,9 +342,9 @@ impl VfioPciDevice {
     /// creates its interrupt groups. The device starts with INTx wired (when
     /// it has one) and nothing else enabled.
     ///
-    /// Attach is a pipeline: [`plan::Probe::read`] does the reads, the pure stages of
-    /// [`plan`] decide what the guest sees, then the interrupt groups are created and the
-    /// BARs placed and mapped.
+    /// Attach is a pipeline: the reads first (device info, config space, region infos,
+    /// the INTx count), then pure planning stages decide what the guest sees (`plan.rs`),
+    /// then the interrupt groups are created and the BARs placed and mapped.
     pub fn new(
         vfio: Arc<dyn Vfio>,
         resources: DeviceResources,
@@ -351,6 +369,7 @@ impl VfioPciDevice {
             config_size: probe.config_size(),
             kept: plan.caps.kept,
             hidden: plan.caps.hidden,
+            wiring: Mutex::new(()),
             inner: Mutex::new(Inner {
                 config: plan.config,
                 bars: plan.bars,
@@ -361,11 +380,8 @@ impl VfioPciDevice {
                 irq_mode: IrqMode::None,
             }),
         };
-        {
-            let mut inner = lock(&dev.inner, "device")?;
-            dev.place_all(&mut inner)?;
-            dev.apply_irq_mode(&mut inner)?;
-        }
+        dev.place_all(&mut *lock(&dev.inner, "device")?)?;
+        dev.sync_irq_mode()?;
         Ok(dev)
     }
 

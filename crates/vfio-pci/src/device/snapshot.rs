@@ -82,6 +82,7 @@ impl VfioPciDevice {
         let s = &snapshot.payload;
         let config =
             ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+        let wiring = lock(&self.wiring, "interrupt wiring")?;
         let mut inner = lock(&self.inner, "device")?;
         check_shape(&inner, s)?;
 
@@ -149,8 +150,9 @@ impl VfioPciDevice {
             }
         }
 
-        // Commit: move the guest mappings, then install the state.
-        self.disable_irq_mode(&mut inner);
+        // Commit: move the guest mappings, then install the state. VFIO is unwired (a
+        // backend call) once the device lock is dropped.
+        let unwired = Self::take_irq_mode(&mut inner);
         for (i, p) in &wanted {
             if let Some(bar) = inner.bar_mut(*i) {
                 self.guest_unmap(bar);
@@ -171,12 +173,6 @@ impl VfioPciDevice {
         // The command register lives in the device too: give it back the
         // decode enables and bus mastering the guest had programmed.
         let cmd = inner.config.command();
-        if let Err(e) = self
-            .vfio
-            .region_write(vfio_backend::region::CONFIG, 4, &cmd.to_le_bytes())
-        {
-            log::warn!("restore: writing the command register: {e}");
-        }
         // Each group goes back to its fresh state (disabled, all masked),
         // then the restored state brings it up to date.
         let mut result = Ok(());
@@ -210,7 +206,17 @@ impl VfioPciDevice {
             }
             m.state = st;
         }
-        let m = self.apply_irq_mode(&mut inner);
+        drop(inner);
+        // The backend calls, without the device lock.
+        self.disable_index(unwired);
+        if let Err(e) = self.vfio.region_write(
+            vfio_backend::region::CONFIG,
+            COMMAND as u64,
+            &cmd.to_le_bytes(),
+        ) {
+            log::warn!("restore: writing the command register: {e}");
+        }
+        let m = self.sync_irq_mode_wired(&wiring);
         result.and(m)
     }
 
@@ -219,8 +225,11 @@ impl VfioPciDevice {
     /// map does not change; decoding and bus mastering are off afterwards,
     /// as after a reset on bare metal.
     pub fn reset(&self) -> Result<()> {
-        let mut inner = lock(&self.inner, "device")?;
-        self.disable_irq_mode(&mut inner);
+        let wiring = lock(&self.wiring, "interrupt wiring")?;
+        let unwired = Self::take_irq_mode(&mut *lock(&self.inner, "device")?);
+        // The backend calls (unwiring, quiescing, the reset itself, which may take the
+        // kernel a while) are made without the device lock.
+        self.disable_index(unwired);
         // The kernel saves config space before a function reset and restores
         // it after, command register included: turn I/O and memory decoding,
         // bus mastering and INTx disable off first, so the device comes back
@@ -230,6 +239,7 @@ impl VfioPciDevice {
             .vfio
             .reset()
             .map_err(|e| Error::backend("device reset", e));
+        let mut inner = lock(&self.inner, "device")?;
         if let Some(m) = inner.msi.as_mut() {
             if let Err(e) = m.state.reset() {
                 log::warn!("MSI reset: {e}");
@@ -249,7 +259,8 @@ impl VfioPciDevice {
         // BAR registers read their placements again, and every placed BAR decodes there
         // (a register left holding a refused address no longer keeps the BAR off the bus).
         self.restore_bar_registers(&mut inner);
-        let m = self.apply_irq_mode(&mut inner);
+        drop(inner);
+        let m = self.sync_irq_mode_wired(&wiring);
         r.and(m)
     }
 }
