@@ -55,3 +55,47 @@ fn emulated_config_writes_that_move_nothing_allocate_nothing() {
     });
     assert_eq!((line, command, bar, msix), (0, 0, 0, 0));
 }
+
+#[test]
+fn trapped_bar_accesses_allocate_nothing() {
+    use vfio_fake_device::nvme_like;
+    use vfio_pci::BarIndex;
+    let vm = Vm::new().unwrap();
+    let dev = vm.attach(profile("nvme-like").unwrap()).unwrap();
+    enable_device(&dev).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
+    let base = bar0.base.unwrap();
+    let table = bar0.msix_table.unwrap().0 - base;
+    let pba = bar0.msix_pba.unwrap().0 - base;
+    let cap = find_cap(&dev, 0x11).unwrap();
+    let ctl = cfg_read16(&dev, cap + 2);
+    dev.write_config(cap + 2, &(ctl | 0x8000).to_le_bytes())
+        .unwrap();
+    // Vector 2 masked, and raised by the device (its doorbell): the PBA read polls it.
+    dev.write_bar(BarIndex::Bar(0), table + 16 * 2 + 12, &1u32.to_le_bytes())
+        .unwrap();
+    let doorbell = nvme_like::DOORBELLS + 2 * nvme_like::DOORBELL_STRIDE;
+    dev.write_bar(BarIndex::Bar(0), doorbell, &1u32.to_le_bytes())
+        .unwrap();
+    let mut b = [0u8; 4];
+    // A register forwarded to the device.
+    let forwarded = allocations(100, || {
+        dev.read_bar(BarIndex::Bar(0), nvme_like::VS, &mut b);
+    });
+    // The MSI-X table: a read and a write of vector 5's data.
+    let table_access = allocations(100, || {
+        dev.read_bar(BarIndex::Bar(0), table + 16 * 5 + 8, &mut b);
+        dev.write_bar(BarIndex::Bar(0), table + 16 * 5 + 8, &b)
+            .unwrap();
+    });
+    // The PBA, with a pending masked vector.
+    let pending = allocations(100, || {
+        dev.read_bar(BarIndex::Bar(0), pba, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 1 << 2);
+    });
+    assert_eq!((forwarded, table_access, pending), (0, 0, 0));
+}

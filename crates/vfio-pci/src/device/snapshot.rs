@@ -173,39 +173,7 @@ impl VfioPciDevice {
         // The command register lives in the device too: give it back the
         // decode enables and bus mastering the guest had programmed.
         let cmd = inner.config.command();
-        // Each group goes back to its fresh state (disabled, all masked),
-        // then the restored state brings it up to date.
-        let mut result = Ok(());
-        if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts {
-                    context: "binding the MSI group after restore",
-                    source: e,
-                });
-            }
-            m.state = st;
-        }
-        if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts {
-                    context: "binding the MSI-X group after restore",
-                    source: e,
-                });
-            }
-            m.state = st;
-        }
-        if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts {
-                    context: "binding the INTx group after restore",
-                    source: e,
-                });
-            }
-            m.state = st;
-        }
+        let result = rebind(&mut inner, msi, msix, intx);
         drop(inner);
         // The backend calls, without the device lock.
         self.disable_index(unwired);
@@ -284,6 +252,43 @@ fn quiesce_command(vfio: &dyn vfio_backend::Vfio) {
     if let Err(e) = r {
         log::warn!("clearing the command register before reset: {e}");
     }
+}
+
+/// Each group goes back to its fresh state (disabled, all masked), then the restored
+/// state, bound to it, brings it up to date. Every group is rebound; the error is the
+/// last that failed.
+fn rebind(
+    inner: &mut Inner,
+    msi: Option<pci_interrupts::MsiState>,
+    msix: Option<pci_interrupts::MsixState>,
+    intx: Option<pci_interrupts::IntxState>,
+) -> Result<()> {
+    let mut result = Ok(());
+    let mut fail = |context: &'static str, source| {
+        result = Err(Error::Interrupts { context, source });
+    };
+    if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the MSI group after restore", e);
+        }
+        m.state = st;
+    }
+    if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the MSI-X group after restore", e);
+        }
+        m.state = st;
+    }
+    if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the INTx group after restore", e);
+        }
+        m.state = st;
+    }
+    result
 }
 
 /// A copy of `state` with `snap` restored into it (unbound from its group).
