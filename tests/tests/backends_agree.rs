@@ -100,13 +100,14 @@ impl Side {
             }
             Step::BarRead { off, len } => {
                 let mut b = vec![0u8; len];
-                dev.read_bar(0, u64::from(off) % size, &mut b);
+                dev.read_bar(vfio_pci::BarIndex::Bar(0), u64::from(off) % size, &mut b);
                 b
             }
             Step::BarWrite { off, len, val } => {
                 let off = u64::from(off) % size;
                 vec![u8::from(
-                    dev.write_bar(0, off, &val.to_le_bytes()[..len]).is_ok(),
+                    dev.write_bar(vfio_pci::BarIndex::Bar(0), off, &val.to_le_bytes()[..len])
+                        .is_ok(),
                 )]
             }
             Step::Raise(v) => {
@@ -129,7 +130,10 @@ impl Side {
                     (edu::DMA_COUNT, u64::from(count)),
                     (edu::DMA_CMD, cmd | edu::DMA_CMD_IRQ),
                 ] {
-                    out.push(u8::from(dev.write_bar(0, reg, &v.to_le_bytes()).is_ok()));
+                    out.push(u8::from(
+                        dev.write_bar(vfio_pci::BarIndex::Bar(0), reg, &v.to_le_bytes())
+                            .is_ok(),
+                    ));
                 }
                 out
             }

@@ -10,7 +10,7 @@ use pci_interrupts::MsiRoute;
 use support::*;
 use vfio_backend::region;
 use vfio_fake_device::{edu, nvme_like, Op};
-use vfio_pci::IrqMode;
+use vfio_pci::{AddressSpace, IrqMode};
 
 both_backends! {
     fn guest_enumeration_sizes_bars_walks_capabilities_and_assigns_addresses(kind: BackendKind) {
@@ -49,7 +49,7 @@ both_backends! {
             // Firmware's addresses took effect: the guest reads them back,
             // the VMM placed the BAR there and maps only inside it.
             assert_eq!(g.bar_address(0), bar.addr);
-            let view = dev.bars().into_iter().find(|v| v.index == 0).unwrap();
+            let view = dev.bars().into_iter().find(|v| v.index == vfio_pci::BarIndex::Bar(0)).unwrap();
             assert_eq!(view.base, Some(bar.addr));
             assert!(!vm.mapper.live().is_empty());
             for (gpa, len) in vm.mapper.live() {
@@ -216,7 +216,7 @@ both_backends! {
         // an address the VMM accepts.
         g.move_bar(&bar, 0x10_0000);
         assert_eq!(g.bar_address(0), 0x10_0000);
-        assert!(dev.bar_at(0x10_0000, false).is_none());
+        assert!(dev.bar_at(0x10_0000, AddressSpace::Memory).is_none());
         assert_eq!(g.mmio_read32(new + edu::ID), 0xffff_ffff);
         assert!(vm.mapper.live().is_empty());
         g.move_bar(&bar, new);
@@ -243,7 +243,7 @@ both_backends! {
             ring(&g, new, 9);
             assert_eq!(wait_delivered(&grp, 9), 1);
             assert_eq!(g.mmio_read64(old + nvme_like::CAP), u64::MAX);
-            assert!(dev.bar_at(old, false).is_none());
+            assert!(dev.bar_at(old, AddressSpace::Memory).is_none());
         }
     }
 

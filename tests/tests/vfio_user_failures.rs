@@ -44,13 +44,29 @@ fn bring_up(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap) -> (u64, u64) {
     (bar, cap)
 }
 
+/// A backend error saying the vfio-user peer is gone: not connected, or the connection
+/// broke under the request.
+fn assert_gone(e: &vfio_pci::Error) {
+    assert!(matches!(e, vfio_pci::Error::Backend { .. }), "{e:?}");
+    assert!(
+        matches!(
+            e.errno(),
+            Some(libc::ENOTCONN) | Some(libc::EPIPE) | Some(libc::ECONNRESET)
+        ),
+        "{e:?}: errno {:?}",
+        e.errno()
+    );
+}
+
 /// With the device gone: every guest access returns within `limit`,
 /// trapped reads and passed-through config reads are all ones, trapped
 /// writes and resets report an error; the emulated state stays readable.
 fn check_device_gone(g: &Guest<'_>, bar: u64, cap: u64, limit: Duration) {
     let t = Instant::now();
     let doorbell = bar + nvme_like::DOORBELLS + nvme_like::DOORBELL_STRIDE;
-    assert!(g.mmio_write(doorbell, &1u32.to_le_bytes()).is_err());
+    // A trapped write reaches the backend, which reports the peer gone (its errno kept).
+    let e = g.mmio_write(doorbell, &1u32.to_le_bytes()).unwrap_err();
+    assert_gone(&e);
     assert_eq!(g.mmio_read64(bar + nvme_like::CAP), u64::MAX);
     // The PCIe capability is passed through to the device.
     let pcie = g
@@ -61,7 +77,7 @@ fn check_device_gone(g: &Guest<'_>, bar: u64, cap: u64, limit: Duration) {
     if let Some(off) = pcie {
         assert_eq!(g.cfg32(off + 4), 0xffff_ffff);
     }
-    assert!(g.dev.reset().is_err());
+    assert_gone(&g.dev.reset().unwrap_err());
     let _ = g.dev.write_config(cap + 2, &0u16.to_le_bytes());
     assert!(
         t.elapsed() < limit,
@@ -138,7 +154,9 @@ fn a_server_that_stops_answering_times_out_and_unplug_completes() {
     b.fake.faults().set_hang(Some(Duration::from_secs(2)));
     let t = Instant::now();
     let doorbell = bar + nvme_like::DOORBELLS + nvme_like::DOORBELL_STRIDE;
-    assert!(g.mmio_write(doorbell, &1u32.to_le_bytes()).is_err());
+    let e = g.mmio_write(doorbell, &1u32.to_le_bytes()).unwrap_err();
+    assert!(matches!(e, vfio_pci::Error::Backend { .. }), "{e:?}");
+    assert_eq!(e.errno(), Some(libc::ETIMEDOUT), "{e:?}");
     assert_eq!(g.mmio_read64(bar + nvme_like::CAP), u64::MAX);
     // Each call waits about one timeout, not for the server.
     assert!(

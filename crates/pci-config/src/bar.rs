@@ -51,6 +51,30 @@ pub enum BarKind {
 }
 
 impl BarKind {
+    /// The kind a BAR register declares in its read-only low bits (PCI Local Bus 3.0
+    /// §6.2.5.1): bit 0 set is I/O; else bits 2:1 = `10b` is 64-bit memory, anything else
+    /// 32-bit memory (`01b`, below 1 MiB, is obsolete and treated as 32-bit); bit 3 is
+    /// prefetchable.
+    pub fn from_register(reg: u32) -> BarKind {
+        if reg & BAR_IO_SPACE != 0 {
+            return BarKind::Io;
+        }
+        let prefetchable = reg & BAR_MEM_PREFETCHABLE != 0;
+        if reg & BAR_MEM_TYPE_MASK == BAR_MEM_TYPE_64 {
+            BarKind::Memory64 { prefetchable }
+        } else {
+            BarKind::Memory32 { prefetchable }
+        }
+    }
+
+    /// The smallest BAR of this kind (§6.2.5.1): 16 bytes of memory, 4 I/O ports.
+    pub fn min_size(self) -> u64 {
+        match self {
+            BarKind::Io => 4,
+            _ => 16,
+        }
+    }
+
     /// True for [`BarKind::Memory64`].
     pub fn is_64bit(self) -> bool {
         matches!(self, BarKind::Memory64 { .. })
@@ -113,10 +137,10 @@ pub struct BarDef {
 impl BarDef {
     /// Checks the size rules and returns the definition.
     pub fn new(kind: BarKind, size: u64) -> Result<Self> {
-        let (min, max) = match kind {
-            BarKind::Io => (4, 1 << 31),
-            BarKind::Memory32 { .. } => (16, 1 << 31),
-            BarKind::Memory64 { .. } => (16, 1 << 63),
+        let min = kind.min_size();
+        let max = match kind {
+            BarKind::Io | BarKind::Memory32 { .. } => 1 << 31,
+            BarKind::Memory64 { .. } => 1 << 63,
         };
         if size.is_power_of_two() && size >= min && size <= max {
             Ok(Self { kind, size })

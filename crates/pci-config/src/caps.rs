@@ -193,6 +193,39 @@ impl Visited {
 /// its Message Control) and MSI-X (§6.8.2: 12 bytes). Any other capability is known to hold
 /// only its header dword (`id`, `next` and 2 bytes of its own): 4.
 pub fn fixed_capability_len(id: u8, bytes: &[u8], pos: usize) -> usize {
+    fixed_len(id, bytes, pos)
+}
+
+/// Length of the standard capability `id` at `pos` of `bytes`, for a capability whose end is
+/// not given by the next one: PCI Express 0x3c (PCIe Base §7.5.3, through Slot Status 2), vendor
+/// specific its own length byte (byte 2, at least the 4-byte header), else as
+/// [`fixed_capability_len`].
+pub fn standard_capability_len(id: u8, bytes: &[u8], pos: usize) -> usize {
+    match id {
+        cap_id::PCI_EXPRESS => 0x3c,
+        cap_id::VENDOR_SPECIFIC => usize::from(bytes.get(pos + 2).copied().unwrap_or(4)).max(4),
+        _ => fixed_len(id, bytes, pos),
+    }
+}
+
+/// Length of the extended capability `id` (PCIe Base 6.0 chapter 7) where the spec fixes it;
+/// 4 (the header only) for capabilities of variable or unknown length.
+pub fn extended_capability_len(id: u16) -> usize {
+    match id {
+        ext_cap_id::AER => 0x48,
+        ext_cap_id::SRIOV => 0x40,
+        ext_cap_id::PRI | ext_cap_id::L1_PM_SUBSTATES => 0x10,
+        ext_cap_id::DEVICE_SERIAL_NUMBER | ext_cap_id::PTM => 0x0c,
+        ext_cap_id::ARI
+        | ext_cap_id::ATS
+        | ext_cap_id::LTR
+        | ext_cap_id::PASID
+        | ext_cap_id::ACS => 0x08,
+        _ => 4,
+    }
+}
+
+fn fixed_len(id: u8, bytes: &[u8], pos: usize) -> usize {
     match id {
         cap_id::POWER_MANAGEMENT => 8,
         cap_id::MSIX => 12,

@@ -53,9 +53,10 @@ mod space;
 
 pub use bar::{BarDef, BarHalf, BarInfo, BarKind, RomInfo, NUM_BARS, ROM_BAR};
 pub use caps::{
-    cap_id, ext_cap_id, fixed_capability_len, parse_capabilities, parse_capabilities_lenient,
-    parse_extended_capabilities, parse_extended_capabilities_lenient, Capability, CapabilityIter,
-    ExtendedCapability, ExtendedCapabilityIter,
+    cap_id, ext_cap_id, extended_capability_len, fixed_capability_len, parse_capabilities,
+    parse_capabilities_lenient, parse_extended_capabilities, parse_extended_capabilities_lenient,
+    standard_capability_len, Capability, CapabilityIter, ExtendedCapability,
+    ExtendedCapabilityIter,
 };
 pub use effects::{WriteEffect, WriteEffects, MAX_WRITE_EFFECTS};
 pub use error::{Error, Result};

@@ -120,6 +120,8 @@ pub const STATUS_RW1C: u16 = STATUS_MASTER_DATA_PARITY_ERROR
 pub const BAR_IO_SPACE: u32 = 1 << 0;
 /// Memory BAR type field (bits 2:1) value for a 64-bit BAR.
 pub const BAR_MEM_TYPE_64: u32 = 0b10 << 1;
+/// Memory BAR: the type field (bits 2:1).
+pub const BAR_MEM_TYPE_MASK: u32 = 0b11 << 1;
 /// Memory BAR bit 3: prefetchable.
 pub const BAR_MEM_PREFETCHABLE: u32 = 1 << 3;
 /// Address bits of a memory BAR's low dword.
@@ -130,3 +132,8 @@ pub const BAR_IO_ADDRESS_MASK: u32 = !0x3;
 pub const ROM_ENABLE: u32 = 1 << 0;
 /// Address bits of the expansion ROM BAR (bits 1..=10 are reserved and read as 0).
 pub const ROM_ADDRESS_MASK: u32 = !0x7ff;
+/// The smallest expansion ROM (§6.2.5.2: the address field starts at bit 11): 2 KiB.
+pub const ROM_MIN_SIZE: u64 = 0x800;
+/// Extended capability header: the id (bits 15:0) and version (bits 19:16); bits 31:20 are the
+/// next pointer (PCIe Base §7.6.3).
+pub const EXT_CAP_ID_VERSION_MASK: u32 = 0x000f_ffff;

@@ -1069,3 +1069,91 @@ fn snapshot_with_bad_payload_is_rejected() {
         Err(Error::InvalidSnapshot(_))
     ));
 }
+
+// ---- Spec knowledge used when attaching a device (BAR kinds, capability lengths) ----
+
+#[test]
+fn bar_kind_from_register_follows_the_low_bits() {
+    use pci_config::BarKind;
+    // §6.2.5.1: bit 0 I/O; bits 2:1 type (00 32-bit, 10 64-bit); bit 3 prefetchable.
+    assert_eq!(BarKind::from_register(0x0000_c001), BarKind::Io);
+    assert_eq!(
+        BarKind::from_register(0x0000_0009),
+        BarKind::Io,
+        "bit 0 wins"
+    );
+    assert_eq!(
+        BarKind::from_register(0xfe00_0000),
+        BarKind::Memory32 {
+            prefetchable: false
+        }
+    );
+    assert_eq!(
+        BarKind::from_register(0xfe00_0008),
+        BarKind::Memory32 { prefetchable: true }
+    );
+    assert_eq!(
+        BarKind::from_register(0x0000_0004),
+        BarKind::Memory64 {
+            prefetchable: false
+        }
+    );
+    assert_eq!(
+        BarKind::from_register(0x0000_000c),
+        BarKind::Memory64 { prefetchable: true }
+    );
+    // Type 01 (below 1 MiB, obsolete) and 11 (reserved): treated as 32-bit.
+    assert_eq!(
+        BarKind::from_register(0x0000_0002),
+        BarKind::Memory32 {
+            prefetchable: false
+        }
+    );
+    assert_eq!(
+        BarKind::from_register(0x0000_0006),
+        BarKind::Memory32 {
+            prefetchable: false
+        }
+    );
+    assert_eq!(BarKind::Io.min_size(), 4);
+    assert_eq!(BarKind::Memory64 { prefetchable: true }.min_size(), 16);
+}
+
+#[test]
+fn capability_lengths_are_the_specs() {
+    use pci_config::{cap_id, ext_cap_id, extended_capability_len, standard_capability_len};
+    let mut raw = [0u8; 0x100];
+    // PCI Express capability: through Slot Status 2 (0x3c bytes).
+    assert_eq!(
+        standard_capability_len(cap_id::PCI_EXPRESS, &raw, 0x40),
+        0x3c
+    );
+    // Vendor specific: its length byte, at least the header.
+    raw[0x52] = 0x18;
+    assert_eq!(
+        standard_capability_len(cap_id::VENDOR_SPECIFIC, &raw, 0x50),
+        0x18
+    );
+    raw[0x52] = 2;
+    assert_eq!(
+        standard_capability_len(cap_id::VENDOR_SPECIFIC, &raw, 0x50),
+        4
+    );
+    // MSI with 64-bit addresses and per-vector masking: 24 bytes.
+    raw[0x62] = 0x80;
+    raw[0x63] = 0x01;
+    assert_eq!(standard_capability_len(cap_id::MSI, &raw, 0x60), 24);
+    assert_eq!(standard_capability_len(cap_id::MSIX, &raw, 0x70), 12);
+    assert_eq!(extended_capability_len(ext_cap_id::AER), 0x48);
+    assert_eq!(extended_capability_len(ext_cap_id::SRIOV), 0x40);
+    assert_eq!(extended_capability_len(ext_cap_id::ACS), 0x08);
+    assert_eq!(
+        extended_capability_len(ext_cap_id::DEVICE_SERIAL_NUMBER),
+        0x0c
+    );
+    assert_eq!(
+        extended_capability_len(ext_cap_id::VENDOR_SPECIFIC),
+        4,
+        "variable: header only"
+    );
+}

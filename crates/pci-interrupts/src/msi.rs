@@ -210,6 +210,12 @@ impl MsiState {
             .is_some_and(|off| bit(regs::le32(&self.image, off), vector))
     }
 
+    /// Offset of the Pending Bits register in the capability (PCI Local Bus 3.0 §6.8.1.8:
+    /// 0x10, or 0x14 with 64-bit addresses), or `None` without per-vector masking.
+    pub fn pending_offset(&self) -> Option<u64> {
+        self.mask_offset().map(|off| off as u64 + 4)
+    }
+
     /// Whether `vector`'s pending bit is set.
     pub fn pending(&self, vector: u32) -> bool {
         self.mask_offset()

@@ -744,8 +744,12 @@ fn syscall_rows(rows: &mut Vec<Row>) {
                 "only the VMM's route changes",
             );
             let n = calls_of(&c, || {
-                dev.write_bar(bar, table + 5 * MSIX_ENTRY + 8, &0x77u32.to_le_bytes())
-                    .unwrap();
+                dev.write_bar(
+                    bar_index(bar),
+                    table + 5 * MSIX_ENTRY + 8,
+                    &0x77u32.to_le_bytes(),
+                )
+                .unwrap();
             });
             row("MSI-X table write (message data)".into(), n, 0, "emulated");
             let n = calls_of(&c, || msix_enable(&dev, cap, false).unwrap());
@@ -774,7 +778,7 @@ fn syscall_rows(rows: &mut Vec<Row>) {
     );
     let n = calls_of(&c, || {
         let mut b = [0u8; 4];
-        dev.read_bar(0, nvme_like::VS, &mut b);
+        dev.read_bar(vfio_pci::BarIndex::Bar(0), nvme_like::VS, &mut b);
     });
     row(
         "trapped BAR read".into(),

@@ -107,20 +107,19 @@ fn assert_register_and_decode_agree(vm: &Vm, dev: &VfioPciDevice) {
     let bars = dev.bars();
     for b in &bars {
         let Some(base) = b.base else { continue };
-        let io = b.kind == pci_config::BarKind::Io;
-        let found = dev.bar_at(base, io) == Some((b.index, 0));
+        let found = dev.bar_at(base, b.space()) == Some((b.index, 0));
         assert_eq!(
             found, b.decoding,
-            "BAR{}: bar_at and decoding disagree",
+            "{}: bar_at and decoding disagree",
             b.index
         );
         if !found {
             continue;
         }
-        let reg = if b.index == 6 {
+        let reg = if b.index.is_rom() {
             u64::from(cfg_read32(dev, 0x30) & 0xffff_f800)
         } else {
-            let off = 0x10 + 4 * b.index as u64;
+            let off = 0x10 + 4 * b.index.slot() as u64;
             let lo = cfg_read32(dev, off);
             match b.kind {
                 pci_config::BarKind::Io => u64::from(lo & !3),
@@ -247,24 +246,24 @@ pub fn msix(data: &[u8]) {
             0 | 1 => {
                 // Anywhere in the table, aligned or not.
                 let off = table + u64::from(arg) % (vectors * MSIX_ENTRY + 16);
-                let _ = dev.write_bar(bar, off, data);
+                let _ = dev.write_bar(bar_index(bar), off, data);
             }
             2 => {
                 let off = table + u64::from(arg) % (vectors * MSIX_ENTRY + 16);
                 let mut b = [0u8; 9];
                 if let Some(buf) = b.get_mut(..len) {
-                    dev.read_bar(bar, off, buf);
+                    dev.read_bar(bar_index(bar), off, buf);
                 }
             }
             3 => {
                 let off = pba + u64::from(arg) % 0x110;
                 let mut b = [0u8; 9];
                 if let Some(buf) = b.get_mut(..len) {
-                    dev.read_bar(bar, off, buf);
+                    dev.read_bar(bar_index(bar), off, buf);
                 }
             }
             4 => {
-                let _ = dev.write_bar(bar, pba + u64::from(arg) % 0x110, data);
+                let _ = dev.write_bar(bar_index(bar), pba + u64::from(arg) % 0x110, data);
             }
             5 => {
                 // Message control: enable, function mask, anything.
@@ -314,11 +313,11 @@ pub fn bar_access(data: &[u8]) {
             0..=2 => {
                 let mut b = [0u8; 9];
                 if let Some(buf) = b.get_mut(..len) {
-                    dev.read_bar(index, off, buf);
+                    dev.read_bar(bar_index(index), off, buf);
                 }
             }
             3..=5 => {
-                let _ = dev.write_bar(index, off, val.get(..len).unwrap_or(&[]));
+                let _ = dev.write_bar(bar_index(index), off, val.get(..len).unwrap_or(&[]));
             }
             6 => {
                 // The guest reprograms a BAR register (or the ROM BAR).

@@ -34,13 +34,27 @@ pub fn cfg_read8(dev: &VfioPciDevice, off: u64) -> u8 {
     b[0]
 }
 
+/// The BAR at slot `n` (0..=5 BARs, 6 the ROM, as VFIO numbers its regions); past that, a
+/// BAR number that names no BAR.
+pub fn bar_index(n: usize) -> vfio_pci::BarIndex {
+    vfio_pci::BarIndex::from_slot(n).unwrap_or(vfio_pci::BarIndex::Bar(n as u8))
+}
+
 /// Writes a config dword.
-pub fn cfg_write32(dev: &VfioPciDevice, off: u64, v: u32) -> vfio_pci::Result<()> {
+pub fn cfg_write32(
+    dev: &VfioPciDevice,
+    off: u64,
+    v: u32,
+) -> vfio_pci::Result<vfio_pci::ConfigWriteOutcome> {
     dev.write_config(off, &v.to_le_bytes())
 }
 
 /// Writes a config word.
-pub fn cfg_write16(dev: &VfioPciDevice, off: u64, v: u16) -> vfio_pci::Result<()> {
+pub fn cfg_write16(
+    dev: &VfioPciDevice,
+    off: u64,
+    v: u16,
+) -> vfio_pci::Result<vfio_pci::ConfigWriteOutcome> {
     dev.write_config(off, &v.to_le_bytes())
 }
 
@@ -117,7 +131,7 @@ pub fn size_bar(dev: &VfioPciDevice, i: u64) -> vfio_pci::Result<u64> {
 /// Sets memory decoding and bus mastering in the command register.
 pub fn enable_device(dev: &VfioPciDevice) -> vfio_pci::Result<()> {
     let cmd = cfg_read16(dev, 0x04);
-    cfg_write16(dev, 0x04, cmd | 0x6)
+    cfg_write16(dev, 0x04, cmd | 0x6).map(drop)
 }
 
 /// Where the guest finds the MSI-X table: (capability offset, BAR index,
@@ -146,6 +160,7 @@ pub fn program_msix_entry(
     masked: bool,
 ) -> vfio_pci::Result<()> {
     let e = table + MSIX_ENTRY * v;
+    let bar = bar_index(bar);
     dev.write_bar(bar, e, &(addr as u32).to_le_bytes())?;
     dev.write_bar(bar, e + 4, &((addr >> 32) as u32).to_le_bytes())?;
     dev.write_bar(bar, e + 8, &data.to_le_bytes())?;
@@ -161,7 +176,7 @@ pub fn mask_msix_vector(
     masked: bool,
 ) -> vfio_pci::Result<()> {
     dev.write_bar(
-        bar,
+        bar_index(bar),
         table + MSIX_ENTRY * v + 12,
         &u32::from(masked).to_le_bytes(),
     )
@@ -175,7 +190,7 @@ pub fn msix_enable(dev: &VfioPciDevice, cap: u64, on: bool) -> vfio_pci::Result<
     } else {
         ctl & !0x8000
     };
-    cfg_write16(dev, cap + 2, ctl)
+    cfg_write16(dev, cap + 2, ctl).map(drop)
 }
 
 /// Enables MSI-X with every vector programmed (address 0xfee0_0000, data

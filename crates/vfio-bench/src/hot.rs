@@ -140,13 +140,29 @@ impl Hot {
                 1,
                 move || {
                     // Message data of unmasked vector 3: the route changes.
-                    let _ = d.write_bar(0, black_box(entry + 8), &self.data());
+                    let _ = d.write_bar(
+                        vfio_pci::BarIndex::Bar(0),
+                        black_box(entry + 8),
+                        &self.data(),
+                    );
                 },
             ),
             hot_op("MSI-X mask + data + unmask", Some(54.3), 3, move || {
-                let _ = d.write_bar(0, black_box(entry + 12), &1u32.to_le_bytes());
-                let _ = d.write_bar(0, black_box(entry + 8), &self.data());
-                let _ = d.write_bar(0, black_box(entry + 12), &0u32.to_le_bytes());
+                let _ = d.write_bar(
+                    vfio_pci::BarIndex::Bar(0),
+                    black_box(entry + 12),
+                    &1u32.to_le_bytes(),
+                );
+                let _ = d.write_bar(
+                    vfio_pci::BarIndex::Bar(0),
+                    black_box(entry + 8),
+                    &self.data(),
+                );
+                let _ = d.write_bar(
+                    vfio_pci::BarIndex::Bar(0),
+                    black_box(entry + 12),
+                    &0u32.to_le_bytes(),
+                );
             }),
             hot_op(
                 "(reference) the fake's own config read",
@@ -164,11 +180,15 @@ impl Hot {
             ),
             hot_op("trapped BAR read", None, 1, move || {
                 let mut b = [0u8; 4];
-                d.read_bar(0, black_box(nvme_like::VS), &mut b);
+                d.read_bar(vfio_pci::BarIndex::Bar(0), black_box(nvme_like::VS), &mut b);
                 black_box(b);
             }),
             hot_op("trapped BAR write", None, 1, move || {
-                let _ = d.write_bar(0, black_box(0x14), &1u32.to_le_bytes());
+                let _ = d.write_bar(
+                    vfio_pci::BarIndex::Bar(0),
+                    black_box(0x14),
+                    &1u32.to_le_bytes(),
+                );
             }),
         ]
     }

@@ -163,7 +163,11 @@ fn a_vfio_user_server_sharing_a_file_smaller_than_its_region_cannot_crash_the_vm
     enable_device(&pci).unwrap();
     // The page at 0x2000 is not mapped into the guest: it traps, and reads
     // the device's memory through the server.
-    let bar0 = pci.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = pci
+        .bars()
+        .into_iter()
+        .find(|b| b.index == vfio_pci::BarIndex::Bar(0))
+        .unwrap();
     let base = bar0.base.unwrap();
     assert!(
         bar0.mapped
@@ -175,7 +179,7 @@ fn a_vfio_user_server_sharing_a_file_smaller_than_its_region_cannot_crash_the_vm
     fake.region_write(0, 0x2000, &0xfeed_f00du32.to_le_bytes())
         .unwrap();
     let mut b = [0u8; 4];
-    pci.read_bar(0, 0x2000, &mut b);
+    pci.read_bar(vfio_pci::BarIndex::Bar(0), 0x2000, &mut b);
     assert_eq!(u32::from_le_bytes(b), 0xfeed_f00d);
     let _ = nvme_like::BAR0_SIZE;
 }

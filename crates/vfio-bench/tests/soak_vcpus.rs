@@ -36,19 +36,25 @@ fn vcpu(dev: &VfioPciDevice, id: u64, table: u64, pcie: u64, doorbells: &AtomicU
         cfg_write16(dev, 0x3c, (id as u16) << 8 | 0x0100).ok();
         // Trapped BAR registers: CAP (read-only) and CC (memory).
         let mut b = [0u8; 4];
-        dev.read_bar(0, 0, &mut b);
+        dev.read_bar(vfio_pci::BarIndex::Bar(0), 0, &mut b);
         assert_eq!(u32::from_le_bytes(b), nvme_like::CAP_VALUE as u32);
-        dev.write_bar(0, 0x14, &(i as u32).to_le_bytes()).unwrap();
+        dev.write_bar(vfio_pci::BarIndex::Bar(0), 0x14, &(i as u32).to_le_bytes())
+            .unwrap();
         // Mask and unmask one of this vCPU's vectors.
         let v = id * 8 + i % 8;
         mask_msix_vector(dev, 0, table, v, true).unwrap();
         let mut pba = [0u8; 8];
-        dev.read_bar(0, nvme_like::MSIX_PBA_OFFSET, &mut pba);
+        dev.read_bar(
+            vfio_pci::BarIndex::Bar(0),
+            nvme_like::MSIX_PBA_OFFSET,
+            &mut pba,
+        );
         mask_msix_vector(dev, 0, table, v, false).unwrap();
         // Every 16th iteration rings a doorbell: the device raises vector v.
         if i % 16 == 0 {
             let db = nvme_like::DOORBELLS + v * nvme_like::DOORBELL_STRIDE;
-            dev.write_bar(0, db, &1u32.to_le_bytes()).unwrap();
+            dev.write_bar(vfio_pci::BarIndex::Bar(0), db, &1u32.to_le_bytes())
+                .unwrap();
             doorbells.fetch_add(1, Ordering::Relaxed);
         }
     }

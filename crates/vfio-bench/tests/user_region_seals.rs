@@ -103,7 +103,11 @@ fn a_bar_whose_file_the_server_may_shrink_is_trapped_not_mapped_and_still_works(
     let vm = Vm::new().unwrap();
     let pci = vm.attach(served.client.clone()).unwrap();
     enable_device(&pci).unwrap();
-    let bar0 = pci.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = pci
+        .bars()
+        .into_iter()
+        .find(|b| b.index == vfio_pci::BarIndex::Bar(0))
+        .unwrap();
     assert!(
         bar0.mapped.is_empty(),
         "a file the server may shrink was mapped into the guest: {:x?}",
@@ -116,10 +120,14 @@ fn a_bar_whose_file_the_server_may_shrink_is_trapped_not_mapped_and_still_works(
     fake.region_write(0, DATA, &0xfeed_f00du32.to_le_bytes())
         .unwrap();
     let mut b = [0u8; 4];
-    pci.read_bar(0, DATA, &mut b);
+    pci.read_bar(vfio_pci::BarIndex::Bar(0), DATA, &mut b);
     assert_eq!(u32::from_le_bytes(b), 0xfeed_f00d);
-    pci.write_bar(0, DATA + 4, &0x0bad_cafeu32.to_le_bytes())
-        .unwrap();
+    pci.write_bar(
+        vfio_pci::BarIndex::Bar(0),
+        DATA + 4,
+        &0x0bad_cafeu32.to_le_bytes(),
+    )
+    .unwrap();
     fake.region_read(0, DATA + 4, &mut b).unwrap();
     assert_eq!(u32::from_le_bytes(b), 0x0bad_cafe);
 }

@@ -60,7 +60,7 @@ pub fn registers(ctx: &Ctx<'_>) -> Result<Outcome> {
         .dev
         .bars()
         .into_iter()
-        .find(|b| b.index == BAR)
+        .find(|b| b.index.slot() == BAR)
         .context("edu BAR0 missing from bars()")?;
     let ident = vm.bar_read32(BAR, IDENT);
     ensure!(

@@ -11,7 +11,6 @@ use vfio_backend::{region, DmaSource, Vfio};
 use vfio_pci::{DmaMode, GuestDma, IrqMode};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-const ROM_INDEX: usize = 6;
 const PAGE: u64 = 4096;
 
 /// Sizes every BAR (and the ROM) through the emulated config space with the all-ones protocol:
@@ -34,7 +33,7 @@ pub fn bar_sizing(ctx: &Ctx<'_>) -> Result<Outcome> {
     vm.cfg_write(0x04, 2, u32::from(cmd & !CMD_MEMORY & !1))?;
     let mut seen = Vec::new();
     for b in &bars {
-        let (size, flags, addr) = if b.index == ROM_INDEX {
+        let (size, flags, addr) = if b.index.is_rom() {
             let orig = vm.cfg_read(0x30, 4);
             vm.cfg_write(0x30, 4, 0xffff_f800)?;
             let v = vm.cfg_read(0x30, 4);
@@ -46,7 +45,7 @@ pub fn bar_sizing(ctx: &Ctx<'_>) -> Result<Outcome> {
                 u64::from(vm.cfg_read(0x30, 4) & 0xffff_f800),
             )
         } else {
-            let off = 0x10 + 4 * b.index as u64;
+            let off = 0x10 + 4 * b.index.slot() as u64;
             let lo = vm.cfg_read(off, 4);
             let io = lo & 1 != 0;
             let is64 = !io && (lo >> 1) & 3 == 2;
@@ -68,13 +67,13 @@ pub fn bar_sizing(ctx: &Ctx<'_>) -> Result<Outcome> {
             let flag_bits = if io { 0x3 } else { 0xf };
             ensure!(
                 slo & flag_bits == lo & flag_bits,
-                "BAR{}: flag bits change while sizing ({lo:#x} -> {slo:#x})",
+                "{}: flag bits change while sizing ({lo:#x} -> {slo:#x})",
                 b.index
             );
-            let real_flags = real_reg(b.index) & flag_bits;
+            let real_flags = real_reg(b.index.slot()) & flag_bits;
             ensure!(
                 lo & flag_bits == real_flags,
-                "BAR{}: guest sees flags {:#x}, the device has {real_flags:#x}",
+                "{}: guest sees flags {:#x}, the device has {real_flags:#x}",
                 b.index,
                 lo & flag_bits
             );
@@ -89,38 +88,33 @@ pub fn bar_sizing(ctx: &Ctx<'_>) -> Result<Outcome> {
         };
         ensure!(
             size == b.guest_size,
-            "BAR{}: sizing reads {size:#x}, the VMM reserved {:#x}",
+            "{}: sizing reads {size:#x}, the VMM reserved {:#x}",
             b.index,
             b.guest_size
         );
         ensure!(
             size.is_power_of_two() && size >= b.region_size,
-            "BAR{}: size {size:#x} is not a power of two covering the {:#x}-byte region",
+            "{}: size {size:#x} is not a power of two covering the {:#x}-byte region",
             b.index,
             b.region_size
         );
         if !b.msix_relocated && b.region_size >= PAGE {
             ensure!(
                 size == b.region_size,
-                "BAR{}: size {size:#x} differs from the kernel's region of {:#x}",
+                "{}: size {size:#x} differs from the kernel's region of {:#x}",
                 b.index,
                 b.region_size
             );
         }
         ensure!(
             Some(addr) == b.base,
-            "BAR{}: register holds {addr:#x} after sizing, placement is {:#x?}",
+            "{}: register holds {addr:#x} after sizing, placement is {:#x?}",
             b.index,
             b.base
         );
         seen.push(format!(
-            "{}{} {size:#x}@{addr:#x} flags {flags:#x}{}",
-            if b.index == ROM_INDEX { "ROM" } else { "BAR" },
-            if b.index == ROM_INDEX {
-                String::new()
-            } else {
-                b.index.to_string()
-            },
+            "{} {size:#x}@{addr:#x} flags {flags:#x}{}",
+            b.index,
             if b.mapped.is_empty() { "" } else { " mapped" }
         ));
     }
@@ -289,9 +283,12 @@ pub fn irq_modes(ctx: &Ctx<'_>) -> Result<Outcome> {
         for (what, (bar, off), len) in
             [("table", info.table, table_len), ("PBA", info.pba, pba_len)]
         {
-            let b = bars.iter().find(|b| b.index == bar).with_context(|| {
-                format!("MSI-X {what} in BAR{bar}, which the guest does not see")
-            })?;
+            let b = bars
+                .iter()
+                .find(|b| b.index.slot() == bar)
+                .with_context(|| {
+                    format!("MSI-X {what} in BAR{bar}, which the guest does not see")
+                })?;
             ensure!(
                 off + len <= b.guest_size,
                 "MSI-X {what} at BAR{bar}+{off:#x} (+{len:#x}) ends past the BAR ({:#x})",

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use vfio_backend::kernel::KernelDevice;
 use vfio_backend::Vfio;
 use vfio_pci::{
-    DeviceOptions, DeviceResources, DmaMode, GuestDma, GuestMapper, MappingId, VfioPciDevice,
+    BarIndex, BarRange, ConfigWriteOutcome, DeviceOptions, DeviceResources, DmaMode, GuestDma,
+    GuestMapper, MappingId, VfioPciDevice,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -155,6 +156,53 @@ pub struct Vm {
     pub bdf: String,
 }
 
+/// Where each BAR decodes, as [`VfioPciDevice::bars`] says.
+fn decoded_bars(dev: &VfioPciDevice) -> BTreeMap<BarIndex, BarRange> {
+    dev.bars()
+        .into_iter()
+        .filter(|b| b.decoding)
+        .filter_map(|b| {
+            b.base.map(|base| {
+                let size = b.guest_size;
+                (b.index, BarRange { base, size })
+            })
+        })
+        .collect()
+}
+
+/// Applies a config-write outcome to `bus` (where each BAR decoded before the write), and
+/// checks the result against where `dev` says each BAR decodes now.
+fn follow(
+    bus: &mut BTreeMap<BarIndex, BarRange>,
+    outcome: &ConfigWriteOutcome,
+    dev: &VfioPciDevice,
+) -> Result<()> {
+    for c in outcome.bar_changes() {
+        ensure!(
+            bus.get(&c.bar).copied() == c.removed(),
+            "{}: the outcome removes {:x?}, the bus had {:x?}",
+            c.bar,
+            c.removed(),
+            bus.get(&c.bar)
+        );
+        match c.added() {
+            Some(r) => bus.insert(c.bar, r),
+            None => bus.remove(&c.bar),
+        };
+    }
+    let truth = decoded_bars(dev);
+    ensure!(
+        *bus == truth,
+        "the bus built from the write's outcome {bus:x?} differs from bars() {truth:x?}"
+    );
+    Ok(())
+}
+
+/// The BAR at slot `n` (0..=5, 6 the ROM), as VFIO numbers the regions.
+pub fn bar_index(n: usize) -> BarIndex {
+    BarIndex::from_slot(n).unwrap_or(BarIndex::Bar(n as u8))
+}
+
 impl Vm {
     /// Attaches `device` through the kernel backend and `VfioPciDevice`; with `ram`, also
     /// registers [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`] for DMA (mapped into the
@@ -236,11 +284,18 @@ impl Vm {
     }
 
     /// Writes the low `len` (1, 2 or 4) bytes of `value` to config space.
+    /// A VMM's bus follows the write's outcome (as a VMM that registers BAR ranges does):
+    /// the ranges where BARs decoded before the write, changed as the outcome says, must be
+    /// where the device says they decode after it.
     pub fn cfg_write(&self, offset: u64, len: usize, value: u32) -> Result<()> {
         let b = value.to_le_bytes();
-        self.dev
+        let mut bus = decoded_bars(&self.dev);
+        let outcome = self
+            .dev
             .write_config(offset, &b[..len.min(4)])
-            .with_context(|| format!("config write of {value:#x} at {offset:#x}"))
+            .with_context(|| format!("config write of {value:#x} at {offset:#x}"))?;
+        follow(&mut bus, &outcome, &self.dev)
+            .with_context(|| format!("after the config write of {value:#x} at {offset:#x}"))
     }
 
     /// The command register.
@@ -341,28 +396,28 @@ impl Vm {
     /// Reads a 32-bit register at `offset` of BAR `bar`.
     pub fn bar_read32(&self, bar: usize, offset: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.dev.read_bar(bar, offset, &mut b);
+        self.dev.read_bar(bar_index(bar), offset, &mut b);
         u32::from_le_bytes(b)
     }
 
     /// Writes a 32-bit register.
     pub fn bar_write32(&self, bar: usize, offset: u64, value: u32) -> Result<()> {
         self.dev
-            .write_bar(bar, offset, &value.to_le_bytes())
+            .write_bar(bar_index(bar), offset, &value.to_le_bytes())
             .with_context(|| format!("BAR{bar} write of {value:#x} at {offset:#x}"))
     }
 
     /// Reads a 64-bit register with one 8-byte access.
     pub fn bar_read64(&self, bar: usize, offset: u64) -> u64 {
         let mut b = [0u8; 8];
-        self.dev.read_bar(bar, offset, &mut b);
+        self.dev.read_bar(bar_index(bar), offset, &mut b);
         u64::from_le_bytes(b)
     }
 
     /// Writes a 64-bit register with one 8-byte access.
     pub fn bar_write64(&self, bar: usize, offset: u64, value: u64) -> Result<()> {
         self.dev
-            .write_bar(bar, offset, &value.to_le_bytes())
+            .write_bar(bar_index(bar), offset, &value.to_le_bytes())
             .with_context(|| format!("BAR{bar} write of {value:#x} at {offset:#x}"))
     }
 

@@ -16,7 +16,7 @@ use serde::Serialize;
 use vfio_backend::irq;
 use vfio_fake_device::{edu, nvme_like};
 use vfio_pci::{
-    BarView, DeviceOptions, DeviceResources, GuestDma, GuestMapper, IrqMode, MappingId,
+    BarIndex, BarView, DeviceOptions, DeviceResources, GuestDma, GuestMapper, IrqMode, MappingId,
     VfioPciDevice,
 };
 use vm_memory::{Bytes as _, FileOffset, GuestAddress, GuestMemoryMmap};
@@ -441,7 +441,7 @@ fn identity(c: &[u8]) -> Identity {
 
 fn bar_report(b: &BarView) -> BarReport {
     use pci_config::BarKind;
-    let (kind, prefetchable) = if b.index == pci_config::ROM_BAR {
+    let (kind, prefetchable) = if b.index.is_rom() {
         ("rom", false)
     } else {
         match b.kind {
@@ -456,7 +456,7 @@ fn bar_report(b: &BarView) -> BarReport {
     let table = b.msix_table.map(rel);
     let pba = b.msix_pba.map(rel);
     BarReport {
-        index: b.index,
+        index: b.index.slot(),
         kind,
         prefetchable,
         region_size: b.region_size,
@@ -657,16 +657,18 @@ fn cfg_read(dev: &VfioPciDevice, off: u64, len: usize) -> u32 {
 
 fn cfg_write(dev: &VfioPciDevice, off: u64, v: u32, len: usize) -> anyhow::Result<()> {
     let b = v.to_le_bytes();
+    // The outcome (BAR ranges that moved) matters to a VMM's bus; inspect has none.
     dev.write_config(off, b.get(..len).unwrap_or(&b))
+        .map(drop)
         .map_err(|e| anyhow!("config write at {off:#x}: {e}"))
 }
 
-fn bar_write(dev: &VfioPciDevice, bar: usize, off: u64, data: &[u8]) -> anyhow::Result<()> {
+fn bar_write(dev: &VfioPciDevice, bar: BarIndex, off: u64, data: &[u8]) -> anyhow::Result<()> {
     dev.write_bar(bar, off, data)
-        .map_err(|e| anyhow!("BAR{bar} write at {off:#x}: {e}"))
+        .map_err(|e| anyhow!("{bar} write at {off:#x}: {e}"))
 }
 
-fn bar_read64(dev: &VfioPciDevice, bar: usize, off: u64) -> u64 {
+fn bar_read64(dev: &VfioPciDevice, bar: BarIndex, off: u64) -> u64 {
     let mut b = [0u8; 8];
     dev.read_bar(bar, off, &mut b);
     u64::from_le_bytes(b)
@@ -732,14 +734,24 @@ impl Fire<'_> {
             }
             Fire::NvmeLikeDoorbell => bar_write(
                 dev,
-                0,
+                BarIndex::Bar(0),
                 nvme_like::DOORBELLS + u64::from(vector) * nvme_like::DOORBELL_STRIDE,
                 &1u32.to_le_bytes(),
             ),
             Fire::EduRaise => {
-                bar_write(dev, 0, edu::IRQ_RAISE, &edu::FACT_IRQ.to_le_bytes())?;
+                bar_write(
+                    dev,
+                    BarIndex::Bar(0),
+                    edu::IRQ_RAISE,
+                    &edu::FACT_IRQ.to_le_bytes(),
+                )?;
                 // Lower the line again so the next test starts clean.
-                bar_write(dev, 0, edu::IRQ_ACK, &edu::FACT_IRQ.to_le_bytes())
+                bar_write(
+                    dev,
+                    BarIndex::Bar(0),
+                    edu::IRQ_ACK,
+                    &edu::FACT_IRQ.to_le_bytes(),
+                )
             }
         }
     }
@@ -885,12 +897,12 @@ fn bar_sizing(dev: &VfioPciDevice, bars: &[BarView]) -> (Status, String) {
     let mut bad = Vec::new();
     let mut good = Vec::new();
     for b in bars {
-        let sized = if b.index == pci_config::ROM_BAR {
+        let sized = if b.index.is_rom() {
             size_rom(dev)
         } else {
-            size_bar(dev, b.index as u64)
+            size_bar(dev, b.index.slot() as u64)
         };
-        let name = bar_name(b.index);
+        let name = b.index.to_string();
         if sized == b.guest_size {
             good.push(format!("{name} {}", crate::check::human_size(sized)));
         } else {
@@ -1037,7 +1049,7 @@ fn msix_route(
     let (table_gpa, _) = bar.msix_table.unwrap_or((0, 0));
     let base = bar
         .base
-        .ok_or_else(|| anyhow!("{} is not placed", bar_name(bar.index)))?;
+        .ok_or_else(|| anyhow!("{} is not placed", bar.index))?;
     let table = table_gpa.wrapping_sub(base);
     for v in 0..m.vectors {
         let e = table + 16 * u64::from(v);
@@ -1086,7 +1098,7 @@ fn msix_route(
         format!(
             "{} vectors programmed through the table at {} +{table:#x}, MSI-X enabled: one eventfd per vector registered with VFIO, every route as programmed",
             m.vectors,
-            bar_name(bar.index)
+            bar.index
         ),
     ))
 }
@@ -1291,14 +1303,14 @@ fn edu_dma(dev: &VfioPciDevice, mem: &GuestMemoryMmap) -> anyhow::Result<(Status
     mem.write_slice(&vec![0u8; pattern.len()], GuestAddress(DST))
         .map_err(|e| anyhow!("clearing guest RAM: {e}"))?;
     let run = |src: u64, dst: u64, to_ram: bool| -> anyhow::Result<()> {
-        bar_write(dev, 0, edu::DMA_SRC, &src.to_le_bytes())?;
-        bar_write(dev, 0, edu::DMA_DST, &dst.to_le_bytes())?;
-        bar_write(dev, 0, edu::DMA_COUNT, &len.to_le_bytes())?;
+        bar_write(dev, BarIndex::Bar(0), edu::DMA_SRC, &src.to_le_bytes())?;
+        bar_write(dev, BarIndex::Bar(0), edu::DMA_DST, &dst.to_le_bytes())?;
+        bar_write(dev, BarIndex::Bar(0), edu::DMA_COUNT, &len.to_le_bytes())?;
         let cmd = edu::DMA_CMD_START | if to_ram { edu::DMA_CMD_TO_RAM } else { 0 };
-        bar_write(dev, 0, edu::DMA_CMD, &cmd.to_le_bytes())?;
+        bar_write(dev, BarIndex::Bar(0), edu::DMA_CMD, &cmd.to_le_bytes())?;
         // QEMU's edu finishes later (a timer); wait for START to clear.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while bar_read64(dev, 0, edu::DMA_CMD) & edu::DMA_CMD_START != 0 {
+        while bar_read64(dev, BarIndex::Bar(0), edu::DMA_CMD) & edu::DMA_CMD_START != 0 {
             if Instant::now() >= deadline {
                 return Err(anyhow!("the DMA did not finish within 2 s"));
             }

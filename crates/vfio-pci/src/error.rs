@@ -1,4 +1,11 @@
 //! The crate's one error type.
+//!
+//! Every variant names what failed with typed fields; where another layer failed (the
+//! VFIO backend, the config space model, the interrupt model, the BAR allocator, the
+//! VMM's guest mapper) its error is kept as the [`source`](std::error::Error::source),
+//! and [`Error::errno`] returns the errno behind it, if there is one.
+
+use crate::outcome::BarIndex;
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
@@ -16,28 +23,144 @@ pub enum Error {
         #[source]
         source: vfio_backend::Error,
     },
-    /// The device's configuration space or capabilities are unusable.
-    #[error("device config space: {0}")]
-    Config(String),
-    /// An interrupt could not be set up or routed.
-    #[error("interrupts: {0}")]
-    Interrupts(String),
-    /// A BAR could not be placed or moved.
-    #[error("BAR placement: {0}")]
-    BarPlacement(String),
-    /// The VMM's guest mapper refused a mapping.
-    #[error("guest mapping: {0}")]
-    GuestMapping(String),
+    /// The backend's device is not a PCI device.
+    #[error("not a PCI device (device flags {flags:#x})")]
+    NotPci {
+        /// The device flags the backend reported.
+        flags: u32,
+    },
+    /// The device reports fewer regions than a PCI device has.
+    #[error("a PCI device has at least {needed} regions, this one reports {found}")]
+    TooFewRegions {
+        /// Regions reported.
+        found: u32,
+        /// Regions a PCI device has (up to and including the config region).
+        needed: u32,
+    },
+    /// The device's config region is smaller than the 64-byte header.
+    #[error("config region of {size} bytes is smaller than the 64-byte header")]
+    ConfigTooSmall {
+        /// Size of the config region.
+        size: usize,
+    },
+    /// The config space model refused the device's config space or a change to it.
+    #[error("device config space: {context}: {source}")]
+    ConfigSpace {
+        /// What this crate was doing.
+        context: &'static str,
+        /// The config space model's error.
+        #[source]
+        source: pci_config::Error,
+    },
+    /// The MSI-X table or PBA, as laid out in the guest's BAR, lies beyond 4 GiB of it.
+    #[error("MSI-X table at {table:#x} or PBA at {pba:#x} beyond 4 GiB")]
+    MsixBeyond4G {
+        /// Offset of the table in its BAR.
+        table: u64,
+        /// Offset of the PBA in its BAR.
+        pba: u64,
+    },
+    /// An interrupt could not be set up or routed: the interrupt model refused, or the
+    /// VMM's interrupt group failed (its errno is in the source).
+    #[error("interrupts: {context}: {source}")]
+    Interrupts {
+        /// What this crate was doing.
+        context: &'static str,
+        /// The interrupt model's or group's error.
+        #[source]
+        source: pci_interrupts::Error,
+    },
+    /// The VMM's BAR allocator refused to place or move a BAR.
+    #[error("BAR placement: {bar}: {source}")]
+    BarPlacement {
+        /// The BAR.
+        bar: BarIndex,
+        /// The allocator's error.
+        #[source]
+        source: pci_bar_alloc::Error,
+    },
+    /// The BAR was never placed (an I/O BAR without an I/O window): moves are refused.
+    #[error("BAR placement: {bar} has no placement in the VMM's windows; moves are refused")]
+    BarNotPlaced {
+        /// The BAR.
+        bar: BarIndex,
+    },
+    /// The device has no such BAR.
+    #[error("no BAR at slot {slot}")]
+    NoSuchBar {
+        /// The [`BarIndex::slot`] asked for.
+        slot: usize,
+    },
+    /// The VMM's guest mapper refused a mapping (errno in the source).
+    #[error("guest mapping: {bar} at {gpa:#x} (+{len:#x}): {source}")]
+    GuestMapping {
+        /// The BAR being mapped.
+        bar: BarIndex,
+        /// Guest address of the mapping.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The mapper's error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A DMA request falls outside guest RAM or the IOMMU's IOVA ranges, or
     /// overlaps an existing mapping.
     #[error("DMA mapping: {0}")]
     Dma(String),
-    /// A snapshot could not be taken or restored.
-    #[error("snapshot: {0}")]
-    Snapshot(String),
-    /// The caller asked for something impossible.
-    #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    /// A snapshot envelope with a format version this crate does not read.
+    #[error("snapshot format version {found} is not supported (this build reads {supported})")]
+    SnapshotVersion {
+        /// The version found.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
+    /// A snapshot taken from a differently shaped device.
+    #[error("snapshot: {reason}")]
+    SnapshotMismatch {
+        /// What does not match.
+        reason: String,
+    },
+    /// The snapshot's config space does not restore.
+    #[error("snapshot: config space: {source}")]
+    SnapshotConfig {
+        /// The config space model's error.
+        #[source]
+        source: pci_config::Error,
+    },
+    /// The snapshot's state of an interrupt capability does not restore.
+    #[error("snapshot: {capability}: {source}")]
+    SnapshotInterrupts {
+        /// `MSI`, `MSI-X` or `INTx`.
+        capability: &'static str,
+        /// The interrupt model's error.
+        #[source]
+        source: pci_interrupts::Error,
+    },
+    /// A BAR of the snapshot cannot be placed again where it was.
+    #[error("snapshot: {bar} at {base:#x} cannot be placed again: {source}")]
+    SnapshotPlacement {
+        /// The BAR.
+        bar: BarIndex,
+        /// Where the snapshot placed it.
+        base: u64,
+        /// The allocator's error.
+        #[source]
+        source: pci_bar_alloc::Error,
+    },
+    /// The page size given is not a power of two.
+    #[error("invalid argument: page size {size:#x} is not a power of two")]
+    PageSize {
+        /// The page size given.
+        size: u64,
+    },
+    /// A lock was poisoned by a panic in another thread.
+    #[error("{what} lock poisoned by an earlier panic")]
+    Poisoned {
+        /// Which lock.
+        what: &'static str,
+    },
 }
 
 impl Error {
@@ -49,11 +172,34 @@ impl Error {
         }
     }
 
-    /// The errno behind this error, where there is one.
+    /// An interrupt error with what this crate was doing.
+    pub(crate) fn interrupts(context: &'static str) -> impl FnOnce(pci_interrupts::Error) -> Self {
+        move |source| Error::Interrupts { context, source }
+    }
+
+    /// A config space error with what this crate was doing.
+    pub(crate) fn config(context: &'static str) -> impl FnOnce(pci_config::Error) -> Self {
+        move |source| Error::ConfigSpace { context, source }
+    }
+
+    /// The errno behind this error, where there is one: the backend's, an interrupt
+    /// group's or eventfd's, the guest mapper's.
     pub fn errno(&self) -> Option<i32> {
         match self {
             Error::Backend { source, .. } => source.errno(),
+            Error::Interrupts { source, .. } | Error::SnapshotInterrupts { source, .. } => {
+                interrupts_errno(source)
+            }
+            Error::GuestMapping { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+fn interrupts_errno(e: &pci_interrupts::Error) -> Option<i32> {
+    match e {
+        pci_interrupts::Error::EventFd { source, .. }
+        | pci_interrupts::Error::Group { source, .. } => source.raw_os_error(),
+        _ => None,
     }
 }

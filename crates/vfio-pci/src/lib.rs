@@ -10,13 +10,18 @@
 //! attaches it to its IOMMU domain in the VMM's [`GuestDma`], which maps
 //! guest RAM once per domain for the DMA of all the devices in it.
 //!
+//! Attach ([`VfioPciDevice::new`]) reads the device, runs pure planning stages (one PCI
+//! policy each), then creates interrupt groups and places and maps BARs. No device lock
+//! is held across a blocking backend call; the lock order is documented on
+//! [`DeviceResources`]. Errors keep their source and errno ([`Error::errno`]).
+//!
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 //! use pci_interrupts::testing::TestInterruptManager;
 //! use vfio_backend::Vfio;
 //! use vfio_fake_device::FakeDevice;
-//! use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, TrapAllMapper, VfioPciDevice};
+//! use vfio_pci::{AddressSpace, BarIndex, DeviceOptions, DeviceResources, GuestDma, TrapAllMapper, VfioPciDevice};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
 //! // Any backend: here the fake device; a VMM uses the kernel or vfio-user one.
@@ -46,6 +51,23 @@
 //! assert_eq!(u32::from_le_bytes(id), 0x11e8_1234);
 //! let bar0 = &dev.bars()[0];
 //! println!("BAR0 at {:#x}, {} bytes trapped", bar0.base.unwrap_or(0), bar0.trapped_bytes());
+//! let base = bar0.base.unwrap_or(0);
+//! assert_eq!(dev.bar_at(base + 4, AddressSpace::Memory), Some((BarIndex::Bar(0), 4)));
+//!
+//! // The guest moves BAR0 as Linux does: decoding off, new address, decoding on. Each
+//! // write says what the VMM's bus must change.
+//! let mut cmd = [0u8; 2];
+//! dev.read_config(4, &mut cmd);
+//! let cmd = u16::from_le_bytes(cmd);
+//! dev.write_config(4, &(cmd & !0x2).to_le_bytes())?;
+//! let moved = base + 0x10_0000;
+//! let outcome = dev.write_config(0x10, &(moved as u32).to_le_bytes())?;
+//! // Not applied while decoding is off: BAR0 decodes nowhere.
+//! assert!(outcome.bar(BarIndex::Bar(0)).is_some_and(|c| c.decode_off()));
+//! let outcome = dev.write_config(4, &(cmd | 0x2).to_le_bytes())?;
+//! assert_eq!(outcome.memory_decode, Some(true));
+//! let change = outcome.bar(BarIndex::Bar(0)).copied();
+//! assert_eq!(change.and_then(|c| c.added()).map(|r| r.base), Some(moved));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
@@ -54,6 +76,7 @@ mod dma;
 mod error;
 pub mod layout;
 mod mapper;
+mod outcome;
 
 pub use device::{
     BarView, DeviceOptions, DeviceResources, DeviceSnapshot, DeviceState, HiddenCapability,
@@ -63,3 +86,4 @@ pub use dma::{DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};
 pub use layout::MsixRelocation;
 pub use mapper::{GuestMapper, MappingId, TrapAllMapper};
+pub use outcome::{AddressSpace, BarChange, BarIndex, BarRange, ConfigWriteOutcome};

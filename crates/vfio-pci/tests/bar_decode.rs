@@ -17,15 +17,15 @@ use std::sync::Arc;
 
 use common::*;
 use vfio_fake_device::{BarSpec, DeviceTemplate, FakeDevice};
-use vfio_pci::VfioPciDevice;
+use vfio_pci::{AddressSpace, BarIndex, VfioPciDevice};
 
 /// Where BAR `index` decodes as the VMM sees it: the base `bar_at` finds it at, if any; with
 /// a check that every guest mapping of it lies at that base.
 fn decodes_at(dev: &VfioPciDevice, vm: &Vm, index: usize) -> Option<u64> {
+    let index = bar_index(index);
     let view = dev.bars().into_iter().find(|b| b.index == index)?;
     let base = view.base?;
-    let io = view.kind == pci_config::BarKind::Io;
-    let found = dev.bar_at(base, io) == Some((index, 0));
+    let found = dev.bar_at(base, view.space()) == Some((index, 0));
     let mapped_here = vm
         .mapper
         .live()
@@ -172,7 +172,7 @@ fn bar_moved_outside_the_windows_decodes_nowhere_and_the_register_keeps_the_gues
     cfg_write32(&dev, 0x10, 0x10_0000);
     assert_eq!(bar_address(&dev, 0), 0x10_0000);
     assert_eq!(decodes_at(&dev, &vm, 0), None);
-    assert!(dev.bar_at(0x10_0000, false).is_none());
+    assert!(dev.bar_at(0x10_0000, AddressSpace::Memory).is_none());
     assert_eq!(
         dev.bars()[0].base,
         Some(base),
@@ -194,7 +194,10 @@ fn a_bar_moved_onto_another_device_decodes_nowhere_and_its_old_range_stays_reser
     let a0 = a.bars()[0].base.unwrap();
     let b0 = b.bars()[0].base.unwrap();
     // The VMM's own move is refused and changes nothing.
-    assert!(a.move_bar(0, b0).is_err());
+    assert!(matches!(
+        a.move_bar(BarIndex::Bar(0), b0),
+        Err(vfio_pci::Error::BarPlacement { .. })
+    ));
     assert_eq!(decodes_at(&a, &vm, 0), Some(a0));
     assert_eq!(bar_address(&a, 0), a0);
     // The guest's write is refused too: a decodes nowhere, b is untouched.
@@ -203,7 +206,10 @@ fn a_bar_moved_onto_another_device_decodes_nowhere_and_its_old_range_stays_reser
     set_command(&a, 0x2, true);
     assert_eq!(bar_address(&a, 0), b0, "the guest reads what it wrote");
     assert_eq!(decodes_at(&a, &vm, 0), None);
-    assert_eq!(b.bar_at(b0, false), Some((0, 0)));
+    assert_eq!(
+        b.bar_at(b0, AddressSpace::Memory),
+        Some((BarIndex::Bar(0), 0))
+    );
     assert_eq!(a.bars()[0].base, Some(a0));
     // A reset puts the register back on the placement, decoding there.
     a.reset().unwrap();
@@ -233,14 +239,14 @@ fn io_bar_and_rom_follow_the_same_rule() {
     cfg_write32(&dev, 0x30, rom as u32 | 1);
     assert_eq!(decodes_at(&dev, &vm, 6), Some(rom));
     let mut b = [0u8; 4];
-    dev.read_bar(6, 0, &mut b);
+    dev.read_bar(BarIndex::Rom, 0, &mut b);
     assert_eq!(b, [0x55; 4]);
     cfg_write32(&dev, 0x30, 0xffff_f800);
     assert_eq!(rom_address(&dev), 0xffff_f000, "4 KiB ROM");
     set_command(&dev, 0x2, false);
     set_command(&dev, 0x2, true);
     assert_eq!(decodes_at(&dev, &vm, 6), None);
-    dev.read_bar(6, 0, &mut b);
+    dev.read_bar(BarIndex::Rom, 0, &mut b);
     assert_eq!(b, [0xff; 4]);
     // Enabled at the sizing address: refused, still nowhere.
     cfg_write32(&dev, 0x30, 0xffff_f001);

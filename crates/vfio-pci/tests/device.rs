@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use vfio_fake_device::{nvme_like, Op};
-use vfio_pci::{DeviceOptions, IrqMode, MsixRelocation};
+use vfio_pci::{AddressSpace, BarIndex, DeviceOptions, IrqMode, MsixRelocation};
 
 #[test]
 fn guest_sizes_every_bar_to_the_device_region_size() {
@@ -18,7 +18,7 @@ fn guest_sizes_every_bar_to_the_device_region_size() {
     assert_eq!((flags >> 1) & 3, 2);
     // BAR1 is the upper half: it is not a BAR of its own.
     let views = dev.bars();
-    assert!(views.iter().all(|b| b.index != 1));
+    assert!(views.iter().all(|b| b.index != BarIndex::Bar(1)));
 }
 
 #[test]
@@ -28,8 +28,8 @@ fn bars_are_placed_naturally_aligned_inside_the_vmm_windows() {
     let dev = attach(&vm, &f);
     for b in dev.bars() {
         let base = b.base.expect("placed");
-        assert_eq!(base % b.guest_size, 0, "BAR{} at {base:#x}", b.index);
-        assert_eq!(bar_address(&dev, b.index as u64), base);
+        assert_eq!(base % b.guest_size, 0, "{} at {base:#x}", b.index);
+        assert_eq!(bar_address(&dev, b.index.slot() as u64), base);
         let in32 = base >= MMIO32_BASE && base + b.guest_size <= MMIO32_BASE + MMIO32_SIZE;
         let in64 = base >= MMIO64_BASE && base + b.guest_size <= MMIO64_BASE + MMIO64_SIZE;
         assert!(in32 || in64);
@@ -81,7 +81,11 @@ fn sriov_is_hidden_and_the_extended_chain_stays_walkable() {
 fn msix_table_page_is_trapped_and_the_rest_of_the_bar_mapped() {
     let vm = Vm::new();
     let dev = attach(&vm, &fake("nvme-like"));
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     let base = bar0.base.unwrap();
     let (tgpa, tlen) = bar0.msix_table.unwrap();
     assert_eq!(tgpa, base + nvme_like::MSIX_TABLE_OFFSET);
@@ -110,7 +114,11 @@ fn msix_table_is_relocated_on_64k_pages_and_the_capability_points_there() {
             ..DeviceOptions::default()
         },
     );
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     assert!(bar0.msix_relocated);
     assert!(bar0.guest_size > nvme_like::BAR0_SIZE);
     assert_eq!(size_bar(&dev, 0).0, bar0.guest_size);
@@ -129,7 +137,11 @@ fn enabling_msix_with_every_vector_costs_one_set_irqs_call() {
     let f = fake("nvme-like");
     let dev = attach(&vm, &f);
     let (_, cap) = walk_caps(&dev).into_iter().find(|c| c.0 == 0x11).unwrap();
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     let table = bar0.msix_table.unwrap().0 - bar0.base.unwrap();
     for v in 0..u64::from(nvme_like::MSIX_VECTORS) {
         program_msix_entry(&dev, 0, table, v, 0xfee0_0000, 0x40 + v as u32);
@@ -160,7 +172,11 @@ fn a_vector_that_fires_while_masked_is_delivered_once_on_unmask() {
     let dev = attach(&vm, &f);
     enable_device(&dev);
     let (_, cap) = walk_caps(&dev).into_iter().find(|c| c.0 == 0x11).unwrap();
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     let table = bar0.msix_table.unwrap().0 - bar0.base.unwrap();
     program_msix_entry(&dev, 0, table, 2, 0xfee0_0000, 0x42);
     msix_enable(&dev, cap, true);
@@ -198,7 +214,11 @@ fn guest_moving_a_bar_moves_its_mappings() {
     let vm = Vm::new();
     let dev = attach(&vm, &fake("nvme-like"));
     enable_device(&dev);
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     let old = bar0.base.unwrap();
     let new = if old >= MMIO64_BASE {
         old + 0x10_0000
@@ -212,7 +232,11 @@ fn guest_moving_a_bar_moves_its_mappings() {
     let cmd = cfg_read16(&dev, 0x04);
     cfg_write16(&dev, 0x04, cmd & !0x2);
     cfg_write16(&dev, 0x04, cmd);
-    let moved = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let moved = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     assert_eq!(moved.base, Some(new));
     assert_eq!(bar_address(&dev, 0), new);
     assert!(vm
@@ -231,7 +255,10 @@ fn a_bar_move_onto_another_device_is_refused_and_the_old_placement_kept() {
     enable_device(&a);
     let a0 = a.bars()[0].base.unwrap();
     let b0 = b.bars()[0].base.unwrap();
-    assert!(a.move_bar(0, b0).is_err());
+    assert!(matches!(
+        a.move_bar(BarIndex::Bar(0), b0),
+        Err(vfio_pci::Error::BarPlacement { .. })
+    ));
     assert_eq!(a.bars()[0].base, Some(a0));
     // Through the guest's config write too.
     cfg_write32(&a, 0x10, b0 as u32 | (cfg_read32(&a, 0x10) & 0xf));
@@ -243,7 +270,7 @@ fn a_bar_move_onto_another_device_is_refused_and_the_old_placement_kept() {
     // tests/bar_decode.rs): register and decode never disagree.
     assert_eq!(bar_address(&a, 0), b0);
     assert!(!a.bars()[0].decoding);
-    assert_eq!(a.bar_at(a0, false), None);
+    assert_eq!(a.bar_at(a0, AddressSpace::Memory), None);
 }
 
 #[test]
@@ -273,7 +300,11 @@ fn snapshot_restored_into_a_new_device_shows_the_same_guest_state() {
     let dev = attach(&vm, &f);
     enable_device(&dev);
     let (_, cap) = walk_caps(&dev).into_iter().find(|c| c.0 == 0x11).unwrap();
-    let bar0 = dev.bars().into_iter().find(|b| b.index == 0).unwrap();
+    let bar0 = dev
+        .bars()
+        .into_iter()
+        .find(|b| b.index == BarIndex::Bar(0))
+        .unwrap();
     let table = bar0.msix_table.unwrap().0 - bar0.base.unwrap();
     program_msix_entry(&dev, 0, table, 5, 0xfee0_1000, 0x55);
     msix_enable(&dev, cap, true);
@@ -306,7 +337,10 @@ fn snapshot_of_an_unknown_version_is_refused_and_changes_nothing() {
     let mut snap = dev.snapshot().unwrap();
     snap.version = 99;
     let before = dev.bars();
-    assert!(dev.restore(&snap).is_err());
+    assert!(matches!(
+        dev.restore(&snap),
+        Err(vfio_pci::Error::SnapshotVersion { found: 99, .. })
+    ));
     assert_eq!(dev.bars(), before);
 }
 

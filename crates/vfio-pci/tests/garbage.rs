@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use proptest::prelude::*;
-use vfio_pci::VfioPciDevice;
+use vfio_pci::{BarIndex, VfioPciDevice};
 
 /// The VMM invariant "register and decode agree": a BAR that decodes anywhere (found by
 /// `bar_at`, served, mapped) decodes at the address its register holds, and every guest
@@ -15,22 +15,21 @@ fn register_and_decode_agree(devs: &[&VfioPciDevice], vm: &Vm) -> Result<(), Tes
     for dev in devs {
         for b in dev.bars() {
             let Some(base) = b.base else { continue };
-            let io = b.kind == pci_config::BarKind::Io;
-            let found = dev.bar_at(base, io) == Some((b.index, 0));
-            prop_assert_eq!(found, b.decoding, "BAR{} bar_at vs decoding", b.index);
+            let found = dev.bar_at(base, b.space()) == Some((b.index, 0));
+            prop_assert_eq!(found, b.decoding, "{} bar_at vs decoding", b.index);
             if !found {
                 continue;
             }
             decoding.push((base, b.guest_size));
-            let reg = if b.index == 6 {
+            let reg = if b.index == BarIndex::Rom {
                 u64::from(cfg_read32(dev, 0x30) & 0xffff_f800)
             } else {
-                bar_address(dev, b.index as u64)
+                bar_address(dev, b.index.slot() as u64)
             };
             prop_assert_eq!(
                 reg,
                 base,
-                "BAR{} decodes at {:#x}, register {:#x}",
+                "{} decodes at {:#x}, register {:#x}",
                 b.index,
                 base,
                 reg
@@ -74,9 +73,9 @@ proptest! {
                 let mut b = vec![0u8; len.min(8)];
                 dev.read_config(off, &mut b);
             } else {
-                let _ = dev.write_bar(bar, off % 0x8000, data);
+                let _ = dev.write_bar(bar_index(bar), off % 0x8000, data);
                 let mut b = vec![0u8; len.min(8)];
-                dev.read_bar(bar, off % 0x8000, &mut b);
+                dev.read_bar(bar_index(bar), off % 0x8000, &mut b);
             }
             register_and_decode_agree(&[&dev], &vm)?;
         }

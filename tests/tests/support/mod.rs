@@ -22,7 +22,10 @@ use vfio_backend::user::{protocol, ServerOptions, UserDevice, UserOptions, UserS
 use vfio_backend::Vfio;
 use vfio_fake_device::{edu, nvme_like, FakeDevice};
 use vfio_pci::IrqMode;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{
+    AddressSpace, BarIndex, BarRange, ConfigWriteOutcome, DeviceOptions, DeviceResources, GuestDma,
+    GuestMapper, MappingId, VfioPciDevice,
+};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// The VMM's 32-bit MMIO window for BARs.
@@ -545,6 +548,35 @@ impl Enumeration {
     }
 }
 
+/// Where each BAR decodes, as [`VfioPciDevice::bars`] says.
+pub fn decoded_bars(dev: &VfioPciDevice) -> BTreeMap<BarIndex, BarRange> {
+    dev.bars()
+        .into_iter()
+        .filter(|b| b.decoding)
+        .filter_map(|b| {
+            let size = b.guest_size;
+            b.base.map(|base| (b.index, BarRange { base, size }))
+        })
+        .collect()
+}
+
+/// A VMM's bus following a config write's outcome: each changed BAR's old range must be the
+/// one registered; it is replaced by the new one (or dropped).
+pub fn follow(bus: &mut BTreeMap<BarIndex, BarRange>, outcome: &ConfigWriteOutcome) {
+    for c in outcome.bar_changes() {
+        assert_eq!(
+            bus.get(&c.bar).copied(),
+            c.removed(),
+            "{}: removed range",
+            c.bar
+        );
+        match c.added() {
+            Some(r) => bus.insert(c.bar, r),
+            None => bus.remove(&c.bar),
+        };
+    }
+}
+
 /// Hands out BAR addresses the way simple firmware does: naturally
 /// aligned, bumping upwards, 64-bit BARs above 4 GiB.
 pub struct Firmware {
@@ -608,11 +640,27 @@ impl<'a> Guest<'a> {
     }
 
     pub fn cfg_write16(&self, off: u64, v: u16) {
-        self.dev.write_config(off, &v.to_le_bytes()).unwrap();
+        self.cfg_write(off, &v.to_le_bytes());
     }
 
     pub fn cfg_write32(&self, off: u64, v: u32) {
-        self.dev.write_config(off, &v.to_le_bytes()).unwrap();
+        self.cfg_write(off, &v.to_le_bytes());
+    }
+
+    /// A config write as a VMM whose bus registers BAR ranges makes it: the bus drops and
+    /// adds what the write's outcome says, and must then route every BAR where the device
+    /// says it decodes.
+    pub fn cfg_write(&self, off: u64, data: &[u8]) -> ConfigWriteOutcome {
+        let mut bus = decoded_bars(self.dev);
+        let outcome = self.dev.write_config(off, data).unwrap();
+        follow(&mut bus, &outcome);
+        assert_eq!(
+            bus,
+            decoded_bars(self.dev),
+            "config write of {data:x?} at {off:#x}: the bus built from its outcome {outcome:x?} \
+             differs from bars()"
+        );
+        outcome
     }
 
     /// Every dword of config space, as the guest reads it.
@@ -797,7 +845,7 @@ impl<'a> Guest<'a> {
         if direct.is_some() {
             return;
         }
-        match self.dev.bar_at(gpa, false) {
+        match self.dev.bar_at(gpa, AddressSpace::Memory) {
             Some((bar, off)) => self.dev.read_bar(bar, off, data),
             None => data.fill(0xff),
         }
@@ -816,7 +864,7 @@ impl<'a> Guest<'a> {
         if direct.is_some() {
             return Ok(());
         }
-        match self.dev.bar_at(gpa, false) {
+        match self.dev.bar_at(gpa, AddressSpace::Memory) {
             Some((bar, off)) => self.dev.write_bar(bar, off, data),
             None => Ok(()),
         }

@@ -30,7 +30,7 @@ impl KernelDevice {
     /// create a [`KernelContainer`] and call [`KernelContainer::open_device`]
     /// for each.
     ///
-    /// Fails with [`Error::NotAvailable`] when the device, its IOMMU group or
+    /// Fails with [`Error::NotAvailable`](crate::Error::NotAvailable) when the device, its IOMMU group or
     /// `/dev/vfio` is missing, and refuses a no-IOMMU group (see
     /// [`KernelContainer::new_noiommu`]).
     pub fn open(sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {

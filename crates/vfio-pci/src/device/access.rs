@@ -2,12 +2,20 @@
 //!
 //! Hot paths: an emulated config read, an MSI-X table access and a trapped
 //! BAR access take the device lock once and allocate nothing. A passed-
-//! through config read takes no lock at all.
+//! through config read takes no lock at all. An access forwarded to the
+//! device (a config write, a trapped BAR range that is not the MSI-X table
+//! or PBA) is made with no device lock held: it may wait for the backend.
+//! A read of the MSI-X PBA or the MSI Pending Bits register of a device
+//! wired through VFIO reports the masked vectors whose eventfd fired
+//! (see `pending.rs`).
 
-use pci_config::{WriteEffect, WriteEffects, ROM_BAR};
+use pci_config::regs::{BAR0, COMMAND, ROM_ADDRESS};
+use pci_config::{WriteEffect, WriteEffects};
 use vfio_backend::region;
 
-use super::{lock, Dword, Inner, VfioPciDevice, CONFIG_SPACE_SIZE};
+use super::placement::record_decode_changes;
+use super::{lock, pending, Dword, Inner, IrqMode, VfioPciDevice, CONFIG_SPACE_SIZE};
+use crate::outcome::{BarIndex, ConfigWriteOutcome};
 use crate::{Error, Result};
 
 /// Checks a guest access: 1, 2 or 4 bytes (8 for BARs) inside `limit`.
@@ -93,6 +101,10 @@ impl VfioPciDevice {
                     };
                     if let Some(s) = msi {
                         s.read(rel as u64, t);
+                        // Wired through VFIO: a masked vector whose eventfd fired is pending.
+                        if let (IrqMode::Msi(_), Some(m)) = (inner.irq_mode, inner.msi.as_ref()) {
+                            pending::msi_pending(s, m.group.as_ref(), rel as u64, t);
+                        }
                     } else if let Some(s) = msix {
                         s.read(rel as u64, t);
                     }
@@ -107,16 +119,20 @@ impl VfioPciDevice {
     }
 
     /// The guest writes `data` (1, 2 or 4 bytes) to config space at
-    /// `offset`. Garbage is handled (ignored, masked or refused and logged);
-    /// an `Err` reports a backend or VMM failure, after which the device
-    /// keeps its previous consistent state.
-    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<()> {
+    /// `offset`, and learns what changed for its bus: BARs that moved, that
+    /// decode again or decode nowhere now, decode enables that flipped (see
+    /// [`ConfigWriteOutcome`]). Garbage is handled (ignored, masked or refused
+    /// and logged). An `Err` reports a backend or VMM failure, after which
+    /// the device keeps a consistent state but what changed is not reported:
+    /// re-read [`bars`](Self::bars). Allocates nothing.
+    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<ConfigWriteOutcome> {
+        let mut outcome = ConfigWriteOutcome::default();
         if !access_ok(offset, data.len(), CONFIG_SPACE_SIZE as u64, 4) {
             log::debug!(
                 "config write of {} bytes at {offset:#x} ignored",
                 data.len()
             );
-            return Ok(());
+            return Ok(outcome);
         }
         let offset = offset as usize;
         if offset % 4 + data.len() <= 4 {
@@ -129,27 +145,34 @@ impl VfioPciDevice {
             let off = offset + done;
             let chunk = (4 - off % 4).min(data.len() - done);
             if let Some(buf) = data.get(done..done + chunk) {
-                if let Err(e) = self.write_chunk(off, buf) {
-                    result = Err(e);
+                match self.write_chunk(off, buf) {
+                    Ok(o) => outcome.merge(&o),
+                    Err(e) => result = Err(e),
                 }
             }
             done += chunk;
         }
-        result
+        result.map(|()| outcome)
     }
 
-    /// Writes `len` bytes of `value` at byte `offset` of config register
-    /// `reg` (the Cloud Hypervisor-style entry point).
-    pub fn write_config_register(&self, reg: usize, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` at byte `offset` of config register `reg` (the Cloud
+    /// Hypervisor-style entry point); see [`write_config`](Self::write_config).
+    pub fn write_config_register(
+        &self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<ConfigWriteOutcome> {
         self.write_config((reg as u64).saturating_mul(4).saturating_add(offset), data)
     }
 
-    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<()> {
+    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<ConfigWriteOutcome> {
         let policy = self.policy.get(off / 4).copied().unwrap_or(Dword::Emulated);
         match policy {
             Dword::Passthrough => self
                 .vfio
                 .region_write(region::CONFIG, off as u64, buf)
+                .map(|()| ConfigWriteOutcome::default())
                 .map_err(|e| Error::backend(format!("config write at {off:#x}"), e)),
             Dword::Command => {
                 // The device sees command and status writes (bus master,
@@ -173,16 +196,17 @@ impl VfioPciDevice {
                     Dword::Msi => inner.msi.as_ref().map(|m| m.offset),
                     _ => inner.msix.as_ref().map(|m| m.offset),
                 };
+                let none = ConfigWriteOutcome::default();
                 let Some(rel) = cap_off.and_then(|c| off.checked_sub(c)) else {
-                    return Ok(());
+                    return Ok(none);
                 };
                 // Bytes 0 and 1 (id, next pointer) are read-only: skip them.
                 let skip = 2usize.saturating_sub(rel).min(buf.len());
                 let Some(rest) = buf.get(skip..) else {
-                    return Ok(());
+                    return Ok(none);
                 };
                 if rest.is_empty() {
-                    return Ok(());
+                    return Ok(none);
                 }
                 let at = (rel + skip) as u64;
                 let r = match policy {
@@ -195,23 +219,53 @@ impl VfioPciDevice {
                         None => Ok(()),
                     },
                 };
-                let r = r.map_err(|e| Error::Interrupts(e.to_string()));
-                let m = self.apply_irq_mode(&mut inner);
-                r.and(m)
+                let r = r.map_err(Error::interrupts(
+                    "a guest write to the MSI or MSI-X capability",
+                ));
+                // Rewiring VFIO (an enable, a vector count change) is a backend call: made
+                // after the device lock is dropped.
+                let stale = Self::irq_mode_stale(&inner);
+                drop(inner);
+                let m = if stale { self.sync_irq_mode() } else { Ok(()) };
+                r.and(m).map(|()| none)
             }
         }
     }
 
     /// A write to the emulated config space, and what it means.
-    fn emulated_write(&self, inner: &mut Inner, off: usize, buf: &[u8]) -> Result<()> {
+    fn emulated_write(
+        &self,
+        inner: &mut Inner,
+        off: usize,
+        buf: &[u8],
+    ) -> Result<ConfigWriteOutcome> {
+        let mut outcome = ConfigWriteOutcome::default();
+        // The command register, a BAR or the ROM BAR: what the registers hold and where
+        // each BAR decodes must agree, whether or not a move was reported.
+        let end = off.saturating_add(buf.len());
+        let overlaps = |start: usize, len: usize| off < start + len && end > start;
+        let touches_decode = overlaps(COMMAND, 2) || overlaps(BAR0, ROM_ADDRESS + 4 - BAR0);
+        let touches_rom = overlaps(ROM_ADDRESS, 4);
+        let before = touches_decode.then(|| inner.decoded());
+        let rom_before = inner
+            .config
+            .rom()
+            .filter(|_| touches_rom)
+            .map(|r| r.enabled);
         // Filled in place: no copy of the effect list's capacity.
         let mut effects = WriteEffects::new();
         if let Err(e) = inner.config.write_into(off, buf, &mut effects) {
             log::debug!("config write at {off:#x} ignored: {e}");
-            return Ok(());
+            return Ok(outcome);
         }
         let mut result = Ok(());
         for effect in effects.iter() {
+            if let Some(on) = effect.memory_decode_toggled() {
+                outcome.memory_decode = Some(on);
+            }
+            if let Some(on) = effect.io_decode_toggled() {
+                outcome.io_decode = Some(on);
+            }
             match *effect {
                 WriteEffect::BarReprogram { bar, new_base, .. } => {
                     if let Err(e) = self.move_bar_locked(inner, bar, new_base) {
@@ -221,57 +275,85 @@ impl VfioPciDevice {
                 WriteEffect::CommandChange { new, .. } => {
                     if let Some(intx) = inner.intx.as_mut() {
                         if let Err(e) = intx.state.set_command(new) {
-                            result = Err(Error::Interrupts(e.to_string()));
+                            result = Err(Error::Interrupts {
+                                context: "a guest write to the command register (INTx disable)",
+                                source: e,
+                            });
                         }
                     }
                 }
             }
         }
-        // The command register, a BAR or the ROM BAR: what the registers hold and where
-        // each BAR decodes must agree, whether or not a move was reported.
-        let end = off.saturating_add(buf.len());
-        if (off < 0x06 && end > 0x04) || (off < 0x34 && end > 0x10) {
+        if let Some(before) = before {
             self.sync_decode(inner);
+            record_decode_changes(inner, &before, &mut outcome);
         }
-        result
+        if let Some(was) = rom_before {
+            let now = inner.config.rom().is_some_and(|r| r.enabled);
+            if now != was {
+                outcome.rom_enable = Some(now);
+            }
+        }
+        result.map(|()| outcome)
     }
 
     /// The guest reads `data.len()` (1, 2, 4 or 8) bytes at `offset` of a
-    /// trapped range of BAR `index` (6 = ROM). Bad accesses, and any access
-    /// to a BAR that decodes nowhere (see [`super::BarView::decoding`]), read
-    /// as all ones and are logged.
-    pub fn read_bar(&self, index: usize, offset: u64, data: &mut [u8]) {
+    /// trapped range of BAR `which`. Bad accesses, and any access to a BAR
+    /// that decodes nowhere (see [`super::BarView::decoding`]), read as all
+    /// ones and are logged.
+    ///
+    /// An access forwarded to the device's region is made after the device lock is
+    /// dropped: it may wait for the backend (a vfio-user reply) without holding up other
+    /// vCPUs' accesses to this device.
+    pub fn read_bar(&self, which: BarIndex, offset: u64, data: &mut [u8]) {
+        if let Some(region) = self.read_bar_locked(which, offset, data) {
+            if let Err(e) = self.vfio.region_read(region, offset, data) {
+                log::warn!("{which} read at {offset:#x} failed: {e}");
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// The part of [`Self::read_bar`] under the device lock: serves the access, or returns
+    /// the region to forward it to.
+    fn read_bar_locked(&self, which: BarIndex, offset: u64, data: &mut [u8]) -> Option<u32> {
+        let index = which.slot();
         let Ok(inner) = self.inner.lock() else {
             data.fill(0xff);
-            return;
+            return None;
         };
         let Some(bar) = inner.bar(index) else {
             data.fill(0xff);
-            return;
+            return None;
         };
         if !bar.decoding {
             // Its register holds an address the VMM refused: it decodes nowhere, and a read
             // nobody claims reads all ones.
             data.fill(0xff);
-            return;
+            return None;
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
-                "BAR{index} read of {} bytes at {offset:#x} ignored",
+                "{which} read of {} bytes at {offset:#x} ignored",
                 data.len()
             );
             data.fill(0xff);
-            return;
+            return None;
         }
         let len = data.len() as u64;
         if let Some(m) = inner.msix.as_ref() {
             if m.table.0 == index && within(offset, len, m.table.1.offset, m.table.1.len) {
                 m.state.table_read(offset - m.table.1.offset, data);
-                return;
+                return None;
             }
             if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
-                m.state.pba_read(offset - m.pba.1.offset, data);
-                return;
+                let rel = offset - m.pba.1.offset;
+                m.state.pba_read(rel, data);
+                // Wired through VFIO: a masked vector whose eventfd fired is pending.
+                if inner.irq_mode == IrqMode::Msix {
+                    pending::msix_pba(&m.state, m.group.as_ref(), rel, data);
+                }
+                return None;
             }
         }
         if let Some(hm) = bar
@@ -282,45 +364,57 @@ impl VfioPciDevice {
             // SAFETY: the range lies inside the live mapping (checked by
             // `within`), which this device owns until drop.
             unsafe { volatile_read(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
-            return;
+            return None;
         }
         if offset.saturating_add(len) <= bar.region.size {
-            let idx = u32::try_from(index).unwrap_or(u32::MAX);
-            if let Err(e) = self.vfio.region_read(idx, offset, data) {
-                log::warn!("BAR{index} read at {offset:#x} failed: {e}");
-                data.fill(0xff);
-            }
-        } else {
-            // Padding beyond the device's region (rounded-up or relocated BAR).
-            data.fill(0);
+            return Some(u32::try_from(index).unwrap_or(u32::MAX));
         }
+        // Padding beyond the device's region (rounded-up or relocated BAR).
+        data.fill(0);
+        None
     }
 
     /// The guest writes `data` (1, 2, 4 or 8 bytes) at `offset` of a trapped
-    /// range of BAR `index`. Bad accesses are ignored and logged; an `Err`
-    /// reports a backend failure.
-    pub fn write_bar(&self, index: usize, offset: u64, data: &[u8]) -> Result<()> {
+    /// range of BAR `which`. Bad accesses, and writes to the (read-only) ROM,
+    /// are ignored and logged; an `Err` reports a backend failure.
+    ///
+    /// As for reads, a write forwarded to the device's region is made after the device
+    /// lock is dropped.
+    pub fn write_bar(&self, which: BarIndex, offset: u64, data: &[u8]) -> Result<()> {
+        match self.write_bar_locked(which, offset, data)? {
+            Some(region) => self
+                .vfio
+                .region_write(region, offset, data)
+                .map_err(|e| Error::backend(format!("{which} write at {offset:#x}"), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The part of [`Self::write_bar`] under the device lock: serves the access, or returns
+    /// the region to forward it to.
+    fn write_bar_locked(&self, which: BarIndex, offset: u64, data: &[u8]) -> Result<Option<u32>> {
+        let index = which.slot();
         let mut inner = lock(&self.inner, "device")?;
         let inner = &mut *inner;
-        let bar = if index == ROM_BAR {
+        let bar = if which.is_rom() {
             // The ROM is read-only.
-            return Ok(());
+            return Ok(None);
         } else {
             inner.bars.get(index).and_then(|b| b.as_ref())
         };
         let Some(bar) = bar else {
-            return Ok(());
+            return Ok(None);
         };
         if !bar.decoding {
-            log::debug!("BAR{index} write ignored: the BAR decodes nowhere");
-            return Ok(());
+            log::debug!("{which} write ignored: the BAR decodes nowhere");
+            return Ok(None);
         }
         if !access_ok(offset, data.len(), bar.layout.guest_size, 8) {
             log::debug!(
-                "BAR{index} write of {} bytes at {offset:#x} ignored",
+                "{which} write of {} bytes at {offset:#x} ignored",
                 data.len()
             );
-            return Ok(());
+            return Ok(None);
         }
         let len = data.len() as u64;
         if let Some(m) = inner.msix.as_mut() {
@@ -328,11 +422,12 @@ impl VfioPciDevice {
                 return m
                     .state
                     .table_write(offset - m.table.1.offset, data)
-                    .map_err(|e| Error::Interrupts(e.to_string()));
+                    .map(|()| None)
+                    .map_err(Error::interrupts("a guest write to the MSI-X table"));
             }
             if m.pba.0 == index && within(offset, len, m.pba.1.offset, m.pba.1.len) {
                 m.state.pba_write(offset - m.pba.1.offset, data);
-                return Ok(());
+                return Ok(None);
             }
         }
         if let Some(hm) = bar
@@ -341,21 +436,15 @@ impl VfioPciDevice {
             .find(|h| within(offset, len, h.area.offset, h.area.len))
         {
             if !bar.region.writable() {
-                return Ok(());
+                return Ok(None);
             }
             // SAFETY: the range lies inside the live mapping (checked by
             // `within`), which this device owns until drop.
             unsafe { volatile_write(hm.mapping.as_ptr(), offset - hm.area.offset, data) };
-            return Ok(());
+            return Ok(None);
         }
-        if offset.saturating_add(len) <= bar.region.size {
-            let idx = u32::try_from(index).unwrap_or(u32::MAX);
-            self.vfio
-                .region_write(idx, offset, data)
-                .map_err(|e| Error::backend(format!("BAR{index} write at {offset:#x}"), e))
-        } else {
-            Ok(())
-        }
+        Ok((offset.saturating_add(len) <= bar.region.size)
+            .then(|| u32::try_from(index).unwrap_or(u32::MAX)))
     }
 }
 

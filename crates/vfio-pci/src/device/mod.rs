@@ -4,19 +4,22 @@ use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pci_bar_alloc::{BarAllocator, BarPlacement, BarRequest};
-use pci_config::{cap_id, ext_cap_id, BarKind, ConfigSpace, ROM_BAR};
+use pci_config::{BarKind, ConfigSpace, ROM_BAR};
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, IntxState, MsiState, MsixState};
 use serde::{Deserialize, Serialize};
-use vfio_backend::{irq, region, DomainId, Mapping, RegionInfo, SparseArea, Vfio};
+use vfio_backend::{DomainId, Mapping, RegionInfo, Vfio};
 
 use crate::dma::{DmaMode, GuestDma};
 use crate::layout::{BarLayout, MappedArea, MsixPiece, MsixRelocation};
 use crate::mapper::{GuestMapper, MappingId};
+use crate::outcome::{AddressSpace, BarIndex, BarRange, SLOTS};
 use crate::{Error, Result};
 
 mod access;
 mod irqs;
+mod pending;
 mod placement;
+mod plan;
 mod snapshot;
 
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
@@ -25,17 +28,24 @@ pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 pub const CONFIG_SPACE_SIZE: usize = 4096;
 const DWORDS: usize = CONFIG_SPACE_SIZE / 4;
 
-/// Smallest ROM BAR size the PCI spec allows (2 KiB).
-const MIN_ROM_SIZE: u64 = 2048;
-
 /// What the VMM lends the device: interrupt delivery, guest mappings, the
 /// BAR windows and guest RAM for DMA (the last two shared with the VMM's
 /// other devices).
 ///
-/// Lock order: a device's own lock first, then the BAR `allocator`'s; never
-/// the other way round. The lock inside [`GuestDma`] is outside that
-/// order: it is taken with neither held (when a device attaches or goes,
-/// and by the VMM's own calls) and takes neither.
+/// # Locks
+///
+/// A device has two locks of its own: the interrupt wiring lock, which serializes
+/// changes of what VFIO signals (`SET_IRQS`), and the device lock over its guest-visible
+/// state. The order is: wiring, then device, then the shared [`allocator`](Self::allocator);
+/// the interrupt groups' own locks (taken by [`InterruptSourceGroup`] calls) come last and
+/// are never held while taking any of these. No device lock is held across a backend call
+/// that can block (a forwarded config or BAR access, `SET_IRQS`, a reset): a vfio-user
+/// reply may take up to its timeout, and vCPUs touching the device's MSI-X table or
+/// emulated registers meanwhile must not wait. The wiring lock may be held across
+/// `SET_IRQS`; only interrupt rewiring, reset and restore take it. The `mapper` is called
+/// under the device lock (KVM memory slot changes do not wait on a peer). The lock inside
+/// [`GuestDma`] is outside that order: it is taken with none of them held (when a device
+/// attaches or goes, and by the VMM's own calls) and takes none of them.
 #[derive(Clone)]
 pub struct DeviceResources {
     /// Creates the MSI, MSI-X and INTx groups (KVM: irqfds and GSI routes).
@@ -107,30 +117,6 @@ impl Default for DeviceOptions {
     }
 }
 
-/// Extended capabilities the guest must not drive, and why.
-const DEFAULT_HIDDEN_EXTENDED: &[(u16, &str)] = &[
-    (
-        ext_cap_id::SRIOV,
-        "SR-IOV: a guest must not create virtual functions of a passed-through function",
-    ),
-    (
-        ext_cap_id::MRIOV,
-        "MR-IOV: multi-root sharing is the host's business",
-    ),
-    (
-        ext_cap_id::ARI,
-        "ARI: function numbering depends on the host's topology, not the guest's",
-    ),
-    (
-        ext_cap_id::RESIZABLE_BAR,
-        "resizable BAR: resizing would change a BAR under the VMM's placement (not virtualized yet)",
-    ),
-    (
-        ext_cap_id::VF_RESIZABLE_BAR,
-        "VF resizable BAR: belongs to SR-IOV, which is hidden",
-    ),
-];
-
 /// Which interrupt the device signals through VFIO right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum IrqMode {
@@ -162,8 +148,8 @@ enum Dword {
 /// One BAR as the guest sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BarView {
-    /// BAR index (0..=5), or 6 for the expansion ROM.
-    pub index: usize,
+    /// Which BAR (or the expansion ROM).
+    pub index: BarIndex,
     /// Memory or I/O, 32 or 64 bits, prefetchable.
     pub kind: BarKind,
     /// Size of the device's region.
@@ -188,6 +174,11 @@ pub struct BarView {
 }
 
 impl BarView {
+    /// The address space the BAR decodes in.
+    pub fn space(&self) -> AddressSpace {
+        AddressSpace::of(self.kind)
+    }
+
     /// Bytes of the BAR that trap to `read_bar` / `write_bar`.
     pub fn trapped_bytes(&self) -> u64 {
         let mapped: u64 = self.mapped.iter().map(|m| m.1).sum();
@@ -203,7 +194,7 @@ struct HostMap {
 }
 
 struct Bar {
-    index: usize,
+    index: BarIndex,
     kind: BarKind,
     region: RegionInfo,
     layout: BarLayout,
@@ -247,7 +238,7 @@ struct Inner {
 }
 
 impl Inner {
-    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`].
+    /// The BAR at `index` (a [`BarIndex::slot`]: 0..=5, or the ROM at [`ROM_BAR`]).
     fn bar(&self, index: usize) -> Option<&Bar> {
         if index == ROM_BAR {
             self.rom.as_ref()
@@ -256,13 +247,48 @@ impl Inner {
         }
     }
 
-    /// BAR `index` (0..=5), or the ROM for [`ROM_BAR`], to change.
+    /// The BAR at slot `index`, to change.
     fn bar_mut(&mut self, index: usize) -> Option<&mut Bar> {
         if index == ROM_BAR {
             self.rom.as_mut()
         } else {
             self.bars.get_mut(index).and_then(|b| b.as_mut())
         }
+    }
+
+    /// Where each BAR decodes now, by slot: what a config write's outcome compares.
+    fn decoded(&self) -> [Option<BarRange>; SLOTS] {
+        let mut out = [None; SLOTS];
+        for (slot, o) in out.iter_mut().enumerate() {
+            *o = self.bar(slot).and_then(Bar::decoded);
+        }
+        out
+    }
+}
+
+impl Bar {
+    /// A BAR as planned: not yet placed, mapped or decoding.
+    fn new(index: BarIndex, kind: BarKind, region: RegionInfo, layout: BarLayout) -> Self {
+        Bar {
+            index,
+            kind,
+            region,
+            layout,
+            placement: None,
+            maps: Vec::new(),
+            decoding: false,
+        }
+    }
+
+    /// The range the BAR decodes at, or `None` (decodes nowhere).
+    fn decoded(&self) -> Option<BarRange> {
+        if !self.decoding {
+            return None;
+        }
+        self.placement.map(|p| BarRange {
+            base: p.base,
+            size: self.layout.guest_size,
+        })
     }
 }
 
@@ -284,6 +310,10 @@ pub struct VfioPciDevice {
     config_size: usize,
     kept: Vec<KeptCapability>,
     hidden: Vec<HiddenCapability>,
+    /// Serializes changes of VFIO's interrupt wiring (see `irqs.rs`); taken before the
+    /// device lock, never under it, and held across the `SET_IRQS` calls, which the device
+    /// lock never is.
+    wiring: Mutex<()>,
     inner: Mutex<Inner>,
 }
 
@@ -294,19 +324,6 @@ impl std::fmt::Debug for VfioPciDevice {
             .field("kept", &self.kept)
             .field("hidden", &self.hidden)
             .finish()
-    }
-}
-
-fn bar_kind_from_register(reg: u32) -> BarKind {
-    if reg & 1 != 0 {
-        BarKind::Io
-    } else {
-        let prefetchable = reg & 0x8 != 0;
-        if (reg >> 1) & 0x3 == 0x2 {
-            BarKind::Memory64 { prefetchable }
-        } else {
-            BarKind::Memory32 { prefetchable }
-        }
     }
 }
 
@@ -324,10 +341,8 @@ fn request_for(kind: BarKind, size: u64, mmappable: bool) -> BarRequest {
     }
 }
 
-#[inline]
-fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
-    m.lock()
-        .map_err(|_| Error::InvalidArgument(format!("{what} lock poisoned by an earlier panic")))
+fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {
+    m.lock().map_err(|_| Error::Poisoned { what })
 }
 
 impl VfioPciDevice {
@@ -335,515 +350,25 @@ impl VfioPciDevice {
     /// regions, decides what the guest sees, places and maps its BARs, and
     /// creates its interrupt groups. The device starts with INTx wired (when
     /// it has one) and nothing else enabled.
+    ///
+    /// Attach is a pipeline: the reads first (device info, config space, region infos,
+    /// the INTx count), then pure planning stages decide what the guest sees (`plan.rs`),
+    /// then the interrupt groups are created and the BARs placed and mapped.
     pub fn new(
         vfio: Arc<dyn Vfio>,
         resources: DeviceResources,
         options: DeviceOptions,
     ) -> Result<Self> {
-        let info = vfio
-            .device_info()
-            .map_err(|e| Error::backend("VFIO_DEVICE_GET_INFO", e))?;
-        if !info.is_pci() {
-            return Err(Error::Config(format!(
-                "not a PCI device (device flags {:#x})",
-                info.flags
-            )));
-        }
-        if info.num_regions < region::CONFIG + 1 {
-            return Err(Error::Config(format!(
-                "a PCI device has at least {} regions, this one reports {}",
-                region::CONFIG + 1,
-                info.num_regions
-            )));
-        }
+        let probe = plan::Probe::read(vfio.as_ref())?;
         let page_size = options
             .page_size
             .unwrap_or_else(pci_bar_alloc::host_page_size);
         if !page_size.is_power_of_two() {
-            return Err(Error::InvalidArgument(format!(
-                "page size {page_size:#x} is not a power of two"
-            )));
+            return Err(Error::PageSize { size: page_size });
         }
-
-        // Config space as the device has it.
-        let cfg_info = vfio
-            .region_info(region::CONFIG)
-            .map_err(|e| Error::backend("config region info", e))?;
-        let config_size = usize::try_from(cfg_info.size)
-            .unwrap_or(CONFIG_SPACE_SIZE)
-            .min(CONFIG_SPACE_SIZE);
-        if config_size < 64 {
-            return Err(Error::Config(format!(
-                "config region of {config_size} bytes is smaller than the 64-byte header"
-            )));
-        }
-        let mut raw = vec![0u8; config_size];
-        vfio.region_read(region::CONFIG, 0, &mut raw)
-            .map_err(|e| Error::backend("reading config space", e))?;
-        let mut config = ConfigSpace::from_bytes(&raw)
-            .map_err(|e| Error::Config(format!("device config space: {e}")))?;
-        // A passed-through function is a single-function device to the guest.
-        config.set_multifunction(false);
-
-        let mut policy: Box<[Dword; DWORDS]> = Box::new([Dword::Passthrough; DWORDS]);
-        // The header is emulated except command/status.
-        for p in policy.iter_mut().take(16) {
-            *p = Dword::Emulated;
-        }
-        if let Some(p) = policy.get_mut(1) {
-            *p = Dword::Command;
-        }
-        // Past the device's config region (a conventional PCI device has
-        // 256 bytes): emulated zeros.
-        for p in policy.iter_mut().skip(config_size / 4) {
-            *p = Dword::Emulated;
-        }
-
-        // Capabilities: keep, hide, emulate.
-        let mut kept = Vec::new();
-        let mut hidden = Vec::new();
-        let (caps, cap_err) = pci_config::parse_capabilities_lenient(&raw);
-        if let Some(e) = &cap_err {
-            log::warn!("device capability list is broken ({e}); keeping the {} capabilities before the break", caps.len());
-            // End the chain at the last good capability so the guest never
-            // follows the broken pointer.
-            match caps.last() {
-                Some(last) => {
-                    let _ = config.set_u8(usize::from(last.offset) + 1, 0);
-                }
-                None => config.set_capabilities_pointer(0),
-            }
-        }
-        let (ext_caps, ext_err) = if config_size > 0x100 {
-            pci_config::parse_extended_capabilities_lenient(&raw)
-        } else {
-            (Vec::new(), None)
-        };
-        if let Some(e) = &ext_err {
-            log::warn!(
-                "device extended capability list is broken ({e}); keeping the {} before the break",
-                ext_caps.len()
-            );
-            if let Some(last) = ext_caps.last() {
-                let off = usize::from(last.offset);
-                let mut hdr = [0u8; 4];
-                let _ = config.get_bytes(off, &mut hdr);
-                let v = u32::from_le_bytes(hdr) & 0x000f_ffff;
-                let _ = config.set_u32(off, v);
-            } else {
-                let _ = config.set_u32(0x100, 0);
-            }
-        }
-
-        // Extents of standard capabilities: up to the next one by offset.
-        let mut std_offsets: Vec<usize> = caps.iter().map(|c| usize::from(c.offset)).collect();
-        std_offsets.sort_unstable();
-        let std_extent = |off: usize| -> usize {
-            std_offsets
-                .iter()
-                .copied()
-                .find(|&o| o > off)
-                .unwrap_or(0x100)
-                .min(0x100)
-        };
-        let mut ext_offsets: Vec<usize> = ext_caps.iter().map(|c| usize::from(c.offset)).collect();
-        ext_offsets.sort_unstable();
-        let ext_extent = |off: usize| -> usize {
-            ext_offsets
-                .iter()
-                .copied()
-                .find(|&o| o > off)
-                .unwrap_or(config_size)
-                .min(config_size)
-        };
-
-        // Past a broken chain, capabilities (an SR-IOV we would have hidden,
-        // say) can no longer be found: keep the guest away from every byte
-        // that is not a kept capability's.
-        // The last capability before the break has no known end: it gets
-        // the length the spec gives its id.
-        if cap_err.is_some() {
-            set_policy(&mut policy, 0x40, 0x100.min(config_size), Dword::Emulated);
-            for c in &caps {
-                let off = usize::from(c.offset);
-                let end = std_extent(off).min(off + std_cap_len(c.id, &raw, off));
-                set_policy(&mut policy, off, end, Dword::Passthrough);
-            }
-        }
-        if ext_err.is_some() {
-            set_policy(&mut policy, 0x100, config_size, Dword::Emulated);
-            for c in &ext_caps {
-                let off = usize::from(c.offset);
-                let end = ext_extent(off).min(off + ext_cap_len(c.id));
-                set_policy(&mut policy, off, end, Dword::Passthrough);
-            }
-        }
-
-        let mut msi_cap = None;
-        let mut msix_cap = None;
-        for c in &caps {
-            let off = usize::from(c.offset);
-            if options.hide_capabilities.contains(&c.id) {
-                config
-                    .hide_capability(c.offset)
-                    .map_err(|e| Error::Config(format!("hiding capability {:#x}: {e}", c.id)))?;
-                set_policy(&mut policy, off, std_extent(off), Dword::Emulated);
-                hidden.push(HiddenCapability {
-                    id: u16::from(c.id),
-                    extended: false,
-                    offset: c.offset,
-                    reason: "hidden at the VMM's request".into(),
-                });
-                continue;
-            }
-            let emulated = match c.id {
-                cap_id::MSI if msi_cap.is_none() => {
-                    msi_cap = Some(off);
-                    true
-                }
-                cap_id::MSIX if msix_cap.is_none() => {
-                    msix_cap = Some(off);
-                    true
-                }
-                _ => false,
-            };
-            // The header dword (id, next pointer) is ours: hiding rewrites it.
-            set_policy(&mut policy, off, off + 4, Dword::Emulated);
-            kept.push(KeptCapability {
-                id: u16::from(c.id),
-                extended: false,
-                offset: c.offset,
-                emulated,
-            });
-        }
-        for c in &ext_caps {
-            let off = usize::from(c.offset);
-            let default_reason = DEFAULT_HIDDEN_EXTENDED
-                .iter()
-                .find(|(id, _)| *id == c.id)
-                .map(|(_, r)| (*r).to_string());
-            let reason = default_reason.or_else(|| {
-                options
-                    .hide_extended_capabilities
-                    .contains(&c.id)
-                    .then(|| "hidden at the VMM's request".to_string())
-            });
-            if let Some(reason) = reason {
-                config.hide_extended_capability(c.offset).map_err(|e| {
-                    Error::Config(format!("hiding extended capability {:#x}: {e}", c.id))
-                })?;
-                // Its body is no longer reachable; keep the guest away from
-                // the device's registers there.
-                set_policy(&mut policy, off + 4, ext_extent(off), Dword::Emulated);
-                set_policy(&mut policy, off, off + 4, Dword::Emulated);
-                hidden.push(HiddenCapability {
-                    id: c.id,
-                    extended: true,
-                    offset: c.offset,
-                    reason,
-                });
-                continue;
-            }
-            set_policy(&mut policy, off, off + 4, Dword::Emulated);
-            kept.push(KeptCapability {
-                id: c.id,
-                extended: true,
-                offset: c.offset,
-                emulated: false,
-            });
-        }
-        // Zero the bodies of hidden extended caps in the emulated view.
-        for h in hidden.iter().filter(|h| h.extended) {
-            let off = usize::from(h.offset);
-            let end = ext_extent(off);
-            for o in (off + 4..end).step_by(4) {
-                let _ = config.set_u32(o, 0);
-            }
-        }
-
-        // BARs: sizes from the device, kinds from its BAR registers.
-        let mut bar_defs: [Option<(BarKind, RegionInfo)>; 6] = Default::default();
-        let mut skip_next = false;
-        for (i, slot) in bar_defs.iter_mut().enumerate() {
-            if skip_next {
-                skip_next = false;
-                continue;
-            }
-            let index = u32::try_from(i).unwrap_or(0);
-            let rinfo = match vfio.region_info(region::BAR0 + index) {
-                Ok(r) => r,
-                Err(e) => {
-                    log::warn!("BAR{i}: region info failed ({e}); the BAR is left out");
-                    continue;
-                }
-            };
-            if rinfo.size == 0 {
-                continue;
-            }
-            let reg = raw
-                .get(0x10 + 4 * i..0x14 + 4 * i)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_le_bytes)
-                .unwrap_or(0);
-            let kind = bar_kind_from_register(reg);
-            if kind.is_64bit() {
-                if i == 5 {
-                    log::warn!("BAR5 declares a 64-bit BAR, which needs a sixth register; the BAR is left out");
-                    continue;
-                }
-                skip_next = true;
-            }
-            *slot = Some((kind, rinfo));
-        }
-
-        // MSI-X: where the table and PBA live.
-        let msix_bytes = msix_cap
-            .filter(|off| off + 12 <= 0x100)
-            .and_then(|off| raw.get(off..off + 12).map(|b| (off, b.to_vec())));
-        let msix_device = match &msix_bytes {
-            Some((off, b)) => match MsixState::from_bytes(b) {
-                Ok(s) => Some((*off, s)),
-                Err(e) => {
-                    log::warn!("MSI-X capability unusable ({e}); MSI-X is left out");
-                    None
-                }
-            },
-            None => None,
-        };
-        let mut msix_places: Option<(usize, MsixPiece, usize, MsixPiece)> = None;
-        if let Some((_, s)) = &msix_device {
-            let t = s.table_location();
-            let p = s.pba_location();
-            let tb = usize::from(t.bir);
-            let pb = usize::from(p.bir);
-            let table_ok = bar_defs
-                .get(tb)
-                .and_then(|d| d.as_ref())
-                .is_some_and(|(_, r)| u64::from(t.offset) + u64::from(t.size) <= r.size);
-            let pba_ok = bar_defs
-                .get(pb)
-                .and_then(|d| d.as_ref())
-                .is_some_and(|(_, r)| u64::from(p.offset) + u64::from(p.size) <= r.size);
-            if table_ok && pba_ok {
-                msix_places = Some((
-                    tb,
-                    MsixPiece {
-                        offset: u64::from(t.offset),
-                        len: u64::from(t.size),
-                    },
-                    pb,
-                    MsixPiece {
-                        offset: u64::from(p.offset),
-                        len: u64::from(p.size),
-                    },
-                ));
-            } else {
-                log::warn!(
-                    "MSI-X table (BAR{} +{:#x}, {:#x} bytes) or PBA (BAR{} +{:#x}) lies outside its BAR; MSI-X is left out",
-                    t.bir, t.offset, t.size, p.bir, p.offset
-                );
-            }
-        }
-        if msix_places.is_none() {
-            if let Some(off) = msix_cap {
-                hide_unusable(
-                    &mut config,
-                    &mut policy,
-                    &mut kept,
-                    &mut hidden,
-                    (off, std_extent(off), cap_id::MSIX),
-                    "MSI-X unusable: its table or PBA lies outside the BAR it names, or the capability runs past 0xff",
-                );
-            }
-        }
-
-        // Layouts.
-        let mut bars: [Option<Bar>; 6] = Default::default();
-        for (i, def) in bar_defs.into_iter().enumerate() {
-            let Some((kind, rinfo)) = def else { continue };
-            let areas: Vec<SparseArea> = if kind.is_memory() {
-                rinfo.mmap_areas()
-            } else {
-                Vec::new()
-            };
-            let (table, pba) = match msix_places {
-                Some((tb, t, pb, p)) => ((tb == i).then_some(t), (pb == i).then_some(p)),
-                None => (None, None),
-            };
-            let mut layout = BarLayout::compute(
-                rinfo.size,
-                &areas,
-                table,
-                pba,
-                page_size,
-                options.msix_relocation,
-            );
-            // The PCI minimums: 16 bytes for memory, 4 for I/O.
-            let min = if kind.is_memory() { 16 } else { 4 };
-            layout.guest_size = layout.guest_size.max(min);
-            if let Err(e) = config.declare_bar(i, kind, layout.guest_size) {
-                log::warn!(
-                    "BAR{i} of {:#x} bytes cannot be declared ({e}); it is left out",
-                    layout.guest_size
-                );
-                continue;
-            }
-            bars[i] = Some(Bar {
-                index: i,
-                kind,
-                region: rinfo,
-                layout,
-                placement: None,
-                maps: Vec::new(),
-                decoding: false,
-            });
-        }
-
-        // ROM.
-        let rom = match vfio.region_info(region::ROM) {
-            Ok(r) if r.size > 0 => {
-                let size = r
-                    .size
-                    .checked_next_power_of_two()
-                    .unwrap_or(r.size)
-                    .max(MIN_ROM_SIZE);
-                match config.declare_rom(size) {
-                    Ok(()) => Some(Bar {
-                        index: ROM_BAR,
-                        kind: BarKind::Memory32 {
-                            prefetchable: false,
-                        },
-                        layout: BarLayout {
-                            guest_size: size,
-                            ..BarLayout::compute(
-                                r.size,
-                                &[],
-                                None,
-                                None,
-                                page_size,
-                                MsixRelocation::Never,
-                            )
-                        },
-                        region: r,
-                        placement: None,
-                        maps: Vec::new(),
-                        decoding: false,
-                    }),
-                    Err(e) => {
-                        log::warn!("ROM of {size:#x} bytes cannot be declared ({e}); no ROM");
-                        None
-                    }
-                }
-            }
-            Ok(_) => None,
-            Err(e) => {
-                log::info!("no ROM region ({e})");
-                None
-            }
-        };
-
-        // Interrupts.
-        let irqs = &resources.interrupts;
-        let msi = match msi_cap {
-            Some(off) => {
-                let end = (off + 24).min(config_size);
-                match raw.get(off..end).map(MsiState::from_bytes) {
-                    Some(Ok(mut state)) if off + state.cap_len() <= 0x100 => {
-                        let group = irqs.create_msi_group(state.max_vectors()).map_err(|e| {
-                            Error::Interrupts(format!("creating the MSI group: {e}"))
-                        })?;
-                        state.set_group(Some(group.clone())).map_err(|e| {
-                            Error::Interrupts(format!("binding the MSI group: {e}"))
-                        })?;
-                        set_policy(&mut policy, off, off + state.cap_len(), Dword::Msi);
-                        Some(MsiCtx {
-                            offset: off,
-                            state,
-                            group,
-                        })
-                    }
-                    _ => {
-                        log::warn!("MSI capability at {off:#x} unusable; MSI is left out");
-                        hide_unusable(
-                            &mut config,
-                            &mut policy,
-                            &mut kept,
-                            &mut hidden,
-                            (off, std_extent(off), cap_id::MSI),
-                            "MSI capability unusable: truncated or running past 0xff",
-                        );
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        let msix = match (msix_device, msix_places) {
-            (Some((off, dev_state)), Some((tb, _, pb, _))) => {
-                let table = bars
-                    .get(tb)
-                    .and_then(|b| b.as_ref())
-                    .and_then(|b| b.layout.msix_table);
-                let pba = bars
-                    .get(pb)
-                    .and_then(|b| b.as_ref())
-                    .and_then(|b| b.layout.msix_pba);
-                match (table, pba) {
-                    (Some(t), Some(p)) => {
-                        let tl = dev_state.table_location();
-                        let pl = dev_state.pba_location();
-                        let (Ok(t_off), Ok(p_off)) =
-                            (u32::try_from(t.offset), u32::try_from(p.offset))
-                        else {
-                            return Err(Error::Config(format!(
-                                "MSI-X table at {:#x} or PBA at {:#x} beyond 4 GiB",
-                                t.offset, p.offset
-                            )));
-                        };
-                        let mut state =
-                            MsixState::new(dev_state.table_size(), tl.bir, t_off, pl.bir, p_off)
-                                .map_err(|e| Error::Interrupts(format!("MSI-X capability: {e}")))?;
-                        let group = irqs.create_msi_group(state.table_size()).map_err(|e| {
-                            Error::Interrupts(format!("creating the MSI-X group: {e}"))
-                        })?;
-                        state.set_group(Some(group.clone())).map_err(|e| {
-                            Error::Interrupts(format!("binding the MSI-X group: {e}"))
-                        })?;
-                        set_policy(&mut policy, off, off + 12, Dword::Msix);
-                        Some(MsixCtx {
-                            offset: off,
-                            state,
-                            group,
-                            table: (tb, t),
-                            pba: (pb, p),
-                        })
-                    }
-                    _ => None,
-                }
-            }
-            _ => None,
-        };
-        let intx_count = vfio.irq_info(irq::INTX).map(|i| i.count).unwrap_or(0);
-        let pin = config.interrupt_pin();
-        let intx = if intx_count > 0 && (1..=4).contains(&pin) {
-            let state = IntxState::from_pin_register(pin)
-                .map_err(|e| Error::Interrupts(format!("INTx pin: {e}")))?;
-            let group = irqs
-                .create_intx_group()
-                .map_err(|e| Error::Interrupts(format!("creating the INTx group: {e}")))?;
-            let mut state = state;
-            state
-                .set_group(Some(group.clone()))
-                .map_err(|e| Error::Interrupts(format!("binding the INTx group: {e}")))?;
-            Some(IntxCtx { state, group })
-        } else {
-            if pin != 0 {
-                log::info!("device reports INTx pin {pin} but no INTx interrupt; pin cleared");
-            }
-            config.set_interrupt_pin(0);
-            None
-        };
-
+        let probe = probe.read_regions(vfio.as_ref())?;
+        let mut plan = plan::AttachPlan::build(&probe, &options, page_size)?;
+        let irqs = irqs::create_groups(resources.interrupts.as_ref(), &mut plan)?;
         // Joins the backend's IOMMU domain (the domain's first device maps
         // guest RAM there); dropping the device leaves it again.
         let dma_domain = resources.dma.attach(&*vfio, options.dma_mode)?;
@@ -851,25 +376,23 @@ impl VfioPciDevice {
             vfio,
             resources,
             dma_domain,
-            policy,
-            config_size,
-            kept,
-            hidden,
+            policy: plan.policy,
+            config_size: probe.config_size(),
+            kept: plan.caps.kept,
+            hidden: plan.caps.hidden,
+            wiring: Mutex::new(()),
             inner: Mutex::new(Inner {
-                config,
-                bars,
-                rom,
-                msi,
-                msix,
-                intx,
+                config: plan.config,
+                bars: plan.bars,
+                rom: plan.rom,
+                msi: irqs.msi,
+                msix: irqs.msix,
+                intx: irqs.intx,
                 irq_mode: IrqMode::None,
             }),
         };
-        {
-            let mut inner = lock(&dev.inner, "device")?;
-            dev.place_all(&mut inner)?;
-            dev.apply_irq_mode(&mut inner)?;
-        }
+        dev.place_all(&mut *lock(&dev.inner, "device")?)?;
+        dev.sync_irq_mode()?;
         Ok(dev)
     }
 
@@ -946,7 +469,7 @@ impl VfioPciDevice {
             .unwrap_or(0)
     }
 
-    /// Every BAR (and the ROM, as index 6) as the guest sees it.
+    /// Every BAR (then the ROM) as the guest sees it.
     pub fn bars(&self) -> Vec<BarView> {
         let Ok(inner) = self.inner.lock() else {
             return Vec::new();
@@ -960,9 +483,9 @@ impl VfioPciDevice {
             .collect()
     }
 
-    /// The BAR (index, offset) that holds guest address `addr` of the given
-    /// space, if any: what a VMM's bus dispatch needs.
-    pub fn bar_at(&self, addr: u64, io: bool) -> Option<(usize, u64)> {
+    /// The BAR (index, offset) that decodes guest address (or port) `addr` of
+    /// `space`, if any: what a VMM's bus dispatch needs.
+    pub fn bar_at(&self, addr: u64, space: AddressSpace) -> Option<(BarIndex, u64)> {
         let inner = self.inner.lock().ok()?;
         inner
             .bars
@@ -970,7 +493,7 @@ impl VfioPciDevice {
             .flatten()
             .chain(inner.rom.iter())
             .find_map(|b| {
-                if (b.kind == BarKind::Io) != io {
+                if AddressSpace::of(b.kind) != space {
                     return None;
                 }
                 if !b.decoding {
@@ -983,78 +506,15 @@ impl VfioPciDevice {
     }
 }
 
-/// Length of a standard capability by id (PCI Local Bus 3.0, PCIe Base),
-/// for capabilities whose end is not given by the next one.
-fn std_cap_len(id: u8, raw: &[u8], off: usize) -> usize {
-    match id {
-        cap_id::PCI_EXPRESS => 0x3c,
-        // Vendor specific: its length is in byte 2.
-        cap_id::VENDOR_SPECIFIC => usize::from(raw.get(off + 2).copied().unwrap_or(4)).max(4),
-        // Power Management, MSI (by its flags), MSI-X; else the header.
-        _ => pci_config::fixed_capability_len(id, raw, off),
-    }
-}
-
-/// Length of an extended capability by id (PCIe Base 6.0 chapter 7), for
-/// capabilities whose end is not given by the next one.
-fn ext_cap_len(id: u16) -> usize {
-    match id {
-        ext_cap_id::AER => 0x48,
-        ext_cap_id::SRIOV => 0x40,
-        ext_cap_id::PRI | ext_cap_id::L1_PM_SUBSTATES => 0x10,
-        ext_cap_id::DEVICE_SERIAL_NUMBER | ext_cap_id::PTM => 0x0c,
-        ext_cap_id::ARI
-        | ext_cap_id::ATS
-        | ext_cap_id::LTR
-        | ext_cap_id::PASID
-        | ext_cap_id::ACS => 0x08,
-        // Unknown length: the header only.
-        _ => 4,
-    }
-}
-
-/// Hides a standard capability the device model cannot use, and keeps the
-/// guest away from its registers.
-fn hide_unusable(
-    config: &mut ConfigSpace,
-    policy: &mut [Dword; DWORDS],
-    kept: &mut Vec<KeptCapability>,
-    hidden: &mut Vec<HiddenCapability>,
-    (off, end, id): (usize, usize, u8),
-    reason: &str,
-) {
-    let offset = u16::try_from(off).unwrap_or(0);
-    if let Err(e) = config.hide_capability(offset) {
-        log::warn!("could not hide the unusable capability {id:#x} at {off:#x}: {e}");
-    }
-    kept.retain(|k| k.extended || k.offset != offset);
-    hidden.push(HiddenCapability {
-        id: u16::from(id),
-        extended: false,
-        offset,
-        reason: reason.into(),
-    });
-    // Its registers, up to the next capability, are no longer forwarded:
-    // the guest reads them as they were at attach.
-    set_policy(policy, off, end, Dword::Emulated);
-}
-
-fn set_policy(policy: &mut [Dword; DWORDS], start: usize, end: usize, p: Dword) {
-    let first = start / 4;
-    let last = end.div_ceil(4);
-    for d in policy.iter_mut().take(last.min(DWORDS)).skip(first) {
-        *d = p;
-    }
-}
-
 fn bar_view(b: &Bar, inner: &Inner) -> BarView {
     let base = b.placement.as_ref().map(|p| p.base);
     let at = |off: u64| base.map(|x| x.wrapping_add(off)).unwrap_or(off);
     let msix_table = inner.msix.as_ref().and_then(|m| {
-        (m.table.0 == b.index && b.index != ROM_BAR).then(|| (at(m.table.1.offset), m.table.1.len))
+        (m.table.0 == b.index.slot() && !b.index.is_rom())
+            .then(|| (at(m.table.1.offset), m.table.1.len))
     });
     let msix_pba = inner.msix.as_ref().and_then(|m| {
-        (m.pba.0 == b.index && b.index != ROM_BAR).then(|| (at(m.pba.1.offset), m.pba.1.len))
+        (m.pba.0 == b.index.slot() && !b.index.is_rom()).then(|| (at(m.pba.1.offset), m.pba.1.len))
     });
     BarView {
         index: b.index,

@@ -6,7 +6,25 @@ use pci_config::{BarKind, ROM_BAR};
 use vfio_backend::SparseArea;
 
 use super::{lock, request_for, Bar, HostMap, Inner, VfioPciDevice};
+use crate::outcome::{AddressSpace, BarIndex, BarRange, ConfigWriteOutcome, SLOTS};
 use crate::{Error, Result};
+
+/// Records in `outcome` every BAR whose decoded range differs from `before` (by slot).
+pub(super) fn record_decode_changes(
+    inner: &Inner,
+    before: &[Option<BarRange>; SLOTS],
+    outcome: &mut ConfigWriteOutcome,
+) {
+    for (slot, old) in before.iter().enumerate() {
+        let Some(bar) = inner.bar(slot) else {
+            continue;
+        };
+        let new = bar.decoded();
+        if new != *old {
+            outcome.record(bar.index, AddressSpace::of(bar.kind), *old, new);
+        }
+    }
+}
 
 impl VfioPciDevice {
     /// Places every BAR and the ROM, makes the host mappings and maps them
@@ -25,7 +43,7 @@ impl VfioPciDevice {
                     inner
                         .config
                         .set_bar_address(i, p.base)
-                        .map_err(|e| Error::BarPlacement(format!("BAR{i}: {e}")))?;
+                        .map_err(Error::config("declaring a BAR's address"))?;
                     if let Some(bar) = inner.bars.get_mut(i).and_then(|b| b.as_mut()) {
                         bar.placement = Some(p);
                         self.guest_map(bar)?;
@@ -39,10 +57,10 @@ impl VfioPciDevice {
                     );
                 }
                 Err(e) => {
-                    return Err(Error::BarPlacement(format!(
-                        "BAR{i} ({:#x} bytes): {e}",
-                        bar.layout.guest_size
-                    )))
+                    return Err(Error::BarPlacement {
+                        bar: bar.index,
+                        source: e,
+                    })
                 }
             }
         }
@@ -54,7 +72,7 @@ impl VfioPciDevice {
                     inner
                         .config
                         .set_rom_address(p.base)
-                        .map_err(|e| Error::BarPlacement(format!("ROM: {e}")))?;
+                        .map_err(Error::config("declaring the ROM's address"))?;
                     rom.placement = Some(p);
                     rom.decoding = true;
                 }
@@ -67,7 +85,7 @@ impl VfioPciDevice {
     /// Makes the host mappings of a BAR's mappable areas. An area the
     /// backend refuses to map is trapped instead.
     pub(super) fn host_map(&self, bar: &mut Bar) {
-        let Ok(index) = u32::try_from(bar.index) else {
+        let Ok(index) = u32::try_from(bar.index.slot()) else {
             return;
         };
         for area in &bar.layout.mapped {
@@ -84,7 +102,7 @@ impl VfioPciDevice {
                     guest: None,
                 }),
                 Err(e) => log::warn!(
-                    "BAR{}: mmap of {:#x}+{:#x} failed ({e}); that range traps",
+                    "{}: mmap of {:#x}+{:#x} failed ({e}); that range traps",
                     bar.index,
                     area.offset,
                     area.len
@@ -118,10 +136,12 @@ impl VfioPciDevice {
                 Ok(id) => m.guest = Some(id),
                 Err(e) if e.kind() == std::io::ErrorKind::Unsupported => m.guest = None,
                 Err(e) => {
-                    failed = Some(Error::GuestMapping(format!(
-                        "BAR{} at {gpa:#x} (+{:#x}): {e}",
-                        bar.index, m.area.len
-                    )));
+                    failed = Some(Error::GuestMapping {
+                        bar: bar.index,
+                        gpa,
+                        len: m.area.len,
+                        source: e,
+                    });
                     break;
                 }
             }
@@ -138,18 +158,21 @@ impl VfioPciDevice {
         for m in bar.maps.iter_mut() {
             if let Some(id) = m.guest.take() {
                 if let Err(e) = self.resources.mapper.unmap(id) {
-                    log::warn!("BAR{}: guest unmap failed: {e}", bar.index);
+                    log::warn!("{}: guest unmap failed: {e}", bar.index);
                 }
             }
         }
     }
 
-    /// Moves BAR `index` (6 = ROM) to `new_base`, as the VMM asks: the BAR register is set
-    /// to `new_base` and the BAR decodes there. Refused unless the new range lies inside the
+    /// Moves BAR `bar` to `new_base`, as the VMM asks: the BAR register is set to
+    /// `new_base` and the BAR decodes there. Refused unless the new range lies inside the
     /// VMM's windows and overlaps nothing; on any failure the old placement, register and
-    /// mappings stay.
-    pub fn move_bar(&self, index: usize, new_base: u64) -> Result<()> {
+    /// mappings stay. Returns what changed for the bus, as
+    /// [`write_config`](Self::write_config) does.
+    pub fn move_bar(&self, bar: BarIndex, new_base: u64) -> Result<ConfigWriteOutcome> {
+        let index = bar.slot();
         let mut inner = lock(&self.inner, "device")?;
+        let before = inner.decoded();
         let r = self.move_bar_locked(&mut inner, index, new_base);
         if r.is_ok() {
             let set = if index == ROM_BAR {
@@ -162,7 +185,9 @@ impl VfioPciDevice {
             }
         }
         self.sync_decode(&mut inner);
-        r
+        let mut outcome = ConfigWriteOutcome::default();
+        record_decode_changes(&inner, &before, &mut outcome);
+        r.map(|()| outcome)
     }
 
     /// Moves BAR `index`'s placement to `new_base` and maps it there. On refusal (outside
@@ -176,15 +201,14 @@ impl VfioPciDevice {
         new_base: u64,
     ) -> Result<()> {
         let Some(bar) = inner.bar_mut(index) else {
-            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+            return Err(Error::NoSuchBar { slot: index });
         };
         let Some(old) = bar.placement else {
             // Never placed (an I/O BAR without an I/O window): nothing the
             // guest may move it onto is known to be free.
-            return Err(Error::BarPlacement(format!(
-                "BAR{index} has no placement in the VMM's windows; moves are refused"
-            )));
+            return Err(Error::BarNotPlaced { bar: bar.index });
         };
+        let which = bar.index;
         if old.base == new_base {
             return Ok(());
         }
@@ -192,14 +216,14 @@ impl VfioPciDevice {
             match lock(&self.resources.allocator, "BAR allocator")?.relocate(&old, new_base) {
                 Ok(p) => p,
                 Err(e) => {
-                    return Err(Error::BarPlacement(format!(
-                        "BAR{index}: move from {:#x} to {new_base:#x} refused: {e}",
-                        old.base
-                    )));
+                    return Err(Error::BarPlacement {
+                        bar: which,
+                        source: e,
+                    });
                 }
             };
         let Some(bar) = inner.bar_mut(index) else {
-            return Err(Error::InvalidArgument(format!("no BAR {index}")));
+            return Err(Error::NoSuchBar { slot: index });
         };
         self.guest_unmap(bar);
         bar.decoding = false;
@@ -267,7 +291,7 @@ impl VfioPciDevice {
             .iter()
             .flatten()
             .chain(inner.rom.iter())
-            .filter_map(|b| b.placement.map(|p| (b.index, p.base)))
+            .filter_map(|b| b.placement.map(|p| (b.index.slot(), p.base)))
             .collect();
         for (index, base) in placed {
             let r = if index == ROM_BAR {

@@ -5,11 +5,15 @@
 //! internal state is not ours to save (that is VFIO migration's job).
 
 use pci_bar_alloc::BarPlacement;
+use pci_config::regs::{
+    COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
+};
 use pci_config::{ConfigSpace, ConfigSpaceSnapshot, ROM_BAR};
 use pci_interrupts::{IntxSnapshot, MsiSnapshot, MsixSnapshot};
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Inner, IrqMode, VfioPciDevice};
+use crate::outcome::BarIndex;
 use crate::{Error, Result};
 
 /// Format version of [`DeviceState`] inside a [`DeviceSnapshot`].
@@ -70,14 +74,15 @@ impl VfioPciDevice {
     /// routes it had. On error nothing changes.
     pub fn restore(&self, snapshot: &DeviceSnapshot) -> Result<()> {
         if snapshot.version != DEVICE_SNAPSHOT_VERSION {
-            return Err(Error::Snapshot(format!(
-                "snapshot format version {} is not supported (this build reads {})",
-                snapshot.version, DEVICE_SNAPSHOT_VERSION
-            )));
+            return Err(Error::SnapshotVersion {
+                found: snapshot.version,
+                supported: DEVICE_SNAPSHOT_VERSION,
+            });
         }
         let s = &snapshot.payload;
-        let config = ConfigSpace::restore(&s.config)
-            .map_err(|e| Error::Snapshot(format!("config space: {e}")))?;
+        let config =
+            ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+        let wiring = lock(&self.wiring, "interrupt wiring")?;
         let mut inner = lock(&self.inner, "device")?;
         check_shape(&inner, s)?;
 
@@ -135,17 +140,19 @@ impl VfioPciDevice {
                     for (_, p) in &current {
                         let _ = alloc.reserve_exact(p);
                     }
-                    return Err(Error::Snapshot(format!(
-                        "BAR{i} at {:#x} cannot be placed again: {e}",
-                        p.base
-                    )));
+                    return Err(Error::SnapshotPlacement {
+                        bar: BarIndex::from_slot(*i).unwrap_or(BarIndex::Rom),
+                        base: p.base,
+                        source: e,
+                    });
                 }
                 taken.push(*p);
             }
         }
 
-        // Commit: move the guest mappings, then install the state.
-        self.disable_irq_mode(&mut inner);
+        // Commit: move the guest mappings, then install the state. VFIO is unwired (a
+        // backend call) once the device lock is dropped.
+        let unwired = Self::take_irq_mode(&mut inner);
         for (i, p) in &wanted {
             if let Some(bar) = inner.bar_mut(*i) {
                 self.guest_unmap(bar);
@@ -166,37 +173,18 @@ impl VfioPciDevice {
         // The command register lives in the device too: give it back the
         // decode enables and bus mastering the guest had programmed.
         let cmd = inner.config.command();
-        if let Err(e) = self
-            .vfio
-            .region_write(vfio_backend::region::CONFIG, 4, &cmd.to_le_bytes())
-        {
+        let result = rebind(&mut inner, msi, msix, intx);
+        drop(inner);
+        // The backend calls, without the device lock.
+        self.disable_index(unwired);
+        if let Err(e) = self.vfio.region_write(
+            vfio_backend::region::CONFIG,
+            COMMAND as u64,
+            &cmd.to_le_bytes(),
+        ) {
             log::warn!("restore: writing the command register: {e}");
         }
-        // Each group goes back to its fresh state (disabled, all masked),
-        // then the restored state brings it up to date.
-        let mut result = Ok(());
-        if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("MSI after restore: {e}")));
-            }
-            m.state = st;
-        }
-        if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("MSI-X after restore: {e}")));
-            }
-            m.state = st;
-        }
-        if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
-            let _ = m.group.disable();
-            if let Err(e) = st.set_group(Some(m.group.clone())) {
-                result = Err(Error::Interrupts(format!("INTx after restore: {e}")));
-            }
-            m.state = st;
-        }
-        let m = self.apply_irq_mode(&mut inner);
+        let m = self.sync_irq_mode_wired(&wiring);
         result.and(m)
     }
 
@@ -205,8 +193,11 @@ impl VfioPciDevice {
     /// map does not change; decoding and bus mastering are off afterwards,
     /// as after a reset on bare metal.
     pub fn reset(&self) -> Result<()> {
-        let mut inner = lock(&self.inner, "device")?;
-        self.disable_irq_mode(&mut inner);
+        let wiring = lock(&self.wiring, "interrupt wiring")?;
+        let unwired = Self::take_irq_mode(&mut *lock(&self.inner, "device")?);
+        // The backend calls (unwiring, quiescing, the reset itself, which may take the
+        // kernel a while) are made without the device lock.
+        self.disable_index(unwired);
         // The kernel saves config space before a function reset and restores
         // it after, command register included: turn I/O and memory decoding,
         // bus mastering and INTx disable off first, so the device comes back
@@ -216,6 +207,7 @@ impl VfioPciDevice {
             .vfio
             .reset()
             .map_err(|e| Error::backend("device reset", e));
+        let mut inner = lock(&self.inner, "device")?;
         if let Some(m) = inner.msi.as_mut() {
             if let Err(e) = m.state.reset() {
                 log::warn!("MSI reset: {e}");
@@ -235,7 +227,8 @@ impl VfioPciDevice {
         // BAR registers read their placements again, and every placed BAR decodes there
         // (a register left holding a refused address no longer keeps the BAR off the bus).
         self.restore_bar_registers(&mut inner);
-        let m = self.apply_irq_mode(&mut inner);
+        drop(inner);
+        let m = self.sync_irq_mode_wired(&wiring);
         r.and(m)
     }
 }
@@ -243,30 +236,75 @@ impl VfioPciDevice {
 /// Clears I/O, memory, bus master and INTx disable in the device's command
 /// register (not the emulated one); failures are logged.
 fn quiesce_command(vfio: &dyn vfio_backend::Vfio) {
-    const QUIESCE: u16 = 0x1 | 0x2 | 0x4 | 0x400;
+    const QUIESCE: u16 =
+        COMMAND_IO_SPACE | COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
     let mut cmd = [0u8; 2];
     let r = vfio
-        .region_read(vfio_backend::region::CONFIG, 0x04, &mut cmd)
+        .region_read(vfio_backend::region::CONFIG, COMMAND as u64, &mut cmd)
         .and_then(|()| {
             let v = u16::from_le_bytes(cmd) & !QUIESCE;
-            vfio.region_write(vfio_backend::region::CONFIG, 0x04, &v.to_le_bytes())
+            vfio.region_write(
+                vfio_backend::region::CONFIG,
+                COMMAND as u64,
+                &v.to_le_bytes(),
+            )
         });
     if let Err(e) = r {
         log::warn!("clearing the command register before reset: {e}");
     }
 }
 
+/// Each group goes back to its fresh state (disabled, all masked), then the restored
+/// state, bound to it, brings it up to date. Every group is rebound; the error is the
+/// last that failed.
+fn rebind(
+    inner: &mut Inner,
+    msi: Option<pci_interrupts::MsiState>,
+    msix: Option<pci_interrupts::MsixState>,
+    intx: Option<pci_interrupts::IntxState>,
+) -> Result<()> {
+    let mut result = Ok(());
+    let mut fail = |context: &'static str, source| {
+        result = Err(Error::Interrupts { context, source });
+    };
+    if let (Some(m), Some(mut st)) = (inner.msi.as_mut(), msi) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the MSI group after restore", e);
+        }
+        m.state = st;
+    }
+    if let (Some(m), Some(mut st)) = (inner.msix.as_mut(), msix) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the MSI-X group after restore", e);
+        }
+        m.state = st;
+    }
+    if let (Some(m), Some(mut st)) = (inner.intx.as_mut(), intx) {
+        let _ = m.group.disable();
+        if let Err(e) = st.set_group(Some(m.group.clone())) {
+            fail("binding the INTx group after restore", e);
+        }
+        m.state = st;
+    }
+    result
+}
+
 /// A copy of `state` with `snap` restored into it (unbound from its group).
 fn restored<T: Clone, S>(
     state: Option<&T>,
     snap: Option<&S>,
-    what: &str,
+    what: &'static str,
     f: impl FnOnce(&mut T, &S) -> pci_interrupts::Result<()>,
 ) -> Result<Option<T>> {
     match (state, snap) {
         (Some(st), Some(sn)) => {
             let mut c = st.clone();
-            f(&mut c, sn).map_err(|e| Error::Snapshot(format!("{what}: {e}")))?;
+            f(&mut c, sn).map_err(|source| Error::SnapshotInterrupts {
+                capability: what,
+                source,
+            })?;
             Ok(Some(c))
         }
         _ => Ok(None),
@@ -279,30 +317,34 @@ fn placements(inner: &Inner) -> Vec<(usize, BarPlacement)> {
         .iter()
         .flatten()
         .chain(inner.rom.iter())
-        .filter_map(|b| b.placement.map(|p| (b.index, p)))
+        .filter_map(|b| b.placement.map(|p| (b.index.slot(), p)))
         .collect()
 }
 
 fn check_shape(inner: &Inner, s: &DeviceState) -> Result<()> {
     if s.bars.len() != inner.bars.len() {
-        return Err(Error::Snapshot(format!(
-            "snapshot has {} BARs, the device {}",
-            s.bars.len(),
-            inner.bars.len()
-        )));
+        return Err(Error::SnapshotMismatch {
+            reason: format!(
+                "snapshot has {} BARs, the device {}",
+                s.bars.len(),
+                inner.bars.len()
+            ),
+        });
     }
     for (i, (ours, theirs)) in inner.bars.iter().zip(s.bars.iter()).enumerate() {
         match (ours, theirs) {
             (Some(b), Some(p)) if p.size != b.layout.guest_size => {
-                return Err(Error::Snapshot(format!(
-                    "BAR{i} is {:#x} bytes here but {:#x} in the snapshot",
-                    b.layout.guest_size, p.size
-                )))
+                return Err(Error::SnapshotMismatch {
+                    reason: format!(
+                        "BAR{i} is {:#x} bytes here but {:#x} in the snapshot",
+                        b.layout.guest_size, p.size
+                    ),
+                })
             }
             (None, Some(_)) => {
-                return Err(Error::Snapshot(format!(
-                    "the snapshot places BAR{i}, which this device does not have"
-                )))
+                return Err(Error::SnapshotMismatch {
+                    reason: format!("the snapshot places BAR{i}, which this device does not have"),
+                })
             }
             _ => {}
         }
@@ -311,9 +353,9 @@ fn check_shape(inner: &Inner, s: &DeviceState) -> Result<()> {
         || s.msix.is_some() != inner.msix.is_some()
         || s.intx.is_some() != inner.intx.is_some()
     {
-        return Err(Error::Snapshot(
-            "the snapshot's interrupt capabilities differ from this device's".into(),
-        ));
+        return Err(Error::SnapshotMismatch {
+            reason: "the snapshot's interrupt capabilities differ from this device's".into(),
+        });
     }
     Ok(())
 }

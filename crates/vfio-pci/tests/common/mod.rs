@@ -10,7 +10,9 @@ use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
 use vfio_backend::Vfio;
 use vfio_fake_device::FakeDevice;
-use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice};
+use vfio_pci::{
+    BarIndex, DeviceOptions, DeviceResources, GuestDma, GuestMapper, MappingId, VfioPciDevice,
+};
 
 pub const MMIO32_BASE: u64 = 0xc000_0000;
 pub const MMIO32_SIZE: u64 = 0x2000_0000;
@@ -270,18 +272,25 @@ pub fn enable_device(dev: &VfioPciDevice) {
     cfg_write16(dev, 0x04, cmd | 0x6);
 }
 
+/// The BAR at slot `n` (0..=5 BARs, 6 the ROM); past that, a BAR number that names no BAR.
+pub fn bar_index(n: usize) -> BarIndex {
+    BarIndex::from_slot(n).unwrap_or(BarIndex::Bar(n as u8))
+}
+
 pub fn bar_read32(dev: &VfioPciDevice, bar: usize, off: u64) -> u32 {
     let mut b = [0u8; 4];
-    dev.read_bar(bar, off, &mut b);
+    dev.read_bar(bar_index(bar), off, &mut b);
     u32::from_le_bytes(b)
 }
 
 pub fn bar_write32(dev: &VfioPciDevice, bar: usize, off: u64, v: u32) {
-    dev.write_bar(bar, off, &v.to_le_bytes()).unwrap();
+    dev.write_bar(bar_index(bar), off, &v.to_le_bytes())
+        .unwrap();
 }
 
 pub fn bar_write64(dev: &VfioPciDevice, bar: usize, off: u64, v: u64) {
-    dev.write_bar(bar, off, &v.to_le_bytes()).unwrap();
+    dev.write_bar(bar_index(bar), off, &v.to_le_bytes())
+        .unwrap();
 }
 
 /// Programs MSI-X entry `v` (address, data, unmasked) through the table in `bar` at `table`.
