@@ -533,10 +533,10 @@ pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
         // last device when `vm` drops, before `mem`.
         match unsafe { vm.dma.map_external(id, *iova, PAGE, src) } {
             Ok(()) => bail!("GuestDma accepted {iova:#x} ({what}) outside {ranges:x?}"),
-            Err(vfio_pci::Error::Dma(m)) => {
+            Err(vfio_pci::Error::DmaOutsideIovaRanges { iova: at, .. }) => {
                 ensure!(
-                    m.contains(&format!("{iova:#x}")),
-                    "GuestDma's refusal does not name the IOVA: {m}"
+                    at == *iova,
+                    "GuestDma refused {at:#x} when asked to map {iova:#x}"
                 );
             }
             Err(e) => bail!("GuestDma refused {iova:#x} ({what}) only in the kernel: {e}"),

@@ -299,14 +299,7 @@ impl DeviceBuilder {
         })?;
         let mapper: Arc<dyn GuestMapper> = self.mapper.unwrap_or_else(|| Arc::new(TrapAllMapper));
         if self.memory.is_some() && self.options.dma_mode == DmaMode::External {
-            return Err(Error::MapGuestMemory {
-                what,
-                source: vfio_pci::Error::Dma(
-                    "the device is in external DMA mode: the VMM maps IOVAs itself (a vIOMMU), \
-                     so guest RAM given to the builder would never be mapped for it"
-                        .into(),
-                ),
-            });
+            return Err(Error::GuestMemoryInExternalMode { what });
         }
         let dma = self.dma.unwrap_or_default();
         if let Some(add) = self.memory {

@@ -105,6 +105,16 @@ pub enum Error {
         #[source]
         source: vfio_pci::Error,
     },
+    /// Guest RAM was given for a device in external DMA mode: the VMM maps
+    /// IOVAs itself (a vIOMMU), so that RAM would never be mapped for it.
+    #[error(
+        "guest RAM given for {what}, which is in external DMA mode: the VMM maps IOVAs itself \
+         (a vIOMMU)"
+    )]
+    GuestMemoryInExternalMode {
+        /// The device.
+        what: String,
+    },
 }
 
 impl Error {
@@ -124,6 +134,7 @@ impl Error {
                 source: vfio_backend::Error::NotAvailable { source, .. },
                 ..
             } => source.kind(),
+            Self::GuestMemoryInExternalMode { .. } => ErrorKind::InvalidInput,
             Self::OpenDevice { .. } | Self::AttachDevice { .. } | Self::MapGuestMemory { .. } => {
                 self.errno().map_or(ErrorKind::Other, |e| {
                     std::io::Error::from_raw_os_error(e).kind()

@@ -116,20 +116,22 @@ impl Domain {
             .iter()
             .any(|r| *r.start() <= iova && last <= *r.end())
         {
-            return Err(Error::Dma(format!(
-                "IOVA range {iova:#x}..={last:#x} is outside the accepted ranges {:x?} of {}",
-                self.iova_ranges,
-                self.domain.id()
-            )));
+            return Err(Error::DmaOutsideIovaRanges {
+                iova,
+                last,
+                accepted: self.iova_ranges.clone(),
+                domain: self.domain.id(),
+            });
         }
         if let Some((_, m)) = self.mapped.range(..=last).next_back() {
             if m.m.iova.saturating_add(m.m.size) > iova {
-                return Err(Error::Dma(format!(
-                    "IOVA range {iova:#x}..={last:#x} overlaps the mapping at {:#x} (+{:#x}) of {}",
-                    m.m.iova,
-                    m.m.size,
-                    self.domain.id()
-                )));
+                return Err(Error::DmaOverlap {
+                    what: "IOVA range",
+                    iova,
+                    last,
+                    other: m.m.iova,
+                    other_size: m.m.size,
+                });
             }
         }
         // SAFETY: the caller's contract is the one of IommuDomain::map.
@@ -318,10 +320,13 @@ impl GuestDma {
         let last = check_range(gpa, ram.size)?;
         if let Some((&other, r)) = st.ram.range(..=last).next_back() {
             if other.saturating_add(r.size) > gpa {
-                return Err(Error::Dma(format!(
-                    "guest RAM {gpa:#x}..={last:#x} overlaps the region at {other:#x} (+{:#x})",
-                    r.size
-                )));
+                return Err(Error::DmaOverlap {
+                    what: "guest RAM",
+                    iova: gpa,
+                    last,
+                    other,
+                    other_size: r.size,
+                });
             }
         }
         let mut done: Vec<DomainId> = Vec::new();
@@ -394,9 +399,11 @@ impl GuestDma {
         match st.ram.get_mut(&gpa) {
             Some(r) if r.size == size => r.removing = true,
             _ => {
-                return Err(Error::Dma(format!(
-                    "no guest RAM region at {gpa:#x} of {size:#x} bytes"
-                )))
+                return Err(Error::NoSuchDmaMapping {
+                    what: "guest RAM region",
+                    iova: gpa,
+                    size,
+                })
             }
         }
         let mut first_err = None;
@@ -480,9 +487,11 @@ impl GuestDma {
         let d = external_domain(&mut st, id)?;
         match d.mapped.get(&iova) {
             Some(m) if m.m.size == size && !m.ram => d.unmap(iova, size),
-            _ => Err(Error::Dma(format!(
-                "no DMA mapping at {iova:#x} of {size:#x} bytes in {id}"
-            ))),
+            _ => Err(Error::NoSuchDmaMapping {
+                what: "DMA mapping",
+                iova,
+                size,
+            }),
         }
     }
 
@@ -499,10 +508,11 @@ impl GuestDma {
             .map_err(|e| Error::backend(format!("reading the IOVA ranges of {id}"), e))?;
         if let Some(d) = st.domains.get_mut(&id) {
             if d.mode != mode {
-                return Err(Error::Dma(format!(
-                    "{id} is in {:?} DMA mode; a device in {mode:?} mode cannot join it",
-                    d.mode
-                )));
+                return Err(Error::DmaModeMismatch {
+                    domain: id,
+                    mode: d.mode,
+                    wanted: mode,
+                });
             }
             if let Some(m) = d.mapped.values().find(|m| {
                 !ranges.iter().any(|r| {
@@ -510,11 +520,12 @@ impl GuestDma {
                         && r.contains(&m.m.iova.saturating_add(m.m.size.saturating_sub(1)))
                 })
             }) {
-                return Err(Error::Dma(format!(
-                    "with the new device, {id} accepts only {ranges:x?}, which no longer holds \
-                     the mapping at {:#x} (+{:#x})",
-                    m.m.iova, m.m.size
-                )));
+                return Err(Error::DomainNarrowed {
+                    domain: id,
+                    accepted: ranges,
+                    iova: m.m.iova,
+                    size: m.m.size,
+                });
             }
             d.iova_ranges = ranges;
             d.devices += 1;
@@ -561,10 +572,12 @@ impl GuestDma {
 fn external_domain(st: &mut State, id: DomainId) -> Result<&mut Domain> {
     match st.domains.get_mut(&id) {
         Some(d) if d.mode == DmaMode::External => Ok(d),
-        Some(_) => Err(Error::Dma(format!(
-            "{id} is in guest-physical DMA mode: guest RAM is mapped for it"
-        ))),
-        None => Err(Error::Dma(format!("{id} has no device attached"))),
+        Some(d) => Err(Error::DmaModeMismatch {
+            domain: id,
+            mode: d.mode,
+            wanted: DmaMode::External,
+        }),
+        None => Err(Error::NoSuchDomain { domain: id }),
     }
 }
 
@@ -573,14 +586,14 @@ fn host_address<R: GuestMemoryRegion>(region: &R) -> Result<u64> {
     region
         .get_host_address(MemoryRegionAddress(0))
         .map(|p| p as u64)
-        .map_err(|e| Error::Dma(format!("guest region at {gpa:#x} has no host address: {e}")))
+        .map_err(|source| Error::GuestRamHostAddress { gpa, source })
 }
 
 /// Checks a non-empty range that does not wrap; returns its last address.
 fn check_range(iova: u64, size: u64) -> Result<u64> {
     if size == 0 {
-        return Err(Error::Dma(format!("empty DMA range at {iova:#x}")));
+        return Err(Error::DmaRange { iova, size });
     }
     iova.checked_add(size - 1)
-        .ok_or_else(|| Error::Dma(format!("DMA range {iova:#x} (+{size:#x}) wraps around")))
+        .ok_or(Error::DmaRange { iova, size })
 }

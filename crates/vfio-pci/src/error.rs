@@ -104,10 +104,91 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A DMA request falls outside guest RAM or the IOMMU's IOVA ranges, or
-    /// overlaps an existing mapping.
-    #[error("DMA mapping: {0}")]
-    Dma(String),
+    /// A DMA range is empty or wraps around the address space.
+    #[error("DMA range at {iova:#x} (+{size:#x}) is empty or wraps around")]
+    DmaRange {
+        /// First address asked for.
+        iova: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// A DMA range lies outside the IOVA ranges the domain's IOMMU accepts.
+    #[error(
+        "IOVA range {iova:#x}..={last:#x} is outside the accepted ranges {accepted:x?} of {domain}"
+    )]
+    DmaOutsideIovaRanges {
+        /// First address.
+        iova: u64,
+        /// Last address.
+        last: u64,
+        /// What the domain accepts.
+        accepted: Vec<std::ops::RangeInclusive<u64>>,
+        /// The domain.
+        domain: vfio_backend::DomainId,
+    },
+    /// A DMA mapping, or a guest RAM region, overlaps one already there.
+    #[error("{what} {iova:#x}..={last:#x} overlaps the one at {other:#x} (+{other_size:#x})")]
+    DmaOverlap {
+        /// What was being added: "IOVA range" or "guest RAM".
+        what: &'static str,
+        /// First address.
+        iova: u64,
+        /// Last address.
+        last: u64,
+        /// Start of the one it overlaps.
+        other: u64,
+        /// Size of the one it overlaps.
+        other_size: u64,
+    },
+    /// Nothing is mapped (or registered) exactly there.
+    #[error("no {what} at {iova:#x} of {size:#x} bytes")]
+    NoSuchDmaMapping {
+        /// What was looked for: "guest RAM region" or "DMA mapping".
+        what: &'static str,
+        /// Its start.
+        iova: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// The devices of one IOMMU domain must agree on the DMA mode, and
+    /// mapping IOVAs by hand needs a domain in external mode.
+    #[error("{domain} is in {mode:?} DMA mode; {wanted:?} mode was asked for")]
+    DmaModeMismatch {
+        /// The domain.
+        domain: vfio_backend::DomainId,
+        /// Its mode.
+        mode: crate::DmaMode,
+        /// The mode asked for.
+        wanted: crate::DmaMode,
+    },
+    /// The domain has no device attached.
+    #[error("{domain} has no device attached")]
+    NoSuchDomain {
+        /// The domain.
+        domain: vfio_backend::DomainId,
+    },
+    /// A joining device would narrow the domain's IOVA ranges so that a live
+    /// mapping falls outside them.
+    #[error("with the new device, {domain} accepts only {accepted:x?}, which no longer holds the mapping at {iova:#x} (+{size:#x})")]
+    DomainNarrowed {
+        /// The domain.
+        domain: vfio_backend::DomainId,
+        /// What it would accept.
+        accepted: Vec<std::ops::RangeInclusive<u64>>,
+        /// The mapping left outside.
+        iova: u64,
+        /// Its size.
+        size: u64,
+    },
+    /// Guest RAM given for DMA has no host address in this process.
+    #[error("guest region at {gpa:#x} has no host address: {source}")]
+    GuestRamHostAddress {
+        /// Its guest physical address.
+        gpa: u64,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// A snapshot envelope with a format version this crate does not read.
     #[error("snapshot format version {found} is not supported (this build reads {supported})")]
     SnapshotVersion {
