@@ -4,7 +4,10 @@
 //!   vector is an eventfd registered as a KVM irqfd on a GSI of its own, whose entry in the
 //!   GSI routing table carries the guest-programmed address and data; INTx is an irqfd with a
 //!   resample eventfd on an IOAPIC pin. Interrupts go device -> eventfd -> KVM -> guest, with no
-//!   userspace hop.
+//!   userspace hop. On arm64 with a GICv3 ITS, give each device's manager the device id the
+//!   guest's firmware tables map its requester id to
+//!   ([`with_device_id`](KvmInterruptManager::with_device_id)): its MSI routes then carry it
+//!   (`KVM_MSI_VALID_DEVID`), as the ITS translates messages per device.
 //! * [`GsiRouting`] is the VM's GSI routing table, shared by the VMM and the interrupt groups:
 //!   `KVM_SET_GSI_ROUTING` replaces the whole table, so everybody edits one copy and commits it.
 //! * [`KvmGuestMapper`] implements [`vfio_pci::GuestMapper`] with KVM user memory slots, so the
