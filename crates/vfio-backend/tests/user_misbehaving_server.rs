@@ -1064,7 +1064,10 @@ fn a_sealed_region_file_too_small_for_its_mmap_area_is_reported_not_mmappable() 
     let info = dev.region_info(0).unwrap();
     assert!(!info.mmappable(), "{info:?}");
     assert!(dev.region_mmap_fd(0).is_none());
-    assert!(dev.mmap_region(0, WHOLE_PAGE).is_err());
+    match dev.mmap_region(0, WHOLE_PAGE) {
+        Err(e @ Error::Unsupported(_)) => assert_eq!(e.errno(), Some(libc::ENOTSUP)),
+        other => panic!("expected Unsupported, got {:?}", other.err()),
+    }
     drop(dev);
     t.join().unwrap();
 }

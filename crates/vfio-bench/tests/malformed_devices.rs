@@ -284,7 +284,12 @@ fn a_device_that_stops_answering_reads_all_ones_fails_writes_and_detaches_cleanl
     let e = dev.write_bar(bar, 0x14, &[1, 0, 0, 0]).unwrap_err();
     assert!(e.to_string().contains("Input/output error"), "{e}");
     // Enabling MSI-X needs VFIO: it fails, and says so.
-    assert!(msix_enable(&dev, cap, true).is_err());
+    let e = msix_enable(&dev, cap, true).unwrap_err();
+    assert_eq!(
+        e.errno(),
+        Some(libc::EIO),
+        "the dead device's errno is kept: {e}"
+    );
     // Emulated registers still answer.
     assert_eq!(cfg_read16(&dev, 0), 0x1234);
 

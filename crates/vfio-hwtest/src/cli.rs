@@ -680,7 +680,11 @@ mod tests {
         assert_eq!(as_u64(&v, "a.n").unwrap(), 3);
         let e = as_bool(&v, "a.c").unwrap_err().to_string();
         assert!(e.contains("`a.c`"), "{e}");
-        assert!(as_str(&v, "a.n").is_err());
+        let e = as_str(&v, "a.n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("`a.n` is not a string"), "{e}");
     }
 
     #[test]

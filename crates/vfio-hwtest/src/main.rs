@@ -146,6 +146,12 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// The message of the error `r` holds ("" when `r` is Ok). anyhow errors have no variants:
+    /// the message is what tells one refusal from another.
+    fn err_text<T>(r: Result<T>) -> String {
+        r.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
     fn argv(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
     }
@@ -169,14 +175,18 @@ mod tests {
             a.cli.as_deref(),
             Some(std::path::Path::new("/opt/vfio-passthrough"))
         );
-        assert!(parse_args(&argv(&["--cli"])).is_err());
+        let e = err_text(parse_args(&argv(&["--cli"])));
+        assert!(e.contains("--cli needs a value"), "{e}");
     }
 
     #[test]
     fn missing_value_bad_address_and_unknown_flag_are_usage_errors() {
-        assert!(parse_args(&argv(&["--device"])).is_err());
-        assert!(parse_args(&argv(&["--device", "../x"])).is_err());
-        assert!(parse_args(&argv(&["--frobnicate"])).is_err());
+        let e = err_text(parse_args(&argv(&["--device"])));
+        assert!(e.contains("--device needs a value"), "{e}");
+        let e = err_text(parse_args(&argv(&["--device", "../x"])));
+        assert!(e.contains("`../x` is not a PCI address"), "{e}");
+        let e = err_text(parse_args(&argv(&["--frobnicate"])));
+        assert!(e.contains("unknown argument `--frobnicate`"), "{e}");
     }
 
     #[test]

@@ -686,7 +686,14 @@ mod tests {
         for m in Mode::ALL {
             assert_eq!(Mode::parse(m.name()).unwrap(), m);
         }
-        assert!(Mode::parse("type1").is_err());
+        let e = Mode::parse("type1")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("--mode type1: expected legacy, iommufd or noiommu"),
+            "{e}"
+        );
         assert_eq!(Mode::default(), Mode::Legacy);
     }
 

@@ -628,6 +628,7 @@ mod tests {
         assert_eq!(m.live(), vec![(0x1000, 0x2000)]);
         m.unmap(id).unwrap();
         assert!(m.live().is_empty());
-        assert!(m.unmap(id).is_err());
+        let e = m.unmap(id).unwrap_err();
+        assert!(e.to_string().contains("unknown mapping"), "{e}");
     }
 }

@@ -1176,10 +1176,17 @@ mod tests {
 
     #[test]
     fn bdf_with_device_over_31_or_function_over_7_is_refused() {
-        assert!(normalize_bdf("0000:00:20.0").is_err());
-        assert!(normalize_bdf("0000:00:00.8").is_err());
-        assert!(normalize_bdf("eth0").is_err());
-        assert!(normalize_bdf("0000:00:00").is_err());
+        for bad in ["0000:00:20.0", "0000:00:00.8"] {
+            let e = format!("{:#}", normalize_bdf(bad).unwrap_err());
+            assert!(
+                e.contains("is not a PCI address") && e.contains("device must be 00..1f"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["eth0", "0000:00:00"] {
+            let e = format!("{:#}", normalize_bdf(bad).unwrap_err());
+            assert!(e.contains("is not a PCI address"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1188,8 +1195,10 @@ mod tests {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("0x1000"), Ok(4096));
         assert_eq!(parse_size("65536"), Ok(65536));
-        assert!(parse_size("4Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        let e = parse_size("4Q").unwrap_err();
+        assert!(e.contains("is not a size"), "{e}");
+        let e = parse_size("99999999999T").unwrap_err();
+        assert!(e.contains("is too large"), "{e}");
     }
 
     #[test]
