@@ -21,11 +21,9 @@ fn nvme() -> Arc<FakeDevice> {
 }
 
 fn options(timeout: Duration) -> UserOptions {
-    UserOptions {
-        timeout,
-        reset_timeout: timeout,
-        ..UserOptions::default()
-    }
+    UserOptions::default()
+        .with_timeout(timeout)
+        .with_reset_timeout(timeout)
 }
 
 /// Brings an nvme-like up: enumerated, guest RAM mapped, MSI-X on, and a

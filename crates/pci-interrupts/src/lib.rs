@@ -40,6 +40,7 @@ pub use snapshot::{Versioned, SNAPSHOT_VERSION};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A vector number outside what a group or capability has.
     #[error("interrupt vector {vector} out of range (there are {count})")]

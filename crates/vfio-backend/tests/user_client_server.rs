@@ -339,10 +339,7 @@ fn setup(options: ServerOptions) -> Setup {
     let server = UserServer::bind(&path, device.clone(), options).unwrap();
     let client = UserDevice::connect_with_options(
         &path,
-        UserOptions {
-            timeout: Duration::from_secs(5),
-            ..UserOptions::default()
-        },
+        UserOptions::default().with_timeout(Duration::from_secs(5)),
     )
     .unwrap();
     Setup {
@@ -354,11 +351,9 @@ fn setup(options: ServerOptions) -> Setup {
 }
 
 fn small_transfers() -> ServerOptions {
-    ServerOptions {
-        max_data_xfer_size: 4096,
-        max_msg_fds: 2,
-        ..ServerOptions::default()
-    }
+    ServerOptions::default()
+        .with_max_data_xfer_size(4096)
+        .with_max_msg_fds(2)
 }
 
 fn eventfd() -> OwnedFd {
@@ -657,10 +652,7 @@ fn dma_map_of_a_file_that_is_not_a_regular_file_is_refused_with_einval() {
 fn a_device_asking_the_client_for_dma_inside_a_command_handler_fails_at_once() {
     // The client could only answer after the handler returned; waiting for
     // the DMA timeout would stall every request behind it.
-    let s = setup(ServerOptions {
-        dma_timeout: Duration::from_secs(5),
-        ..ServerOptions::default()
-    });
+    let s = setup(ServerOptions::default().with_dma_timeout(Duration::from_secs(5)));
     let guest = vec![0u8; 0x1000];
     s.client
         .dma_map(

@@ -301,10 +301,7 @@ fn a_device_that_stops_answering_reads_all_ones_fails_writes_and_detaches_cleanl
 #[test]
 fn a_vfio_user_device_that_stops_answering_fails_each_access_within_the_timeout() {
     let fake = Arc::new(FakeDevice::profile("nvme-like").unwrap());
-    let options = UserOptions {
-        timeout: Duration::from_millis(200),
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default().with_timeout(Duration::from_millis(200));
     let served = serve_pair(fake.clone(), options).unwrap();
     let vm = Vm::new().unwrap();
     let dev = vm.attach(served.client.clone()).unwrap();
@@ -342,10 +339,7 @@ fn every_broken_device_is_handled_the_same_over_vfio_user_as_in_process() {
         let (dev, _fake) = case.build().unwrap();
         let served = serve_pair(
             dev as Arc<dyn Vfio>,
-            UserOptions {
-                timeout: Duration::from_secs(5),
-                ..UserOptions::default()
-            },
+            UserOptions::default().with_timeout(Duration::from_secs(5)),
         );
         let served = match served {
             Ok(s) => s,

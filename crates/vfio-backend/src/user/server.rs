@@ -93,6 +93,7 @@ pub const DEFAULT_MAX_MSG_FDS: u32 = 16;
 
 /// Options of the server side of a connection.
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// The most data bytes in one REGION_READ/WRITE (our `max_data_xfer_size`).
     pub max_data_xfer_size: u32,
@@ -127,6 +128,43 @@ impl Default for ServerOptions {
             dma_timeout: Duration::from_secs(5),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
+    }
+}
+
+impl ServerOptions {
+    /// Returns the options with [`max_data_xfer_size`](Self::max_data_xfer_size) set to the given value.
+    #[must_use]
+    pub const fn with_max_data_xfer_size(mut self, max_data_xfer_size: u32) -> Self {
+        self.max_data_xfer_size = max_data_xfer_size;
+        self
+    }
+
+    /// Returns the options with [`max_msg_fds`](Self::max_msg_fds) set to the given value.
+    #[must_use]
+    pub const fn with_max_msg_fds(mut self, max_msg_fds: u32) -> Self {
+        self.max_msg_fds = max_msg_fds;
+        self
+    }
+
+    /// Returns the options with [`max_dma_maps`](Self::max_dma_maps) set to the given value.
+    #[must_use]
+    pub const fn with_max_dma_maps(mut self, max_dma_maps: u32) -> Self {
+        self.max_dma_maps = max_dma_maps;
+        self
+    }
+
+    /// Returns the options with [`dma_timeout`](Self::dma_timeout) set to the given value.
+    #[must_use]
+    pub const fn with_dma_timeout(mut self, dma_timeout: Duration) -> Self {
+        self.dma_timeout = dma_timeout;
+        self
+    }
+
+    /// Returns the options with [`stall_timeout`](Self::stall_timeout) set to the given value.
+    #[must_use]
+    pub const fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
+        self.stall_timeout = stall_timeout;
+        self
     }
 }
 
