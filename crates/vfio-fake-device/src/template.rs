@@ -20,29 +20,9 @@ pub const MAX_BAR_SIZE: u64 = 64 << 30;
 /// The largest expansion ROM the fake accepts (16 MiB).
 pub const MAX_ROM_SIZE: u64 = 16 << 20;
 
-/// Standard capability ids (PCI Local Bus spec, appendix H).
-pub mod cap_id {
-    /// Power Management.
-    pub const PM: u8 = 0x01;
-    /// MSI.
-    pub const MSI: u8 = 0x05;
-    /// Vendor specific.
-    pub const VENDOR: u8 = 0x09;
-    /// PCI Express.
-    pub const PCIE: u8 = 0x10;
-    /// MSI-X.
-    pub const MSIX: u8 = 0x11;
-}
-
-/// Extended capability ids (PCIe Base spec, 7.6).
-pub mod ext_cap_id {
-    /// Advanced Error Reporting.
-    pub const AER: u16 = 0x0001;
-    /// Single Root I/O Virtualization.
-    pub const SRIOV: u16 = 0x0010;
-    /// Resizable BAR.
-    pub const REBAR: u16 = 0x0015;
-}
+/// Capability ids: pci-config's, the one PCI vocabulary of the workspace (the fake keeps its own
+/// decoding logic, as the test oracle, but names things as pci-config does).
+pub use pci_config::{cap_id, ext_cap_id};
 
 /// What kind of address space a BAR decodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -773,7 +753,7 @@ impl DeviceTemplate {
                 let id = self.config.get(ptr).copied().unwrap_or(0);
                 let next = usize::from(self.config.get(ptr + 1).copied().unwrap_or(0) & 0xfc);
                 match id {
-                    cap_id::PM => {
+                    cap_id::POWER_MANAGEMENT => {
                         set_mask(&mut wm, ptr + 4, 0x0103, 2);
                         set_mask(&mut w1c, ptr + 4, 0x8000, 2);
                     }
@@ -821,7 +801,7 @@ impl DeviceTemplate {
                             pba_offset: u64::from(pba & !7),
                         });
                     }
-                    cap_id::PCIE => {
+                    cap_id::PCI_EXPRESS => {
                         // Device control, device status (RW1C), link
                         // control, device control 2.
                         set_mask(&mut wm, ptr + 0x08, 0x7fff, 2);
@@ -860,7 +840,7 @@ impl DeviceTemplate {
                         set_mask(&mut wm, ptr + 0x10, 0xffff, 2);
                         set_mask(&mut wm, ptr + 0x20, 0xffff_ffff, 4);
                     }
-                    ext_cap_id::REBAR => {
+                    ext_cap_id::RESIZABLE_BAR => {
                         let n = ((rd32(&self.config, ptr + 8) >> 5) & 7).clamp(1, 6) as usize;
                         for k in 0..n {
                             set_mask(&mut wm, ptr + 8 + 8 * k, 0x3f00, 4);
@@ -1180,7 +1160,7 @@ impl TemplateBuilder {
 fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
     match cap {
         Capability::PowerManagement => {
-            wr(c, off, &[cap_id::PM, 0]);
+            wr(c, off, &[cap_id::POWER_MANAGEMENT, 0]);
             wr(c, off + 2, &0x0003u16.to_le_bytes()); // version 3
             wr(c, off + 4, &0x0008u16.to_le_bytes()); // No_Soft_Reset
         }
@@ -1234,7 +1214,7 @@ fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
             );
         }
         Capability::PciExpress { device_type } => {
-            wr(c, off, &[cap_id::PCIE, 0]);
+            wr(c, off, &[cap_id::PCI_EXPRESS, 0]);
             let caps = 0x0002u16 | (u16::from(*device_type & 0xf) << 4);
             wr(c, off + 2, &caps.to_le_bytes());
             // Device capabilities: role-based error reporting, FLR.
@@ -1249,7 +1229,7 @@ fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
             let len = 3usize.saturating_add(payload.len());
             let len8 = u8::try_from(len)
                 .map_err(|_| invalid("vendor-specific capability longer than 255 bytes"))?;
-            wr(c, off, &[cap_id::VENDOR, 0, len8]);
+            wr(c, off, &[cap_id::VENDOR_SPECIFIC, 0, len8]);
             wr(c, off + 3, payload);
         }
     }
@@ -1260,7 +1240,7 @@ fn write_ext_cap(c: &mut [u8], off: usize, next: usize, cap: &ExtCapability) -> 
     let (id, ver): (u16, u8) = match cap {
         ExtCapability::Aer => (ext_cap_id::AER, 2),
         ExtCapability::SrIov { .. } => (ext_cap_id::SRIOV, 1),
-        ExtCapability::ResizableBar(_) => (ext_cap_id::REBAR, 1),
+        ExtCapability::ResizableBar(_) => (ext_cap_id::RESIZABLE_BAR, 1),
         ExtCapability::Raw { id, version, .. } => (*id, *version),
     };
     let hdr = u32::from(id) | (u32::from(ver & 0xf) << 16) | ((next as u32 & 0xffc) << 20);

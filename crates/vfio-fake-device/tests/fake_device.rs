@@ -204,11 +204,11 @@ fn builder_capabilities_form_walkable_lists() {
     assert_eq!(
         ids,
         [
-            cap_id::PM,
+            cap_id::POWER_MANAGEMENT,
             cap_id::MSI,
             cap_id::MSIX,
-            cap_id::PCIE,
-            cap_id::VENDOR
+            cap_id::PCI_EXPRESS,
+            cap_id::VENDOR_SPECIFIC
         ]
     );
     for (off, _) in walk_caps(cfg) {
@@ -220,7 +220,7 @@ fn builder_capabilities_form_walkable_lists() {
         [
             (ext_cap_id::AER, 2),
             (ext_cap_id::SRIOV, 1),
-            (ext_cap_id::REBAR, 1)
+            (ext_cap_id::RESIZABLE_BAR, 1)
         ]
     );
     let msi = t.msi().unwrap();
@@ -1298,7 +1298,7 @@ fn nvme_like_msix_table_is_not_page_aligned_and_its_page_is_not_mmappable() {
         .all(|c| !matches!(c, RegionCap::MsixMappable)));
     // Capabilities: PM, PCIe, and the extended AER and SR-IOV to hide.
     let ids: Vec<u8> = walk_caps(c).iter().map(|c| c.1).collect();
-    assert!(ids.contains(&cap_id::PM) && ids.contains(&cap_id::PCIE));
+    assert!(ids.contains(&cap_id::POWER_MANAGEMENT) && ids.contains(&cap_id::PCI_EXPRESS));
     let ext: Vec<u16> = walk_ext_caps(c).iter().map(|c| c.1).collect();
     assert_eq!(ext, [ext_cap_id::AER, ext_cap_id::SRIOV]);
     // The MSI-X table is plain trapped memory; the PBA reads no pending bit.

@@ -3,8 +3,9 @@
 //! reset.
 
 use crate::harness::{Ctx, Outcome};
-use crate::vmm::{self, Vm, CAP_MSI, CAP_MSIX, CMD_MEMORY, RAM_BASE, RAM_SIZE};
+use crate::vmm::{self, Vm, CMD_MEMORY, RAM_BASE, RAM_SIZE};
 use anyhow::{bail, ensure, Context, Result};
+use pci_config::cap_id;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use vfio_backend::{region, DmaSource, Vfio};
@@ -204,7 +205,7 @@ pub fn capability_walk(ctx: &Ctx<'_>) -> Result<Outcome> {
         "guest walk {walked:x?} != device chain minus hidden {device:x?}"
     );
     for k in kept.iter().filter(|k| !k.extended) {
-        let should = k.id == u16::from(CAP_MSI) || k.id == u16::from(CAP_MSIX);
+        let should = k.id == u16::from(cap_id::MSI) || k.id == u16::from(cap_id::MSIX);
         ensure!(
             k.emulated == should,
             "capability {:#x} at {:#x}: emulated = {}",
@@ -267,7 +268,7 @@ pub fn irq_modes(ctx: &Ctx<'_>) -> Result<Outcome> {
     };
     check(base_mode, base, "at attach")?;
     let mut steps = vec![format!("attach {base_mode:?}")];
-    if vm.find_cap(CAP_MSI)?.is_some() {
+    if vm.find_cap(cap_id::MSI)?.is_some() {
         vm.msi_enable(0x41)?;
         check(
             IrqMode::Msi(1),
@@ -330,7 +331,7 @@ fn busy_vm(ctx: &Ctx<'_>) -> Result<Vm> {
     vm.enable_memory_and_bus_master()?;
     if let Some(info) = vm.msix_info()? {
         vm.msix_enable(info.size)?;
-    } else if vm.find_cap(CAP_MSI)?.is_some() {
+    } else if vm.find_cap(cap_id::MSI)?.is_some() {
         vm.msi_enable(0x41)?;
     }
     Ok(vm)

@@ -12,6 +12,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
+use pci_config::cap_id;
 use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
 use pci_interrupts::InterruptSourceGroup;
 use std::collections::BTreeMap;
@@ -48,11 +49,6 @@ pub const CMD_MEMORY: u16 = 1 << 1;
 pub const CMD_BUS_MASTER: u16 = 1 << 2;
 /// Interrupt disable (INTx).
 pub const CMD_INTX_DISABLE: u16 = 1 << 10;
-
-/// Capability ids (PCI Local Bus 3.0, appendix H).
-pub const CAP_MSI: u8 = 0x05;
-/// MSI-X.
-pub const CAP_MSIX: u8 = 0x11;
 
 /// A [`GuestMapper`] that accepts every mapping and remembers the live ones, so a test can see
 /// that BARs were mapped at their placement and that everything was unmapped on unplug.
@@ -352,7 +348,7 @@ impl Vm {
     /// Programs the MSI capability with one vector (`address` = [`MSI_ADDRESS`], `data`) and
     /// enables it. Returns the capability offset.
     pub fn msi_enable(&self, data: u16) -> Result<u64> {
-        let cap = self.find_cap(CAP_MSI)?.context("no MSI capability")?;
+        let cap = self.find_cap(cap_id::MSI)?.context("no MSI capability")?;
         let ctl = self.cfg_read(cap + 2, 2);
         let is64 = ctl & 0x80 != 0;
         self.cfg_write(cap + 4, 4, MSI_ADDRESS as u32)?;
@@ -370,14 +366,14 @@ impl Vm {
 
     /// Clears MSI Enable.
     pub fn msi_disable(&self) -> Result<()> {
-        let cap = self.find_cap(CAP_MSI)?.context("no MSI capability")?;
+        let cap = self.find_cap(cap_id::MSI)?.context("no MSI capability")?;
         let ctl = self.cfg_read(cap + 2, 2);
         self.cfg_write(cap + 2, 2, ctl & !1)
     }
 
     /// Where the MSI-X table and PBA are, read from the capability as a guest does.
     pub fn msix_info(&self) -> Result<Option<MsixInfo>> {
-        let Some(cap) = self.find_cap(CAP_MSIX)? else {
+        let Some(cap) = self.find_cap(cap_id::MSIX)? else {
             return Ok(None);
         };
         let ctl = self.cfg_read(cap + 2, 2);

@@ -715,11 +715,11 @@ pub fn device_nodes(host: &Host, m: &Modes) -> Item {
 
 fn cap_name(id: u8) -> String {
     match id {
-        cap_id::PM => "PM".into(),
+        cap_id::POWER_MANAGEMENT => "PM".into(),
         cap_id::MSI => "MSI".into(),
-        cap_id::PCIE => "PCIe".into(),
+        cap_id::PCI_EXPRESS => "PCIe".into(),
         cap_id::MSIX => "MSI-X".into(),
-        cap_id::AF => "AF".into(),
+        cap_id::ADVANCED_FEATURES => "AF".into(),
         0x09 => "vendor".into(),
         other => format!("{other:#04x}"),
     }
@@ -813,18 +813,23 @@ pub fn reset(host: &Host, dev: &Device) -> Item {
     let mut found = Vec::new();
     if dev
         .cfg
-        .find(cap_id::PCIE)
+        .find(cap_id::PCI_EXPRESS)
         .and_then(|o| sysfs::pcie_flr(cfg, o))
         == Some(true)
     {
         found.push("flr (PCIe)");
     }
-    if dev.cfg.find(cap_id::AF).and_then(|o| sysfs::af_flr(cfg, o)) == Some(true) {
+    if dev
+        .cfg
+        .find(cap_id::ADVANCED_FEATURES)
+        .and_then(|o| sysfs::af_flr(cfg, o))
+        == Some(true)
+    {
         found.push("af_flr");
     }
     if dev
         .cfg
-        .find(cap_id::PM)
+        .find(cap_id::POWER_MANAGEMENT)
         .and_then(|o| sysfs::pm_no_soft_reset(cfg, o))
         == Some(false)
     {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use crate::probe::{ProbeGroup, ProbeInterrupts};
 use anyhow::{anyhow, Context as _};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
-use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout, MSIX_CAP_ID};
+use pci_config::cap_id;
+use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout};
 use serde::Serialize;
 use vfio_backend::irq;
 use vfio_fake_device::{edu, nvme_like};
@@ -562,7 +563,7 @@ fn interrupts(dev: &VfioPciDevice, c: &[u8]) -> Interrupts {
         }
     });
     // A kept MSI-X capability is the emulated one, which always decodes.
-    let msix = find(u16::from(MSIX_CAP_ID)).and_then(|k| {
+    let msix = find(u16::from(cap_id::MSIX)).and_then(|k| {
         let m = MsixLayout::parse(c.get(usize::from(k.offset)..)?).ok()?;
         Some(MsixReport {
             offset: k.offset,

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
-use pci_interrupts::{MsixLayout, MSIX_CAP_ID, MSIX_CAP_LEN};
+use pci_config::cap_id;
+use pci_interrupts::{MsixLayout, MSIX_CAP_LEN};
 use serde::Serialize;
 use vfio_backend::Vfio;
 use vfio_fake_device::{lspci, DeviceTemplate, FakeDevice};
@@ -349,7 +350,7 @@ fn rd32(c: &[u8], off: usize) -> u32 {
 fn msix_extent(config: &[u8]) -> anyhow::Result<[u64; 6]> {
     let mut ext = [0u64; 6];
     let (caps, _) = pci_config::parse_capabilities_lenient(config);
-    let Some(c) = caps.iter().find(|c| c.id == MSIX_CAP_ID) else {
+    let Some(c) = caps.iter().find(|c| c.id == cap_id::MSIX) else {
         return Ok(ext);
     };
     // A malformed dump can end inside the capability: the bytes past its end read 0.
