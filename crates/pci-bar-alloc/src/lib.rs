@@ -392,14 +392,9 @@ pub struct BarAllocatorState {
     pub placements: Vec<BarPlacement>,
 }
 
-/// Versioned snapshot envelope: format version, then payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Versioned<T> {
-    /// Format version of `payload` ([`SNAPSHOT_VERSION`] for [`BarAllocatorState`]).
-    pub version: u32,
-    /// The state.
-    pub payload: T,
-}
+/// The snapshot envelope: pci-config's, the one of the workspace (format version, then
+/// payload; [`SNAPSHOT_VERSION`] for [`BarAllocatorState`]).
+pub use pci_config::Versioned;
 
 /// Free space and live placements of one window.
 #[derive(Debug)]
@@ -753,14 +748,14 @@ impl BarAllocator {
 
     /// The allocator's state in a versioned envelope.
     pub fn snapshot(&self) -> Versioned<BarAllocatorState> {
-        Versioned {
-            version: SNAPSHOT_VERSION,
-            payload: BarAllocatorState {
+        Versioned::new(
+            SNAPSHOT_VERSION,
+            BarAllocatorState {
                 windows: self.windows,
                 page_size: self.page_size,
                 placements: self.placements().copied().collect(),
             },
-        }
+        )
     }
 
     /// Rebuilds an allocator from a snapshot, re-placing every BAR at its recorded base.

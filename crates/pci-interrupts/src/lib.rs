@@ -36,7 +36,7 @@ pub use msix::{
     MsixBarLocation, MsixLayout, MsixSnapshot, MsixState, MsixTableEntry, MSIX_CAP_LEN,
     MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
 };
-pub use snapshot::{Versioned, SNAPSHOT_VERSION};
+pub use snapshot::{payload, versioned, Versioned, SNAPSHOT_VERSION};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]

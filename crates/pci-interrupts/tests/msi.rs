@@ -295,12 +295,13 @@ fn snapshot_restores_registers_and_pushes_them_to_a_fresh_group() {
     write16(&mut msi, CONTROL, (2 << 4) | ENABLE);
     assert_eq!(msi.fire(1).unwrap(), Delivery::Pending);
     let snap = msi.snapshot();
-    let json = serde_json::to_string(&pci_interrupts::Versioned::new(snap.clone())).unwrap();
+    let json = serde_json::to_string(&pci_interrupts::versioned(snap.clone())).unwrap();
     let back: pci_interrupts::Versioned<pci_interrupts::MsiSnapshot> =
         serde_json::from_str(&json).unwrap();
 
     let (mut dest, group) = bound(4, true, true);
-    dest.restore(&back.into_payload().unwrap()).unwrap();
+    dest.restore(&pci_interrupts::payload(back).unwrap())
+        .unwrap();
     assert_eq!(dest.snapshot(), snap);
     assert!(group.is_enabled());
     assert_eq!(

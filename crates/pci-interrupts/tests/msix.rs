@@ -361,11 +361,12 @@ fn snapshot_round_trip_restores_table_pba_and_control() {
     control(&mut msix, ENABLE);
     assert_eq!(msix.fire(5).unwrap(), Delivery::Pending);
     let snap = msix.snapshot();
-    let json = serde_json::to_string(&Versioned::new(snap.clone())).unwrap();
+    let json = serde_json::to_string(&pci_interrupts::versioned(snap.clone())).unwrap();
     let back: Versioned<MsixSnapshot> = serde_json::from_str(&json).unwrap();
 
     let (mut dest, group) = bound(8);
-    dest.restore(&back.into_payload().unwrap()).unwrap();
+    dest.restore(&pci_interrupts::payload(back).unwrap())
+        .unwrap();
     assert_eq!(dest.snapshot(), snap);
     assert!(group.is_enabled());
     assert_eq!(
@@ -393,7 +394,7 @@ fn snapshot_round_trip_restores_table_pba_and_control() {
         payload: snap,
     };
     assert!(matches!(
-        stale.into_payload(),
+        pci_interrupts::payload(stale),
         Err(pci_interrupts::Error::SnapshotVersion {
             found: 99,
             supported: pci_interrupts::SNAPSHOT_VERSION
