@@ -24,16 +24,9 @@ pub const MAX_ROM_SIZE: u64 = 16 << 20;
 /// decoding logic, as the test oracle, but names things as pci-config does).
 pub use pci_config::{cap_id, ext_cap_id};
 
-/// What kind of address space a BAR decodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BarKind {
-    /// 32-bit memory space.
-    Memory32,
-    /// 64-bit memory space (takes this BAR register and the next).
-    Memory64,
-    /// I/O space.
-    Io,
-}
+/// What kind of address space a BAR decodes, and whether memory is prefetchable: pci-config's
+/// [`BarKind`](pci_config::BarKind), the one of the workspace.
+pub use pci_config::BarKind;
 
 /// One base address register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -42,26 +35,26 @@ pub struct BarSpec {
     pub kind: BarKind,
     /// Size in bytes: a power of two, at least 16 (memory) or 4 (I/O).
     pub size: u64,
-    /// Prefetchable memory (ignored for I/O BARs).
-    pub prefetchable: bool,
 }
 
 impl BarSpec {
     /// A 32-bit, non-prefetchable memory BAR of `size` bytes.
     pub fn mem32(size: u64) -> Self {
         BarSpec {
-            kind: BarKind::Memory32,
+            kind: BarKind::Memory32 {
+                prefetchable: false,
+            },
             size,
-            prefetchable: false,
         }
     }
 
     /// A 64-bit, non-prefetchable memory BAR of `size` bytes.
     pub fn mem64(size: u64) -> Self {
         BarSpec {
-            kind: BarKind::Memory64,
+            kind: BarKind::Memory64 {
+                prefetchable: false,
+            },
             size,
-            prefetchable: false,
         }
     }
 
@@ -70,14 +63,25 @@ impl BarSpec {
         BarSpec {
             kind: BarKind::Io,
             size,
-            prefetchable: false,
         }
     }
 
-    /// The same BAR, prefetchable.
+    /// The same BAR, prefetchable (an I/O BAR stays as it is: it has no such bit).
     pub fn prefetchable(mut self) -> Self {
-        self.prefetchable = true;
+        self.kind = match self.kind {
+            BarKind::Memory32 { .. } => BarKind::Memory32 { prefetchable: true },
+            BarKind::Memory64 { .. } => BarKind::Memory64 { prefetchable: true },
+            BarKind::Io => BarKind::Io,
+        };
         self
+    }
+
+    /// Prefetchable memory.
+    pub fn is_prefetchable(&self) -> bool {
+        matches!(
+            self.kind,
+            BarKind::Memory32 { prefetchable: true } | BarKind::Memory64 { prefetchable: true }
+        )
     }
 
     /// A memory (not I/O) BAR.
@@ -89,15 +93,15 @@ impl BarSpec {
     pub fn flag_bits(&self) -> u32 {
         match self.kind {
             BarKind::Io => 0x1,
-            BarKind::Memory32 => {
-                if self.prefetchable {
+            BarKind::Memory32 { prefetchable } => {
+                if prefetchable {
                     0x8
                 } else {
                     0
                 }
             }
-            BarKind::Memory64 => {
-                if self.prefetchable {
+            BarKind::Memory64 { prefetchable } => {
+                if prefetchable {
                     0xc
                 } else {
                     0x4
@@ -134,14 +138,14 @@ impl BarSpec {
                     )));
                 }
             }
-            BarKind::Memory32 => {
+            BarKind::Memory32 { .. } => {
                 if !(16..=(1 << 31)).contains(&s) {
                     return Err(invalid(format!(
                         "BAR {index}: 32-bit memory BAR size {s:#x} outside 16 bytes..=2 GiB"
                     )));
                 }
             }
-            BarKind::Memory64 => {
+            BarKind::Memory64 { .. } => {
                 if s < 16 {
                     return Err(invalid(format!(
                         "BAR {index}: memory BAR size {s:#x} below 16 bytes"
@@ -508,9 +512,10 @@ impl DeviceTemplate {
             let kind = if reg & 1 != 0 {
                 BarKind::Io
             } else {
+                let prefetchable = reg & 0x8 != 0;
                 match (reg >> 1) & 3 {
-                    0 | 1 => BarKind::Memory32,
-                    2 => BarKind::Memory64,
+                    0 | 1 => BarKind::Memory32 { prefetchable },
+                    2 => BarKind::Memory64 { prefetchable },
                     _ => {
                         return Err(invalid(format!(
                             "BAR {i} register {reg:#010x} has the reserved memory type 3"
@@ -518,16 +523,12 @@ impl DeviceTemplate {
                     }
                 }
             };
-            let spec = BarSpec {
-                kind,
-                size,
-                prefetchable: kind != BarKind::Io && reg & 0x8 != 0,
-            };
+            let spec = BarSpec { kind, size };
             spec.validate(i)?;
             let low = (reg & spec.low_address_mask()) | spec.flag_bits();
             wr(&mut config, off, &low.to_le_bytes());
             bars[i] = Some(spec);
-            if kind == BarKind::Memory64 {
+            if kind.is_64bit() {
                 if i == 5 {
                     return Err(invalid("BAR 5 cannot be a 64-bit BAR"));
                 }
@@ -1089,7 +1090,7 @@ impl TemplateBuilder {
                 if let Some(s) = sizes.get_mut(i) {
                     *s = Some(b.size);
                 }
-                if b.kind == BarKind::Memory64 {
+                if b.kind.is_64bit() {
                     if let Some(Some(_)) = self.bars.get(i + 1) {
                         return Err(invalid(format!(
                             "BAR {} is the upper half of 64-bit BAR {i}",

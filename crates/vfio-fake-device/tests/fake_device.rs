@@ -69,8 +69,10 @@ fn mixed_bars_template() -> DeviceTemplate {
 fn sized_low(spec: BarSpec) -> u32 {
     let flags = match spec.kind {
         vfio_fake_device::BarKind::Io => 0x1,
-        vfio_fake_device::BarKind::Memory32 => u32::from(spec.prefetchable) << 3,
-        vfio_fake_device::BarKind::Memory64 => 0x4 | (u32::from(spec.prefetchable) << 3),
+        vfio_fake_device::BarKind::Memory32 { prefetchable } => u32::from(prefetchable) << 3,
+        vfio_fake_device::BarKind::Memory64 { prefetchable } => {
+            0x4 | (u32::from(prefetchable) << 3)
+        }
     };
     let low_bits = if spec.kind == vfio_fake_device::BarKind::Io {
         0x3
@@ -338,7 +340,12 @@ fn lspci_xxx_dump_parses_with_caller_bar_sizes() {
     let b0 = t.bar(0).unwrap();
     assert_eq!(
         (b0.kind, b0.size),
-        (vfio_fake_device::BarKind::Memory32, 128 << 10)
+        (
+            vfio_fake_device::BarKind::Memory32 {
+                prefetchable: false
+            },
+            128 << 10
+        )
     );
     let b1 = t.bar(1).unwrap();
     assert_eq!((b1.kind, b1.size), (vfio_fake_device::BarKind::Io, 64));
@@ -407,7 +414,12 @@ fn lspci_vvxxxx_dump_takes_sizes_from_region_lines() {
     assert_eq!(dump.bar_sizes[2], Some(256));
     assert_eq!(dump.rom_size, Some(64 << 10));
     let t = DeviceTemplate::from_lspci(LSPCI_VVXXXX, None).unwrap();
-    assert_eq!(t.bar(0).unwrap().kind, vfio_fake_device::BarKind::Memory64);
+    assert_eq!(
+        t.bar(0).unwrap().kind,
+        vfio_fake_device::BarKind::Memory64 {
+            prefetchable: false
+        }
+    );
     assert!(t.bar(1).is_none(), "upper half of the 64-bit BAR");
     assert_eq!(t.bar(2).unwrap().kind, vfio_fake_device::BarKind::Io);
     assert_eq!(t.rom().unwrap().len(), 64 << 10);
