@@ -11,9 +11,9 @@ use crate::lspci;
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Size of a conventional PCI configuration space.
-pub const PCI_CONFIG_SIZE: usize = 256;
+pub const PCI_CONFIG_SIZE: usize = pci_config::LEGACY_CONFIG_SPACE_SIZE;
 /// Size of a PCI Express (extended) configuration space.
-pub const PCIE_CONFIG_SIZE: usize = 4096;
+pub const PCIE_CONFIG_SIZE: usize = pci_config::CONFIG_SPACE_SIZE;
 
 /// The largest BAR the fake backs with memory (64 GiB, sparse).
 pub const MAX_BAR_SIZE: u64 = 64 << 30;
