@@ -156,6 +156,17 @@ pub fn bound_to_vfio_pci() -> Result<Vec<String>> {
     Ok(found)
 }
 
+/// QEMU's `edu` teaching device.
+pub const EDU: PciId = PciId {
+    vendor: 0x1234,
+    device: 0x11e8,
+};
+/// QEMU's emulated NVMe controller.
+pub const QEMU_NVME: PciId = PciId {
+    vendor: 0x1b36,
+    device: 0x0010,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,9 @@
 mod cli;
 mod device;
 mod edu;
+mod group;
 mod harness;
+mod mode;
 mod modes;
 mod nvme;
 mod scenarios;
@@ -52,7 +54,7 @@ struct Args {
     required: Vec<PciId>,
     only: Option<String>,
     list: bool,
-    mode: modes::Mode,
+    mode: mode::Mode,
     cli: Option<PathBuf>,
 }
 
@@ -70,7 +72,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--require" => out.required.push(PciId::parse(&value("--require")?)?),
             "--only" => out.only = Some(value("--only")?),
             "--list" => out.list = true,
-            "--mode" => out.mode = modes::Mode::parse(&value("--mode")?)?,
+            "--mode" => out.mode = mode::Mode::parse(&value("--mode")?)?,
             "--cli" => out.cli = Some(PathBuf::from(value("--cli")?)),
             other => bail!("unknown argument `{other}`"),
         }
@@ -80,7 +82,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 fn run(args: &Args) -> Result<bool> {
     if args.list {
-        let mode_only = modes::Mode::ALL.into_iter().flat_map(modes::scenarios);
+        let mode_only = mode::Mode::ALL.into_iter().flat_map(modes::scenarios);
         for s in scenarios::SCENARIOS.iter().chain(mode_only) {
             println!("{}", s.name);
         }
@@ -101,7 +103,7 @@ fn run(args: &Args) -> Result<bool> {
     }
     harness::install_quiet_panic_hook();
     harness::install_log_capture();
-    modes::set_current(args.mode);
+    mode::set_current(args.mode);
     let opts = RunOptions {
         only: args.only.as_deref(),
         mode: args.mode,

@@ -414,7 +414,7 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
         "fds/maps {before:?} before attach, {during:?} attached, {after:?} after unplug"
     );
     drop(
-        crate::modes::open_kernel(ctx.mode, &dev.sysfs)
+        crate::mode::open_kernel(ctx.mode, &dev.sysfs)
             .context("re-opening the device after unplug")?,
     );
     Ok(Outcome::Pass(format!(
@@ -432,8 +432,8 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// `DmaMapper` before it reaches the kernel.
 pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
-    crate::modes::require_dma(ctx.mode)?;
-    let kernel = Arc::new(crate::modes::open_kernel(ctx.mode, &dev.sysfs)?);
+    crate::mode::require_dma(ctx.mode)?;
+    let kernel = Arc::new(crate::mode::open_kernel(ctx.mode, &dev.sysfs)?);
     let ranges = kernel.iova_ranges().context("iova_ranges")?;
     ensure!(!ranges.is_empty(), "no IOVA ranges reported");
     for w in ranges.windows(2) {
@@ -545,7 +545,7 @@ pub fn hot_reset(ctx: &Ctx<'_>) -> Result<Outcome> {
     for (d, k) in ctx
         .devices
         .iter()
-        .zip(crate::modes::open_all_shared(ctx.mode, ctx.devices)?)
+        .zip(crate::mode::open_all_shared(ctx.mode, ctx.devices)?)
     {
         if d.bdf == dev.bdf {
             me = Some(k);

@@ -132,12 +132,12 @@ impl Vm {
     /// Attaches `device` through the kernel backend and `VfioPciDevice`; with `ram`, also maps
     /// [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`] for DMA.
     pub fn attach(device: &Device, ram: bool) -> Result<Vm> {
-        let mode = crate::modes::current();
+        let mode = crate::mode::current();
         if ram {
             // No-IOMMU mode cannot map guest RAM: a scenario that needs it is skipped.
-            crate::modes::require_dma(mode)?;
+            crate::mode::require_dma(mode)?;
         }
-        let kernel = Arc::new(crate::modes::open_kernel(mode, &device.sysfs)?);
+        let kernel = Arc::new(crate::mode::open_kernel(mode, &device.sysfs)?);
         let irqs = Arc::new(TestInterruptManager::new());
         let mapper = Arc::new(RecordingMapper::default());
         let allocator = Arc::new(Mutex::new(
