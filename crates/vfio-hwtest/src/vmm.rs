@@ -141,12 +141,8 @@ impl Vm {
         let irqs = Arc::new(TestInterruptManager::new());
         let mapper = Arc::new(RecordingMapper::default());
         let allocator = Arc::new(Mutex::new(
-            BarAllocator::new(BarWindows {
-                mmio32: MMIO32,
-                mmio64: Some(MMIO64),
-                io: Some(IO),
-            })
-            .context("BAR allocator")?,
+            BarAllocator::new(BarWindows::new(MMIO32).with_mmio64(MMIO64).with_io(IO))
+                .context("BAR allocator")?,
         ));
         let vfio: Arc<dyn Vfio> = kernel.clone();
         let dev = VfioPciDevice::new(

@@ -312,11 +312,9 @@ pub fn run(opened: &Opened, opts: &Options, progress: &dyn Fn(&str)) -> anyhow::
         .page_size
         .unwrap_or_else(crate::sysfs::current_page_size);
     let irqs = Arc::new(ProbeInterrupts::default());
-    let windows = BarWindows {
-        mmio32: AddressWindow::new(MMIO32.0, MMIO32.1),
-        mmio64: Some(AddressWindow::new(MMIO64.0, MMIO64.1)),
-        io: Some(AddressWindow::new(IO.0, IO.1)),
-    };
+    let windows = BarWindows::new(AddressWindow::new(MMIO32.0, MMIO32.1))
+        .with_mmio64(AddressWindow::new(MMIO64.0, MMIO64.1))
+        .with_io(AddressWindow::new(IO.0, IO.1));
     let allocator = BarAllocator::with_page_size(windows, page_size)
         .map_err(|e| anyhow!("the VMM's BAR windows: {e}"))?;
     let resources = DeviceResources {

@@ -337,20 +337,18 @@ pub struct Vm {
 
 impl Vm {
     pub fn new() -> Vm {
-        let windows = BarWindows {
-            mmio32: AddressWindow {
-                base: MMIO32_BASE,
-                size: MMIO32_SIZE,
-            },
-            mmio64: Some(AddressWindow {
-                base: MMIO64_BASE,
-                size: MMIO64_SIZE,
-            }),
-            io: Some(AddressWindow {
-                base: 0x1000,
-                size: 0x1000,
-            }),
-        };
+        let windows = BarWindows::new(AddressWindow {
+            base: MMIO32_BASE,
+            size: MMIO32_SIZE,
+        })
+        .with_mmio64(AddressWindow {
+            base: MMIO64_BASE,
+            size: MMIO64_SIZE,
+        })
+        .with_io(AddressWindow {
+            base: 0x1000,
+            size: 0x1000,
+        });
         Vm {
             irqs: Arc::new(TestInterruptManager::new()),
             mapper: Arc::new(RecordingMapper::default()),
