@@ -69,12 +69,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::locking::lock;
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
     DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received,
@@ -174,10 +175,6 @@ struct DmaRange {
     /// loads and stores (sealed files only); `None` for fd I/O and
     /// message DMA.
     _mapping: Option<Mapping>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The most server requests (`DMA_READ` / `DMA_WRITE`) waiting for their

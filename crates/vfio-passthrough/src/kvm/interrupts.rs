@@ -3,13 +3,13 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::kvm_error;
 use super::routing::{GsiRoute, GsiRouting, MAX_GSI_ROUTES};
+use super::{kvm_error, lock};
 use crate::{Error, Result};
 
 /// The interrupt line a device's INTx pin is wired to: a GSI routed to a pin of an in-kernel
@@ -90,10 +90,6 @@ impl GsiAllocator {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Wraps an error of this crate for the [`pci_interrupts`] traits, keeping it as the source.

@@ -45,6 +45,14 @@ pub use mapper::KvmGuestMapper;
 pub use routing::{GsiRoute, GsiRouting, MAX_GSI_ROUTES};
 pub use vfio_device::KvmVfioDevice;
 
+/// Locks `m`, recovering the data if a thread panicked while holding it: every critical
+/// section of the KVM glue leaves its state consistent (no panics inside, by the crate's
+/// rules), and one thread's panic must not become a panic in every vCPU thread. The one lock
+/// helper of the KVM glue.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Turns a KVM ioctl error into this crate's error, keeping the errno.
 fn kvm_error(op: &'static str, err: kvm_ioctls::Error) -> crate::Error {
     crate::Error::Kvm {
