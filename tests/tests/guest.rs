@@ -72,15 +72,15 @@ both_backends! {
             let ext: Vec<u16> = e.ext_caps.iter().map(|c| c.0).collect();
             match profile {
                 "edu" => {
-                    assert_eq!(ids, vec![CAP_ID_MSI]);
+                    assert_eq!(ids, vec![cap_id::MSI]);
                     assert!(ext.is_empty(), "conventional PCI: {ext:?}");
                 }
                 _ => {
-                    for id in [CAP_ID_PM, CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCIE] {
+                    for id in [cap_id::POWER_MANAGEMENT, cap_id::MSI, cap_id::MSIX, cap_id::PCI_EXPRESS] {
                         assert!(ids.contains(&id), "cap {id:#x} missing from {ids:x?}");
                     }
-                    assert!(ext.contains(&EXT_CAP_ID_AER), "{ext:x?}");
-                    assert!(!ext.contains(&EXT_CAP_ID_SRIOV), "SR-IOV visible: {ext:x?}");
+                    assert!(ext.contains(&ext_cap_id::AER), "{ext:x?}");
+                    assert!(!ext.contains(&ext_cap_id::SRIOV), "SR-IOV visible: {ext:x?}");
                 }
             }
 

@@ -222,7 +222,7 @@ fn garbage_case(kind: BackendKind, profile: &str, pokes: &[Poke]) {
             assert_eq!(g.mmio_read32(bar + edu::ID), edu::ID_VALUE);
             g.mmio_write32(bar + edu::FACTORIAL, 5);
             assert_eq!(g.mmio_read32(bar + edu::FACTORIAL), 120);
-            g.enable_msi(e.cap(CAP_ID_MSI).unwrap(), MSI_ADDR, 0x42);
+            g.enable_msi(e.cap(cap_id::MSI).unwrap(), MSI_ADDR, 0x42);
             let grp = vm.group(&dev.msi_group().unwrap());
             // Signals the garbage left latched are not the guest's business.
             grp.take_signals(0);
@@ -231,7 +231,7 @@ fn garbage_case(kind: BackendKind, profile: &str, pokes: &[Poke]) {
         _ => {
             assert_eq!(e.bar(0).size, nvme_like::BAR0_SIZE);
             assert_eq!(g.mmio_read64(bar + nvme_like::CAP), nvme_like::CAP_VALUE);
-            let cap = e.cap(CAP_ID_MSIX).unwrap();
+            let cap = e.cap(cap_id::MSIX).unwrap();
             let (table, _) = g.msix_table(cap);
             g.msix_program(table, 6, MSI_ADDR, 0x66, false);
             g.msix_control(cap, true, false);

@@ -45,10 +45,7 @@ fn serve(stall_timeout: Duration) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hostile.sock");
     let fake = Arc::new(FakeDevice::profile("nvme-like").unwrap());
-    let options = ServerOptions {
-        stall_timeout,
-        ..ServerOptions::default()
-    };
+    let options = ServerOptions::default().with_stall_timeout(stall_timeout);
     let server = UserServer::bind(&path, fake.clone(), options).unwrap();
     Served {
         _dir: dir,
@@ -358,10 +355,7 @@ fn a_second_client_is_turned_away_at_once_while_one_is_served() {
     let t = Instant::now();
     let second = UserDevice::connect_with_options(
         &sv.path,
-        UserOptions {
-            timeout: Duration::from_secs(20),
-            ..UserOptions::default()
-        },
+        UserOptions::default().with_timeout(Duration::from_secs(20)),
     );
     let err = second.expect_err("two clients served at once");
     assert!(

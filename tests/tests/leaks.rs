@@ -26,7 +26,7 @@ fn use_device(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap, profile: &str) {
     let e = g.enumerate(&mut Firmware::new());
     let bar = g.bar_address(0);
     if profile == "edu" {
-        g.enable_msi(e.cap(CAP_ID_MSI).unwrap(), MSI_ADDR, 0x41);
+        g.enable_msi(e.cap(cap_id::MSI).unwrap(), MSI_ADDR, 0x41);
         let grp = g.vm.group(&g.dev.msi_group().unwrap());
         g.mmio_write64(bar + edu::DMA_SRC, RAM_REGIONS[0].0);
         g.mmio_write64(bar + edu::DMA_DST, edu::DMA_BUFFER);
@@ -35,7 +35,7 @@ fn use_device(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap, profile: &str) {
         assert_eq!(wait_delivered(&grp, 0), 1);
         assert_eq!(g.mmio_read32(bar + edu::DMA_BUFFER), 0);
     } else {
-        let cap = e.cap(CAP_ID_MSIX).unwrap();
+        let cap = e.cap(cap_id::MSIX).unwrap();
         let (table, _) = g.msix_table(cap);
         g.msix_program(table, 4, MSI_ADDR, 0x44, false);
         g.msix_control(cap, true, false);

@@ -77,10 +77,7 @@ fn memfd_ram(name: &std::ffi::CStr, sealed: bool) -> (File, GuestMemoryMmap) {
 #[test]
 fn edu_dma_both_ways_over_maps_without_a_file_goes_by_dma_read_and_dma_write() {
     // A small max_data_xfer_size makes each 1 KiB leg take several messages.
-    let options = UserOptions {
-        max_data_xfer_size: 256,
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default().with_max_data_xfer_size(256);
     let b = Backend::socket(edu_fake(), false, options);
     let vm = Vm::new();
     let mem = private_ram();
@@ -331,10 +328,7 @@ fn raw_setup(dma_timeout: Duration) -> (tempfile::TempDir, Arc<FakeDevice>, User
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("edu.sock");
     let fake = edu_fake();
-    let options = ServerOptions {
-        dma_timeout,
-        ..ServerOptions::default()
-    };
+    let options = ServerOptions::default().with_dma_timeout(dma_timeout);
     let server = UserServer::bind(&sock, fake.clone(), options).unwrap();
     (dir, fake, server)
 }

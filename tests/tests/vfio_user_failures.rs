@@ -21,11 +21,9 @@ fn nvme() -> Arc<FakeDevice> {
 }
 
 fn options(timeout: Duration) -> UserOptions {
-    UserOptions {
-        timeout,
-        reset_timeout: timeout,
-        ..UserOptions::default()
-    }
+    UserOptions::default()
+        .with_timeout(timeout)
+        .with_reset_timeout(timeout)
 }
 
 /// Brings an nvme-like up: enumerated, guest RAM mapped, MSI-X on, and a
@@ -33,7 +31,7 @@ fn options(timeout: Duration) -> UserOptions {
 fn bring_up(g: &Guest<'_>, mem: &vm_memory::GuestMemoryMmap) -> (u64, u64) {
     g.dev.guest_dma().add_memory(mem).unwrap();
     let e = g.enumerate(&mut Firmware::new());
-    let cap = e.cap(CAP_ID_MSIX).unwrap();
+    let cap = e.cap(cap_id::MSIX).unwrap();
     let (table, _) = g.msix_table(cap);
     g.msix_program(table, 1, MSI_ADDR, 0x21, false);
     g.msix_control(cap, true, false);
@@ -72,7 +70,7 @@ fn check_device_gone(g: &Guest<'_>, bar: u64, cap: u64, limit: Duration) {
     let pcie = g
         .walk_caps()
         .into_iter()
-        .find(|c| c.0 == CAP_ID_PCIE)
+        .find(|c| c.0 == cap_id::PCI_EXPRESS)
         .map(|c| c.1);
     if let Some(off) = pcie {
         assert_eq!(g.cfg32(off + 4), 0xffff_ffff);

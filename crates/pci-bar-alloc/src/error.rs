@@ -6,6 +6,7 @@ use crate::{BarKind, Window};
 ///
 /// Every refusal leaves the allocator unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A window was given with size zero.
     #[error("the {window} window is empty (size 0)")]

@@ -152,6 +152,30 @@ pub struct BarWindows {
 }
 
 impl BarWindows {
+    /// Windows with only the (mandatory) 32-bit memory window; add the others with
+    /// [`with_mmio64`](Self::with_mmio64) and [`with_io`](Self::with_io).
+    pub const fn new(mmio32: AddressWindow) -> Self {
+        Self {
+            mmio32,
+            mmio64: None,
+            io: None,
+        }
+    }
+
+    /// Returns the windows with a 64-bit memory window.
+    #[must_use]
+    pub const fn with_mmio64(mut self, mmio64: AddressWindow) -> Self {
+        self.mmio64 = Some(mmio64);
+        self
+    }
+
+    /// Returns the windows with an I/O port window.
+    #[must_use]
+    pub const fn with_io(mut self, io: AddressWindow) -> Self {
+        self.io = Some(io);
+        self
+    }
+
     /// Checks the windows: each non-empty and not wrapping, mmio32 ending below 4 GiB, io inside
     /// the 64 KiB I/O space, and mmio32 and mmio64 not overlapping.
     pub fn validate(&self) -> Result<()> {
@@ -256,6 +280,32 @@ pub struct BarRequest {
 }
 
 impl BarRequest {
+    /// A request for a BAR of `kind` and `size`, not prefetchable and not mmapped; set those
+    /// with [`with_prefetchable`](Self::with_prefetchable) and
+    /// [`with_mmappable`](Self::with_mmappable).
+    pub const fn new(kind: BarKind, size: u64) -> Self {
+        Self {
+            kind,
+            prefetchable: false,
+            size,
+            mmappable: false,
+        }
+    }
+
+    /// Returns the request with the prefetchable bit set as given.
+    #[must_use]
+    pub const fn with_prefetchable(mut self, prefetchable: bool) -> Self {
+        self.prefetchable = prefetchable;
+        self
+    }
+
+    /// Returns the request with `mmappable` set as given.
+    #[must_use]
+    pub const fn with_mmappable(mut self, mmappable: bool) -> Self {
+        self.mmappable = mmappable;
+        self
+    }
+
     /// Checks the size against the PCI rules for the kind: a power of two, at least 4 bytes for
     /// I/O and 16 bytes for memory, at most 2 GiB for 32-bit registers and 2^63 for 64-bit ones.
     pub fn validate(&self) -> Result<()> {
@@ -342,14 +392,9 @@ pub struct BarAllocatorState {
     pub placements: Vec<BarPlacement>,
 }
 
-/// Versioned snapshot envelope: format version, then payload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Versioned<T> {
-    /// Format version of `payload` ([`SNAPSHOT_VERSION`] for [`BarAllocatorState`]).
-    pub version: u32,
-    /// The state.
-    pub payload: T,
-}
+/// The snapshot envelope: pci-config's, the one of the workspace (format version, then
+/// payload; [`SNAPSHOT_VERSION`] for [`BarAllocatorState`]).
+pub use pci_config::Versioned;
 
 /// Free space and live placements of one window.
 #[derive(Debug)]
@@ -703,14 +748,14 @@ impl BarAllocator {
 
     /// The allocator's state in a versioned envelope.
     pub fn snapshot(&self) -> Versioned<BarAllocatorState> {
-        Versioned {
-            version: SNAPSHOT_VERSION,
-            payload: BarAllocatorState {
+        Versioned::new(
+            SNAPSHOT_VERSION,
+            BarAllocatorState {
                 windows: self.windows,
                 page_size: self.page_size,
                 placements: self.placements().copied().collect(),
             },
-        }
+        )
     }
 
     /// Rebuilds an allocator from a snapshot, re-placing every BAR at its recorded base.

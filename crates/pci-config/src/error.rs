@@ -5,6 +5,7 @@
 /// Guest-originated problems (a bad access size, an access past the end of the space) and
 /// device-originated ones (a broken capability chain) are reported as values, never as panics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration access whose size is not 1, 2 or 4 bytes, or which does not lie entirely
     /// inside the 4096-byte configuration space.

@@ -50,6 +50,7 @@ mod error;
 pub mod regs;
 mod snapshot;
 mod space;
+mod space_bars;
 
 pub use bar::{BarDef, BarHalf, BarInfo, BarKind, RomInfo, NUM_BARS, ROM_BAR};
 pub use caps::{

@@ -10,13 +10,34 @@ use crate::space::ConfigSpace;
 /// Format version of [`ConfigSpaceState`] written by this build.
 pub const SNAPSHOT_VERSION: u32 = 1;
 
-/// A versioned envelope: the format version, then the payload.
+/// A versioned snapshot envelope: the format version, then the payload.
+///
+/// The one envelope of the workspace: pci-interrupts and pci-bar-alloc re-export it for their
+/// snapshots. It lives here, in the lowest crate, because every crate that snapshots state
+/// depends on pci-config; each crate keeps its own format version for its own payloads.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned<T> {
     /// Format version of `payload`.
     pub version: u32,
     /// The state.
     pub payload: T,
+}
+
+impl<T> Versioned<T> {
+    /// Wraps `payload`, written in format `version`.
+    pub const fn new(version: u32, payload: T) -> Self {
+        Self { version, payload }
+    }
+
+    /// The payload if it was written in format `supported`; otherwise the version found, for
+    /// the caller to report in its own error.
+    pub fn into_payload_of(self, supported: u32) -> std::result::Result<T, u32> {
+        if self.version == supported {
+            Ok(self.payload)
+        } else {
+            Err(self.version)
+        }
+    }
 }
 
 /// A [`ConfigSpace`] snapshot: [`ConfigSpaceState`] in a [`Versioned`] envelope.
@@ -51,9 +72,9 @@ fn boxed(v: &[u8], what: &'static str) -> Result<Box<[u8; CONFIG_SPACE_SIZE]>> {
 impl ConfigSpace {
     /// Captures the whole state in a versioned envelope.
     pub fn snapshot(&self) -> ConfigSpaceSnapshot {
-        Versioned {
-            version: SNAPSHOT_VERSION,
-            payload: ConfigSpaceState {
+        Versioned::new(
+            SNAPSHOT_VERSION,
+            ConfigSpaceState {
                 bytes: self.bytes.to_vec(),
                 writable: self.writable.to_vec(),
                 rw1c: self.rw1c.to_vec(),
@@ -63,7 +84,7 @@ impl ConfigSpace {
                 sizing: self.bars.sizing,
                 pending_half: self.bars.pending,
             },
-        }
+        )
     }
 
     /// Rebuilds a configuration space from a snapshot. Fails on an unknown version or an

@@ -409,9 +409,18 @@ fn access_crossing_4kib_is_rejected() {
     ));
     assert!(cfg.read(4095, &mut [0u8; 1]).is_ok());
     assert!(cfg.read_dword(1023).is_ok());
-    assert!(cfg.read_dword(1024).is_err());
-    assert!(cfg.write_dword(usize::MAX, 0).is_err());
-    assert!(cfg.read_u32(usize::MAX).is_err());
+    // Dword 1024 starts at byte 4096, the first byte past the 4 KiB space.
+    let past_end = pci_config::Error::InvalidAccess {
+        offset: 4096,
+        size: 4,
+    };
+    assert_eq!(cfg.read_dword(1024), Err(past_end));
+    let wrapping = pci_config::Error::InvalidAccess {
+        offset: usize::MAX,
+        size: 4,
+    };
+    assert_eq!(cfg.write_dword(usize::MAX, 0), Err(wrapping.clone()));
+    assert_eq!(cfg.read_u32(usize::MAX), Err(wrapping));
 }
 
 #[test]
@@ -501,7 +510,10 @@ fn capability_pointing_back_to_earlier_one_is_lenient_parsed_up_to_the_loop() {
     let (caps, err) = parse_capabilities_lenient(&bytes);
     assert_eq!(caps.len(), 2);
     assert_eq!(err, Some(Error::CapabilityLoop { offset: 0x40 }));
-    assert!(parse_capabilities(&bytes).is_err());
+    assert_eq!(
+        parse_capabilities(&bytes),
+        Err(pci_config::Error::CapabilityLoop { offset: 0x40 })
+    );
 }
 
 #[test]
@@ -524,7 +536,13 @@ fn capability_starting_inside_the_msix_registers_is_an_overlap() {
             other: 0x60
         })
     );
-    assert!(parse_capabilities(&bytes).is_err());
+    assert_eq!(
+        parse_capabilities(&bytes),
+        Err(pci_config::Error::CapabilityOverlap {
+            offset: 0x64,
+            other: 0x60
+        })
+    );
 }
 
 #[test]

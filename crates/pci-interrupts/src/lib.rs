@@ -31,15 +31,16 @@ pub mod testing;
 
 pub use group::{Delivery, InterruptManager, InterruptSourceGroup, MsiRoute};
 pub use intx::{IntxPin, IntxSnapshot, IntxState, COMMAND_INTX_DISABLE, STATUS_INTERRUPT};
-pub use msi::{MsiSnapshot, MsiState, MSI_CAP_ID, MSI_MAX_VECTORS};
+pub use msi::{MsiSnapshot, MsiState, MSI_MAX_VECTORS};
 pub use msix::{
-    MsixBarLocation, MsixLayout, MsixSnapshot, MsixState, MsixTableEntry, MSIX_CAP_ID,
-    MSIX_CAP_LEN, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
+    MsixBarLocation, MsixLayout, MsixSnapshot, MsixState, MsixTableEntry, MSIX_CAP_LEN,
+    MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
 };
-pub use snapshot::{Versioned, SNAPSHOT_VERSION};
+pub use snapshot::{payload, versioned, Versioned, SNAPSHOT_VERSION};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A vector number outside what a group or capability has.
     #[error("interrupt vector {vector} out of range (there are {count})")]

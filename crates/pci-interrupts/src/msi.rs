@@ -15,13 +15,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use pci_config::cap_id;
 use serde::{Deserialize, Serialize};
 
 use crate::regs::{self, keep_first, push_vector, Pushed};
 use crate::{Delivery, Error, InterruptSourceGroup, MsiRoute, Result};
 
-/// Capability ID of MSI.
-pub const MSI_CAP_ID: u8 = 0x05;
 /// Most vectors an MSI function can request.
 pub const MSI_MAX_VECTORS: u32 = 32;
 
@@ -109,7 +108,7 @@ impl MsiState {
         if bytes.len() < 4 {
             return Err(invalid("fewer than 4 bytes"));
         }
-        if bytes.first() != Some(&MSI_CAP_ID) {
+        if bytes.first() != Some(&cap_id::MSI) {
             return Err(invalid("capability ID is not 0x05"));
         }
         let next = bytes.get(1).copied().unwrap_or(0);
@@ -136,7 +135,7 @@ impl MsiState {
             pushed: [None; MSI_MAX_VECTORS as usize],
         };
         s.window = s.cap_len().next_multiple_of(4);
-        s.image[0] = MSI_CAP_ID;
+        s.image[0] = cap_id::MSI;
         s.image[1] = next;
         let mut control = log2_capable << CTL_MMC_SHIFT;
         if addr64 {

@@ -10,13 +10,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use pci_config::cap_id;
 use serde::{Deserialize, Serialize};
 
 use crate::regs::{self, keep_first, push_vector, Pushed};
 use crate::{Delivery, Error, InterruptSourceGroup, MsiRoute, Result};
 
-/// Capability ID of MSI-X.
-pub const MSIX_CAP_ID: u8 = 0x11;
 /// Length of the MSI-X capability in bytes.
 pub const MSIX_CAP_LEN: usize = 12;
 /// Size of one MSI-X table entry in bytes.
@@ -151,12 +150,12 @@ impl MsixLayout {
     /// bits play no part.
     ///
     /// Fails with [`Error::InvalidCapability`] on fewer than 12 bytes, a capability ID that is
-    /// not [`MSIX_CAP_ID`], or a table or PBA BAR indicator of 6 or 7 (reserved).
+    /// not [`cap_id::MSIX`](pci_config::cap_id::MSIX), or a table or PBA BAR indicator of 6 or 7 (reserved).
     pub fn parse(cap: &[u8]) -> Result<Self> {
         let cap = cap
             .get(..MSIX_CAP_LEN)
             .ok_or(invalid("fewer than 12 bytes"))?;
-        if cap.first() != Some(&MSIX_CAP_ID) {
+        if cap.first() != Some(&cap_id::MSIX) {
             return Err(invalid("capability ID is not 0x11"));
         }
         let vectors = u32::from(regs::le16(cap, CONTROL) & CTL_TABLE_SIZE) + 1;
@@ -250,7 +249,7 @@ impl MsixState {
             return Err(invalid("table and PBA offsets must be qword aligned"));
         }
         let mut cap = [0u8; MSIX_CAP_LEN];
-        cap[0] = MSIX_CAP_ID;
+        cap[0] = cap_id::MSIX;
         // Lossless: table_size - 1 < 2048.
         let control = (table_size - 1) as u16;
         regs::put_le(&mut cap, CONTROL, &control.to_le_bytes());
@@ -667,7 +666,7 @@ mod tests {
     /// PBA offset/BIR dwords.
     fn cap(control: u16, table: u32, pba: u32) -> [u8; MSIX_CAP_LEN] {
         let mut b = [0u8; MSIX_CAP_LEN];
-        b[0] = MSIX_CAP_ID;
+        b[0] = cap_id::MSIX;
         b[1] = 0x50;
         b[2..4].copy_from_slice(&control.to_le_bytes());
         b[4..8].copy_from_slice(&table.to_le_bytes());

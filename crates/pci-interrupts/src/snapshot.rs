@@ -1,6 +1,6 @@
-//! The versioned snapshot envelope.
+//! The versioned snapshot envelope: pci-config's [`Versioned`], with this crate's version.
 
-use serde::{Deserialize, Serialize};
+pub use pci_config::Versioned;
 
 use crate::{Error, Result};
 
@@ -8,33 +8,18 @@ use crate::{Error, Result};
 /// [`MsixSnapshot`](crate::MsixSnapshot), [`IntxSnapshot`](crate::IntxSnapshot)).
 pub const SNAPSHOT_VERSION: u32 = 1;
 
-/// A snapshot payload with the format version it was written in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Versioned<T> {
-    /// Format version of `payload`.
-    pub version: u32,
-    /// The snapshot itself.
-    pub payload: T,
+/// Wraps `payload` with this crate's [`SNAPSHOT_VERSION`].
+pub fn versioned<T>(payload: T) -> Versioned<T> {
+    Versioned::new(SNAPSHOT_VERSION, payload)
 }
 
-impl<T> Versioned<T> {
-    /// Wraps `payload` with the current [`SNAPSHOT_VERSION`].
-    pub fn new(payload: T) -> Self {
-        Self {
-            version: SNAPSHOT_VERSION,
-            payload,
-        }
-    }
-
-    /// The payload, if written in a version this crate reads.
-    pub fn into_payload(self) -> Result<T> {
-        if self.version == SNAPSHOT_VERSION {
-            Ok(self.payload)
-        } else {
-            Err(Error::SnapshotVersion {
-                found: self.version,
-                supported: SNAPSHOT_VERSION,
-            })
-        }
-    }
+/// The payload of `envelope`, if written in a version this crate reads
+/// ([`Error::SnapshotVersion`] otherwise).
+pub fn payload<T>(envelope: Versioned<T>) -> Result<T> {
+    envelope
+        .into_payload_of(SNAPSHOT_VERSION)
+        .map_err(|found| Error::SnapshotVersion {
+            found,
+            supported: SNAPSHOT_VERSION,
+        })
 }

@@ -23,7 +23,13 @@ fn interrupt_pin_register_accepts_0_to_4_only() {
         assert_eq!(intx.pin(), pin);
         assert_eq!(pin.register(), value);
     }
-    assert!(IntxState::from_pin_register(5).is_err());
+    assert!(matches!(
+        IntxState::from_pin_register(5),
+        Err(pci_interrupts::Error::InvalidCapability {
+            capability: "INTx",
+            ..
+        })
+    ));
     assert!(IntxPin::from_register(0xff).is_none());
 }
 
@@ -112,5 +118,11 @@ fn snapshot_round_trip_restores_line_assertion_and_disable() {
     assert_eq!(dest.snapshot(), snap);
     assert_eq!(dest.line(), 11);
     assert!(group.is_masked(0));
-    assert!(IntxState::new(IntxPin::IntA).restore(&snap).is_err());
+    assert!(matches!(
+        IntxState::new(IntxPin::IntA).restore(&snap),
+        Err(pci_interrupts::Error::SnapshotMismatch {
+            capability: "INTx",
+            reason: "interrupt pin differs"
+        })
+    ));
 }

@@ -227,7 +227,13 @@ fn fire_while_disabled_or_unallocated_is_dropped() {
     assert_eq!(msi.fire(0).unwrap(), Delivery::Dropped);
     write16(&mut msi, CONTROL, ENABLE); // one vector allocated
     assert_eq!(msi.fire(3).unwrap(), Delivery::Dropped);
-    assert!(msi.fire(4).is_err());
+    assert!(matches!(
+        msi.fire(4),
+        Err(pci_interrupts::Error::VectorOutOfRange {
+            vector: 4,
+            count: 4
+        })
+    ));
     assert_eq!(
         group.count_calls(|c| matches!(c, GroupCall::Trigger { .. })),
         0
@@ -262,10 +268,21 @@ fn from_bytes_takes_structure_but_resets_guest_state() {
     assert_eq!(read16(&msi, 0), 0x7005);
     assert_eq!(read32(&msi, 4), 0);
     bytes[0] = 0x11;
-    assert!(MsiState::from_bytes(&bytes).is_err());
-    assert!(MsiState::from_bytes(&[0x05, 0]).is_err());
-    assert!(MsiState::new(3, false, false).is_err());
-    assert!(MsiState::new(64, false, false).is_err());
+    let invalid = |r: pci_interrupts::Result<MsiState>, why: &str| {
+        assert!(
+            matches!(
+                r,
+                Err(pci_interrupts::Error::InvalidCapability { capability: "MSI", reason })
+                    if reason == why
+            ),
+            "{why}"
+        );
+    };
+    invalid(MsiState::from_bytes(&bytes), "capability ID is not 0x05");
+    invalid(MsiState::from_bytes(&[0x05, 0]), "fewer than 4 bytes");
+    let bad_count = "vector count must be a power of two from 1 to 32";
+    invalid(MsiState::new(3, false, false), bad_count);
+    invalid(MsiState::new(64, false, false), bad_count);
 }
 
 #[test]
@@ -278,12 +295,13 @@ fn snapshot_restores_registers_and_pushes_them_to_a_fresh_group() {
     write16(&mut msi, CONTROL, (2 << 4) | ENABLE);
     assert_eq!(msi.fire(1).unwrap(), Delivery::Pending);
     let snap = msi.snapshot();
-    let json = serde_json::to_string(&pci_interrupts::Versioned::new(snap.clone())).unwrap();
+    let json = serde_json::to_string(&pci_interrupts::versioned(snap.clone())).unwrap();
     let back: pci_interrupts::Versioned<pci_interrupts::MsiSnapshot> =
         serde_json::from_str(&json).unwrap();
 
     let (mut dest, group) = bound(4, true, true);
-    dest.restore(&back.into_payload().unwrap()).unwrap();
+    dest.restore(&pci_interrupts::payload(back).unwrap())
+        .unwrap();
     assert_eq!(dest.snapshot(), snap);
     assert!(group.is_enabled());
     assert_eq!(
@@ -294,8 +312,11 @@ fn snapshot_restores_registers_and_pushes_them_to_a_fresh_group() {
         })
     );
     assert!(group.is_masked(1) && dest.pending(1));
-    assert!(MsiState::new(4, false, true)
-        .unwrap()
-        .restore(&snap)
-        .is_err());
+    assert!(matches!(
+        MsiState::new(4, false, true).unwrap().restore(&snap),
+        Err(pci_interrupts::Error::SnapshotMismatch {
+            capability: "MSI",
+            ..
+        })
+    ));
 }

@@ -297,9 +297,25 @@ fn largest_table_has_2048_entries_and_a_256_byte_pba() {
         .unwrap();
     entry_dw(&mut msix, 2047, 3, 0);
     assert_eq!(group.triggers_of(2047), 1);
-    assert!(msix.fire(2048).is_err());
-    assert!(MsixState::new(2049, 0, 0, 0, 0).is_err());
-    assert!(MsixState::new(0, 0, 0, 0, 0).is_err());
+    assert!(matches!(
+        msix.fire(2048),
+        Err(pci_interrupts::Error::VectorOutOfRange {
+            vector: 2048,
+            count: 2048
+        })
+    ));
+    for size in [2049, 0] {
+        assert!(
+            matches!(
+                MsixState::new(size, 0, 0, 0, 0),
+                Err(pci_interrupts::Error::InvalidCapability {
+                    capability: "MSI-X",
+                    reason: "table size must be 1 to 2048"
+                })
+            ),
+            "table size {size}"
+        );
+    }
 }
 
 #[test]
@@ -307,12 +323,22 @@ fn from_bytes_rejects_wrong_id_short_input_and_reserved_bir() {
     let mut bytes = [0u8; 12];
     bytes[0] = 0x11;
     assert!(MsixState::from_bytes(&bytes).is_ok());
-    assert!(MsixState::from_bytes(&bytes[..11]).is_err());
+    let invalid = |r: pci_interrupts::Result<MsixState>, why: &str| {
+        assert!(
+            matches!(
+                r,
+                Err(pci_interrupts::Error::InvalidCapability { capability: "MSI-X", reason })
+                    if reason == why
+            ),
+            "{why}"
+        );
+    };
+    invalid(MsixState::from_bytes(&bytes[..11]), "fewer than 12 bytes");
     bytes[4] = 6;
-    assert!(MsixState::from_bytes(&bytes).is_err());
+    invalid(MsixState::from_bytes(&bytes), "reserved BAR indicator");
     bytes[4] = 0;
     bytes[0] = 0x05;
-    assert!(MsixState::from_bytes(&bytes).is_err());
+    invalid(MsixState::from_bytes(&bytes), "capability ID is not 0x11");
 }
 
 #[test]
@@ -335,11 +361,12 @@ fn snapshot_round_trip_restores_table_pba_and_control() {
     control(&mut msix, ENABLE);
     assert_eq!(msix.fire(5).unwrap(), Delivery::Pending);
     let snap = msix.snapshot();
-    let json = serde_json::to_string(&Versioned::new(snap.clone())).unwrap();
+    let json = serde_json::to_string(&pci_interrupts::versioned(snap.clone())).unwrap();
     let back: Versioned<MsixSnapshot> = serde_json::from_str(&json).unwrap();
 
     let (mut dest, group) = bound(8);
-    dest.restore(&back.into_payload().unwrap()).unwrap();
+    dest.restore(&pci_interrupts::payload(back).unwrap())
+        .unwrap();
     assert_eq!(dest.snapshot(), snap);
     assert!(group.is_enabled());
     assert_eq!(
@@ -355,12 +382,24 @@ fn snapshot_round_trip_restores_table_pba_and_control() {
     assert_eq!(group.triggers_of(5), 1);
 
     let other = MsixState::new(4, 2, 0, 2, 0x1000).unwrap().snapshot();
-    assert!(dest.restore(&other).is_err());
+    assert!(matches!(
+        dest.restore(&other),
+        Err(pci_interrupts::Error::SnapshotMismatch {
+            capability: "MSI-X",
+            ..
+        })
+    ));
     let stale = Versioned {
         version: 99,
         payload: snap,
     };
-    assert!(stale.into_payload().is_err());
+    assert!(matches!(
+        pci_interrupts::payload(stale),
+        Err(pci_interrupts::Error::SnapshotVersion {
+            found: 99,
+            supported: pci_interrupts::SNAPSHOT_VERSION
+        })
+    ));
 }
 
 #[test]
@@ -368,7 +407,17 @@ fn group_failure_is_reported_and_retried_on_the_next_change() {
     let (mut msix, group) = bound(2);
     program(&mut msix, 0, 0xfee0_0000, 0x30);
     group.fail_calls(true);
-    assert!(msix.write(CONTROL, &ENABLE.to_le_bytes()).is_err());
+    // The group's error comes back as `Group`, with the operation and the errno the group
+    // gave (the test group fails with EIO).
+    match msix.write(CONTROL, &ENABLE.to_le_bytes()) {
+        Err(pci_interrupts::Error::Group {
+            op: "enable",
+            source,
+        }) => {
+            assert_eq!(source.raw_os_error(), Some(libc::EIO));
+        }
+        other => panic!("expected a Group error from enable, got {other:?}"),
+    }
     assert!(msix.enabled());
     group.fail_calls(false);
     control(&mut msix, ENABLE | FUNCTION_MASK);

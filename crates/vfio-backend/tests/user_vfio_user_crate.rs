@@ -216,10 +216,7 @@ fn setup() -> Setup {
     });
     let client = UserDevice::connect_with_options(
         &path,
-        UserOptions {
-            timeout: Duration::from_secs(2),
-            ..UserOptions::default()
-        },
+        UserOptions::default().with_timeout(Duration::from_secs(2)),
     )
     .unwrap();
     Setup {

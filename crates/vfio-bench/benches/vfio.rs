@@ -338,7 +338,7 @@ impl AttachServer {
         let client = Arc::new(UserDevice::connect(&self.path).unwrap());
         let dev = vm.attach(client).unwrap();
         assert_eq!(cfg_read16(&dev, 0), nvme_like::VENDOR_ID);
-        assert!(find_cap(&dev, CAP_MSIX).is_some());
+        assert!(find_cap(&dev, cap_id::MSIX).is_some());
         assert_eq!(size_bar(&dev, 0).unwrap(), nvme_like::BAR0_SIZE);
         let took = t.elapsed();
         drop(dev);
@@ -762,7 +762,7 @@ fn syscall_rows(rows: &mut Vec<Row>) {
         }
     }
     let (_vm, c, dev) = attach_counting(profile("nvme-like").unwrap());
-    let pcie = find_cap(&dev, CAP_PCIE).unwrap();
+    let pcie = find_cap(&dev, cap_id::PCI_EXPRESS).unwrap();
     let n = calls_of(&c, || {
         black_box(cfg_read32(&dev, 0));
     });

@@ -586,11 +586,9 @@ pub fn user_client(data: &[u8]) {
     else {
         return;
     };
-    let options = UserOptions {
-        timeout: CLIENT_TIMEOUT,
-        reset_timeout: CLIENT_TIMEOUT,
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default()
+        .with_timeout(CLIENT_TIMEOUT)
+        .with_reset_timeout(CLIENT_TIMEOUT);
     let bounded = |what: &str, t: Instant| {
         // A generous bound: the timeout plus scheduling on a loaded machine.
         assert!(
@@ -921,11 +919,9 @@ pub fn user_server(data: &[u8]) {
     let Ok(reader) = ours.try_clone() else {
         return;
     };
-    let options = vfio_backend::user::ServerOptions {
-        max_data_xfer_size: 1 << 16,
-        stall_timeout: SERVER_END_BOUND,
-        ..Default::default()
-    };
+    let options = vfio_backend::user::ServerOptions::default()
+        .with_max_data_xfer_size(1 << 16)
+        .with_stall_timeout(SERVER_END_BOUND);
     let (done, ended) = std::sync::mpsc::channel();
     let device: Arc<dyn Vfio> = fake.clone();
     let Ok(server) = std::thread::Builder::new()
@@ -1236,10 +1232,7 @@ fn recorded_user_session(fake: Arc<FakeDevice>) -> Vec<(u16, Vec<u8>)> {
             break;
         }
     });
-    let options = UserOptions {
-        timeout: Duration::from_secs(5),
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default().with_timeout(Duration::from_secs(5));
     if let Ok(dev) = UserDevice::from_stream(ours, options) {
         exercise_client(Arc::new(dev), &|_, _| {});
     }

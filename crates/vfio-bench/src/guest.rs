@@ -4,12 +4,8 @@
 
 use vfio_pci::VfioPciDevice;
 
-/// Standard capability id of MSI-X.
-pub const CAP_MSIX: u8 = 0x11;
-/// Standard capability id of MSI.
-pub const CAP_MSI: u8 = 0x05;
-/// Standard capability id of PCI Express.
-pub const CAP_PCIE: u8 = 0x10;
+/// Capability ids: pci-config's, the one PCI vocabulary of the workspace.
+pub use pci_config::cap_id;
 /// Size of one MSI-X table entry.
 pub const MSIX_ENTRY: u64 = 16;
 
@@ -137,14 +133,14 @@ pub fn enable_device(dev: &VfioPciDevice) -> vfio_pci::Result<()> {
 /// Where the guest finds the MSI-X table: (capability offset, BAR index,
 /// table offset in that BAR), from the capability as the guest reads it.
 pub fn msix_table(dev: &VfioPciDevice) -> Option<(u64, usize, u64)> {
-    let cap = find_cap(dev, CAP_MSIX)?;
+    let cap = find_cap(dev, cap_id::MSIX)?;
     let table = cfg_read32(dev, cap + 4);
     Some((cap, (table & 7) as usize, u64::from(table & !7)))
 }
 
 /// Where the guest finds the PBA: (BAR index, offset in that BAR).
 pub fn msix_pba(dev: &VfioPciDevice) -> Option<(usize, u64)> {
-    let cap = find_cap(dev, CAP_MSIX)?;
+    let cap = find_cap(dev, cap_id::MSIX)?;
     let pba = cfg_read32(dev, cap + 8);
     Some(((pba & 7) as usize, u64::from(pba & !7)))
 }

@@ -23,7 +23,7 @@ use vfio_fake_device::{nvme_like, FakeDevice};
 use vfio_pci::VfioPciDevice;
 
 use crate::devices::profile;
-use crate::guest::{enable_device, enable_msix_all, find_cap, CAP_PCIE, MSIX_ENTRY};
+use crate::guest::{cap_id, enable_device, enable_msix_all, find_cap, MSIX_ENTRY};
 use crate::vmm::Vm;
 use crate::{Error, Result};
 
@@ -88,7 +88,8 @@ impl Hot {
         if bar != 0 {
             return Err(Error::Missing("MSI-X table in BAR 0".into()));
         }
-        let pcie = find_cap(&dev, CAP_PCIE).ok_or_else(|| Error::Missing("PCIe cap".into()))?;
+        let pcie =
+            find_cap(&dev, cap_id::PCI_EXPRESS).ok_or_else(|| Error::Missing("PCIe cap".into()))?;
         Ok(Hot {
             _vm: vm,
             _fake: fake,

@@ -32,6 +32,7 @@ pub mod vmm;
 
 /// What can go wrong while setting up a benchmark, a test or a fuzz case.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The fake device refused its template.
     #[error("fake device: {0}")]

@@ -303,20 +303,18 @@ impl Vm {
 
     /// A VMM with the given page size and INTx resample choice.
     pub fn with_options(page_size: u64, intx_resample: bool) -> Result<Vm> {
-        let windows = BarWindows {
-            mmio32: AddressWindow {
-                base: MMIO32_BASE,
-                size: MMIO32_SIZE,
-            },
-            mmio64: Some(AddressWindow {
-                base: MMIO64_BASE,
-                size: MMIO64_SIZE,
-            }),
-            io: Some(AddressWindow {
-                base: 0x1000,
-                size: 0x1000,
-            }),
-        };
+        let windows = BarWindows::new(AddressWindow {
+            base: MMIO32_BASE,
+            size: MMIO32_SIZE,
+        })
+        .with_mmio64(AddressWindow {
+            base: MMIO64_BASE,
+            size: MMIO64_SIZE,
+        })
+        .with_io(AddressWindow {
+            base: 0x1000,
+            size: 0x1000,
+        });
         Ok(Vm {
             irqs: Arc::new(EventInterrupts::new(intx_resample)),
             mapper: Arc::new(SlotMapper::default()),

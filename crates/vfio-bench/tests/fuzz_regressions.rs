@@ -152,10 +152,7 @@ fn a_vfio_user_server_sharing_a_file_smaller_than_its_region_cannot_crash_the_vm
     });
     let served = serve_pair(
         dev,
-        UserOptions {
-            timeout: Duration::from_secs(5),
-            ..UserOptions::default()
-        },
+        UserOptions::default().with_timeout(Duration::from_secs(5)),
     )
     .unwrap();
     let vm = Vm::new().unwrap();

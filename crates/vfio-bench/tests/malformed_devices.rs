@@ -176,7 +176,7 @@ fn msix_left_out(case: Case) {
     let (_vm, _fake, dev) = attach(case);
     let dev = dev.unwrap_or_else(|e| panic!("{}: {e}", case.name()));
     assert_eq!(dev.msix_vectors(), 0, "{}", case.name());
-    assert_eq!(find_cap(&dev, CAP_MSIX), None, "{}", case.name());
+    assert_eq!(find_cap(&dev, cap_id::MSIX), None, "{}", case.name());
     let why = dev
         .hidden_capabilities()
         .iter()
@@ -185,7 +185,7 @@ fn msix_left_out(case: Case) {
         .unwrap_or_default();
     assert!(why.contains("outside the BAR"), "{}: {why}", case.name());
     // MSI remains for the driver to fall back on, and BAR 0 is whole.
-    assert!(find_cap(&dev, CAP_MSI).is_some(), "{}", case.name());
+    assert!(find_cap(&dev, cap_id::MSI).is_some(), "{}", case.name());
     assert_eq!(size_bar(&dev, 0).unwrap(), 16 << 10, "{}", case.name());
 }
 
@@ -279,7 +279,7 @@ fn a_device_that_stops_answering_reads_all_ones_fails_writes_and_detaches_cleanl
     let vm = Vm::new().unwrap();
     let dev = vm.attach(fake.clone()).unwrap();
     enable_device(&dev).unwrap();
-    let pcie = find_cap(&dev, CAP_PCIE).unwrap();
+    let pcie = find_cap(&dev, cap_id::PCI_EXPRESS).unwrap();
     let (cap, bar, _) = msix_table(&dev).unwrap();
     fake.faults().set_dead(true);
 
@@ -310,14 +310,11 @@ fn a_device_that_stops_answering_reads_all_ones_fails_writes_and_detaches_cleanl
 #[test]
 fn a_vfio_user_device_that_stops_answering_fails_each_access_within_the_timeout() {
     let fake = Arc::new(FakeDevice::profile("nvme-like").unwrap());
-    let options = UserOptions {
-        timeout: Duration::from_millis(200),
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default().with_timeout(Duration::from_millis(200));
     let served = serve_pair(fake.clone(), options).unwrap();
     let vm = Vm::new().unwrap();
     let dev = vm.attach(served.client.clone()).unwrap();
-    let pcie = find_cap(&dev, CAP_PCIE).unwrap();
+    let pcie = find_cap(&dev, cap_id::PCI_EXPRESS).unwrap();
     fake.faults().set_hang(Some(Duration::from_millis(600)));
     let t = Instant::now();
     assert_eq!(cfg_read32(&dev, pcie + 8), u32::MAX);
@@ -351,10 +348,7 @@ fn every_broken_device_is_handled_the_same_over_vfio_user_as_in_process() {
         let (dev, _fake) = case.build().unwrap();
         let served = serve_pair(
             dev as Arc<dyn Vfio>,
-            UserOptions {
-                timeout: Duration::from_secs(5),
-                ..UserOptions::default()
-            },
+            UserOptions::default().with_timeout(Duration::from_secs(5)),
         );
         let served = match served {
             Ok(s) => s,

@@ -86,10 +86,7 @@ fn a_thousand_attach_detach_cycles_leave_no_fd_mapping_or_thread_behind() {
 
     // Over vfio-user: each cycle is a new connection, server thread and
     // client reader thread.
-    let options = UserOptions {
-        timeout: Duration::from_secs(10),
-        ..UserOptions::default()
-    };
+    let options = UserOptions::default().with_timeout(Duration::from_secs(10));
     let user_cycle = || {
         let served = serve_pair(fake.clone(), options).unwrap();
         cycle(&vm, served.client.clone());

@@ -69,7 +69,7 @@ fn vcpus_hammering_config_and_bars_while_interrupts_fire_lose_no_interrupt() {
     enable_device(&dev).unwrap();
     let (_, bar, table) = enable_msix_all(&dev).unwrap();
     assert_eq!(bar, 0);
-    let pcie = find_cap(&dev, CAP_PCIE).unwrap();
+    let pcie = find_cap(&dev, cap_id::PCI_EXPRESS).unwrap();
     let group = vm.irqs.group_with(nvme_like::MSIX_VECTORS).unwrap();
 
     let doorbells = Arc::new(AtomicU64::new(0));

@@ -94,10 +94,7 @@ fn a_bar_whose_file_the_server_may_shrink_is_trapped_not_mapped_and_still_works(
     });
     let served = serve_pair(
         dev,
-        UserOptions {
-            timeout: Duration::from_secs(5),
-            ..UserOptions::default()
-        },
+        UserOptions::default().with_timeout(Duration::from_secs(5)),
     )
     .unwrap();
     let vm = Vm::new().unwrap();

@@ -3,7 +3,7 @@
 //! registers that keep only their address bits (so an all-ones write reads
 //! back the size mask with the flag bits, the sizing protocol).
 
-use crate::template::{BarKind, DeviceTemplate};
+use crate::template::DeviceTemplate;
 
 fn bar_value(t: &DeviceTemplate, dword: usize, written: u32) -> u32 {
     if dword == 0x30 {
@@ -21,7 +21,7 @@ fn bar_value(t: &DeviceTemplate, dword: usize, written: u32) -> u32 {
         return (written & spec.low_address_mask()) | spec.flag_bits();
     }
     if let Some(lower) = i.checked_sub(1).and_then(|l| t.bar(l as u8)) {
-        if lower.kind == BarKind::Memory64 {
+        if lower.kind.is_64bit() {
             return written & lower.high_address_mask();
         }
     }

@@ -1011,7 +1011,7 @@ fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
             .is_some_and(|b| b & bit != 0)
     };
     // The high byte of Device Control holds Initiate FLR as its bit 7.
-    let pcie = find_cap(config, cap_id::PCIE)
+    let pcie = find_cap(config, cap_id::PCI_EXPRESS)
         .is_some_and(|cap| byte(cap + 7) & 0x10 != 0 && written(cap + 9, 0x80));
     let af = find_cap(config, CAP_AF)
         .is_some_and(|cap| byte(cap + 3) & 0x02 != 0 && written(cap + 4, 0x01));
@@ -1021,7 +1021,7 @@ fn initiates_flr(config: &[u8], off: usize, data: &[u8]) -> bool {
 /// The Power Management capability's PMCSR power state (0 = D0, 3 = D3hot) and its
 /// No_Soft_Reset bit, if the function has the capability.
 fn power_state(config: &[u8]) -> Option<(u8, bool)> {
-    let cap = find_cap(config, cap_id::PM)?;
+    let cap = find_cap(config, cap_id::POWER_MANAGEMENT)?;
     let pmcsr = config.get(cap + 4).copied()?;
     Some((pmcsr & 0x03, pmcsr & 0x08 != 0))
 }

@@ -7,7 +7,9 @@
 //! `Expansion ROM at ... [size=64K]`, which give BAR and ROM sizes.
 
 use crate::error::{FakeError, FakeResult};
-use crate::template::{PCIE_CONFIG_SIZE, PCI_CONFIG_SIZE};
+use pci_config::{
+    CONFIG_SPACE_SIZE as PCIE_CONFIG_SIZE, LEGACY_CONFIG_SPACE_SIZE as PCI_CONFIG_SIZE,
+};
 
 /// What a dump holds.
 #[derive(Clone, Debug, PartialEq, Eq)]

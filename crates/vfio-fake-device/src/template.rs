@@ -11,49 +11,22 @@ use crate::lspci;
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Size of a conventional PCI configuration space.
-pub const PCI_CONFIG_SIZE: usize = 256;
+pub const PCI_CONFIG_SIZE: usize = pci_config::LEGACY_CONFIG_SPACE_SIZE;
 /// Size of a PCI Express (extended) configuration space.
-pub const PCIE_CONFIG_SIZE: usize = 4096;
+pub const PCIE_CONFIG_SIZE: usize = pci_config::CONFIG_SPACE_SIZE;
 
 /// The largest BAR the fake backs with memory (64 GiB, sparse).
 pub const MAX_BAR_SIZE: u64 = 64 << 30;
 /// The largest expansion ROM the fake accepts (16 MiB).
 pub const MAX_ROM_SIZE: u64 = 16 << 20;
 
-/// Standard capability ids (PCI Local Bus spec, appendix H).
-pub mod cap_id {
-    /// Power Management.
-    pub const PM: u8 = 0x01;
-    /// MSI.
-    pub const MSI: u8 = 0x05;
-    /// Vendor specific.
-    pub const VENDOR: u8 = 0x09;
-    /// PCI Express.
-    pub const PCIE: u8 = 0x10;
-    /// MSI-X.
-    pub const MSIX: u8 = 0x11;
-}
+/// Capability ids: pci-config's, the one PCI vocabulary of the workspace (the fake keeps its own
+/// decoding logic, as the test oracle, but names things as pci-config does).
+pub use pci_config::{cap_id, ext_cap_id};
 
-/// Extended capability ids (PCIe Base spec, 7.6).
-pub mod ext_cap_id {
-    /// Advanced Error Reporting.
-    pub const AER: u16 = 0x0001;
-    /// Single Root I/O Virtualization.
-    pub const SRIOV: u16 = 0x0010;
-    /// Resizable BAR.
-    pub const REBAR: u16 = 0x0015;
-}
-
-/// What kind of address space a BAR decodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BarKind {
-    /// 32-bit memory space.
-    Memory32,
-    /// 64-bit memory space (takes this BAR register and the next).
-    Memory64,
-    /// I/O space.
-    Io,
-}
+/// What kind of address space a BAR decodes, and whether memory is prefetchable: pci-config's
+/// [`BarKind`](pci_config::BarKind), the one of the workspace.
+pub use pci_config::BarKind;
 
 /// One base address register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -62,26 +35,26 @@ pub struct BarSpec {
     pub kind: BarKind,
     /// Size in bytes: a power of two, at least 16 (memory) or 4 (I/O).
     pub size: u64,
-    /// Prefetchable memory (ignored for I/O BARs).
-    pub prefetchable: bool,
 }
 
 impl BarSpec {
     /// A 32-bit, non-prefetchable memory BAR of `size` bytes.
     pub fn mem32(size: u64) -> Self {
         BarSpec {
-            kind: BarKind::Memory32,
+            kind: BarKind::Memory32 {
+                prefetchable: false,
+            },
             size,
-            prefetchable: false,
         }
     }
 
     /// A 64-bit, non-prefetchable memory BAR of `size` bytes.
     pub fn mem64(size: u64) -> Self {
         BarSpec {
-            kind: BarKind::Memory64,
+            kind: BarKind::Memory64 {
+                prefetchable: false,
+            },
             size,
-            prefetchable: false,
         }
     }
 
@@ -90,14 +63,25 @@ impl BarSpec {
         BarSpec {
             kind: BarKind::Io,
             size,
-            prefetchable: false,
         }
     }
 
-    /// The same BAR, prefetchable.
+    /// The same BAR, prefetchable (an I/O BAR stays as it is: it has no such bit).
     pub fn prefetchable(mut self) -> Self {
-        self.prefetchable = true;
+        self.kind = match self.kind {
+            BarKind::Memory32 { .. } => BarKind::Memory32 { prefetchable: true },
+            BarKind::Memory64 { .. } => BarKind::Memory64 { prefetchable: true },
+            BarKind::Io => BarKind::Io,
+        };
         self
+    }
+
+    /// Prefetchable memory.
+    pub fn is_prefetchable(&self) -> bool {
+        matches!(
+            self.kind,
+            BarKind::Memory32 { prefetchable: true } | BarKind::Memory64 { prefetchable: true }
+        )
     }
 
     /// A memory (not I/O) BAR.
@@ -109,15 +93,15 @@ impl BarSpec {
     pub fn flag_bits(&self) -> u32 {
         match self.kind {
             BarKind::Io => 0x1,
-            BarKind::Memory32 => {
-                if self.prefetchable {
+            BarKind::Memory32 { prefetchable } => {
+                if prefetchable {
                     0x8
                 } else {
                     0
                 }
             }
-            BarKind::Memory64 => {
-                if self.prefetchable {
+            BarKind::Memory64 { prefetchable } => {
+                if prefetchable {
                     0xc
                 } else {
                     0x4
@@ -154,14 +138,14 @@ impl BarSpec {
                     )));
                 }
             }
-            BarKind::Memory32 => {
+            BarKind::Memory32 { .. } => {
                 if !(16..=(1 << 31)).contains(&s) {
                     return Err(invalid(format!(
                         "BAR {index}: 32-bit memory BAR size {s:#x} outside 16 bytes..=2 GiB"
                     )));
                 }
             }
-            BarKind::Memory64 => {
+            BarKind::Memory64 { .. } => {
                 if s < 16 {
                     return Err(invalid(format!(
                         "BAR {index}: memory BAR size {s:#x} below 16 bytes"
@@ -528,9 +512,10 @@ impl DeviceTemplate {
             let kind = if reg & 1 != 0 {
                 BarKind::Io
             } else {
+                let prefetchable = reg & 0x8 != 0;
                 match (reg >> 1) & 3 {
-                    0 | 1 => BarKind::Memory32,
-                    2 => BarKind::Memory64,
+                    0 | 1 => BarKind::Memory32 { prefetchable },
+                    2 => BarKind::Memory64 { prefetchable },
                     _ => {
                         return Err(invalid(format!(
                             "BAR {i} register {reg:#010x} has the reserved memory type 3"
@@ -538,16 +523,12 @@ impl DeviceTemplate {
                     }
                 }
             };
-            let spec = BarSpec {
-                kind,
-                size,
-                prefetchable: kind != BarKind::Io && reg & 0x8 != 0,
-            };
+            let spec = BarSpec { kind, size };
             spec.validate(i)?;
             let low = (reg & spec.low_address_mask()) | spec.flag_bits();
             wr(&mut config, off, &low.to_le_bytes());
             bars[i] = Some(spec);
-            if kind == BarKind::Memory64 {
+            if kind.is_64bit() {
                 if i == 5 {
                     return Err(invalid("BAR 5 cannot be a 64-bit BAR"));
                 }
@@ -773,7 +754,7 @@ impl DeviceTemplate {
                 let id = self.config.get(ptr).copied().unwrap_or(0);
                 let next = usize::from(self.config.get(ptr + 1).copied().unwrap_or(0) & 0xfc);
                 match id {
-                    cap_id::PM => {
+                    cap_id::POWER_MANAGEMENT => {
                         set_mask(&mut wm, ptr + 4, 0x0103, 2);
                         set_mask(&mut w1c, ptr + 4, 0x8000, 2);
                     }
@@ -821,7 +802,7 @@ impl DeviceTemplate {
                             pba_offset: u64::from(pba & !7),
                         });
                     }
-                    cap_id::PCIE => {
+                    cap_id::PCI_EXPRESS => {
                         // Device control, device status (RW1C), link
                         // control, device control 2.
                         set_mask(&mut wm, ptr + 0x08, 0x7fff, 2);
@@ -860,7 +841,7 @@ impl DeviceTemplate {
                         set_mask(&mut wm, ptr + 0x10, 0xffff, 2);
                         set_mask(&mut wm, ptr + 0x20, 0xffff_ffff, 4);
                     }
-                    ext_cap_id::REBAR => {
+                    ext_cap_id::RESIZABLE_BAR => {
                         let n = ((rd32(&self.config, ptr + 8) >> 5) & 7).clamp(1, 6) as usize;
                         for k in 0..n {
                             set_mask(&mut wm, ptr + 8 + 8 * k, 0x3f00, 4);
@@ -1109,7 +1090,7 @@ impl TemplateBuilder {
                 if let Some(s) = sizes.get_mut(i) {
                     *s = Some(b.size);
                 }
-                if b.kind == BarKind::Memory64 {
+                if b.kind.is_64bit() {
                     if let Some(Some(_)) = self.bars.get(i + 1) {
                         return Err(invalid(format!(
                             "BAR {} is the upper half of 64-bit BAR {i}",
@@ -1180,7 +1161,7 @@ impl TemplateBuilder {
 fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
     match cap {
         Capability::PowerManagement => {
-            wr(c, off, &[cap_id::PM, 0]);
+            wr(c, off, &[cap_id::POWER_MANAGEMENT, 0]);
             wr(c, off + 2, &0x0003u16.to_le_bytes()); // version 3
             wr(c, off + 4, &0x0008u16.to_le_bytes()); // No_Soft_Reset
         }
@@ -1234,7 +1215,7 @@ fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
             );
         }
         Capability::PciExpress { device_type } => {
-            wr(c, off, &[cap_id::PCIE, 0]);
+            wr(c, off, &[cap_id::PCI_EXPRESS, 0]);
             let caps = 0x0002u16 | (u16::from(*device_type & 0xf) << 4);
             wr(c, off + 2, &caps.to_le_bytes());
             // Device capabilities: role-based error reporting, FLR.
@@ -1249,7 +1230,7 @@ fn write_cap(c: &mut [u8], off: usize, cap: &Capability) -> FakeResult<()> {
             let len = 3usize.saturating_add(payload.len());
             let len8 = u8::try_from(len)
                 .map_err(|_| invalid("vendor-specific capability longer than 255 bytes"))?;
-            wr(c, off, &[cap_id::VENDOR, 0, len8]);
+            wr(c, off, &[cap_id::VENDOR_SPECIFIC, 0, len8]);
             wr(c, off + 3, payload);
         }
     }
@@ -1260,7 +1241,7 @@ fn write_ext_cap(c: &mut [u8], off: usize, next: usize, cap: &ExtCapability) -> 
     let (id, ver): (u16, u8) = match cap {
         ExtCapability::Aer => (ext_cap_id::AER, 2),
         ExtCapability::SrIov { .. } => (ext_cap_id::SRIOV, 1),
-        ExtCapability::ResizableBar(_) => (ext_cap_id::REBAR, 1),
+        ExtCapability::ResizableBar(_) => (ext_cap_id::RESIZABLE_BAR, 1),
         ExtCapability::Raw { id, version, .. } => (*id, *version),
     };
     let hdr = u32::from(id) | (u32::from(ver & 0xf) << 16) | ((next as u32 & 0xffc) << 20);

@@ -2,14 +2,13 @@
 //! kernel: `check <BDF> --json` and `inspect --device <BDF> --json` are spawned on each device
 //! under test and what they report is compared with what sysfs, `/dev` and VFIO say.
 //!
-//! The binary is `--cli PATH` ([`DEFAULT_CLI`], where the initramfs puts it, by default); when
+//! The binary is `--cli PATH` ([`DEFAULT_CLI`](crate::harness::DEFAULT_CLI), where the initramfs puts it, by default); when
 //! it is not there the scenarios are skipped with that reason. A VFIO group can be opened only
 //! once, so before spawning, this process makes sure it holds no VFIO or iommufd file itself.
 
 use crate::device::{link_name, Device};
 use crate::harness::{Ctx, Outcome};
-use crate::modes::{self, Mode};
-use crate::scenarios;
+use crate::mode::{self, Mode};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::fs;
@@ -18,9 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use vfio_backend::{irq, region, Vfio};
-
-/// Where the guest's initramfs puts the `vfio-passthrough` binary.
-pub const DEFAULT_CLI: &str = "/vfio-passthrough";
 
 /// How long one run of the CLI may take (TCG is slow; an `inspect` self-check maps RAM).
 const CLI_TIMEOUT: Duration = Duration::from_secs(120);
@@ -311,7 +307,7 @@ pub fn check(ctx: &Ctx<'_>) -> Result<Outcome> {
     // What the kernel says, gathered (and every file closed) before the CLI runs.
     let group = dev.iommu_group()?;
     let viable = match &group {
-        Some(g) => Some(scenarios::group_viable(g)?),
+        Some(g) => Some(crate::group::group_viable(g)?),
         None => None,
     };
     let resources = sysfs_resources(dev)?;
@@ -489,7 +485,7 @@ pub fn check(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// What VFIO says about the device, read through our backend in this run's mode and closed
 /// again: the sizes of regions 0..=6 and the MSI-X vector count.
 fn vfio_facts(mode: Mode, dev: &Device) -> Result<([u64; 7], u32)> {
-    let k = modes::open_kernel(mode, &dev.sysfs)?;
+    let k = mode::open_kernel(mode, &dev.sysfs)?;
     let mut sizes = [0u64; 7];
     for (i, s) in (region::BAR0..=region::ROM).zip(sizes.iter_mut()) {
         *s = k
@@ -680,7 +676,11 @@ mod tests {
         assert_eq!(as_u64(&v, "a.n").unwrap(), 3);
         let e = as_bool(&v, "a.c").unwrap_err().to_string();
         assert!(e.contains("`a.c`"), "{e}");
-        assert!(as_str(&v, "a.n").is_err());
+        let e = as_str(&v, "a.n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("`a.n` is not a string"), "{e}");
     }
 
     #[test]

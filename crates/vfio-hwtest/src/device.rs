@@ -156,9 +156,26 @@ pub fn bound_to_vfio_pci() -> Result<Vec<String>> {
     Ok(found)
 }
 
+/// QEMU's `edu` teaching device.
+pub const EDU: PciId = PciId {
+    vendor: 0x1234,
+    device: 0x11e8,
+};
+/// QEMU's emulated NVMe controller.
+pub const QEMU_NVME: PciId = PciId {
+    vendor: 0x1b36,
+    device: 0x0010,
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The message of the error `r` holds ("" when `r` is Ok). anyhow errors have no variants:
+    /// the message is what tells one refusal from another.
+    fn err_text<T>(r: Result<T>) -> String {
+        r.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
 
     #[test]
     fn bdf_without_domain_gets_domain_zero() {
@@ -168,8 +185,11 @@ mod tests {
 
     #[test]
     fn bdf_with_function_above_7_or_device_above_1f_is_refused() {
-        assert!(canonical_bdf("0000:00:01.8").is_err());
-        assert!(canonical_bdf("0000:00:20.0").is_err());
+        // Function 8 does not fit the 3-bit function number: not an address at all.
+        let e = err_text(canonical_bdf("0000:00:01.8"));
+        assert!(e.contains("is not a PCI address"), "{e}");
+        let e = err_text(canonical_bdf("0000:00:20.0"));
+        assert!(e.contains("device number 0x20 is above 0x1f"), "{e}");
     }
 
     #[test]
@@ -181,7 +201,8 @@ mod tests {
             "",
             "0000:00:01",
         ] {
-            assert!(canonical_bdf(bad).is_err(), "{bad}");
+            let e = err_text(canonical_bdf(bad));
+            assert!(e.contains("is not a PCI address"), "{bad}: {e}");
         }
     }
 
@@ -190,16 +211,20 @@ mod tests {
         let id = PciId::parse("1b36:0010").unwrap();
         assert_eq!((id.vendor, id.device), (0x1b36, 0x0010));
         assert_eq!(id.to_string(), "1b36:0010");
-        assert!(PciId::parse("12345:0001").is_err());
-        assert!(PciId::parse("1234").is_err());
-        assert!(PciId::parse("zz:11").is_err());
+        let e = err_text(PciId::parse("12345:0001"));
+        assert!(e.contains("`12345` in `12345:0001` is not a 16-bit"), "{e}");
+        let e = err_text(PciId::parse("1234"));
+        assert!(e.contains("is not a VENDOR:DEVICE id"), "{e}");
+        let e = err_text(PciId::parse("zz:11"));
+        assert!(e.contains("`zz` in `zz:11` is not a 16-bit"), "{e}");
     }
 
     #[test]
     fn sysfs_hex_attributes_parse_with_or_without_prefix() {
         assert_eq!(parse_hex_attr("0x11e8\n").unwrap(), 0x11e8);
         assert_eq!(parse_hex_attr("010802").unwrap(), 0x010802);
-        assert!(parse_hex_attr("vfio-pci").is_err());
+        let e = err_text(parse_hex_attr("vfio-pci"));
+        assert!(e.contains("is not a hexadecimal number"), "{e}");
     }
 
     #[test]
@@ -215,6 +240,7 @@ mod tests {
         assert_eq!(d.id.to_string(), "1234:11e8");
         assert_eq!(d.driver().unwrap().as_deref(), Some("vfio-pci"));
         assert_eq!(d.iommu_group().unwrap().as_deref(), Some("3"));
-        assert!(Device::open_in(tmp.path(), "0000:00:02.0").is_err());
+        let e = err_text(Device::open_in(tmp.path(), "0000:00:02.0"));
+        assert!(e.contains("no PCI function 0000:00:02.0"), "{e}");
     }
 }

@@ -14,7 +14,7 @@
 //! panics is a FAIL; its detail is the error chain or the panic message.
 
 use crate::device::{Device, PciId};
-use crate::modes::{ByDesign, Mode};
+use crate::mode::{ByDesign, Mode};
 use anyhow::{anyhow, Result};
 use std::cell::RefCell;
 use std::fmt;
@@ -22,6 +22,9 @@ use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::Mutex;
+
+/// Where the guest's initramfs puts the `vfio-passthrough` binary.
+pub const DEFAULT_CLI: &str = "/vfio-passthrough";
 
 /// The prefix of every scenario line.
 pub const LINE_PREFIX: &str = "HWTEST";
@@ -68,7 +71,7 @@ pub struct Ctx<'a> {
     /// IDs that must be among the devices under test (`--require`).
     pub required: &'a [PciId],
     /// How the kernel backend opens devices in this run (`--mode`); open them with
-    /// [`crate::modes::open_device`] / [`crate::modes::open_kernel`].
+    /// [`crate::modes::open_device`] / [`crate::mode::open_kernel`].
     pub mode: Mode,
     /// The `vfio-passthrough` binary the CLI scenarios spawn (`--cli`).
     pub cli: &'a Path,
@@ -261,7 +264,7 @@ pub struct RunOptions<'a> {
     /// The mode scenarios see in [`Ctx::mode`].
     pub mode: Mode,
     /// The CLI binary scenarios see in [`Ctx::cli`] (`--cli`); `None`:
-    /// [`crate::cli::DEFAULT_CLI`].
+    /// [`DEFAULT_CLI`].
     pub cli: Option<&'a Path>,
 }
 
@@ -281,7 +284,7 @@ pub fn run_all(
         problems,
         required,
         mode: opts.mode,
-        cli: opts.cli.unwrap_or(Path::new(crate::cli::DEFAULT_CLI)),
+        cli: opts.cli.unwrap_or(Path::new(DEFAULT_CLI)),
     };
     for s in table {
         if opts.only.is_some_and(|o| !s.name.contains(o)) {
@@ -478,7 +481,7 @@ mod tests {
     }
 
     fn needs_dma(ctx: &Ctx<'_>) -> Result<Outcome> {
-        crate::modes::require_dma(ctx.mode)?;
+        crate::mode::require_dma(ctx.mode)?;
         Ok(Outcome::Pass("mapped".into()))
     }
 

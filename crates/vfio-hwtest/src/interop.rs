@@ -467,7 +467,7 @@ fn interrupt_capabilities(ctx: &Ctx<'_>) -> Result<Outcome> {
     seen.push(format!("INTx pin {pin}"));
     let caps = standard_caps(&c);
     let find = |id: u8| caps.iter().find(|(i, _)| *i == id).map(|(_, o)| *o);
-    match (irq["msi"].is_null(), find(vmm::CAP_MSI)) {
+    match (irq["msi"].is_null(), find(pci_config::cap_id::MSI)) {
         (true, None) => seen.push("no MSI".into()),
         (false, Some(at)) => {
             let m = &irq["msi"];
@@ -491,7 +491,7 @@ fn interrupt_capabilities(ctx: &Ctx<'_>) -> Result<Outcome> {
             !w
         ),
     }
-    match (irq["msix"].is_null(), find(vmm::CAP_MSIX)) {
+    match (irq["msix"].is_null(), find(pci_config::cap_id::MSIX)) {
         (true, None) => seen.push("no MSI-X".into()),
         (false, Some(at)) => {
             let m = &irq["msix"];
@@ -762,7 +762,7 @@ fn reset_restores_state(ctx: &Ctx<'_>) -> Result<Outcome> {
     let Some((bar, off)) = spot else {
         return Ok(Outcome::Skip("inspect predicts no mmap-able part".into()));
     };
-    let k = crate::modes::open_kernel(ctx.mode, &dev.sysfs)?;
+    let k = crate::mode::open_kernel(ctx.mode, &dev.sysfs)?;
     let k: &dyn Vfio = &k;
     k.reset()
         .context("VFIO_DEVICE_RESET (the guest's vfio-pci)")?;
@@ -1016,7 +1016,7 @@ mod tests {
             devices: std::slice::from_ref(dev),
             problems: &[],
             required: &[],
-            mode: crate::modes::Mode::Legacy,
+            mode: crate::mode::Mode::Legacy,
             cli: std::path::Path::new("/nonexistent"),
         };
         f(&ctx)

@@ -16,8 +16,10 @@
 mod cli;
 mod device;
 mod edu;
+mod group;
 mod harness;
 mod interop;
+mod mode;
 mod modes;
 mod nvme;
 mod scenarios;
@@ -57,7 +59,7 @@ struct Args {
     required: Vec<PciId>,
     only: Option<String>,
     list: bool,
-    mode: modes::Mode,
+    mode: mode::Mode,
     cli: Option<PathBuf>,
     interop: Option<PathBuf>,
 }
@@ -76,7 +78,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--require" => out.required.push(PciId::parse(&value("--require")?)?),
             "--only" => out.only = Some(value("--only")?),
             "--list" => out.list = true,
-            "--mode" => out.mode = modes::Mode::parse(&value("--mode")?)?,
+            "--mode" => out.mode = mode::Mode::parse(&value("--mode")?)?,
             "--cli" => out.cli = Some(PathBuf::from(value("--cli")?)),
             "--interop" => out.interop = Some(PathBuf::from(value("--interop")?)),
             other => bail!("unknown argument `{other}`"),
@@ -87,7 +89,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
 
 fn run(args: &Args) -> Result<bool> {
     if args.list {
-        let mode_only = modes::Mode::ALL.into_iter().flat_map(modes::scenarios);
+        let mode_only = mode::Mode::ALL.into_iter().flat_map(modes::scenarios);
         if args.interop.is_some() {
             for s in interop::SCENARIOS {
                 println!("{}", s.name);
@@ -114,7 +116,7 @@ fn run(args: &Args) -> Result<bool> {
     }
     harness::install_quiet_panic_hook();
     harness::install_log_capture();
-    modes::set_current(args.mode);
+    mode::set_current(args.mode);
     let opts = RunOptions {
         only: args.only.as_deref(),
         mode: args.mode,
@@ -165,6 +167,12 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
 
+    /// The message of the error `r` holds ("" when `r` is Ok). anyhow errors have no variants:
+    /// the message is what tells one refusal from another.
+    fn err_text<T>(r: Result<T>) -> String {
+        r.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
     fn argv(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
     }
@@ -188,14 +196,18 @@ mod tests {
             a.cli.as_deref(),
             Some(std::path::Path::new("/opt/vfio-passthrough"))
         );
-        assert!(parse_args(&argv(&["--cli"])).is_err());
+        let e = err_text(parse_args(&argv(&["--cli"])));
+        assert!(e.contains("--cli needs a value"), "{e}");
     }
 
     #[test]
     fn missing_value_bad_address_and_unknown_flag_are_usage_errors() {
-        assert!(parse_args(&argv(&["--device"])).is_err());
-        assert!(parse_args(&argv(&["--device", "../x"])).is_err());
-        assert!(parse_args(&argv(&["--frobnicate"])).is_err());
+        let e = err_text(parse_args(&argv(&["--device"])));
+        assert!(e.contains("--device needs a value"), "{e}");
+        let e = err_text(parse_args(&argv(&["--device", "../x"])));
+        assert!(e.contains("`../x` is not a PCI address"), "{e}");
+        let e = err_text(parse_args(&argv(&["--frobnicate"])));
+        assert!(e.contains("unknown argument `--frobnicate`"), "{e}");
     }
 
     #[test]

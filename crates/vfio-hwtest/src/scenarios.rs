@@ -9,25 +9,17 @@
 //! command `vfio-passthrough` on each device.
 
 use crate::device::{link_name, PciId};
+use crate::group::{group_node, group_status_flags, open_rw, VFIO_GROUP_FLAGS_VIABLE};
 use crate::harness::{Ctx, Needs, Outcome, Scenario};
 use crate::{cli, edu, nvme, stack};
 use anyhow::{bail, ensure, Context, Result};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-/// QEMU's `edu` teaching device.
-pub const EDU: PciId = PciId {
-    vendor: 0x1234,
-    device: 0x11e8,
-};
-/// QEMU's emulated NVMe controller.
-pub const QEMU_NVME: PciId = PciId {
-    vendor: 0x1b36,
-    device: 0x0010,
-};
+pub use crate::device::{EDU, QEMU_NVME};
 
 /// Every scenario, in the order they run.
 pub const SCENARIOS: &[Scenario] = &[
@@ -160,30 +152,10 @@ pub const SCENARIOS: &[Scenario] = &[
 // ioctls of linux/vfio.h: _IO(VFIO_TYPE = ';', VFIO_BASE + n) with VFIO_BASE = 100.
 const VFIO_GET_API_VERSION: u64 = 0x3b64;
 const VFIO_CHECK_EXTENSION: u64 = 0x3b65;
-const VFIO_GROUP_GET_STATUS: u64 = 0x3b67;
 /// `VFIO_API_VERSION`: the only version the kernel has ever reported.
 const VFIO_API_VERSION: i32 = 0;
 const VFIO_TYPE1V2_IOMMU: libc::c_ulong = 3;
 const VFIO_NOIOMMU_IOMMU: libc::c_ulong = 8;
-/// `VFIO_GROUP_FLAGS_VIABLE` of `struct vfio_group_status`.
-const VFIO_GROUP_FLAGS_VIABLE: u32 = 1 << 0;
-
-/// `struct vfio_group_status`.
-#[repr(C)]
-struct GroupStatus {
-    argsz: u32,
-    flags: u32,
-}
-
-/// Opens a VFIO character device read-write, close-on-exec.
-fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))
-}
 
 /// `ioctl(fd, request, arg)` with an integer argument; the kernel's return value or the errno.
 fn ioctl_int(file: &File, request: u64, arg: libc::c_ulong) -> Result<i32> {
@@ -194,17 +166,6 @@ fn ioctl_int(file: &File, request: u64, arg: libc::c_ulong) -> Result<i32> {
         return Err(std::io::Error::last_os_error()).context(format!("ioctl {request:#x}"));
     }
     Ok(r)
-}
-
-/// The device node of an IOMMU group: `/dev/vfio/<g>`, or `/dev/vfio/noiommu-<g>`.
-fn group_node(group: &str) -> Option<PathBuf> {
-    [
-        format!("/dev/vfio/{group}"),
-        format!("/dev/vfio/noiommu-{group}"),
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
 }
 
 fn devices_under_test(ctx: &Ctx<'_>) -> Result<Outcome> {
@@ -308,36 +269,6 @@ fn iommu_group_viable(ctx: &Ctx<'_>) -> Result<Outcome> {
         "group not viable: {detail}"
     );
     Ok(Outcome::Pass(detail))
-}
-
-/// `VFIO_GROUP_GET_STATUS` of IOMMU group `group` (its `/dev/vfio` node is opened and closed
-/// again before this returns): the `VFIO_GROUP_FLAGS_*` bits.
-fn group_status_flags(group: &str) -> Result<u32> {
-    let node = group_node(group).with_context(|| format!("group {group} has no /dev/vfio node"))?;
-    let file = open_rw(&node)?;
-    let mut status = GroupStatus {
-        argsz: std::mem::size_of::<GroupStatus>() as u32,
-        flags: 0,
-    };
-    // SAFETY: VFIO_GROUP_GET_STATUS writes at most `argsz` bytes into the `vfio_group_status`
-    // it is given; `status` is that struct (repr(C)), alive and exclusively borrowed for the call.
-    let r = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            VFIO_GROUP_GET_STATUS as _,
-            &mut status as *mut GroupStatus,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error()).context("VFIO_GROUP_GET_STATUS");
-    }
-    Ok(status.flags)
-}
-
-/// Whether the kernel says IOMMU group `group` is viable (`VFIO_GROUP_GET_STATUS`), opening
-/// and closing its `/dev/vfio` node meanwhile.
-pub fn group_viable(group: &str) -> Result<bool> {
-    Ok(group_status_flags(group)? & VFIO_GROUP_FLAGS_VIABLE != 0)
 }
 
 /// The first bytes of sysfs `config` hold the same vendor and device IDs as the `vendor` and

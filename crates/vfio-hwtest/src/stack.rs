@@ -3,8 +3,9 @@
 //! reset.
 
 use crate::harness::{Ctx, Outcome};
-use crate::vmm::{self, Vm, CAP_MSI, CAP_MSIX, CMD_MEMORY, RAM_BASE, RAM_SIZE};
+use crate::vmm::{self, Vm, CMD_MEMORY, RAM_BASE, RAM_SIZE};
 use anyhow::{bail, ensure, Context, Result};
+use pci_config::cap_id;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use vfio_backend::{region, DmaSource, Vfio};
@@ -198,7 +199,7 @@ pub fn capability_walk(ctx: &Ctx<'_>) -> Result<Outcome> {
         "guest walk {walked:x?} != device chain minus hidden {device:x?}"
     );
     for k in kept.iter().filter(|k| !k.extended) {
-        let should = k.id == u16::from(CAP_MSI) || k.id == u16::from(CAP_MSIX);
+        let should = k.id == u16::from(cap_id::MSI) || k.id == u16::from(cap_id::MSIX);
         ensure!(
             k.emulated == should,
             "capability {:#x} at {:#x}: emulated = {}",
@@ -261,7 +262,7 @@ pub fn irq_modes(ctx: &Ctx<'_>) -> Result<Outcome> {
     };
     check(base_mode, base, "at attach")?;
     let mut steps = vec![format!("attach {base_mode:?}")];
-    if vm.find_cap(CAP_MSI)?.is_some() {
+    if vm.find_cap(cap_id::MSI)?.is_some() {
         vm.msi_enable(0x41)?;
         check(
             IrqMode::Msi(1),
@@ -327,7 +328,7 @@ fn busy_vm(ctx: &Ctx<'_>) -> Result<Vm> {
     vm.enable_memory_and_bus_master()?;
     if let Some(info) = vm.msix_info()? {
         vm.msix_enable(info.size)?;
-    } else if vm.find_cap(CAP_MSI)?.is_some() {
+    } else if vm.find_cap(cap_id::MSI)?.is_some() {
         vm.msi_enable(0x41)?;
     }
     Ok(vm)
@@ -425,7 +426,7 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
         "fds/maps {before:?} before attach, {during:?} attached, {after:?} after unplug"
     );
     drop(
-        crate::modes::open_kernel(ctx.mode, &dev.sysfs)
+        crate::mode::open_kernel(ctx.mode, &dev.sysfs)
             .context("re-opening the device after unplug")?,
     );
     Ok(Outcome::Pass(format!(
@@ -443,8 +444,8 @@ pub fn unplug_no_leaks(ctx: &Ctx<'_>) -> Result<Outcome> {
 /// `GuestDma` (external mode) before it reaches the kernel.
 pub fn iova_ranges(ctx: &Ctx<'_>) -> Result<Outcome> {
     let dev = ctx.device()?;
-    crate::modes::require_dma(ctx.mode)?;
-    let kernel = Arc::new(crate::modes::open_kernel(ctx.mode, &dev.sysfs)?);
+    crate::mode::require_dma(ctx.mode)?;
+    let kernel = Arc::new(crate::mode::open_kernel(ctx.mode, &dev.sysfs)?);
     let domain = kernel.iommu_domain();
     let ranges = domain.iova_ranges().context("iova_ranges")?;
     ensure!(!ranges.is_empty(), "no IOVA ranges reported");
@@ -580,7 +581,7 @@ fn device_dma(vm: &Vm, is_edu: bool) -> Result<String> {
 /// it, and unplugging either (both orders) leaves the mapping to the other, which still does
 /// DMA; the last one's unplug unmaps it.
 pub fn shared_domain_unplug(ctx: &Ctx<'_>) -> Result<Outcome> {
-    crate::modes::require_dma(ctx.mode)?;
+    crate::mode::require_dma(ctx.mode)?;
     let edu = ctx.devices.iter().find(|d| d.id == crate::scenarios::EDU);
     let nvme = ctx
         .devices
@@ -594,7 +595,7 @@ pub fn shared_domain_unplug(ctx: &Ctx<'_>) -> Result<Outcome> {
     let mut seen = Vec::new();
     for edu_first in [true, false] {
         let pair = [edu.clone(), nvme.clone()];
-        let mut opened = crate::modes::open_all_shared(ctx.mode, &pair)?.into_iter();
+        let mut opened = crate::mode::open_all_shared(ctx.mode, &pair)?.into_iter();
         let (Some(k_edu), Some(k_nvme)) = (opened.next(), opened.next()) else {
             bail!("open_all_shared did not open both devices");
         };
@@ -670,7 +671,7 @@ pub fn hot_reset(ctx: &Ctx<'_>) -> Result<Outcome> {
     for (d, k) in ctx
         .devices
         .iter()
-        .zip(crate::modes::open_all_shared(ctx.mode, ctx.devices)?)
+        .zip(crate::mode::open_all_shared(ctx.mode, ctx.devices)?)
     {
         if d.bdf == dev.bdf {
             me = Some(k);

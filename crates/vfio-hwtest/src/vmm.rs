@@ -15,6 +15,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
+use pci_config::cap_id;
 use pci_interrupts::testing::{TestInterruptGroup, TestInterruptManager};
 use pci_interrupts::InterruptSourceGroup;
 use std::collections::BTreeMap;
@@ -59,11 +60,6 @@ pub const CMD_MEMORY: u16 = 1 << 1;
 pub const CMD_BUS_MASTER: u16 = 1 << 2;
 /// Interrupt disable (INTx).
 pub const CMD_INTX_DISABLE: u16 = 1 << 10;
-
-/// Capability ids (PCI Local Bus 3.0, appendix H).
-pub const CAP_MSI: u8 = 0x05;
-/// MSI-X.
-pub const CAP_MSIX: u8 = 0x11;
 
 /// A [`GuestMapper`] that accepts every mapping and remembers the live ones, so a test can see
 /// that BARs were mapped at their placement and that everything was unmapped on unplug.
@@ -208,12 +204,12 @@ impl Vm {
     /// registers [`RAM_SIZE`] bytes of guest RAM at [`RAM_BASE`] for DMA (mapped into the
     /// device's IOMMU domain as it attaches).
     pub fn attach(device: &Device, ram: bool) -> Result<Vm> {
-        let mode = crate::modes::current();
+        let mode = crate::mode::current();
         if ram {
             // No-IOMMU mode cannot map guest RAM: a scenario that needs it is skipped.
-            crate::modes::require_dma(mode)?;
+            crate::mode::require_dma(mode)?;
         }
-        let kernel = Arc::new(crate::modes::open_kernel(mode, &device.sysfs)?);
+        let kernel = Arc::new(crate::mode::open_kernel(mode, &device.sysfs)?);
         let dma = GuestDma::new();
         let ram = if ram {
             let mem = guest_ram()?;
@@ -239,12 +235,8 @@ impl Vm {
         let irqs = Arc::new(TestInterruptManager::new());
         let mapper = Arc::new(RecordingMapper::default());
         let allocator = Arc::new(Mutex::new(
-            BarAllocator::new(BarWindows {
-                mmio32: MMIO32,
-                mmio64: Some(MMIO64),
-                io: Some(IO),
-            })
-            .context("BAR allocator")?,
+            BarAllocator::new(BarWindows::new(MMIO32).with_mmio64(MMIO64).with_io(IO))
+                .context("BAR allocator")?,
         ));
         let vfio: Arc<dyn Vfio> = kernel.clone();
         let dev = VfioPciDevice::new(
@@ -446,7 +438,7 @@ impl Vm {
     /// Programs the MSI capability with one vector (`address` = [`MSI_ADDRESS`], `data`) and
     /// enables it. Returns the capability offset.
     pub fn msi_enable(&self, data: u16) -> Result<u64> {
-        let cap = self.find_cap(CAP_MSI)?.context("no MSI capability")?;
+        let cap = self.find_cap(cap_id::MSI)?.context("no MSI capability")?;
         let ctl = self.cfg_read(cap + 2, 2);
         let is64 = ctl & 0x80 != 0;
         self.cfg_write(cap + 4, 4, MSI_ADDRESS as u32)?;
@@ -464,14 +456,14 @@ impl Vm {
 
     /// Clears MSI Enable.
     pub fn msi_disable(&self) -> Result<()> {
-        let cap = self.find_cap(CAP_MSI)?.context("no MSI capability")?;
+        let cap = self.find_cap(cap_id::MSI)?.context("no MSI capability")?;
         let ctl = self.cfg_read(cap + 2, 2);
         self.cfg_write(cap + 2, 2, ctl & !1)
     }
 
     /// Where the MSI-X table and PBA are, read from the capability as a guest does.
     pub fn msix_info(&self) -> Result<Option<MsixInfo>> {
-        let Some(cap) = self.find_cap(CAP_MSIX)? else {
+        let Some(cap) = self.find_cap(cap_id::MSIX)? else {
             return Ok(None);
         };
         let ctl = self.cfg_read(cap + 2, 2);
@@ -723,6 +715,7 @@ mod tests {
         assert_eq!(m.live(), vec![(0x1000, 0x2000)]);
         m.unmap(id).unwrap();
         assert!(m.live().is_empty());
-        assert!(m.unmap(id).is_err());
+        let e = m.unmap(id).unwrap_err();
+        assert!(e.to_string().contains("unknown mapping"), "{e}");
     }
 }

@@ -715,11 +715,11 @@ pub fn device_nodes(host: &Host, m: &Modes) -> Item {
 
 fn cap_name(id: u8) -> String {
     match id {
-        cap_id::PM => "PM".into(),
+        cap_id::POWER_MANAGEMENT => "PM".into(),
         cap_id::MSI => "MSI".into(),
-        cap_id::PCIE => "PCIe".into(),
+        cap_id::PCI_EXPRESS => "PCIe".into(),
         cap_id::MSIX => "MSI-X".into(),
-        cap_id::AF => "AF".into(),
+        cap_id::ADVANCED_FEATURES => "AF".into(),
         0x09 => "vendor".into(),
         other => format!("{other:#04x}"),
     }
@@ -813,18 +813,23 @@ pub fn reset(host: &Host, dev: &Device) -> Item {
     let mut found = Vec::new();
     if dev
         .cfg
-        .find(cap_id::PCIE)
+        .find(cap_id::PCI_EXPRESS)
         .and_then(|o| sysfs::pcie_flr(cfg, o))
         == Some(true)
     {
         found.push("flr (PCIe)");
     }
-    if dev.cfg.find(cap_id::AF).and_then(|o| sysfs::af_flr(cfg, o)) == Some(true) {
+    if dev
+        .cfg
+        .find(cap_id::ADVANCED_FEATURES)
+        .and_then(|o| sysfs::af_flr(cfg, o))
+        == Some(true)
+    {
         found.push("af_flr");
     }
     if dev
         .cfg
-        .find(cap_id::PM)
+        .find(cap_id::POWER_MANAGEMENT)
         .and_then(|o| sysfs::pm_no_soft_reset(cfg, o))
         == Some(false)
     {
@@ -1176,10 +1181,17 @@ mod tests {
 
     #[test]
     fn bdf_with_device_over_31_or_function_over_7_is_refused() {
-        assert!(normalize_bdf("0000:00:20.0").is_err());
-        assert!(normalize_bdf("0000:00:00.8").is_err());
-        assert!(normalize_bdf("eth0").is_err());
-        assert!(normalize_bdf("0000:00:00").is_err());
+        for bad in ["0000:00:20.0", "0000:00:00.8"] {
+            let e = format!("{:#}", normalize_bdf(bad).unwrap_err());
+            assert!(
+                e.contains("is not a PCI address") && e.contains("device must be 00..1f"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["eth0", "0000:00:00"] {
+            let e = format!("{:#}", normalize_bdf(bad).unwrap_err());
+            assert!(e.contains("is not a PCI address"), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -1188,8 +1200,10 @@ mod tests {
         assert_eq!(parse_size("512MiB"), Ok(512 << 20));
         assert_eq!(parse_size("0x1000"), Ok(4096));
         assert_eq!(parse_size("65536"), Ok(65536));
-        assert!(parse_size("4Q").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        let e = parse_size("4Q").unwrap_err();
+        assert!(e.contains("is not a size"), "{e}");
+        let e = parse_size("99999999999T").unwrap_err();
+        assert!(e.contains("is too large"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use crate::probe::{ProbeGroup, ProbeInterrupts};
 use anyhow::{anyhow, Context as _};
 use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
-use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout, MSIX_CAP_ID};
+use pci_config::cap_id;
+use pci_interrupts::{InterruptSourceGroup, MsiRoute, MsixLayout};
 use serde::Serialize;
 use vfio_backend::irq;
 use vfio_fake_device::{edu, nvme_like};
@@ -316,11 +317,9 @@ pub fn run(opened: &Opened, opts: &Options, progress: &dyn Fn(&str)) -> anyhow::
         .page_size
         .unwrap_or_else(crate::sysfs::current_page_size);
     let irqs = Arc::new(ProbeInterrupts::default());
-    let windows = BarWindows {
-        mmio32: AddressWindow::new(MMIO32.0, MMIO32.1),
-        mmio64: Some(AddressWindow::new(MMIO64.0, MMIO64.1)),
-        io: Some(AddressWindow::new(IO.0, IO.1)),
-    };
+    let windows = BarWindows::new(AddressWindow::new(MMIO32.0, MMIO32.1))
+        .with_mmio64(AddressWindow::new(MMIO64.0, MMIO64.1))
+        .with_io(AddressWindow::new(IO.0, IO.1));
     let allocator = BarAllocator::with_page_size(windows, page_size)
         .map_err(|e| anyhow!("the VMM's BAR windows: {e}"))?;
     let resources = DeviceResources {
@@ -568,7 +567,7 @@ fn interrupts(dev: &VfioPciDevice, c: &[u8]) -> Interrupts {
         }
     });
     // A kept MSI-X capability is the emulated one, which always decodes.
-    let msix = find(u16::from(MSIX_CAP_ID)).and_then(|k| {
+    let msix = find(u16::from(cap_id::MSIX)).and_then(|k| {
         let m = MsixLayout::parse(c.get(usize::from(k.offset)..)?).ok()?;
         Some(MsixReport {
             offset: k.offset,

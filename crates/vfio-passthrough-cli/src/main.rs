@@ -389,6 +389,7 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::error::ErrorKind;
     use clap::CommandFactory;
 
     #[test]
@@ -396,9 +397,17 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// What clap refused `args` for (`None` when it accepted them).
+    fn refusal(args: &[&str]) -> Option<ErrorKind> {
+        Cli::try_parse_from(args).err().map(|e| e.kind())
+    }
+
     #[test]
     fn vmm_gid_needs_vmm_uid() {
-        assert!(Cli::try_parse_from(["x", "check", "00:01.0", "--vmm-gid", "5"]).is_err());
+        assert_eq!(
+            refusal(&["x", "check", "00:01.0", "--vmm-gid", "5"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
         assert!(Cli::try_parse_from([
             "x",
             "check",
@@ -426,11 +435,15 @@ mod tests {
     fn inspect_takes_at_most_one_device_source() {
         assert!(Cli::try_parse_from(["x", "inspect"]).is_ok());
         assert!(Cli::try_parse_from(["x", "inspect", "--fake", "edu"]).is_ok());
-        assert!(
-            Cli::try_parse_from(["x", "inspect", "--fake", "edu", "--device", "00:01.0"]).is_err()
+        assert_eq!(
+            refusal(&["x", "inspect", "--fake", "edu", "--device", "00:01.0"]),
+            Some(ErrorKind::ArgumentConflict)
         );
-        // --bar-size only means something for a dump.
-        assert!(Cli::try_parse_from(["x", "inspect", "--bar-size", "0=16K"]).is_err());
+        // --bar-size only means something for a dump: it requires --fake-config.
+        assert_eq!(
+            refusal(&["x", "inspect", "--bar-size", "0=16K"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
         assert!(Cli::try_parse_from([
             "x",
             "inspect",
@@ -447,22 +460,28 @@ mod tests {
     #[test]
     fn serve_fake_takes_a_socket_and_one_device() {
         assert!(Cli::try_parse_from(["x", "serve-fake", "/tmp/s"]).is_ok());
-        assert!(Cli::try_parse_from(["x", "serve-fake"]).is_err());
-        assert!(Cli::try_parse_from([
-            "x",
-            "serve-fake",
-            "/tmp/s",
-            "--profile",
-            "edu",
-            "--config",
-            "d.txt"
-        ])
-        .is_err());
+        assert_eq!(
+            refusal(&["x", "serve-fake"]),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            refusal(&[
+                "x",
+                "serve-fake",
+                "/tmp/s",
+                "--profile",
+                "edu",
+                "--config",
+                "d.txt"
+            ]),
+            Some(ErrorKind::ArgumentConflict)
+        );
     }
 
     #[test]
     fn page_size_must_be_a_power_of_two() {
         assert_eq!(parse_page_size("64K"), Ok(65536));
-        assert!(parse_page_size("3000").is_err());
+        let e = parse_page_size("3000").unwrap_err();
+        assert!(e.contains("a page size is a power of two"), "{e}");
     }
 }

@@ -205,7 +205,13 @@ mod tests {
         assert_eq!(probe.route(1), Some(route));
         assert_eq!(probe.route(0), Some(MsiRoute::default()));
         assert_eq!(probe.route(2), None);
-        assert!(g.update(2, route, false).is_err());
+        assert!(matches!(
+            g.update(2, route, false),
+            Err(pci_interrupts::Error::VectorOutOfRange {
+                vector: 2,
+                count: 2
+            })
+        ));
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
-use pci_interrupts::{MsixLayout, MSIX_CAP_ID, MSIX_CAP_LEN};
+use pci_config::cap_id;
+use pci_interrupts::{MsixLayout, MSIX_CAP_LEN};
 use serde::Serialize;
 use vfio_backend::Vfio;
 use vfio_fake_device::{lspci, DeviceTemplate, FakeDevice};
@@ -349,7 +350,7 @@ fn rd32(c: &[u8], off: usize) -> u32 {
 fn msix_extent(config: &[u8]) -> anyhow::Result<[u64; 6]> {
     let mut ext = [0u64; 6];
     let (caps, _) = pci_config::parse_capabilities_lenient(config);
-    let Some(c) = caps.iter().find(|c| c.id == MSIX_CAP_ID) else {
+    let Some(c) = caps.iter().find(|c| c.id == cap_id::MSIX) else {
         return Ok(ext);
     };
     // A malformed dump can end inside the capability: the bytes past its end read 0.
@@ -652,7 +653,9 @@ mod tests {
     fn bar_size_option_parses_rom_and_rejects_bad_indices() {
         assert_eq!(parse_bar_size("0=16K"), Ok((0, 16384)));
         assert_eq!(parse_bar_size("rom=512K"), Ok((6, 512 << 10)));
-        assert!(parse_bar_size("7=4K").is_err());
-        assert!(parse_bar_size("0=3000").is_err());
+        let e = parse_bar_size("7=4K").unwrap_err();
+        assert!(e.contains("N a BAR index 0..5 or `rom`"), "{e}");
+        let e = parse_bar_size("0=3000").unwrap_err();
+        assert!(e.contains("a BAR size is a power of two"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM ioctl failed (errno kept in `source`).
     #[error("KVM {op} failed: {source}")]

@@ -22,17 +22,16 @@ const AER: u16 = 0x0001;
 
 fn allocator() -> Arc<Mutex<BarAllocator>> {
     Arc::new(Mutex::new(
-        BarAllocator::new(BarWindows {
-            mmio32: AddressWindow {
+        BarAllocator::new(
+            BarWindows::new(AddressWindow {
                 base: 0xc000_0000,
                 size: 0x2000_0000,
-            },
-            mmio64: Some(AddressWindow {
+            })
+            .with_mmio64(AddressWindow {
                 base: 0x100_0000_0000,
                 size: 0x100_0000_0000,
             }),
-            io: None,
-        })
+        )
         .unwrap(),
     ))
 }

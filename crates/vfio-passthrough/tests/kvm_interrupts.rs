@@ -15,6 +15,7 @@ use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use vfio_passthrough::kvm::{
     GsiRoute, GsiRouting, IntxLine, KvmInterruptGroup, KvmInterruptManager,
 };
+use vfio_passthrough::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 const MSI_GSIS: std::ops::Range<u32> = 24..64;
@@ -119,7 +120,8 @@ fn unmasked_vectors_of_an_enabled_msi_group_get_an_msi_route_and_a_registered_ir
             mgr.routing().routes(gsi),
             vec![GsiRoute::Msi {
                 address: 0xfee0_0000,
-                data: 0x40 + v
+                data: 0x40 + v,
+                devid: None,
             }]
         );
         assert!(!mgr.routing().is_dirty(), "the route was committed to KVM");
@@ -129,6 +131,35 @@ fn unmasked_vectors_of_an_enabled_msi_group_get_an_msi_route_and_a_registered_ir
             "KVM has the irqfd of vector {v}"
         );
     }
+}
+
+#[test]
+fn msi_routes_carry_the_device_id_the_vmm_gave_the_manager() {
+    let Some(vm) = vm() else { return };
+    let mgr = manager(&vm).with_device_id(0x0018);
+    assert_eq!(mgr.device_id(), Some(0x0018));
+    let group = mgr.new_msi_group(2).unwrap();
+    group.enable().unwrap();
+    group.update(1, route(1), false).unwrap();
+    let gsi = group.gsi(1).unwrap();
+    // KVM accepts KVM_MSI_VALID_DEVID in routing entries on every architecture (x86 ignores
+    // the id); the table holds the id for the entry it commits.
+    assert_eq!(
+        mgr.routing().routes(gsi),
+        vec![GsiRoute::Msi {
+            address: 0xfee0_0000,
+            data: 0x41,
+            devid: Some(0x0018),
+        }]
+    );
+    assert!(
+        !mgr.routing().is_dirty(),
+        "KVM took the entry with its device id"
+    );
+    assert!(kvm_has_irqfd(&vm, &group, 1));
+    // A manager without a device id keeps x86's entries: no device id.
+    let plain = manager(&vm);
+    assert_eq!(plain.device_id(), None);
 }
 
 #[test]
@@ -329,7 +360,8 @@ fn an_msi_route_replaces_the_irqchip_routes_of_its_gsi_so_kvm_accepts_the_table(
             5,
             GsiRoute::Msi {
                 address: 0xfee0_0000,
-                data: 0x30
+                data: 0x30,
+                devid: None,
             }
         )
         .unwrap());
@@ -337,7 +369,8 @@ fn an_msi_route_replaces_the_irqchip_routes_of_its_gsi_so_kvm_accepts_the_table(
         routing.routes(5),
         vec![GsiRoute::Msi {
             address: 0xfee0_0000,
-            data: 0x30
+            data: 0x30,
+            devid: None,
         }]
     );
     routing.commit().unwrap();
@@ -393,17 +426,39 @@ fn committing_an_unchanged_table_makes_no_ioctl() {
 fn gsis_beyond_kvm_max_irq_routes_are_refused_before_kvm() {
     let Some(vm) = vm() else { return };
     let routing = Arc::new(GsiRouting::new(vm.clone()));
-    assert!(routing
-        .add(
-            4096,
-            GsiRoute::Msi {
-                address: 0xfee0_0000,
-                data: 0
-            }
-        )
-        .is_err());
-    assert!(KvmInterruptManager::new(routing.clone(), 4000..4097).is_err());
-    assert!(KvmInterruptManager::new(routing, 30..30).is_err());
+    let r = routing.add(
+        4096,
+        GsiRoute::Msi {
+            address: 0xfee0_0000,
+            data: 0,
+            devid: None,
+        },
+    );
+    assert!(matches!(
+        r,
+        Err(Error::Invalid {
+            what: "GSI",
+            value: 4096,
+            ..
+        })
+    ));
+    assert_eq!(r.unwrap_err().io_kind(), std::io::ErrorKind::InvalidInput);
+    assert!(matches!(
+        KvmInterruptManager::new(routing.clone(), 4000..4097),
+        Err(Error::Invalid {
+            what: "GSI range end",
+            value: 4097,
+            ..
+        })
+    ));
+    assert!(matches!(
+        KvmInterruptManager::new(routing, 30..30),
+        Err(Error::Invalid {
+            what: "GSI range end",
+            value: 30,
+            reason: "the GSI range is empty"
+        })
+    ));
 }
 
 #[test]

@@ -274,7 +274,8 @@ fn devices_of_one_domain_must_agree_on_the_dma_mode() {
         matches!(
             &e,
             Error::DmaModeMismatch {
-                mode: DmaMode::External,
+                mode: DmaMode::GuestPhysical,
+                wanted: DmaMode::External,
                 ..
             }
         ),

@@ -61,12 +61,10 @@ pub const STATUS_CAP_LIST: u16 = 0x10;
 pub const BAR0: u64 = 0x10;
 pub const ROM_BAR: u64 = 0x30;
 pub const CAP_PTR: u64 = 0x34;
-pub const CAP_ID_MSI: u8 = 0x05;
-pub const CAP_ID_MSIX: u8 = 0x11;
-pub const CAP_ID_PCIE: u8 = 0x10;
-pub const CAP_ID_PM: u8 = 0x01;
-pub const EXT_CAP_ID_AER: u16 = 0x0001;
-pub const EXT_CAP_ID_SRIOV: u16 = 0x0010;
+// Capability ids: pci-config's, the one PCI vocabulary of the workspace.
+// Not every test binary that includes this module uses both.
+#[allow(unused_imports)]
+pub use pci_config::{cap_id, ext_cap_id};
 
 // ---------------------------------------------------------------------------
 // Backends.
@@ -349,20 +347,18 @@ pub struct Vm {
 
 impl Vm {
     pub fn new() -> Vm {
-        let windows = BarWindows {
-            mmio32: AddressWindow {
-                base: MMIO32_BASE,
-                size: MMIO32_SIZE,
-            },
-            mmio64: Some(AddressWindow {
-                base: MMIO64_BASE,
-                size: MMIO64_SIZE,
-            }),
-            io: Some(AddressWindow {
-                base: 0x1000,
-                size: 0x1000,
-            }),
-        };
+        let windows = BarWindows::new(AddressWindow {
+            base: MMIO32_BASE,
+            size: MMIO32_SIZE,
+        })
+        .with_mmio64(AddressWindow {
+            base: MMIO64_BASE,
+            size: MMIO64_SIZE,
+        })
+        .with_io(AddressWindow {
+            base: 0x1000,
+            size: 0x1000,
+        });
         Vm {
             irqs: Arc::new(TestInterruptManager::new()),
             mapper: Arc::new(RecordingMapper::default()),
@@ -1015,7 +1011,7 @@ pub fn edu_up(g: &Guest<'_>, mem: &GuestMemoryMmap) -> (Enumeration, u64) {
         RAM_REGIONS.len()
     );
     let e = g.enumerate(&mut Firmware::new());
-    let msi = e.cap(CAP_ID_MSI).expect("edu has MSI");
+    let msi = e.cap(cap_id::MSI).expect("edu has MSI");
     g.enable_msi(msi, MSI_ADDR, 0x41);
     assert_eq!(g.dev.irq_mode(), IrqMode::Msi(1));
     let bar = g.bar_address(0);
@@ -1026,7 +1022,7 @@ pub fn edu_up(g: &Guest<'_>, mem: &GuestMemoryMmap) -> (Enumeration, u64) {
 /// and enables MSI-X. Returns (enumeration, BAR0, MSI-X cap, table).
 pub fn nvme_up(g: &Guest<'_>) -> (Enumeration, u64, u64, u64) {
     let e = g.enumerate(&mut Firmware::new());
-    let cap = e.cap(CAP_ID_MSIX).expect("nvme-like has MSI-X");
+    let cap = e.cap(cap_id::MSIX).expect("nvme-like has MSI-X");
     let (table, n) = g.msix_table(cap);
     assert_eq!(n, nvme_like::MSIX_VECTORS);
     for v in 0..n {

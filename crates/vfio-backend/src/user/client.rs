@@ -64,10 +64,11 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::locking::lock;
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
     DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message,
@@ -103,6 +104,7 @@ const POOL_BUFFER_MAX: usize = 64 * 1024;
 
 /// Options of a vfio-user connection.
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct UserOptions {
     /// How long a request waits for its reply (and a send may block).
     pub timeout: Duration,
@@ -133,6 +135,43 @@ impl Default for UserOptions {
             max_msg_fds: 8,
             serve_dma_messages: true,
         }
+    }
+}
+
+impl UserOptions {
+    /// Returns the options with [`timeout`](Self::timeout) set to the given value.
+    #[must_use]
+    pub const fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Returns the options with [`reset_timeout`](Self::reset_timeout) set to the given value.
+    #[must_use]
+    pub const fn with_reset_timeout(mut self, reset_timeout: Duration) -> Self {
+        self.reset_timeout = reset_timeout;
+        self
+    }
+
+    /// Returns the options with [`max_data_xfer_size`](Self::max_data_xfer_size) set to the given value.
+    #[must_use]
+    pub const fn with_max_data_xfer_size(mut self, max_data_xfer_size: u32) -> Self {
+        self.max_data_xfer_size = max_data_xfer_size;
+        self
+    }
+
+    /// Returns the options with [`max_msg_fds`](Self::max_msg_fds) set to the given value.
+    #[must_use]
+    pub const fn with_max_msg_fds(mut self, max_msg_fds: u32) -> Self {
+        self.max_msg_fds = max_msg_fds;
+        self
+    }
+
+    /// Returns the options with [`serve_dma_messages`](Self::serve_dma_messages) set to the given value.
+    #[must_use]
+    pub const fn with_serve_dma_messages(mut self, serve_dma_messages: bool) -> Self {
+        self.serve_dma_messages = serve_dma_messages;
+        self
     }
 }
 
@@ -277,10 +316,6 @@ enum ServerReply {
     Read(DmaAccessPayload, Vec<u8>),
     /// `DMA_WRITE`: the request echoed.
     Write(DmaAccessPayload),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A reply: derefs to the message; its payload buffer goes back to the

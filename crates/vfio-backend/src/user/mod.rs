@@ -12,6 +12,7 @@
 //!   [`crate::Vfio`] device on a socket that only its owner may use.
 
 mod client;
+mod locking;
 // Public for the fuzz targets, the benches and the hostile-peer tests only:
 // the wire codec is not part of the API and may change in any release.
 #[doc(hidden)]

@@ -70,12 +70,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::locking::lock;
 use super::protocol::{
     self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
     DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received,
@@ -94,6 +95,7 @@ pub const DEFAULT_MAX_MSG_FDS: u32 = 16;
 
 /// Options of the server side of a connection.
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// The most data bytes in one REGION_READ/WRITE (our `max_data_xfer_size`).
     pub max_data_xfer_size: u32,
@@ -131,16 +133,49 @@ impl Default for ServerOptions {
     }
 }
 
+impl ServerOptions {
+    /// Returns the options with [`max_data_xfer_size`](Self::max_data_xfer_size) set to the given value.
+    #[must_use]
+    pub const fn with_max_data_xfer_size(mut self, max_data_xfer_size: u32) -> Self {
+        self.max_data_xfer_size = max_data_xfer_size;
+        self
+    }
+
+    /// Returns the options with [`max_msg_fds`](Self::max_msg_fds) set to the given value.
+    #[must_use]
+    pub const fn with_max_msg_fds(mut self, max_msg_fds: u32) -> Self {
+        self.max_msg_fds = max_msg_fds;
+        self
+    }
+
+    /// Returns the options with [`max_dma_maps`](Self::max_dma_maps) set to the given value.
+    #[must_use]
+    pub const fn with_max_dma_maps(mut self, max_dma_maps: u32) -> Self {
+        self.max_dma_maps = max_dma_maps;
+        self
+    }
+
+    /// Returns the options with [`dma_timeout`](Self::dma_timeout) set to the given value.
+    #[must_use]
+    pub const fn with_dma_timeout(mut self, dma_timeout: Duration) -> Self {
+        self.dma_timeout = dma_timeout;
+        self
+    }
+
+    /// Returns the options with [`stall_timeout`](Self::stall_timeout) set to the given value.
+    #[must_use]
+    pub const fn with_stall_timeout(mut self, stall_timeout: Duration) -> Self {
+        self.stall_timeout = stall_timeout;
+        self
+    }
+}
+
 struct DmaRange {
     size: u64,
     /// Our mapping of the client's file, when the device reaches it by
     /// loads and stores (sealed files only); `None` for fd I/O and
     /// message DMA.
     _mapping: Option<Mapping>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The most server requests (`DMA_READ` / `DMA_WRITE`) waiting for their

@@ -3,13 +3,13 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::kvm_error;
 use super::routing::{GsiRoute, GsiRouting, MAX_GSI_ROUTES};
+use super::{kvm_error, lock};
 use crate::{Error, Result};
 
 /// The interrupt line a device's INTx pin is wired to: a GSI routed to a pin of an in-kernel
@@ -92,10 +92,6 @@ impl GsiAllocator {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Wraps an error of this crate for the [`pci_interrupts`] traits, keeping it as the source.
 fn group_error(op: &'static str, err: Error) -> pci_interrupts::Error {
     pci_interrupts::Error::Group {
@@ -115,6 +111,7 @@ pub struct KvmInterruptManager {
     routing: Arc<GsiRouting>,
     gsis: Arc<Mutex<GsiAllocator>>,
     intx: Option<IntxLine>,
+    device_id: Option<u32>,
 }
 
 impl KvmInterruptManager {
@@ -143,7 +140,24 @@ impl KvmInterruptManager {
                 free: BTreeSet::new(),
             })),
             intx: None,
+            device_id: None,
         })
+    }
+
+    /// Sets the device id that the MSI routes of this manager's groups carry (see
+    /// [`GsiRoute::Msi`]): arm64 with a GICv3 ITS needs it, as the device id the guest's
+    /// firmware tables give the device's requester id. Every MSI routing entry the groups
+    /// commit then has `KVM_MSI_VALID_DEVID` set. Without it (the default, and what x86
+    /// wants) the entries carry no device id. Groups created before the call keep what the
+    /// manager had when they were created.
+    pub fn with_device_id(mut self, device_id: u32) -> Self {
+        self.device_id = Some(device_id);
+        self
+    }
+
+    /// The device id given with [`with_device_id`](Self::with_device_id), if any.
+    pub fn device_id(&self) -> Option<u32> {
+        self.device_id
     }
 
     /// Sets the line INTx groups use; without one, creating an INTx group fails.
@@ -184,6 +198,7 @@ impl KvmInterruptManager {
             vectors,
             Kind::Msi {
                 allocator: self.gsis.clone(),
+                device_id: self.device_id,
             },
         )))
     }
@@ -263,6 +278,8 @@ struct Vector {
 enum Kind {
     Msi {
         allocator: Arc<Mutex<GsiAllocator>>,
+        /// The device id the MSI routes carry (arm64 GICv3 ITS), if the VMM gave one.
+        device_id: Option<u32>,
     },
     Intx {
         resample: EventFd,
@@ -415,10 +432,16 @@ impl InterruptSourceGroup for KvmInterruptGroup {
                 count: self.len(),
             });
         };
-        if !masked && matches!(self.kind, Kind::Msi { .. }) && vs.route != Some(route) {
+        let msi_device_id = match self.kind {
+            Kind::Msi { device_id, .. } => Some(device_id),
+            Kind::Intx { .. } => None,
+        };
+        // MSI groups route an unmasked vector whose message changed.
+        if let (false, Some(devid), true) = (masked, msi_device_id, vs.route != Some(route)) {
             let gsi_route = GsiRoute::Msi {
                 address: route.address,
                 data: route.data,
+                devid,
             };
             self.routing
                 .set_and_commit(v.gsi, gsi_route)
@@ -486,7 +509,7 @@ impl Drop for KvmInterruptGroup {
         }
         let gsis = self.vectors.iter().map(|v| v.gsi);
         let result = match &self.kind {
-            Kind::Msi { allocator } => {
+            Kind::Msi { allocator, .. } => {
                 let result = self.routing.remove_all_and_commit(gsis.clone());
                 lock(allocator).release(gsis);
                 result

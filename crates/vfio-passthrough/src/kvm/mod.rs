@@ -4,7 +4,10 @@
 //!   vector is an eventfd registered as a KVM irqfd on a GSI of its own, whose entry in the
 //!   GSI routing table carries the guest-programmed address and data; INTx is an irqfd with a
 //!   resample eventfd on an IOAPIC pin. Interrupts go device -> eventfd -> KVM -> guest, with no
-//!   userspace hop.
+//!   userspace hop. On arm64 with a GICv3 ITS, give each device's manager the device id the
+//!   guest's firmware tables map its requester id to
+//!   ([`with_device_id`](KvmInterruptManager::with_device_id)): its MSI routes then carry it
+//!   (`KVM_MSI_VALID_DEVID`), as the ITS translates messages per device.
 //! * [`GsiRouting`] is the VM's GSI routing table, shared by the VMM and the interrupt groups:
 //!   `KVM_SET_GSI_ROUTING` replaces the whole table, so everybody edits one copy and commits it.
 //! * [`KvmGuestMapper`] implements [`vfio_pci::GuestMapper`] with KVM user memory slots, so the
@@ -41,6 +44,14 @@ pub use interrupts::{IntxLine, KvmInterruptGroup, KvmInterruptManager};
 pub use mapper::KvmGuestMapper;
 pub use routing::{GsiRoute, GsiRouting, MAX_GSI_ROUTES};
 pub use vfio_device::KvmVfioDevice;
+
+/// Locks `m`, recovering the data if a thread panicked while holding it: every critical
+/// section of the KVM glue leaves its state consistent (no panics inside, by the crate's
+/// rules), and one thread's panic must not become a panic in every vCPU thread. The one lock
+/// helper of the KVM glue.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// Turns a KVM ioctl error into this crate's error, keeping the errno.
 fn kvm_error(op: &'static str, err: kvm_ioctls::Error) -> crate::Error {

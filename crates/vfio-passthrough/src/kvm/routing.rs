@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MSI_VALID_DEVID,
 };
 use kvm_ioctls::VmFd;
 
@@ -19,12 +20,20 @@ pub const MAX_GSI_ROUTES: u32 = 4096;
 /// Where KVM sends a GSI: one entry of the routing table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum GsiRoute {
-    /// A message-signalled interrupt (`KVM_IRQ_ROUTING_MSI`, flags 0).
+    /// A message-signalled interrupt (`KVM_IRQ_ROUTING_MSI`).
     Msi {
         /// Message address (low and high halves).
         address: u64,
         /// Message data.
         data: u32,
+        /// The device id of the requester, for interrupt controllers that translate MSIs
+        /// per device: on arm64 the GICv3 ITS looks the message up in the device's table, so
+        /// KVM needs it (the entry's `devid` with the `KVM_MSI_VALID_DEVID` flag; KVM refuses
+        /// MSI routes without it on a VM whose vGIC has an ITS). On arm64 the value is what
+        /// the guest's firmware tables map the PCI requester id to (with an identity
+        /// `msi-map`/IORT mapping, the requester id `bus << 8 | devfn`). `None` leaves the
+        /// entry as x86 wants it: flags 0, no device id.
+        devid: Option<u32>,
     },
     /// A pin of an in-kernel interrupt controller (`KVM_IRQ_ROUTING_IRQCHIP`).
     Irqchip {
@@ -53,12 +62,20 @@ fn to_entry(gsi: u32, route: &GsiRoute) -> kvm_irq_routing_entry {
         ..Default::default()
     };
     match *route {
-        GsiRoute::Msi { address, data } => {
+        GsiRoute::Msi {
+            address,
+            data,
+            devid,
+        } => {
             entry.type_ = KVM_IRQ_ROUTING_MSI;
             // Truncations intended: the address is split in its two halves.
             entry.u.msi.address_lo = address as u32;
             entry.u.msi.address_hi = (address >> 32) as u32;
             entry.u.msi.data = data;
+            if let Some(devid) = devid {
+                entry.flags = KVM_MSI_VALID_DEVID;
+                entry.u.msi.__bindgen_anon_1.devid = devid;
+            }
         }
         GsiRoute::Irqchip { chip, pin } => {
             entry.type_ = KVM_IRQ_ROUTING_IRQCHIP;
@@ -176,7 +193,7 @@ impl GsiRouting {
     }
 
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+        super::lock(&self.table)
     }
 
     /// Adds the routes KVM installs by default with `KVM_CREATE_IRQCHIP` on x86: GSIs 0-15 to
@@ -366,15 +383,66 @@ mod tests {
             &GsiRoute::Msi {
                 address: 0x1234_5678_fee0_1000,
                 data: 0x4041,
+                devid: None,
             },
         );
         assert_eq!(e.gsi, 40);
         assert_eq!(e.type_, KVM_IRQ_ROUTING_MSI);
-        assert_eq!(e.flags, 0);
+        assert_eq!(
+            e.flags, 0,
+            "no device id: no KVM_MSI_VALID_DEVID (as x86 wants)"
+        );
         // SAFETY: the entry was written as an MSI entry just above.
         let msi = unsafe { e.u.msi };
         assert_eq!(msi.address_lo, 0xfee0_1000);
         assert_eq!(msi.address_hi, 0x1234_5678);
         assert_eq!(msi.data, 0x4041);
+        // SAFETY: both members of the union are a u32; `pad` is what x86 leaves at 0.
+        assert_eq!(unsafe { msi.__bindgen_anon_1.pad }, 0);
+    }
+
+    #[test]
+    fn msi_route_with_device_id_sets_kvm_msi_valid_devid() {
+        // KVM's uAPI: an MSI routing entry carries the requester's device id (GICv3 ITS)
+        // in `u.msi.devid` and says so with `flags = KVM_MSI_VALID_DEVID` (1).
+        let e = to_entry(
+            41,
+            &GsiRoute::Msi {
+                address: 0x0808_0040,
+                data: 7,
+                devid: Some(0x0010),
+            },
+        );
+        assert_eq!(e.gsi, 41);
+        assert_eq!(e.type_, KVM_IRQ_ROUTING_MSI);
+        assert_eq!(e.flags, KVM_MSI_VALID_DEVID);
+        assert_eq!(KVM_MSI_VALID_DEVID, 1);
+        // SAFETY: the entry was written as an MSI entry just above.
+        let msi = unsafe { e.u.msi };
+        assert_eq!(msi.address_lo, 0x0808_0040);
+        assert_eq!(msi.address_hi, 0);
+        assert_eq!(msi.data, 7);
+        // SAFETY: `devid` is a u32 member of a union of u32s.
+        assert_eq!(unsafe { msi.__bindgen_anon_1.devid }, 0x0010);
+    }
+
+    #[test]
+    fn msi_routes_differing_only_in_device_id_are_different_routes() {
+        let a = GsiRoute::Msi {
+            address: 0xfee0_0000,
+            data: 1,
+            devid: Some(1),
+        };
+        let b = GsiRoute::Msi {
+            address: 0xfee0_0000,
+            data: 1,
+            devid: Some(2),
+        };
+        assert_ne!(a, b);
+        assert_eq!(
+            key(3, &a),
+            key(3, &b),
+            "one MSI route per GSI, whatever the device id"
+        );
     }
 }
