@@ -433,8 +433,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = fake_container(dir.path(), IommuMode::Type1v2, false);
         let e = try_map(&c, 0, super::super::page_size(), source(0)).unwrap_err();
-        assert!(e.to_string().contains("no group is attached"), "{e}");
-        assert!(c.iova_ranges().is_err());
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("no group is attached")),
+            "{e}"
+        );
+        assert_eq!(e.errno(), Some(libc::EINVAL));
+        let e = c.iova_ranges().unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("no group is attached")),
+            "{e}"
+        );
     }
 
     #[test]

@@ -954,8 +954,10 @@ mod tests {
             },
             region(0xf80).unwrap(),
         ));
-        assert!(msix_placement(&raw, 0x40, &defs).is_err());
-        assert!(msix_placement(&raw, 0xf8, &defs).is_err(), "runs past 0xff");
+        let e = msix_placement(&raw, 0x40, &defs).unwrap_err();
+        assert!(e.contains("lies outside its BAR"), "{e}");
+        let e = msix_placement(&raw, 0xf8, &defs).unwrap_err();
+        assert!(e.contains("runs past 0xff"), "{e}");
     }
 
     #[test]
