@@ -13,9 +13,9 @@ use pci_config::regs::{BAR0, COMMAND, ROM_ADDRESS};
 use pci_config::{WriteEffect, WriteEffects};
 use vfio_backend::region;
 
-use super::placement::record_decode_changes;
+use super::placement::{record_decode_changes_in, DecodeScope};
 use super::{lock, pending, Dword, Inner, IrqMode, VfioPciDevice, CONFIG_SPACE_SIZE};
-use crate::outcome::{BarIndex, ConfigWriteOutcome};
+use crate::outcome::{BarIndex, ConfigWriteOutcome, SLOTS};
 use crate::{Error, Result};
 
 /// Checks a guest access: 1, 2 or 4 bytes (8 for BARs) inside `limit`.
@@ -136,8 +136,10 @@ impl VfioPciDevice {
         }
         let offset = offset as usize;
         if offset % 4 + data.len() <= 4 {
-            // One dword (every naturally aligned access).
-            return self.write_chunk(offset, data);
+            // One dword (every naturally aligned access): the outcome is filled in place.
+            return self
+                .write_chunk(offset, data, &mut outcome)
+                .map(|()| outcome);
         }
         let mut result = Ok(());
         let mut done = 0usize;
@@ -145,8 +147,9 @@ impl VfioPciDevice {
             let off = offset + done;
             let chunk = (4 - off % 4).min(data.len() - done);
             if let Some(buf) = data.get(done..done + chunk) {
-                match self.write_chunk(off, buf) {
-                    Ok(o) => outcome.merge(&o),
+                let mut o = ConfigWriteOutcome::default();
+                match self.write_chunk(off, buf, &mut o) {
+                    Ok(()) => outcome.merge(&o),
                     Err(e) => result = Err(e),
                 }
             }
@@ -166,13 +169,14 @@ impl VfioPciDevice {
         self.write_config((reg as u64).saturating_mul(4).saturating_add(offset), data)
     }
 
-    fn write_chunk(&self, off: usize, buf: &[u8]) -> Result<ConfigWriteOutcome> {
+    /// Writes one dword's worth of `buf` at `off`; what changed goes to `outcome`, which
+    /// the caller passes fresh (filled in place: the outcome is a few hundred bytes).
+    fn write_chunk(&self, off: usize, buf: &[u8], outcome: &mut ConfigWriteOutcome) -> Result<()> {
         let policy = self.policy.get(off / 4).copied().unwrap_or(Dword::Emulated);
         match policy {
             Dword::Passthrough => self
                 .vfio
                 .region_write(region::CONFIG, off as u64, buf)
-                .map(|()| ConfigWriteOutcome::default())
                 .map_err(|e| Error::backend(format!("config write at {off:#x}"), e)),
             Dword::Command => {
                 // The device sees command and status writes (bus master,
@@ -183,12 +187,12 @@ impl VfioPciDevice {
                     .map_err(|e| Error::backend(format!("command/status write at {off:#x}"), e));
                 // ... and we track decode changes and INTx disable.
                 let mut inner = lock(&self.inner, "device")?;
-                let r = self.emulated_write(&mut inner, off, buf);
+                let r = self.emulated_write(&mut inner, off, buf, outcome);
                 fwd.and(r)
             }
             Dword::Emulated => {
                 let mut inner = lock(&self.inner, "device")?;
-                self.emulated_write(&mut inner, off, buf)
+                self.emulated_write(&mut inner, off, buf, outcome)
             }
             Dword::Msi | Dword::Msix => {
                 let mut inner = lock(&self.inner, "device")?;
@@ -196,17 +200,16 @@ impl VfioPciDevice {
                     Dword::Msi => inner.msi.as_ref().map(|m| m.offset),
                     _ => inner.msix.as_ref().map(|m| m.offset),
                 };
-                let none = ConfigWriteOutcome::default();
                 let Some(rel) = cap_off.and_then(|c| off.checked_sub(c)) else {
-                    return Ok(none);
+                    return Ok(());
                 };
                 // Bytes 0 and 1 (id, next pointer) are read-only: skip them.
                 let skip = 2usize.saturating_sub(rel).min(buf.len());
                 let Some(rest) = buf.get(skip..) else {
-                    return Ok(none);
+                    return Ok(());
                 };
                 if rest.is_empty() {
-                    return Ok(none);
+                    return Ok(());
                 }
                 let at = (rel + skip) as u64;
                 let r = match policy {
@@ -227,7 +230,7 @@ impl VfioPciDevice {
                 let stale = Self::irq_mode_stale(&inner);
                 drop(inner);
                 let m = if stale { self.sync_irq_mode() } else { Ok(()) };
-                r.and(m).map(|()| none)
+                r.and(m)
             }
         }
     }
@@ -238,15 +241,22 @@ impl VfioPciDevice {
         inner: &mut Inner,
         off: usize,
         buf: &[u8],
-    ) -> Result<ConfigWriteOutcome> {
-        let mut outcome = ConfigWriteOutcome::default();
+        outcome: &mut ConfigWriteOutcome,
+    ) -> Result<()> {
         // The command register, a BAR or the ROM BAR: what the registers hold and where
         // each BAR decodes must agree, whether or not a move was reported.
         let end = off.saturating_add(buf.len());
         let overlaps = |start: usize, len: usize| off < start + len && end > start;
         let touches_decode = overlaps(COMMAND, 2) || overlaps(BAR0, ROM_ADDRESS + 4 - BAR0);
         let touches_rom = overlaps(ROM_ADDRESS, 4);
-        let before = touches_decode.then(|| inner.decoded());
+        // A write inside one BAR's register(s) can change that BAR's decode only:
+        // the common case (sizing, moving a BAR) looks at that one.
+        let scope = touches_decode
+            .then(|| DecodeScope::of_write(off, end, |reg| inner.bar_owning_register(reg)));
+        let mut before = [None; SLOTS];
+        if let Some(sc) = scope {
+            inner.decoded_into(sc, &mut before);
+        }
         let rom_before = inner
             .config
             .rom()
@@ -256,7 +266,7 @@ impl VfioPciDevice {
         let mut effects = WriteEffects::new();
         if let Err(e) = inner.config.write_into(off, buf, &mut effects) {
             log::debug!("config write at {off:#x} ignored: {e}");
-            return Ok(outcome);
+            return Ok(());
         }
         let mut result = Ok(());
         for effect in effects.iter() {
@@ -284,9 +294,9 @@ impl VfioPciDevice {
                 }
             }
         }
-        if let Some(before) = before {
-            self.sync_decode(inner);
-            record_decode_changes(inner, &before, &mut outcome);
+        if let Some(scope) = scope {
+            self.sync_decode_in(inner, scope);
+            record_decode_changes_in(inner, &before, scope, outcome);
         }
         if let Some(was) = rom_before {
             let now = inner.config.rom().is_some_and(|r| r.enabled);
@@ -294,7 +304,7 @@ impl VfioPciDevice {
                 outcome.rom_enable = Some(now);
             }
         }
-        result.map(|()| outcome)
+        result
     }
 
     /// The guest reads `data.len()` (1, 2, 4 or 8) bytes at `offset` of a

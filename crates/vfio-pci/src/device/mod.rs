@@ -14,6 +14,7 @@ use crate::layout::{BarLayout, MappedArea, MsixPiece, MsixRelocation};
 use crate::mapper::{GuestMapper, MappingId};
 use crate::outcome::{AddressSpace, BarIndex, BarRange, SLOTS};
 use crate::{Error, Result};
+use placement::DecodeScope;
 
 mod access;
 mod irqs;
@@ -256,13 +257,42 @@ impl Inner {
         }
     }
 
+    /// The slot of the BAR that BAR register `reg` (0..=5) belongs to: its own, or the
+    /// one below for the upper half of a 64-bit BAR. `None` for a register no BAR owns.
+    fn bar_owning_register(&self, reg: usize) -> Option<usize> {
+        if self.bars.get(reg).is_some_and(|b| b.is_some()) {
+            return Some(reg);
+        }
+        let below = reg.checked_sub(1)?;
+        self.bars
+            .get(below)
+            .and_then(|b| b.as_ref())
+            .filter(|b| b.kind.is_64bit())
+            .map(|_| below)
+    }
+
     /// Where each BAR decodes now, by slot: what a config write's outcome compares.
     fn decoded(&self) -> [Option<BarRange>; SLOTS] {
         let mut out = [None; SLOTS];
-        for (slot, o) in out.iter_mut().enumerate() {
-            *o = self.bar(slot).and_then(Bar::decoded);
-        }
+        self.decoded_into(DecodeScope::All, &mut out);
         out
+    }
+
+    /// As [`decoded`](Self::decoded), into `out`, for the slots `scope` covers (the
+    /// others are left as they are).
+    fn decoded_into(&self, scope: DecodeScope, out: &mut [Option<BarRange>; SLOTS]) {
+        match scope {
+            DecodeScope::One(slot) => {
+                if let Some(o) = out.get_mut(slot) {
+                    *o = self.bar(slot).and_then(Bar::decoded);
+                }
+            }
+            DecodeScope::All => {
+                for (slot, o) in out.iter_mut().enumerate() {
+                    *o = self.bar(slot).and_then(Bar::decoded);
+                }
+            }
+        }
     }
 }
 

@@ -15,8 +15,59 @@ pub(super) fn record_decode_changes(
     before: &[Option<BarRange>; SLOTS],
     outcome: &mut ConfigWriteOutcome,
 ) {
-    for (slot, old) in before.iter().enumerate() {
-        let Some(bar) = inner.bar(slot) else {
+    record_decode_changes_in(inner, before, DecodeScope::All, outcome);
+}
+
+/// Which BARs a config write can change the decode of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DecodeScope {
+    /// Every BAR and the ROM (a command register write, or one that spans registers).
+    All,
+    /// The BAR (or ROM, at [`ROM_BAR`]) with this slot only: the write stays inside its
+    /// register(s).
+    One(usize),
+}
+
+impl DecodeScope {
+    /// The scope of a write to `off .. end` of config space, given which BAR slot owns
+    /// each BAR register (`owner(register index)`, the lower slot for a 64-bit BAR's upper
+    /// half). A write that touches the command register, or more than one BAR, is `All`.
+    pub(super) fn of_write(
+        off: usize,
+        end: usize,
+        owner: impl Fn(usize) -> Option<usize>,
+    ) -> DecodeScope {
+        use pci_config::regs::{BAR0, ROM_ADDRESS};
+        const BAR_REGS_END: usize = BAR0 + 6 * 4;
+        if off >= ROM_ADDRESS && end <= ROM_ADDRESS + 4 {
+            return DecodeScope::One(ROM_BAR);
+        }
+        if off >= BAR0 && end <= BAR_REGS_END {
+            let first = owner((off - BAR0) / 4);
+            let last = owner((end - 1 - BAR0) / 4);
+            if let (Some(a), Some(b)) = (first, last) {
+                if a == b {
+                    return DecodeScope::One(a);
+                }
+            }
+        }
+        DecodeScope::All
+    }
+}
+
+/// As [`record_decode_changes`], for the BARs `scope` covers only.
+pub(super) fn record_decode_changes_in(
+    inner: &Inner,
+    before: &[Option<BarRange>; SLOTS],
+    scope: DecodeScope,
+    outcome: &mut ConfigWriteOutcome,
+) {
+    let (first, last) = match scope {
+        DecodeScope::All => (0, SLOTS - 1),
+        DecodeScope::One(s) => (s, s),
+    };
+    for slot in first..=last {
+        let (Some(bar), Some(old)) = (inner.bar(slot), before.get(slot)) else {
             continue;
         };
         let new = bar.decoded();
@@ -252,7 +303,19 @@ impl VfioPciDevice {
     /// it to). Call after every guest write that can change a BAR register or the command
     /// register, after a restore and after a reset.
     pub(super) fn sync_decode(&self, inner: &mut Inner) {
-        for index in (0..inner.bars.len()).chain([ROM_BAR]) {
+        self.sync_decode_in(inner, DecodeScope::All);
+    }
+
+    /// As [`sync_decode`](Self::sync_decode), for the BARs `scope` covers only.
+    pub(super) fn sync_decode_in(&self, inner: &mut Inner, scope: DecodeScope) {
+        let (first, last) = match scope {
+            DecodeScope::All => (0, ROM_BAR),
+            DecodeScope::One(s) => (s, s),
+        };
+        for index in first..=last {
+            if index >= inner.bars.len() && index != ROM_BAR {
+                continue;
+            }
             let reg = if index == ROM_BAR {
                 inner.config.rom().map(|r| r.address)
             } else {
@@ -324,5 +387,48 @@ impl VfioPciDevice {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use super::DecodeScope;
+    use pci_config::regs::{BAR0, COMMAND, ROM_ADDRESS};
+    use pci_config::ROM_BAR;
+
+    /// BAR0 is 64-bit (registers 0 and 1), BAR2 32-bit, BAR3..5 unused.
+    fn owner(reg: usize) -> Option<usize> {
+        match reg {
+            0 | 1 => Some(0),
+            2 => Some(2),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_write_inside_one_bars_registers_can_change_that_bar_only() {
+        let one = |off: usize, len: usize| DecodeScope::of_write(off, off + len, owner);
+        assert_eq!(one(BAR0, 4), DecodeScope::One(0));
+        assert_eq!(one(BAR0 + 4, 4), DecodeScope::One(0), "upper half of BAR0");
+        assert_eq!(one(BAR0, 8), DecodeScope::One(0), "both halves at once");
+        assert_eq!(one(BAR0 + 8, 4), DecodeScope::One(2));
+        assert_eq!(one(BAR0 + 9, 1), DecodeScope::One(2));
+        assert_eq!(one(ROM_ADDRESS, 4), DecodeScope::One(ROM_BAR));
+    }
+
+    #[test]
+    fn a_command_write_or_one_spanning_bars_looks_at_every_bar() {
+        let all = |off: usize, len: usize| DecodeScope::of_write(off, off + len, owner);
+        assert_eq!(all(COMMAND, 2), DecodeScope::All);
+        assert_eq!(
+            all(BAR0 + 4, 8),
+            DecodeScope::All,
+            "BAR0's upper half and BAR2"
+        );
+        assert_eq!(
+            all(BAR0 + 12, 4),
+            DecodeScope::All,
+            "a register no BAR owns"
+        );
     }
 }
