@@ -142,6 +142,7 @@ impl AddressWindow {
 
 /// The windows the VMM gives the allocator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarWindows {
     /// Memory window that must end below 4 GiB; always present.
     pub mmio32: AddressWindow,
@@ -267,6 +268,7 @@ impl fmt::Display for BarKind {
 
 /// What a device's BAR needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct BarRequest {
     /// BAR type.
     pub kind: BarKind,

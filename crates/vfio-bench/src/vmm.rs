@@ -337,10 +337,7 @@ impl Vm {
 
     /// Attaches `vfio` with default options (4 KiB pages).
     pub fn attach(&self, vfio: Arc<dyn Vfio>) -> Result<VfioPciDevice> {
-        let options = DeviceOptions {
-            page_size: Some(4096),
-            ..DeviceOptions::default()
-        };
+        let options = DeviceOptions::default().with_page_size(4096);
         Ok(VfioPciDevice::new(vfio, self.resources(), options)?)
     }
 }

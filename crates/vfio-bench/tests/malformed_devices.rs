@@ -22,10 +22,7 @@ fn attach(case: Case) -> (Vm, Arc<FakeDevice>, vfio_pci::Result<VfioPciDevice>) 
     let r = VfioPciDevice::new(
         dev as Arc<dyn Vfio>,
         vm.resources(),
-        vfio_pci::DeviceOptions {
-            page_size: Some(4096),
-            ..Default::default()
-        },
+        vfio_pci::DeviceOptions::default().with_page_size(4096),
     );
     (vm, fake, r)
 }

@@ -247,10 +247,7 @@ impl Vm {
                 allocator: allocator.clone(),
                 dma: dma.clone(),
             },
-            DeviceOptions {
-                dma_mode: mode,
-                ..DeviceOptions::default()
-            },
+            DeviceOptions::default().with_dma_mode(mode),
         )
         .context("VfioPciDevice::new")?;
         Ok(Vm {

@@ -328,10 +328,7 @@ pub fn run(opened: &Opened, opts: &Options, progress: &dyn Fn(&str)) -> anyhow::
         allocator: Arc::new(Mutex::new(allocator)),
         dma: GuestDma::new(),
     };
-    let options = DeviceOptions {
-        page_size: Some(page_size),
-        ..DeviceOptions::default()
-    };
+    let options = DeviceOptions::default().with_page_size(page_size);
     let mut steps = Steps {
         steps: Vec::new(),
         progress,

@@ -27,11 +27,8 @@
 //! // Any backend: here the fake device; a VMM uses the kernel or vfio-user one.
 //! let vfio: Arc<dyn Vfio> = Arc::new(FakeDevice::profile("edu")?);
 //! // What the VMM lends: interrupt delivery, guest mappings, BAR windows.
-//! let windows = BarWindows {
-//!     mmio32: AddressWindow { base: 0xc000_0000, size: 0x1000_0000 },
-//!     mmio64: Some(AddressWindow { base: 1 << 40, size: 1 << 40 }),
-//!     io: None,
-//! };
+//! let windows = BarWindows::new(AddressWindow::new(0xc000_0000, 0x1000_0000))
+//!     .with_mmio64(AddressWindow::new(1 << 40, 1 << 40));
 //! // Guest RAM for DMA, at its guest physical addresses: registered once
 //! // for all devices, mapped once per IOMMU domain as devices attach.
 //! let dma = GuestDma::new();

@@ -108,11 +108,9 @@ fn msix_table_is_relocated_on_64k_pages_and_the_capability_points_there() {
     let dev = attach_with(
         &vm,
         &f,
-        DeviceOptions {
-            page_size: Some(65536),
-            msix_relocation: MsixRelocation::Always,
-            ..DeviceOptions::default()
-        },
+        DeviceOptions::default()
+            .with_page_size(65536)
+            .with_msix_relocation(MsixRelocation::Always),
     );
     let bar0 = dev
         .bars()

@@ -264,10 +264,7 @@ fn devices_of_one_domain_must_agree_on_the_dma_mode() {
     let e = VfioPciDevice::new(
         b.clone(),
         vm.resources(),
-        DeviceOptions {
-            dma_mode: DmaMode::External,
-            ..DeviceOptions::default()
-        },
+        DeviceOptions::default().with_dma_mode(DmaMode::External),
     )
     .unwrap_err();
     assert!(
@@ -291,10 +288,7 @@ fn external_mode_maps_only_what_the_vmm_maps_and_the_domains_last_device_unmaps_
     vm.dma.add_memory(&mem).unwrap();
     let iommu = FakeIommu::new();
     let fakes = [edu_in(&iommu), edu_in(&iommu)];
-    let ext = DeviceOptions {
-        dma_mode: DmaMode::External,
-        ..DeviceOptions::default()
-    };
+    let ext = DeviceOptions::default().with_dma_mode(DmaMode::External);
     let a = attach_with(&vm, &fakes[0], ext.clone());
     let b = attach_with(&vm, &fakes[1], ext);
     let id = a.dma_domain();

@@ -44,10 +44,7 @@ fn a_failed_config_space_read_is_a_backend_error_with_its_errno() {
 fn a_page_size_that_is_not_a_power_of_two_is_refused_with_the_size() {
     let vm = Vm::new();
     let vfio: Arc<dyn Vfio> = fake("edu");
-    let opts = DeviceOptions {
-        page_size: Some(0x3000),
-        ..DeviceOptions::default()
-    };
+    let opts = DeviceOptions::default().with_page_size(0x3000);
     let e = VfioPciDevice::new(vfio, vm.resources(), opts).unwrap_err();
     assert!(matches!(e, Error::PageSize { size: 0x3000 }), "{e:?}");
     assert_eq!(e.errno(), None);

@@ -89,8 +89,10 @@ pub struct KeptCapability {
     pub emulated: bool,
 }
 
-/// Options for attaching a device.
+/// Options for attaching a device: `DeviceOptions::default()` and the
+/// `with_*` methods (the struct may gain fields).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct DeviceOptions {
     /// Standard capability ids to hide, beyond the default policy.
     pub hide_capabilities: Vec<u8>,
@@ -115,6 +117,38 @@ impl Default for DeviceOptions {
             msix_relocation: MsixRelocation::Auto,
             dma_mode: DmaMode::GuestPhysical,
         }
+    }
+}
+
+impl DeviceOptions {
+    /// Also hides the standard capabilities with these ids.
+    pub fn with_hidden_capabilities(mut self, ids: impl Into<Vec<u8>>) -> Self {
+        self.hide_capabilities = ids.into();
+        self
+    }
+
+    /// Also hides the extended capabilities with these ids.
+    pub fn with_hidden_extended_capabilities(mut self, ids: impl Into<Vec<u16>>) -> Self {
+        self.hide_extended_capabilities = ids.into();
+        self
+    }
+
+    /// The host page size (a power of two), instead of asking the OS.
+    pub fn with_page_size(mut self, page_size: u64) -> Self {
+        self.page_size = Some(page_size);
+        self
+    }
+
+    /// When the MSI-X table is moved out of the way of mapped memory.
+    pub fn with_msix_relocation(mut self, relocation: MsixRelocation) -> Self {
+        self.msix_relocation = relocation;
+        self
+    }
+
+    /// How guest memory reaches the device's DMA.
+    pub fn with_dma_mode(mut self, mode: DmaMode) -> Self {
+        self.dma_mode = mode;
+        self
     }
 }
 
@@ -363,12 +397,9 @@ fn request_for(kind: BarKind, size: u64, mmappable: bool) -> BarRequest {
         BarKind::Memory32 { prefetchable } => (pci_bar_alloc::BarKind::Mem32, prefetchable),
         BarKind::Memory64 { prefetchable } => (pci_bar_alloc::BarKind::Mem64, prefetchable),
     };
-    BarRequest {
-        kind: k,
-        prefetchable,
-        size,
-        mmappable,
-    }
+    BarRequest::new(k, size)
+        .with_prefetchable(prefetchable)
+        .with_mmappable(mmappable)
 }
 
 fn lock<'a, T>(m: &'a Mutex<T>, what: &'static str) -> Result<MutexGuard<'a, T>> {

@@ -95,20 +95,9 @@ impl Vm {
     }
 
     pub fn with_page_size(page: u64) -> Self {
-        let windows = BarWindows {
-            mmio32: AddressWindow {
-                base: MMIO32_BASE,
-                size: MMIO32_SIZE,
-            },
-            mmio64: Some(AddressWindow {
-                base: MMIO64_BASE,
-                size: MMIO64_SIZE,
-            }),
-            io: Some(AddressWindow {
-                base: 0x1000,
-                size: 0x1000,
-            }),
-        };
+        let windows = BarWindows::new(AddressWindow::new(MMIO32_BASE, MMIO32_SIZE))
+            .with_mmio64(AddressWindow::new(MMIO64_BASE, MMIO64_SIZE))
+            .with_io(AddressWindow::new(0x1000, 0x1000));
         Vm {
             irqs: Arc::new(TestInterruptManager::new()),
             mapper: Arc::new(RecordingMapper::default()),
