@@ -804,8 +804,15 @@ fn disconnecting_client_has_its_dma_and_interrupts_released() {
         client,
     } = s;
     drop(client);
+    // The server cleans up on its own thread once it sees the hang-up: DMA first,
+    // then interrupts. Wait (within a bound) for all of it.
+    let released = || {
+        device.dma.table.lock().unwrap().is_empty()
+            && device.disabled.lock().unwrap().contains(&2)
+            && device.msix.lock().unwrap().iter().all(Option::is_none)
+    };
     let t0 = Instant::now();
-    while !device.dma.table.lock().unwrap().is_empty() && t0.elapsed() < Duration::from_secs(5) {
+    while !released() && t0.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(device.dma.table.lock().unwrap().is_empty());
