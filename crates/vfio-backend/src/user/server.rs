@@ -923,7 +923,7 @@ impl Session<'_> {
         Ok(true)
     }
 
-    fn run(&mut self, watch: &mut Watch<'_>) -> Result<()> {
+    fn run(&mut self) -> Result<()> {
         let max_message = HEADER_SIZE
             .saturating_add(64 * 1024)
             .saturating_add(self.options.max_data_xfer_size as usize);
@@ -941,6 +941,8 @@ impl Session<'_> {
         let connected = Instant::now();
         // When the message being received began (None between messages).
         let mut started: Option<Instant> = None;
+        // The socket's receive timeout as last set (None: block).
+        let mut read_timeout: Option<Duration> = None;
         loop {
             while let Some(m) = reader.next_message(|| std::mem::take(&mut request_spare))? {
                 started = None;
@@ -961,7 +963,11 @@ impl Session<'_> {
                 (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
                 (a, b) => a.or(b),
             };
-            let timeout_ms = match due {
+            // Block in one recvmsg per request: no poll in front of it. A deadline is the
+            // socket's receive timeout, set only when it changes (none while a negotiated
+            // client is idle). A stop shuts the socket down, which ends the receive; other
+            // clients are turned away by `refuse_while_serving` on its own thread.
+            let timeout = match due {
                 Some((deadline, what)) => {
                     if now >= deadline {
                         return Err(Error::Protocol(format!(
@@ -969,36 +975,39 @@ impl Session<'_> {
                         )));
                     }
                     // Rounded up, so that the wait ends past the deadline.
-                    let left = deadline.saturating_duration_since(now);
-                    i32::try_from(left.as_millis().saturating_add(1)).unwrap_or(i32::MAX)
+                    Some(
+                        deadline
+                            .saturating_duration_since(now)
+                            .saturating_add(Duration::from_millis(1)),
+                    )
                 }
-                None => -1,
+                None => None,
             };
-            match watch.wait(self.stream, timeout_ms)? {
-                Woken::Stop => return Ok(()),
-                Woken::Timeout => {}
-                Woken::Listener => watch.refuse_others(),
-                Woken::Client => match reader.recv(self.stream.as_fd(), true) {
-                    Ok(Received::Data(_) | Received::WouldBlock) => {}
-                    // Closed between messages, or mid-message: either way
-                    // the client is gone.
-                    Ok(Received::Closed) | Err(Error::Disconnected(_)) => return Ok(()),
-                    Err(e) => return Err(e),
-                },
+            if timeout != read_timeout {
+                self.stream
+                    .set_read_timeout(timeout)
+                    .map_err(|e| Error::io("set the vfio-user receive timeout", e))?;
+                read_timeout = timeout;
+            }
+            match reader.recv(self.stream.as_fd(), false) {
+                // WouldBlock: the receive timeout expired; the deadlines are checked above.
+                Ok(Received::Data(_) | Received::WouldBlock) => {}
+                // Closed between messages, or mid-message, or shut down by a stop: either
+                // way this connection is over.
+                Ok(Received::Closed) | Err(Error::Disconnected(_)) => return Ok(()),
+                Err(e) => return Err(e),
             }
         }
     }
 }
 
-/// What woke a serving loop.
+/// What woke the refusing loop.
 enum Woken {
-    /// The server is stopping.
+    /// The session it guards ended (or the server is stopping).
     Stop,
     /// Another client is knocking.
     Listener,
-    /// The client sent something (or hung up).
-    Client,
-    /// Nothing: the wait timed out.
+    /// Nothing: a refused client's time ran out, or one sent its header.
     Timeout,
 }
 
@@ -1060,9 +1069,9 @@ impl Refused {
     }
 }
 
-/// What a serving loop watches besides its client: the listener, so that
-/// other clients are turned away at once rather than left in the backlog,
-/// and a stop eventfd.
+/// What the refusing loop watches while a client is served: the listener,
+/// so that other clients are turned away at once rather than left in the
+/// backlog, and an eventfd that says the session is over.
 #[derive(Default)]
 struct Watch<'a> {
     listener: Option<&'a UnixListener>,
@@ -1080,20 +1089,19 @@ impl<'a> Watch<'a> {
         }
     }
 
-    /// Waits until the client, the listener or the stop fd is readable, or
-    /// `timeout_ms` (-1: no timeout) passes; tends refused clients meanwhile.
-    fn wait(&mut self, client: &UnixStream, timeout_ms: i32) -> Result<Woken> {
+    /// Waits until the listener or the stop fd is readable, or `timeout_ms`
+    /// (-1: no timeout) passes; tends refused clients meanwhile.
+    fn wait(&mut self, timeout_ms: i32) -> Result<Woken> {
         let pollfd = |fd: i32| libc::pollfd {
             fd,
             events: libc::POLLIN,
             revents: 0,
         };
         // A negative fd is ignored by poll.
-        let mut pfds = [pollfd(-1); 3 + MAX_REFUSED];
+        let mut pfds = [pollfd(-1); 2 + MAX_REFUSED];
         let fixed = [
             self.stop.map_or(-1, |f| f.as_raw_fd()),
             self.listener.map_or(-1, |l| l.as_raw_fd()),
-            client.as_raw_fd(),
         ];
         let refused = self.refused.iter().map(|r| r.stream.as_raw_fd());
         for (p, fd) in pfds.iter_mut().zip(fixed.into_iter().chain(refused)) {
@@ -1125,15 +1133,13 @@ impl<'a> Watch<'a> {
         let now = Instant::now();
         let mut i = 0usize;
         self.refused.retain_mut(|r| {
-            let ready = pfds.get(3 + i).is_some_and(|p| p.revents != 0);
+            let ready = pfds.get(2 + i).is_some_and(|p| p.revents != 0);
             i += 1;
             (!ready || r.advance()) && now < r.until
         });
-        let [stop, listener, client, ..] = pfds;
+        let [stop, listener, ..] = pfds;
         Ok(if stop.revents != 0 {
             Woken::Stop
-        } else if client.revents != 0 {
-            Woken::Client
         } else if listener.revents != 0 {
             Woken::Listener
         } else {
@@ -1169,6 +1175,24 @@ impl<'a> Watch<'a> {
     }
 }
 
+/// Turns away the clients that connect to `listener` until `done` is
+/// readable (the session being served ended): on its own thread, so that
+/// the serving thread blocks in its client's receive alone.
+fn refuse_while_serving(listener: &UnixListener, done: BorrowedFd<'_>) {
+    let mut watch = Watch::new(listener, Some(done));
+    loop {
+        match watch.wait(-1) {
+            Ok(Woken::Stop) => return,
+            Ok(Woken::Listener) => watch.refuse_others(),
+            Ok(Woken::Timeout) => {}
+            Err(e) => {
+                log::warn!("vfio-user server: watching for other clients: {e}");
+                return;
+            }
+        }
+    }
+}
+
 /// The VERSION reply: the minor version both sides speak and what we offer.
 fn version_reply(options: &ServerOptions, client_minor: u16) -> Vec<u8> {
     let ours = Capabilities {
@@ -1198,15 +1222,10 @@ pub fn serve_connection_with_options(
     device: Arc<dyn Vfio>,
     options: ServerOptions,
 ) -> Result<()> {
-    serve_watching(stream, device.as_ref(), options, Watch::default())
+    serve_stream(stream, device.as_ref(), options)
 }
 
-fn serve_watching(
-    stream: UnixStream,
-    device: &dyn Vfio,
-    options: ServerOptions,
-    mut watch: Watch<'_>,
-) -> Result<()> {
+fn serve_stream(stream: UnixStream, device: &dyn Vfio, options: ServerOptions) -> Result<()> {
     let link = Arc::new(Link {
         stream: stream
             .try_clone()
@@ -1231,7 +1250,7 @@ fn serve_watching(
         irq_indices: BTreeSet::new(),
         reply_spare: Vec::new(),
     };
-    let result = session.run(&mut watch);
+    let result = session.run();
     log::debug!(
         "vfio-user server: client (max_msg_fds {}) left",
         session.client_caps.max_msg_fds
@@ -1275,6 +1294,24 @@ pub fn serve(listener: &UnixListener, device: Arc<dyn Vfio>) -> Result<()> {
         None,
         &Mutex::new(None),
     )
+}
+
+/// Whether `fd` is readable right now (a signalled eventfd), without waiting.
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call; a zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents != 0 }
+}
+
+/// An eventfd's descriptor, borrowed for as long as the eventfd lives.
+fn borrow_eventfd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: `e` owns an open descriptor that stays open while it is
+    // borrowed, and the returned lifetime is tied to that borrow.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
 }
 
 /// Waits until `listener` or `stop` is readable (no timeout: a stop wakes it).
@@ -1342,8 +1379,29 @@ fn accept_loop(
         if let Ok(clone) = stream.try_clone() {
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
-        let watch = Watch::new(listener, stop);
-        let r = serve_watching(stream, device, options, watch);
+        // A stop shuts `current` down, which ends the session's receive. One that came
+        // before `current` was set is seen here.
+        if stop.is_some_and(readable_now) {
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
+        }
+        let done = EventFd::new(EFD_NONBLOCK)
+            .map_err(|e| Error::io("create the vfio-user session eventfd", e))?;
+        let r = std::thread::scope(|scope| {
+            let refuser = std::thread::Builder::new()
+                .name("vfio-user-refuse".into())
+                .spawn_scoped(scope, || {
+                    refuse_while_serving(listener, borrow_eventfd(&done))
+                });
+            if let Err(e) = &refuser {
+                log::warn!("vfio-user server: no thread to turn other clients away: {e}");
+            }
+            let r = serve_stream(stream, device, options);
+            if let Err(e) = done.write(1) {
+                log::error!("vfio-user server: ending the refusing thread: {e}");
+            }
+            r
+        });
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = r {
             log::warn!("vfio-user server: connection ended with an error: {e}");
