@@ -1011,6 +1011,10 @@ enum Woken {
     Timeout,
 }
 
+/// How long the end of a session waits for the thread that turns other
+/// clients away to stop (it wakes at once; the bound is for a wedged poll).
+const STOP_REFUSING: Duration = Duration::from_secs(1);
+
 /// The most clients waiting for their "busy" answer at once; more are
 /// closed without one.
 const MAX_REFUSED: usize = 4;
@@ -1222,10 +1226,17 @@ pub fn serve_connection_with_options(
     device: Arc<dyn Vfio>,
     options: ServerOptions,
 ) -> Result<()> {
-    serve_stream(stream, device.as_ref(), options)
+    serve_stream(stream, device.as_ref(), options, &mut || {})
 }
 
-fn serve_stream(stream: UnixStream, device: &dyn Vfio, options: ServerOptions) -> Result<()> {
+/// Serves `stream`; `on_end` runs as soon as the session is over, before the
+/// client can see it end (its socket is still open then).
+fn serve_stream(
+    stream: UnixStream,
+    device: &dyn Vfio,
+    options: ServerOptions,
+    on_end: &mut dyn FnMut(),
+) -> Result<()> {
     let link = Arc::new(Link {
         stream: stream
             .try_clone()
@@ -1251,6 +1262,7 @@ fn serve_stream(stream: UnixStream, device: &dyn Vfio, options: ServerOptions) -
         reply_spare: Vec::new(),
     };
     let result = session.run();
+    on_end();
     log::debug!(
         "vfio-user server: client (max_msg_fds {}) left",
         session.client_caps.max_msg_fds
@@ -1387,20 +1399,29 @@ fn accept_loop(
         }
         let done = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| Error::io("create the vfio-user session eventfd", e))?;
+        let done = &done;
+        let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
         let r = std::thread::scope(|scope| {
             let refuser = std::thread::Builder::new()
                 .name("vfio-user-refuse".into())
-                .spawn_scoped(scope, || {
-                    refuse_while_serving(listener, borrow_eventfd(&done))
+                .spawn_scoped(scope, move || {
+                    refuse_while_serving(listener, borrow_eventfd(done));
+                    let _ = stopped_tx.send(());
                 });
             if let Err(e) = &refuser {
                 log::warn!("vfio-user server: no thread to turn other clients away: {e}");
             }
-            let r = serve_stream(stream, device, options);
-            if let Err(e) = done.write(1) {
-                log::error!("vfio-user server: ending the refusing thread: {e}");
-            }
-            r
+            // Once the session is over, and before its client can see that (and connect
+            // again at once), the refusing thread stops: the next client is served.
+            let mut end = || {
+                if let Err(e) = done.write(1) {
+                    log::error!("vfio-user server: ending the refusing thread: {e}");
+                }
+                if refuser.is_ok() && stopped.recv_timeout(STOP_REFUSING).is_err() {
+                    log::warn!("vfio-user server: the refusing thread did not stop in time");
+                }
+            };
+            serve_stream(stream, device, options, &mut end)
         });
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = r {
