@@ -443,3 +443,18 @@ fn every_error_reply_is_logged_at_debug_with_its_command_errno_and_reason() {
         "no debug line for the REGION_READ error reply: {lines:#?}"
     );
 }
+
+#[test]
+fn a_client_that_connects_as_the_served_one_leaves_is_served_not_turned_away() {
+    // One client at a time: the next one may connect the moment the last one hung up
+    // (before the server noticed), and must then be served, not answered EBUSY.
+    let sv = serve(Duration::from_secs(5));
+    for round in 0..50 {
+        let mut a = Raw::connect(&sv.path);
+        a.version();
+        drop(a);
+        let b = UserDevice::connect(&sv.path)
+            .unwrap_or_else(|e| panic!("round {round}: the next client was refused: {e}"));
+        assert!(b.device_info().unwrap().is_pci());
+    }
+}

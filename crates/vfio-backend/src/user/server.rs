@@ -1156,12 +1156,15 @@ impl<'a> Watch<'a> {
     /// hang in the backlog. A refused client's first request (its VERSION)
     /// is answered with `EBUSY` if its header comes within [`REFUSE_WAIT`];
     /// then, or past that, it is closed.
-    fn refuse_others(&mut self) {
-        let Some(listener) = self.listener else {
-            return;
-        };
+    fn refuse_others(&mut self, served_gone: &dyn Fn() -> bool) -> Option<UnixStream> {
+        let listener = self.listener?;
         // The listener is non-blocking (see `accept_loop`).
         while let Ok((other, _)) = listener.accept() {
+            // The client being served hung up already (the session is ending): this one
+            // is next, not refused.
+            if served_gone() {
+                return Some(other);
+            }
             log::warn!(
                 "vfio-user server: refused a second client: one client at a time is served and one is connected"
             );
@@ -1176,22 +1179,45 @@ impl<'a> Watch<'a> {
                 let _ = other.shutdown(std::net::Shutdown::Both);
             }
         }
+        None
     }
+}
+
+/// Whether the peer of the stream `fd` hung up (closed or shut down its side).
+fn peer_hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd that lives across the call; a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 /// Turns away the clients that connect to `listener` until `done` is
 /// readable (the session being served ended): on its own thread, so that
-/// the serving thread blocks in its client's receive alone.
-fn refuse_while_serving(listener: &UnixListener, done: BorrowedFd<'_>) {
+/// the serving thread blocks in its client's receive alone. A client that
+/// connects once the served one (`served`) has hung up is not turned away
+/// but returned, to be served next.
+fn refuse_while_serving(
+    listener: &UnixListener,
+    done: BorrowedFd<'_>,
+    served: BorrowedFd<'_>,
+) -> Option<UnixStream> {
     let mut watch = Watch::new(listener, Some(done));
     loop {
         match watch.wait(-1) {
-            Ok(Woken::Stop) => return,
-            Ok(Woken::Listener) => watch.refuse_others(),
+            Ok(Woken::Stop) => return None,
+            Ok(Woken::Listener) => {
+                if let Some(next) = watch.refuse_others(&|| peer_hung_up(served)) {
+                    return Some(next);
+                }
+            }
             Ok(Woken::Timeout) => {}
             Err(e) => {
                 log::warn!("vfio-user server: watching for other clients: {e}");
-                return;
+                return None;
             }
         }
     }
@@ -1368,26 +1394,37 @@ fn accept_loop(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("make the vfio-user listener non-blocking", e))?;
+    // A client that connected as the last session ended, handed over by its
+    // refusing thread: served next.
+    let mut next: Option<UnixStream> = None;
     loop {
-        if !wait_for_client(listener, stop)? {
-            return Ok(());
-        }
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue
+        let stream = match next.take() {
+            Some(s) => s,
+            None => {
+                if !wait_for_client(listener, stop)? {
+                    return Ok(());
+                }
+                match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(e) => return Err(Error::io("accept a vfio-user client", e)),
+                }
             }
-            Err(e) => return Err(Error::io("accept a vfio-user client", e)),
         };
         if !peer_is_owner(&stream) {
             log::warn!("vfio-user server: refused a client running as another user");
             continue;
         }
+        let watched = stream
+            .try_clone()
+            .map_err(|e| Error::io("clone the vfio-user client socket", e))?;
         if let Ok(clone) = stream.try_clone() {
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(clone);
         }
@@ -1400,13 +1437,16 @@ fn accept_loop(
         let done = EventFd::new(EFD_NONBLOCK)
             .map_err(|e| Error::io("create the vfio-user session eventfd", e))?;
         let done = &done;
-        let (stopped_tx, stopped) = std::sync::mpsc::channel::<()>();
+        let watched = &watched;
+        let (stopped_tx, stopped) = std::sync::mpsc::channel::<Option<UnixStream>>();
+        let handed = std::cell::RefCell::new(None);
         let r = std::thread::scope(|scope| {
             let refuser = std::thread::Builder::new()
                 .name("vfio-user-refuse".into())
                 .spawn_scoped(scope, move || {
-                    refuse_while_serving(listener, borrow_eventfd(done));
-                    let _ = stopped_tx.send(());
+                    let next =
+                        refuse_while_serving(listener, borrow_eventfd(done), watched.as_fd());
+                    let _ = stopped_tx.send(next);
                 });
             if let Err(e) = &refuser {
                 log::warn!("vfio-user server: no thread to turn other clients away: {e}");
@@ -1417,12 +1457,18 @@ fn accept_loop(
                 if let Err(e) = done.write(1) {
                     log::error!("vfio-user server: ending the refusing thread: {e}");
                 }
-                if refuser.is_ok() && stopped.recv_timeout(STOP_REFUSING).is_err() {
-                    log::warn!("vfio-user server: the refusing thread did not stop in time");
+                if refuser.is_ok() {
+                    match stopped.recv_timeout(STOP_REFUSING) {
+                        Ok(next) => *handed.borrow_mut() = next,
+                        Err(_) => {
+                            log::warn!("vfio-user server: the refusing thread did not stop in time")
+                        }
+                    }
                 }
             };
             serve_stream(stream, device, options, &mut end)
         });
+        next = handed.into_inner();
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if let Err(e) = r {
             log::warn!("vfio-user server: connection ended with an error: {e}");
