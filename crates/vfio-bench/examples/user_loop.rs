@@ -1,29 +1,81 @@
 //! Runs 4-byte vfio-user REGION_READs of config space in a loop against our
 //! server in a thread (for `strace -f -c` or callgrind): the second argument
-//! is the number of round trips.
+//! is the number of round trips. With a third argument `raw`, alternates
+//! batches of them with a raw socket ping-pong of the same sizes (write and
+//! read of 32 and 36 bytes against an echo thread) and prints the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use vfio_backend::user::UserOptions;
 use vfio_backend::{region, Vfio};
 use vfio_bench::devices::profile;
 use vfio_bench::user::serve_pair;
 
+const REQ: usize = 16 + 16;
+const REPLY: usize = 16 + 16 + 4;
+
 fn main() {
     let n: u64 = std::env::args()
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
+    let raw = std::env::args().nth(2).is_some_and(|a| a == "raw");
     let served = serve_pair(profile("nvme-like").unwrap(), UserOptions::default()).unwrap();
     let mut b = [0u8; 4];
-    let t = std::time::Instant::now();
-    for _ in 0..n {
-        served
-            .client
-            .region_read(region::CONFIG, 0, &mut b)
-            .unwrap();
+    let mut user = |n: u64| {
+        let t = Instant::now();
+        for _ in 0..n {
+            served
+                .client
+                .region_read(region::CONFIG, 0, &mut b)
+                .unwrap();
+        }
+        t.elapsed()
+    };
+    if !raw {
+        let t = user(n);
+        println!(
+            "{:.2} us per round trip",
+            t.as_nanos() as f64 / n as f64 / 1000.0
+        );
+        return;
     }
+    let (mut sock, mut peer) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut req = [0u8; REQ];
+        let reply = [0u8; REPLY];
+        while peer.read_exact(&mut req).is_ok() {
+            if peer.write_all(&reply).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ping = |n: u64| {
+        let req = [0u8; REQ];
+        let mut reply = [0u8; REPLY];
+        let t = Instant::now();
+        for _ in 0..n {
+            sock.write_all(&req).unwrap();
+            sock.read_exact(&mut reply).unwrap();
+        }
+        t.elapsed()
+    };
+    let batch = (n / 20).max(1);
+    let (mut tu, mut tr) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..20 {
+        tu += user(batch);
+        tr += ping(batch);
+    }
+    let per = |t: Duration| t.as_nanos() as f64 / (20 * batch) as f64 / 1000.0;
     println!(
-        "{:.2} us per round trip",
-        t.elapsed().as_nanos() as f64 / n as f64 / 1000.0
+        "round trip {:.2} us, raw ping-pong {:.2} us, ratio {:.3}",
+        per(tu),
+        per(tr),
+        per(tu) / per(tr)
     );
+    drop(sock);
+    echo.join().unwrap();
 }

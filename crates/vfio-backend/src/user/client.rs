@@ -106,7 +106,8 @@ const POOL_BUFFER_MAX: usize = 64 * 1024;
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub struct UserOptions {
-    /// How long a request waits for its reply (and a send may block).
+    /// How long a request waits for its reply once sent (and how long a
+    /// send may block).
     pub timeout: Duration,
     /// How long `DEVICE_RESET` may take.
     pub reset_timeout: Duration,
@@ -413,21 +414,21 @@ impl Shared {
         timeout: Duration,
     ) -> Result<Reply<'_>> {
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
-        let now = Instant::now();
-        let deadline = now
-            .checked_add(timeout)
-            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-            .unwrap_or(now);
-        let (me, header) = {
+        let (me, header, leading) = {
             let mut st = lock(&self.state);
             if let Some(d) = &st.dead {
                 return Err(d.to_error());
             }
+            // Alone (no request in flight, nobody reading): take the reader
+            // role now, which saves a second round on the state lock.
+            let leading = st.callers == 0 && !st.reader_active;
             let mut id = None;
             for _ in 0..=u16::MAX as u32 {
                 let candidate = st.next_id;
                 st.next_id = st.next_id.wrapping_add(1);
-                let busy = st.slots.iter().any(|s| s.in_use && s.id == candidate)
+                // With no request in flight no slot is in use.
+                let busy = (st.callers > 0
+                    && st.slots.iter().any(|s| s.in_use && s.id == candidate))
                     || st.timed_out.contains(&candidate);
                 if !busy {
                     id = Some(candidate);
@@ -460,6 +461,9 @@ impl Shared {
             }
             st.callers += 1;
             st.activity = st.activity.wrapping_add(1);
+            if leading {
+                st.reader_active = true;
+            }
             (
                 Me {
                     idx,
@@ -467,17 +471,23 @@ impl Shared {
                     command: cmd,
                 },
                 header,
+                leading,
             )
         };
         if let Err(e) = self.send(&header, parts, fds) {
-            lock(&self.state).release(me.idx, false);
+            let mut st = lock(&self.state);
+            if leading {
+                st.reader_active = false;
+            }
+            st.release(me.idx, false);
+            drop(st);
             // A message may have been half sent: the stream is unusable.
             self.die(Dead::from_error(&e));
             return Err(e);
         }
         let reply = Reply {
             shared: self,
-            msg: self.wait_reply(me, deadline, timeout)?,
+            msg: self.wait_reply(me, timeout, leading)?,
         };
         if reply.header.is_error() {
             let errno = match reply.header.error {
@@ -492,14 +502,20 @@ impl Shared {
         Ok(reply)
     }
 
-    /// Waits for the reply of `me`: as a follower until its reply is put in
-    /// its slot, or as the reader when the role is free.
-    fn wait_reply(&self, me: Me, deadline: Instant, timeout: Duration) -> Result<Message> {
+    /// Waits at most `timeout` from now for the reply of `me` (just sent):
+    /// as a follower until its reply is put in its slot, or as the reader
+    /// when the role is free. `leading`: the caller holds the reader role.
+    fn wait_reply(&self, me: Me, timeout: Duration, leading: bool) -> Result<Message> {
         let timed_out = || Error::Timeout {
             request: command_name(me.command),
             after: timeout,
         };
-        {
+        let start = Instant::now();
+        let deadline = start
+            .checked_add(timeout)
+            .or_else(|| start.checked_add(Duration::from_secs(365 * 24 * 3600)))
+            .unwrap_or(start);
+        if !leading {
             let mut st = lock(&self.state);
             loop {
                 let Some(slot) = st.slots.get_mut(me.idx) else {
@@ -537,8 +553,9 @@ impl Shared {
                     .unwrap_or_else(|p| p.into_inner().0);
             }
         }
-        // We hold the reader role.
-        let end = self.lead(me, deadline);
+        // We hold the reader role. `start` is recent only when we held it
+        // from the beginning (a follower may have slept since).
+        let end = self.lead(me, deadline, leading.then_some(start));
         let mut st = lock(&self.state);
         st.reader_active = false;
         match end {
@@ -561,7 +578,9 @@ impl Shared {
     /// the deadline passes or the connection dies. Before returning with
     /// the reply, handles every complete message already buffered (nobody
     /// else would notice them: they are no longer in the socket).
-    fn lead(&self, me: Me, deadline: Instant) -> LeadEnd {
+    /// `now`, when given, is a recent reading of the clock, used for the
+    /// first receive instead of reading it again.
+    fn lead(&self, me: Me, deadline: Instant, mut now: Option<Instant>) -> LeadEnd {
         let mut rd = lock(&self.reader);
         let end = loop {
             match self.dispatch_buffered(&mut rd.messages, Some(me)) {
@@ -570,7 +589,7 @@ impl Shared {
                 Err(e) => break LeadEnd::Failed(e),
             }
             let Some(left) = deadline
-                .checked_duration_since(Instant::now())
+                .checked_duration_since(now.take().unwrap_or_else(Instant::now))
                 .filter(|d| !d.is_zero())
             else {
                 break LeadEnd::TimedOut;
