@@ -511,10 +511,16 @@ impl Shared {
             after: timeout,
         };
         let start = Instant::now();
-        let deadline = start
-            .checked_add(timeout)
-            .or_else(|| start.checked_add(Duration::from_secs(365 * 24 * 3600)))
-            .unwrap_or(start);
+        // The deadline, and the time left at `start`.
+        let (deadline, left) = match start.checked_add(timeout) {
+            Some(d) => (d, timeout),
+            None => {
+                let year = Duration::from_secs(365 * 24 * 3600);
+                start
+                    .checked_add(year)
+                    .map_or((start, Duration::ZERO), |d| (d, year))
+            }
+        };
         if !leading {
             let mut st = lock(&self.state);
             loop {
@@ -555,7 +561,7 @@ impl Shared {
         }
         // We hold the reader role. `start` is recent only when we held it
         // from the beginning (a follower may have slept since).
-        let end = self.lead(me, deadline, leading.then_some(start));
+        let end = self.lead(me, deadline, leading.then_some(left));
         let mut st = lock(&self.state);
         st.reader_active = false;
         match end {
@@ -578,9 +584,9 @@ impl Shared {
     /// the deadline passes or the connection dies. Before returning with
     /// the reply, handles every complete message already buffered (nobody
     /// else would notice them: they are no longer in the socket).
-    /// `now`, when given, is a recent reading of the clock, used for the
-    /// first receive instead of reading it again.
-    fn lead(&self, me: Me, deadline: Instant, mut now: Option<Instant>) -> LeadEnd {
+    /// `left`, when given, is the time left until `deadline` measured just
+    /// now, used for the first receive instead of reading the clock again.
+    fn lead(&self, me: Me, deadline: Instant, mut left: Option<Duration>) -> LeadEnd {
         let mut rd = lock(&self.reader);
         let end = loop {
             match self.dispatch_buffered(&mut rd.messages, Some(me)) {
@@ -588,8 +594,9 @@ impl Shared {
                 Ok(None) => {}
                 Err(e) => break LeadEnd::Failed(e),
             }
-            let Some(left) = deadline
-                .checked_duration_since(now.take().unwrap_or_else(Instant::now))
+            let Some(left) = left
+                .take()
+                .or_else(|| deadline.checked_duration_since(Instant::now()))
                 .filter(|d| !d.is_zero())
             else {
                 break LeadEnd::TimedOut;
@@ -624,6 +631,9 @@ impl Shared {
     /// about `left` from now (within 1 ms + 1/32): only when the current
     /// one would overshoot by more, or end before half of it.
     fn arm_receive_timeout(&self, rd: &mut ReaderState, left: Duration) -> Result<()> {
+        if rd.rcvtimeo == Some(left) {
+            return Ok(());
+        }
         let slack = left / 32 + Duration::from_millis(1);
         let fine = rd
             .rcvtimeo
@@ -645,6 +655,9 @@ impl Shared {
         mut me: Option<Me>,
     ) -> Result<Option<Message>> {
         loop {
+            if messages.is_idle() {
+                return Ok(None);
+            }
             let m = match messages.next_message(|| self.take_buf()) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(None),
