@@ -58,6 +58,7 @@
 //! memory) could be truncated by the server too: the client warns, once
 //! per connection, when that file is not sealed against shrinking.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -101,6 +102,14 @@ const IDLE_AFTER: Duration = Duration::from_millis(2);
 /// How many payload buffers we keep for reuse, and the largest we keep.
 const POOL_BUFFERS: usize = 16;
 const POOL_BUFFER_MAX: usize = 64 * 1024;
+/// The largest payload buffer a thread keeps as its own spare.
+const SPARE_BUFFER_MAX: usize = 4096;
+
+thread_local! {
+    /// One small payload buffer per thread, reused without the pool's lock:
+    /// a caller that reads its own reply takes it and gives it back.
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// Options of a vfio-user connection.
 #[derive(Clone, Copy, Debug)]
@@ -378,15 +387,37 @@ impl Shared {
     }
 
     /// A payload buffer (recycled when one is free).
+    /// The calling thread's spare buffer first (no lock), then the pool.
     fn take_buf(&self) -> Vec<u8> {
+        let spare = SPARE.try_with(Cell::take).unwrap_or_default();
+        if spare.capacity() > 0 {
+            return spare;
+        }
         lock(&self.pool).pop().unwrap_or_default()
     }
 
+    /// Keeps `buf` as the calling thread's spare when it has none and `buf`
+    /// is small, else in the pool.
     fn recycle(&self, mut buf: Vec<u8>) {
         if buf.capacity() == 0 || buf.capacity() > POOL_BUFFER_MAX {
             return;
         }
         buf.clear();
+        if buf.capacity() <= SPARE_BUFFER_MAX {
+            let kept = SPARE.try_with(|c| {
+                let old = c.take();
+                if old.capacity() == 0 {
+                    c.set(std::mem::take(&mut buf));
+                    true
+                } else {
+                    c.set(old);
+                    false
+                }
+            });
+            if kept == Ok(true) {
+                return;
+            }
+        }
         let mut pool = lock(&self.pool);
         if pool.len() < POOL_BUFFERS {
             pool.push(buf);
@@ -589,7 +620,12 @@ impl Shared {
     fn lead(&self, me: Me, deadline: Instant, mut left: Option<Duration>) -> LeadEnd {
         let mut rd = lock(&self.reader);
         let end = loop {
-            match self.dispatch_buffered(&mut rd.messages, Some(me)) {
+            let buffered = if rd.messages.is_idle() {
+                Ok(None)
+            } else {
+                self.dispatch_buffered(&mut rd.messages, Some(me))
+            };
+            match buffered {
                 Ok(Some(m)) => break LeadEnd::Mine(m),
                 Ok(None) => {}
                 Err(e) => break LeadEnd::Failed(e),
@@ -616,7 +652,12 @@ impl Shared {
         };
         if let LeadEnd::Mine(_) = end {
             // A failure here poisons the connection, but our reply stands.
-            if let Ok(Some(dup)) = self.dispatch_buffered(&mut rd.messages, Some(me)) {
+            let dup = if rd.messages.is_idle() {
+                Ok(None)
+            } else {
+                self.dispatch_buffered(&mut rd.messages, Some(me))
+            };
+            if let Ok(Some(dup)) = dup {
                 self.die(Dead::Protocol(format!(
                     "reply {} ({}) repeats a reply",
                     dup.header.id,
