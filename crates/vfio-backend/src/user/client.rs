@@ -3,7 +3,8 @@
 //! Requests are answered by a leader/follower receive, with no thread in
 //! between on the fast path: the calling thread sends its command, and when
 //! no other thread is receiving it takes the reader role and reads its own
-//! reply from the socket. While it reads, any reply for another waiting
+//! reply from the socket (a caller alone takes the role as it registers,
+//! in the same lock). While it reads, any reply for another waiting
 //! thread is put in that thread's slot (matched by message id) and the
 //! thread woken; when it has its own reply it hands the reader role to a
 //! waiting thread, if any. Commands from the server (`DMA_READ`,
@@ -11,13 +12,15 @@
 //! caller is active, an idle thread that watches the socket (it never reads
 //! while a caller waits, so it does not take replies off the fast path).
 //! Replies are read through one buffered [`MessageReader`] (usually one
-//! `recvmsg` per reply) and their payloads land in recycled buffers, so a
-//! region access allocates nothing.
+//! `recvmsg` per reply) and their payloads land in recycled buffers (a
+//! thread's own small spare first, without a lock, then a shared pool), so
+//! a region access allocates nothing.
 //!
 //! Failure policy (the connection never hangs a caller):
 //! - an error reply fails that request with [`Error::Refused`] (errno 0 is
 //!   reported as `EIO`); the connection stays usable;
-//! - no reply within the timeout fails that request with [`Error::Timeout`];
+//! - no reply within the timeout (counted from the end of the send) fails
+//!   that request with [`Error::Timeout`];
 //!   a late reply to it is logged and dropped;
 //! - end of stream or a reset connection fails every waiting and later
 //!   request with [`Error::Disconnected`] at once;
