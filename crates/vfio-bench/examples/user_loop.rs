@@ -2,7 +2,10 @@
 //! server in a thread (for `strace -f -c` or callgrind): the second argument
 //! is the number of round trips. With a third argument `raw`, alternates
 //! batches of them with a raw socket ping-pong of the same sizes (write and
-//! read of 32 and 36 bytes against an echo thread) and prints the ratio.
+//! read of 32 and 36 bytes against an echo thread) and prints the ratio;
+//! with `rawmsg`, the raw ping-pong receives with `recvmsg` and room for
+//! descriptors on both ends, as the vfio-user peers do (what the kernel
+//! path alone costs).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::io::{Read, Write};
@@ -22,7 +25,9 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
-    let raw = std::env::args().nth(2).is_some_and(|a| a == "raw");
+    let mode = std::env::args().nth(2).unwrap_or_default();
+    let raw = mode == "raw" || mode == "rawmsg";
+    let with_msg = mode == "rawmsg";
     let served = serve_pair(profile("nvme-like").unwrap(), UserOptions::default()).unwrap();
     let mut b = [0u8; 4];
     let mut user = |n: u64| {
@@ -47,7 +52,7 @@ fn main() {
     let echo = std::thread::spawn(move || {
         let mut req = [0u8; REQ];
         let reply = [0u8; REPLY];
-        while peer.read_exact(&mut req).is_ok() {
+        while read_all(&mut peer, &mut req, with_msg) {
             if peer.write_all(&reply).is_err() {
                 break;
             }
@@ -59,7 +64,7 @@ fn main() {
         let t = Instant::now();
         for _ in 0..n {
             sock.write_all(&req).unwrap();
-            sock.read_exact(&mut reply).unwrap();
+            assert!(read_all(&mut sock, &mut reply, with_msg));
         }
         t.elapsed()
     };
@@ -78,4 +83,40 @@ fn main() {
     );
     drop(sock);
     echo.join().unwrap();
+}
+
+/// Fills `buf` from `sock`: with `read`, or with `recvmsg` offering room
+/// for 8 descriptors. False at end of stream or on an error.
+fn read_all(sock: &mut UnixStream, buf: &mut [u8], with_msg: bool) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        let n = if with_msg {
+            let mut control = [0u64; 8];
+            let mut iov = libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            };
+            // SAFETY: zeroed msghdr is valid; the pointers set below stay
+            // live for the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control);
+            // SAFETY: `msg` points at live buffers of the sizes given.
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) }
+        } else {
+            match sock.read(rest) {
+                Ok(n) => n as isize,
+                Err(_) => -1,
+            }
+        };
+        if n <= 0 {
+            return false;
+        }
+        got += n as usize;
+    }
+    true
 }
