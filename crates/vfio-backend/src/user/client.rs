@@ -3,7 +3,8 @@
 //! Requests are answered by a leader/follower receive, with no thread in
 //! between on the fast path: the calling thread sends its command, and when
 //! no other thread is receiving it takes the reader role and reads its own
-//! reply from the socket. While it reads, any reply for another waiting
+//! reply from the socket (a caller alone takes the role as it registers,
+//! in the same lock). While it reads, any reply for another waiting
 //! thread is put in that thread's slot (matched by message id) and the
 //! thread woken; when it has its own reply it hands the reader role to a
 //! waiting thread, if any. Commands from the server (`DMA_READ`,
@@ -11,13 +12,15 @@
 //! caller is active, an idle thread that watches the socket (it never reads
 //! while a caller waits, so it does not take replies off the fast path).
 //! Replies are read through one buffered [`MessageReader`] (usually one
-//! `recvmsg` per reply) and their payloads land in recycled buffers, so a
-//! region access allocates nothing.
+//! `recvmsg` per reply) and their payloads land in recycled buffers (a
+//! thread's own small spare first, without a lock, then a shared pool), so
+//! a region access allocates nothing.
 //!
 //! Failure policy (the connection never hangs a caller):
 //! - an error reply fails that request with [`Error::Refused`] (errno 0 is
 //!   reported as `EIO`); the connection stays usable;
-//! - no reply within the timeout fails that request with [`Error::Timeout`];
+//! - no reply within the timeout (counted from the end of the send) fails
+//!   that request with [`Error::Timeout`];
 //!   a late reply to it is logged and dropped;
 //! - end of stream or a reset connection fails every waiting and later
 //!   request with [`Error::Disconnected`] at once;
@@ -58,6 +61,7 @@
 //! memory) could be truncated by the server too: the client warns, once
 //! per connection, when that file is not sealed against shrinking.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut, RangeInclusive};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -101,12 +105,21 @@ const IDLE_AFTER: Duration = Duration::from_millis(2);
 /// How many payload buffers we keep for reuse, and the largest we keep.
 const POOL_BUFFERS: usize = 16;
 const POOL_BUFFER_MAX: usize = 64 * 1024;
+/// The largest payload buffer a thread keeps as its own spare.
+const SPARE_BUFFER_MAX: usize = 4096;
+
+thread_local! {
+    /// One small payload buffer per thread, reused without the pool's lock:
+    /// a caller that reads its own reply takes it and gives it back.
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// Options of a vfio-user connection.
 #[derive(Clone, Copy, Debug)]
 #[non_exhaustive]
 pub struct UserOptions {
-    /// How long a request waits for its reply (and a send may block).
+    /// How long a request waits for its reply once sent (and how long a
+    /// send may block).
     pub timeout: Duration,
     /// How long `DEVICE_RESET` may take.
     pub reset_timeout: Duration,
@@ -377,15 +390,37 @@ impl Shared {
     }
 
     /// A payload buffer (recycled when one is free).
+    /// The calling thread's spare buffer first (no lock), then the pool.
     fn take_buf(&self) -> Vec<u8> {
+        let spare = SPARE.try_with(Cell::take).unwrap_or_default();
+        if spare.capacity() > 0 {
+            return spare;
+        }
         lock(&self.pool).pop().unwrap_or_default()
     }
 
+    /// Keeps `buf` as the calling thread's spare when it has none and `buf`
+    /// is small, else in the pool.
     fn recycle(&self, mut buf: Vec<u8>) {
         if buf.capacity() == 0 || buf.capacity() > POOL_BUFFER_MAX {
             return;
         }
         buf.clear();
+        if buf.capacity() <= SPARE_BUFFER_MAX {
+            let kept = SPARE.try_with(|c| {
+                let old = c.take();
+                if old.capacity() == 0 {
+                    c.set(std::mem::take(&mut buf));
+                    true
+                } else {
+                    c.set(old);
+                    false
+                }
+            });
+            if kept == Ok(true) {
+                return;
+            }
+        }
         let mut pool = lock(&self.pool);
         if pool.len() < POOL_BUFFERS {
             pool.push(buf);
@@ -413,21 +448,21 @@ impl Shared {
         timeout: Duration,
     ) -> Result<Reply<'_>> {
         let payload_len: usize = parts.iter().map(|p| p.len()).sum();
-        let now = Instant::now();
-        let deadline = now
-            .checked_add(timeout)
-            .or_else(|| now.checked_add(Duration::from_secs(365 * 24 * 3600)))
-            .unwrap_or(now);
-        let (me, header) = {
+        let (me, header, leading) = {
             let mut st = lock(&self.state);
             if let Some(d) = &st.dead {
                 return Err(d.to_error());
             }
+            // Alone (no request in flight, nobody reading): take the reader
+            // role now, which saves a second round on the state lock.
+            let leading = st.callers == 0 && !st.reader_active;
             let mut id = None;
             for _ in 0..=u16::MAX as u32 {
                 let candidate = st.next_id;
                 st.next_id = st.next_id.wrapping_add(1);
-                let busy = st.slots.iter().any(|s| s.in_use && s.id == candidate)
+                // With no request in flight no slot is in use.
+                let busy = (st.callers > 0
+                    && st.slots.iter().any(|s| s.in_use && s.id == candidate))
                     || st.timed_out.contains(&candidate);
                 if !busy {
                     id = Some(candidate);
@@ -460,6 +495,9 @@ impl Shared {
             }
             st.callers += 1;
             st.activity = st.activity.wrapping_add(1);
+            if leading {
+                st.reader_active = true;
+            }
             (
                 Me {
                     idx,
@@ -467,17 +505,23 @@ impl Shared {
                     command: cmd,
                 },
                 header,
+                leading,
             )
         };
         if let Err(e) = self.send(&header, parts, fds) {
-            lock(&self.state).release(me.idx, false);
+            let mut st = lock(&self.state);
+            if leading {
+                st.reader_active = false;
+            }
+            st.release(me.idx, false);
+            drop(st);
             // A message may have been half sent: the stream is unusable.
             self.die(Dead::from_error(&e));
             return Err(e);
         }
         let reply = Reply {
             shared: self,
-            msg: self.wait_reply(me, deadline, timeout)?,
+            msg: self.wait_reply(me, timeout, leading)?,
         };
         if reply.header.is_error() {
             let errno = match reply.header.error {
@@ -492,14 +536,26 @@ impl Shared {
         Ok(reply)
     }
 
-    /// Waits for the reply of `me`: as a follower until its reply is put in
-    /// its slot, or as the reader when the role is free.
-    fn wait_reply(&self, me: Me, deadline: Instant, timeout: Duration) -> Result<Message> {
+    /// Waits at most `timeout` from now for the reply of `me` (just sent):
+    /// as a follower until its reply is put in its slot, or as the reader
+    /// when the role is free. `leading`: the caller holds the reader role.
+    fn wait_reply(&self, me: Me, timeout: Duration, leading: bool) -> Result<Message> {
         let timed_out = || Error::Timeout {
             request: command_name(me.command),
             after: timeout,
         };
-        {
+        let start = Instant::now();
+        // The deadline, and the time left at `start`.
+        let (deadline, left) = match start.checked_add(timeout) {
+            Some(d) => (d, timeout),
+            None => {
+                let year = Duration::from_secs(365 * 24 * 3600);
+                start
+                    .checked_add(year)
+                    .map_or((start, Duration::ZERO), |d| (d, year))
+            }
+        };
+        if !leading {
             let mut st = lock(&self.state);
             loop {
                 let Some(slot) = st.slots.get_mut(me.idx) else {
@@ -537,8 +593,9 @@ impl Shared {
                     .unwrap_or_else(|p| p.into_inner().0);
             }
         }
-        // We hold the reader role.
-        let end = self.lead(me, deadline);
+        // We hold the reader role. `start` is recent only when we held it
+        // from the beginning (a follower may have slept since).
+        let end = self.lead(me, deadline, leading.then_some(left));
         let mut st = lock(&self.state);
         st.reader_active = false;
         match end {
@@ -561,16 +618,24 @@ impl Shared {
     /// the deadline passes or the connection dies. Before returning with
     /// the reply, handles every complete message already buffered (nobody
     /// else would notice them: they are no longer in the socket).
-    fn lead(&self, me: Me, deadline: Instant) -> LeadEnd {
+    /// `left`, when given, is the time left until `deadline` measured just
+    /// now, used for the first receive instead of reading the clock again.
+    fn lead(&self, me: Me, deadline: Instant, mut left: Option<Duration>) -> LeadEnd {
         let mut rd = lock(&self.reader);
         let end = loop {
-            match self.dispatch_buffered(&mut rd.messages, Some(me)) {
+            let buffered = if rd.messages.is_idle() {
+                Ok(None)
+            } else {
+                self.dispatch_buffered(&mut rd.messages, Some(me))
+            };
+            match buffered {
                 Ok(Some(m)) => break LeadEnd::Mine(m),
                 Ok(None) => {}
                 Err(e) => break LeadEnd::Failed(e),
             }
-            let Some(left) = deadline
-                .checked_duration_since(Instant::now())
+            let Some(left) = left
+                .take()
+                .or_else(|| deadline.checked_duration_since(Instant::now()))
                 .filter(|d| !d.is_zero())
             else {
                 break LeadEnd::TimedOut;
@@ -590,7 +655,12 @@ impl Shared {
         };
         if let LeadEnd::Mine(_) = end {
             // A failure here poisons the connection, but our reply stands.
-            if let Ok(Some(dup)) = self.dispatch_buffered(&mut rd.messages, Some(me)) {
+            let dup = if rd.messages.is_idle() {
+                Ok(None)
+            } else {
+                self.dispatch_buffered(&mut rd.messages, Some(me))
+            };
+            if let Ok(Some(dup)) = dup {
                 self.die(Dead::Protocol(format!(
                     "reply {} ({}) repeats a reply",
                     dup.header.id,
@@ -605,6 +675,9 @@ impl Shared {
     /// about `left` from now (within 1 ms + 1/32): only when the current
     /// one would overshoot by more, or end before half of it.
     fn arm_receive_timeout(&self, rd: &mut ReaderState, left: Duration) -> Result<()> {
+        if rd.rcvtimeo == Some(left) {
+            return Ok(());
+        }
         let slack = left / 32 + Duration::from_millis(1);
         let fine = rd
             .rcvtimeo
@@ -626,6 +699,9 @@ impl Shared {
         mut me: Option<Me>,
     ) -> Result<Option<Message>> {
         loop {
+            if messages.is_idle() {
+                return Ok(None);
+            }
             let m = match messages.next_message(|| self.take_buf()) {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(None),

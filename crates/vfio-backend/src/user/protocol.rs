@@ -226,13 +226,18 @@ impl Header {
 
     /// Decodes the first 16 bytes of `bytes`.
     pub fn decode(bytes: &[u8]) -> Result<Header> {
-        let mut r = Reader::new(bytes, "message header");
+        let Some(b) = bytes.first_chunk::<HEADER_SIZE>() else {
+            // Too short: the reader names what is missing.
+            Reader::new(bytes, "message header").bytes(HEADER_SIZE)?;
+            return Err(Error::Protocol("message header truncated".into()));
+        };
+        let [i0, i1, c0, c1, s0, s1, s2, s3, f0, f1, f2, f3, e0, e1, e2, e3] = *b;
         let h = Header {
-            id: r.u16()?,
-            command: r.u16()?,
-            size: r.u32()?,
-            flags: r.u32()?,
-            error: r.u32()?,
+            id: u16::from_le_bytes([i0, i1]),
+            command: u16::from_le_bytes([c0, c1]),
+            size: u32::from_le_bytes([s0, s1, s2, s3]),
+            flags: u32::from_le_bytes([f0, f1, f2, f3]),
+            error: u32::from_le_bytes([e0, e1, e2, e3]),
         };
         if (h.size as usize) < HEADER_SIZE {
             return Err(Error::Protocol(format!(
