@@ -1185,14 +1185,7 @@ impl<'a> Watch<'a> {
 
 /// Whether the peer of the stream `fd` hung up (closed or shut down its side).
 fn peer_hung_up(fd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one pollfd that lives across the call; a zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+    poll_now(fd, libc::POLLRDHUP) & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
 
 /// Turns away the clients that connect to `listener` until `done` is
@@ -1336,13 +1329,24 @@ pub fn serve(listener: &UnixListener, device: Arc<dyn Vfio>) -> Result<()> {
 
 /// Whether `fd` is readable right now (a signalled eventfd), without waiting.
 fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    poll_now(fd, libc::POLLIN) != 0
+}
+
+/// The events of `events` (and errors or hang-ups) `fd` has right now,
+/// without waiting; 0 when none or when `poll` fails.
+fn poll_now(fd: BorrowedFd<'_>, events: i16) -> i16 {
     let mut p = libc::pollfd {
         fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
+        events,
         revents: 0,
     };
     // SAFETY: one pollfd that lives across the call; a zero timeout.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 && p.revents != 0 }
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    if n == 1 {
+        p.revents
+    } else {
+        0
+    }
 }
 
 /// An eventfd's descriptor, borrowed for as long as the eventfd lives.
