@@ -1076,18 +1076,18 @@ impl Refused {
 /// What the refusing loop watches while a client is served: the listener,
 /// so that other clients are turned away at once rather than left in the
 /// backlog, and an eventfd that says the session is over.
-#[derive(Default)]
 struct Watch<'a> {
-    listener: Option<&'a UnixListener>,
-    stop: Option<BorrowedFd<'a>>,
+    listener: &'a UnixListener,
+    /// Readable once the session is over.
+    stop: BorrowedFd<'a>,
     /// Clients turned away, until their first header came or their time ran out.
     refused: Vec<Refused>,
 }
 
 impl<'a> Watch<'a> {
-    fn new(listener: &'a UnixListener, stop: Option<BorrowedFd<'a>>) -> Watch<'a> {
+    fn new(listener: &'a UnixListener, stop: BorrowedFd<'a>) -> Watch<'a> {
         Watch {
-            listener: Some(listener),
+            listener,
             stop,
             refused: Vec::with_capacity(MAX_REFUSED),
         }
@@ -1103,10 +1103,7 @@ impl<'a> Watch<'a> {
         };
         // A negative fd is ignored by poll.
         let mut pfds = [pollfd(-1); 2 + MAX_REFUSED];
-        let fixed = [
-            self.stop.map_or(-1, |f| f.as_raw_fd()),
-            self.listener.map_or(-1, |l| l.as_raw_fd()),
-        ];
+        let fixed = [self.stop.as_raw_fd(), self.listener.as_raw_fd()];
         let refused = self.refused.iter().map(|r| r.stream.as_raw_fd());
         for (p, fd) in pfds.iter_mut().zip(fixed.into_iter().chain(refused)) {
             p.fd = fd;
@@ -1157,7 +1154,7 @@ impl<'a> Watch<'a> {
     /// is answered with `EBUSY` if its header comes within [`REFUSE_WAIT`];
     /// then, or past that, it is closed.
     fn refuse_others(&mut self, served_gone: &dyn Fn() -> bool) -> Option<UnixStream> {
-        let listener = self.listener?;
+        let listener = self.listener;
         // The listener is non-blocking (see `accept_loop`).
         while let Ok((other, _)) = listener.accept() {
             // The client being served hung up already (the session is ending): this one
@@ -1198,7 +1195,7 @@ fn refuse_while_serving(
     done: BorrowedFd<'_>,
     served: BorrowedFd<'_>,
 ) -> Option<UnixStream> {
-    let mut watch = Watch::new(listener, Some(done));
+    let mut watch = Watch::new(listener, done);
     loop {
         match watch.wait(-1) {
             Ok(Woken::Stop) => return None,
