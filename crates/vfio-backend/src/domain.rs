@@ -109,6 +109,44 @@ pub trait IommuDomain: Send + Sync {
     /// excludes the reserved regions of every attached device), so read
     /// them again after attaching one.
     fn iova_ranges(&self) -> Result<Vec<RangeInclusive<u64>>>;
+
+    /// The page sizes dirty tracking of this domain can report at, as a
+    /// bitmap of sizes (bit `n` set: `1 << n` bytes); the type1
+    /// `VFIO_IOMMU_DIRTY_PAGES` page sizes, or the iommufd domain's. The
+    /// default fails with [`Error::Unsupported`]: the domain cannot track
+    /// the pages its devices write.
+    fn dirty_page_sizes(&self) -> Result<u64> {
+        Err(Error::Unsupported(
+            "dirty tracking in this IOMMU domain".into(),
+        ))
+    }
+
+    /// Starts tracking the pages the domain's devices write through its
+    /// mappings.
+    fn dirty_tracking_start(&self) -> Result<()> {
+        Err(Error::Unsupported(
+            "dirty tracking in this IOMMU domain".into(),
+        ))
+    }
+
+    /// Stops tracking.
+    fn dirty_tracking_stop(&self) -> Result<()> {
+        Err(Error::Unsupported(
+            "dirty tracking in this IOMMU domain".into(),
+        ))
+    }
+
+    /// Fills `bitmap` with the pages of `iova .. iova + size` written since
+    /// tracking started or since the last report of them, and clears them.
+    /// One bit per `page_size` page (one of [`IommuDomain::dirty_page_sizes`]),
+    /// the lowest bit of word 0 for the page at `iova`; `bitmap` holds at
+    /// least [`crate::migration::bitmap_words`]`(size, page_size)` words.
+    fn dirty_bitmap(&self, iova: u64, size: u64, page_size: u64, bitmap: &mut [u64]) -> Result<()> {
+        let _ = (iova, size, page_size, bitmap);
+        Err(Error::Unsupported(
+            "dirty tracking in this IOMMU domain".into(),
+        ))
+    }
 }
 
 impl std::fmt::Debug for dyn IommuDomain {

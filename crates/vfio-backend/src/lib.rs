@@ -18,6 +18,7 @@ mod error;
 pub mod eventfd;
 pub mod kernel;
 mod mapping;
+pub mod migration;
 #[cfg(feature = "vfio-user")]
 #[cfg_attr(docsrs, doc(cfg(feature = "vfio-user")))]
 pub mod user;
@@ -25,6 +26,7 @@ pub mod user;
 pub use domain::{DomainId, IommuDomain};
 pub use error::{Error, Result};
 pub use mapping::Mapping;
+pub use migration::{DirtyRange, MigState, MigrationFlags, MigrationStream, PrecopyInfo};
 
 /// Region indices of a VFIO PCI device (`VFIO_PCI_*_REGION_INDEX`).
 pub mod region {
@@ -420,6 +422,68 @@ pub trait Vfio: Send + Sync {
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
         let _ = index;
         None
+    }
+
+    /// Whether the device can migrate its own state, and how
+    /// (`VFIO_DEVICE_FEATURE_MIGRATION`, probed). `None` (the default): it
+    /// cannot, and the other migration methods fail with
+    /// [`Error::Unsupported`].
+    fn migration_flags(&self) -> Result<Option<MigrationFlags>> {
+        Ok(None)
+    }
+
+    /// The device's migration state (`VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`,
+    /// get).
+    fn mig_state(&self) -> Result<MigState> {
+        Err(Error::Unsupported("migration".into()))
+    }
+
+    /// Moves the device to `state` (`VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`,
+    /// set). The backend takes the arcs a transition between two states
+    /// that are not adjacent needs, as the kernel does. When the new state
+    /// opens a data stream (STOP_COPY from STOP, PRE_COPY, PRE_COPY_P2P,
+    /// RESUMING) it is returned; `None` otherwise, including PRE_COPY ->
+    /// STOP_COPY, where the pre-copy stream goes on. On failure the device
+    /// is in the state [`Vfio::mig_state`] reports (possibly
+    /// [`MigState::Error`]).
+    fn set_mig_state(&self, state: MigState) -> Result<Option<Box<dyn MigrationStream>>> {
+        let _ = state;
+        Err(Error::Unsupported("migration".into()))
+    }
+
+    /// The device's estimate of the bytes STOP_COPY will stream
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`).
+    fn mig_data_size(&self) -> Result<u64> {
+        Err(Error::Unsupported("migration".into()))
+    }
+
+    /// Starts the device's own logging of the pages its DMA writes in
+    /// `ranges`, at `page_size` granularity
+    /// (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`).
+    fn dma_logging_start(&self, page_size: u64, ranges: &[DirtyRange]) -> Result<()> {
+        let _ = (page_size, ranges);
+        Err(Error::Unsupported("device DMA logging".into()))
+    }
+
+    /// Stops the device's DMA logging (`VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`).
+    fn dma_logging_stop(&self) -> Result<()> {
+        Err(Error::Unsupported("device DMA logging".into()))
+    }
+
+    /// Fills `bitmap` with the pages of `iova .. iova + length` the device
+    /// wrote since logging started or the last report of them, and clears
+    /// them (`VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT`). One bit per
+    /// `page_size` page; `bitmap` holds at least
+    /// [`migration::bitmap_words`]`(length, page_size)` words.
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<()> {
+        let _ = (iova, length, page_size, bitmap);
+        Err(Error::Unsupported("device DMA logging".into()))
     }
 }
 
