@@ -6,13 +6,14 @@
 //!
 //! The parts that need no KVM are modules of their own and tested on any host: the command
 //! line ([`args`]), the PCI bus with its host bridge, configuration mechanism #1 and the BAR
-//! map ([`pci`]), the MP table ([`mptable`]) and the address map and e820 ([`layout`]).
+//! map ([`pci`]), the CMOS clock ([`rtc`]), the MP table ([`mptable`]) and the address map and e820 ([`layout`]).
 
 pub mod args;
 pub mod error;
 pub mod layout;
 pub mod mptable;
 pub mod pci;
+pub mod rtc;
 
 #[cfg(target_arch = "x86_64")]
 pub mod boot;

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     } else {
         log::LevelFilter::Warn
     });
-    let vmm = match Vmm::new(&config) {
+    let vmm = match Vmm::new(&config, started) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("vmm: error: {e}");

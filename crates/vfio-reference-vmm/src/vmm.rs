@@ -41,6 +41,7 @@ use crate::args::{Config, DeviceArg};
 use crate::error::{Error, Result};
 use crate::layout::*;
 use crate::pci::{intx_pin, msi_gsis, PciBus};
+use crate::rtc::{self, Cmos};
 use crate::{boot, mptable};
 
 /// The 16550 UART (COM1).
@@ -83,6 +84,7 @@ impl Trigger for IrqTrigger {
 /// BARs' trapped ranges), and the ports that end the machine.
 pub struct Bus {
     pci: RwLock<PciBus>,
+    cmos: Mutex<Cmos>,
     serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, std::io::Stdout>>,
 }
 
@@ -120,6 +122,14 @@ impl Bus {
             self.pci_read().pio_read(port, data);
             return;
         }
+        if port == rtc::INDEX_PORT || port == rtc::DATA_PORT {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            data.fill(lock(&self.cmos).read(port, now));
+            return;
+        }
         if port == I8042_COMMAND_PORT {
             // A controller with its output buffer always full and its input buffer empty:
             // Linux's i8042 probe flushes 16 bytes and gives up ("No controller found") at
@@ -154,6 +164,10 @@ impl Bus {
                 ))
             }
             I8042_COMMAND_PORT => return None,
+            rtc::INDEX_PORT | rtc::DATA_PORT => {
+                lock(&self.cmos).write(port, first);
+                return None;
+            }
             RESET_CONTROL_PORT if data.len() == 1 && first & 0x4 != 0 => {
                 return Some(Stop::Reset(format!(
                     "reset control register 0xCF9 written {first:#x}"
@@ -296,7 +310,7 @@ impl std::fmt::Debug for Vmm {
 
 impl Vmm {
     /// Builds the machine `config` describes.
-    pub fn new(config: &Config) -> Result<Self> {
+    pub fn new(config: &Config, started: Instant) -> Result<Self> {
         let mem_size = config.memory_mib << 20;
         let kvm = Kvm::new().map_err(kvm_err("open /dev/kvm"))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
@@ -385,6 +399,7 @@ impl Vmm {
             let interrupts = KvmInterruptManager::new(routing.clone(), msi_gsis(slot))
                 .map_err(dev_err)?
                 .with_intx(IntxLine::ioapic(u32::from(pin), u32::from(pin)));
+            let attach_start = Instant::now();
             let builder = match arg {
                 DeviceArg::Host(path) => DeviceBuilder::sysfs(path),
                 DeviceArg::User(path) => DeviceBuilder::vfio_user(path),
@@ -421,6 +436,10 @@ impl Vmm {
                 ids & 0xffff,
                 ids >> 16
             );
+            log::debug!(
+                "00:{bdf:02x}.0 attached in {} ms",
+                attach_start.elapsed().as_millis()
+            );
             for b in device.bars() {
                 log::debug!(
                     "00:{bdf:02x}.0 {}: {:#x}+{:#x}, {} bytes trapped, mapped {:x?}",
@@ -437,6 +456,10 @@ impl Vmm {
             });
         }
 
+        log::debug!(
+            "devices attached {} ms after start",
+            started.elapsed().as_millis()
+        );
         // The guest's software and tables.
         let loaded = boot::load_kernel(&mem, &config.kernel)?;
         let cmdline_len = boot::load_command_line(&mem, &config.cmdline, &loaded)?;
@@ -488,6 +511,7 @@ impl Vmm {
             vcpus,
             bus: Arc::new(Bus {
                 pci: RwLock::new(pci),
+                cmos: Mutex::new(Cmos::default()),
                 serial: Mutex::new(serial),
             }),
             _mem: mem,
@@ -598,12 +622,15 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> Stop {
     }
 }
 
-/// The per-vCPU CPUID fix-ups: the APIC id in leaves 1, 0xB, 0x1F and 0x8000001E, and the
+/// The per-vCPU CPUID fix-ups: the hypervisor bit, the APIC id in leaves 1, 0xB, 0x1F and 0x8000001E, and the
 /// logical processor count in leaf 1.
 fn fix_cpuid(cpuid: &mut CpuId, id: u8, cpus: u8) {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
+                // A hypervisor is present: Linux then looks for KVM's leaves (kvmclock,
+                // paravirtual EOI, ...) instead of calibrating against absent timers.
+                e.ecx |= 1 << 31;
                 e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(id) << 24) | (u32::from(cpus) << 16);
                 if cpus > 1 {
                     e.edx |= 1 << 28; // HTT: the count above is meaningful
