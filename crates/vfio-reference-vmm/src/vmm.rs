@@ -139,7 +139,7 @@ impl Bus {
         }
         let found = self.pci_read().lookup(AddressSpace::Io, u64::from(port));
         match found {
-            Some((dev, bar, offset)) => dev.read_bar(bar, offset, data),
+            Some(r) => r.device.read_bar(r.bar, r.offset, data),
             None => {
                 log::trace!("read of unclaimed port {port:#x}");
                 data.fill(0xff);
@@ -189,12 +189,16 @@ impl Bus {
         }
         let found = self.pci_read().lookup(AddressSpace::Io, u64::from(port));
         match found {
-            Some((dev, bar, offset)) => dev.write_bar(bar, offset, data).err().map(|source| {
-                Stop::Failed(Error::DeviceRun {
-                    slot: 0,
-                    source: Box::new(source),
-                })
-            }),
+            Some(r) => r
+                .device
+                .write_bar(r.bar, r.offset, data)
+                .err()
+                .map(|source| {
+                    Stop::Failed(Error::DeviceRun {
+                        slot: r.slot,
+                        source: Box::new(source),
+                    })
+                }),
             None => {
                 log::trace!("write of unclaimed port {port:#x}");
                 None
@@ -206,7 +210,7 @@ impl Bus {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         let found = self.pci_read().lookup(AddressSpace::Memory, addr);
         match found {
-            Some((dev, bar, offset)) => dev.read_bar(bar, offset, data),
+            Some(r) => r.device.read_bar(r.bar, r.offset, data),
             None => {
                 log::debug!("read of unclaimed address {addr:#x}");
                 data.fill(0xff);
@@ -218,12 +222,16 @@ impl Bus {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<Stop> {
         let found = self.pci_read().lookup(AddressSpace::Memory, addr);
         match found {
-            Some((dev, bar, offset)) => dev.write_bar(bar, offset, data).err().map(|source| {
-                Stop::Failed(Error::DeviceRun {
-                    slot: 0,
-                    source: Box::new(source),
-                })
-            }),
+            Some(r) => r
+                .device
+                .write_bar(r.bar, r.offset, data)
+                .err()
+                .map(|source| {
+                    Stop::Failed(Error::DeviceRun {
+                        slot: r.slot,
+                        source: Box::new(source),
+                    })
+                }),
             None => {
                 log::debug!("write of unclaimed address {addr:#x}");
                 None
