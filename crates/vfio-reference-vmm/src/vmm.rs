@@ -401,6 +401,19 @@ impl Vmm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
+            // Transparent huge pages where the host allows them for shared memory
+            // (/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise): fewer faults
+            // when the RAM is pinned for DMA and 2 MiB nested page table entries. Advice only.
+            // SAFETY: madvise on a live mapping of `region.len()` bytes that `mem` owns; the
+            // advice changes no contents.
+            let advised =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+            if advised != 0 {
+                log::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
             // SAFETY: the region is a live mapping owned by `mem`, which the Vmm keeps for
             // as long as the VM exists.
             unsafe { vm.set_user_memory_region(r) }
