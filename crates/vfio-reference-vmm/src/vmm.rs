@@ -119,7 +119,26 @@ pub struct Bus {
     pub stats: ExitStats,
     pci: RwLock<PciBus>,
     cmos: Mutex<Cmos>,
-    serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, std::io::Stdout>>,
+    serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, Console>>,
+}
+
+/// Where the guest's serial output goes (the VMM's stdout).
+pub type Console = Box<dyn Write + Send>;
+
+/// The VMM's stdout as the serial port's output: written a line at a time. The 16550 model
+/// flushes after every byte, which would be a `write(2)` per byte; this leaves flushing to
+/// stdout's line buffering (and to the VMM's exit, which flushes what is left).
+#[derive(Debug)]
+pub struct LineConsole(pub std::io::Stdout);
+
+impl Write for LineConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -133,6 +152,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Bus {
+    /// A bus with `pci`, the serial port writing to `console` and raising its interrupt by
+    /// writing `serial_irq` (an eventfd the VMM registers as an irqfd on GSI 4).
+    pub fn new(pci: PciBus, serial_irq: EventFd, console: Console) -> Self {
+        Bus {
+            stats: ExitStats::default(),
+            pci: RwLock::new(pci),
+            cmos: Mutex::new(Cmos::default()),
+            serial: Mutex::new(Serial::new(IrqTrigger(serial_irq), console)),
+        }
+    }
+
     fn pci_read(&self) -> std::sync::RwLockReadGuard<'_, PciBus> {
         self.pci
             .read()
@@ -448,10 +478,10 @@ impl Vmm {
         })?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial_trigger = IrqTrigger(serial_irq.try_clone().map_err(|source| Error::Os {
+        let serial_trigger = serial_irq.try_clone().map_err(|source| Error::Os {
             op: "eventfd clone (serial IRQ)",
             source,
-        })?);
+        })?;
 
         // What every device shares: the mapper, the BAR windows, guest RAM for DMA.
         let mapper = Arc::new(
@@ -581,16 +611,14 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
-        let serial = Serial::new(serial_trigger, std::io::stdout());
         Ok(Vmm {
             vm,
             vcpus,
-            bus: Arc::new(Bus {
-                stats: ExitStats::default(),
-                pci: RwLock::new(pci),
-                cmos: Mutex::new(Cmos::default()),
-                serial: Mutex::new(serial),
-            }),
+            bus: Arc::new(Bus::new(
+                pci,
+                serial_trigger,
+                Box::new(LineConsole(std::io::stdout())),
+            )),
             _mem: mem,
             _routing: routing,
             _serial_irq: serial_irq,
