@@ -20,6 +20,7 @@ use vfio_pci::{
 use vm_memory::GuestMemoryBackend;
 
 use crate::error::{Error, Result};
+use crate::host_iommu::HostIommu;
 
 /// How the kernel backend reaches a host device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,13 +92,21 @@ type AddMemory = Box<dyn FnOnce(&GuestDma) -> vfio_pci::Result<usize>>;
 /// The interrupt manager and the BAR allocator are required. Without a
 /// [`mapper`](Self::mapper), every BAR access traps ([`TrapAllMapper`]).
 ///
+/// Host devices of one VMM belong in one IOMMU domain: make one
+/// [`HostIommu`] and build each of them with [`host`](Self::host) (or
+/// [`host_iommu`](Self::host_iommu)). Without it, [`sysfs`](Self::sysfs)
+/// gives each device a container (or IOAS) of its own, where guest RAM is
+/// pinned and mapped once more.
+///
 /// DMA: guest RAM lives in a [`GuestDma`], the VMM's one record of its RAM
 /// and of the IOMMU domains of its devices. Devices that share an IOMMU
-/// domain (a [`KernelContainer`] given to [`sysfs_in`](Self::sysfs_in), an
-/// iommufd IOAS) must share the `GuestDma` too ([`guest_dma`](Self::guest_dma)):
-/// guest RAM is then mapped into the domain once, when its first device is
-/// built, and stays mapped until its last device is dropped, whichever
-/// device goes first. Without one, the device gets a `GuestDma` of its own.
+/// domain must share the `GuestDma` too: a [`HostIommu`] carries it and
+/// the builder uses it (and refuses another given with
+/// [`guest_dma`](Self::guest_dma)); for [`sysfs_in`](Self::sysfs_in) and
+/// [`vfio`](Self::vfio) the caller passes it. Guest RAM is then mapped
+/// into the domain once, when its first device is built, and stays mapped
+/// until its last device is dropped, whichever device goes first. Without
+/// one, the device gets a `GuestDma` of its own.
 #[must_use = "a builder does nothing until build() is called"]
 pub struct DeviceBuilder {
     source: Source,
@@ -105,6 +114,7 @@ pub struct DeviceBuilder {
     mapper: Option<Arc<dyn GuestMapper>>,
     allocator: Option<Arc<Mutex<BarAllocator>>>,
     dma: Option<Arc<GuestDma>>,
+    host: Option<Arc<HostIommu>>,
     options: DeviceOptions,
     memory: Option<AddMemory>,
 }
@@ -117,6 +127,7 @@ impl std::fmt::Debug for DeviceBuilder {
             .field("mapper", &self.mapper.is_some())
             .field("allocator", &self.allocator.is_some())
             .field("guest_dma", &self.dma)
+            .field("host_iommu", &self.host.as_ref().map(|h| h.mode()))
             .field("options", &self.options)
             .field("guest_memory", &self.memory.is_some())
             .finish()
@@ -131,6 +142,7 @@ impl DeviceBuilder {
             mapper: None,
             allocator: None,
             dma: None,
+            host: None,
             options: DeviceOptions::default(),
             memory: None,
         }
@@ -163,12 +175,37 @@ impl DeviceBuilder {
     /// the same [`guest_dma`](Self::guest_dma), so that guest RAM is
     /// DMA-mapped once for all of them and stays mapped while any of them
     /// is attached.
+    ///
+    /// Prefer [`host`](Self::host) with a [`HostIommu`] (made with
+    /// [`HostIommu::from_container`] to keep a container of your own): it
+    /// carries the `GuestDma`, so a device cannot be given another one, and
+    /// it serves iommufd too.
     pub fn sysfs_in(container: Arc<KernelContainer>, path: impl Into<PathBuf>) -> Self {
         Self::with_source(Source::Sysfs {
             path: path.into(),
             container: Some(container),
             mode: KernelMode::Legacy,
         })
+    }
+
+    /// A host PCI function bound to `vfio-pci`, by its sysfs path, in the
+    /// VMM's host IOMMU context (its one container or IOAS, shared with its
+    /// other host devices; guest RAM mapped there once): short for
+    /// `DeviceBuilder::sysfs(path).host_iommu(host)`.
+    pub fn host(host: &Arc<HostIommu>, path: impl Into<PathBuf>) -> Self {
+        Self::sysfs(path).host_iommu(host)
+    }
+
+    /// Opens the host device in `host`, the VMM's host IOMMU context, and
+    /// uses its [`GuestDma`]. Only for devices named by a sysfs path
+    /// ([`sysfs`](Self::sysfs) or [`sysfs_with_mode`](Self::sysfs_with_mode));
+    /// [`build`](Self::build) refuses it, before opening anything, with
+    /// [`Error::HostIommuConflict`] for another source, a container given
+    /// with [`sysfs_in`](Self::sysfs_in), a mode other than the context's,
+    /// or another `GuestDma`.
+    pub fn host_iommu(mut self, host: &Arc<HostIommu>) -> Self {
+        self.host = Some(host.clone());
+        self
     }
 
     /// A device served by a vfio-user server listening at `path`.
@@ -301,7 +338,10 @@ impl DeviceBuilder {
         if self.memory.is_some() && self.options.dma_mode == DmaMode::External {
             return Err(Error::GuestMemoryInExternalMode { what });
         }
-        let dma = self.dma.unwrap_or_default();
+        let dma = match &self.host {
+            Some(host) => check_host_iommu(host, &self.source, self.dma.as_ref(), &what)?,
+            None => self.dma.unwrap_or_default(),
+        };
         if let Some(add) = self.memory {
             let regions = add(&dma).map_err(|source| Error::MapGuestMemory {
                 what: what.clone(),
@@ -309,7 +349,10 @@ impl DeviceBuilder {
             })?;
             log::debug!("{what}: {regions} new guest RAM regions registered for DMA");
         }
-        let (vfio, backend) = open(self.source)?;
+        let (vfio, backend) = match &self.host {
+            Some(host) => open_in_host(host, self.source)?,
+            None => open(self.source)?,
+        };
         let device = VfioPciDevice::new(
             vfio,
             DeviceResources {
@@ -332,7 +375,66 @@ impl DeviceBuilder {
     }
 }
 
-fn sysfs_hint(path: &Path) -> String {
+/// Checks a builder given a [`HostIommu`] before anything is opened: a
+/// kernel device by sysfs path, in no container of its own, in a mode the
+/// context accepts, with the context's [`GuestDma`] or none. Returns that
+/// `GuestDma`.
+fn check_host_iommu(
+    host: &Arc<HostIommu>,
+    source: &Source,
+    dma: Option<&Arc<GuestDma>>,
+    what: &str,
+) -> Result<Arc<GuestDma>> {
+    let conflict = |reason: &str| Error::HostIommuConflict {
+        what: what.to_owned(),
+        reason: reason.to_owned(),
+    };
+    match source {
+        Source::Sysfs {
+            container: Some(_), ..
+        } => {
+            return Err(conflict(
+                "it was given both a container (sysfs_in) and a host IOMMU context; give the \
+                 container to HostIommu::from_container instead",
+            ))
+        }
+        Source::Sysfs { mode, .. } => host.check_mode(*mode, what)?,
+        _ => {
+            return Err(conflict(
+                "a host IOMMU context holds host devices named by their sysfs path; this \
+                 device's IOMMU domain is its own backend's",
+            ))
+        }
+    }
+    match dma {
+        Some(d) if !Arc::ptr_eq(d, host.guest_dma()) => Err(conflict(
+            "it was given a GuestDma other than its host IOMMU context's: devices of one \
+             IOMMU domain must share one, or guest RAM is mapped there twice and unmapped \
+             when either device goes",
+        )),
+        _ => Ok(host.guest_dma().clone()),
+    }
+}
+
+/// Opens a kernel device (checked by [`check_host_iommu`]) in `host`.
+fn open_in_host(host: &HostIommu, source: Source) -> Result<(Arc<dyn Vfio>, DeviceBackend)> {
+    match source {
+        Source::Sysfs {
+            path,
+            container: None,
+            mode,
+        } => {
+            let dev = Arc::new(host.open_device(&path, mode)?);
+            Ok((dev.clone(), DeviceBackend::Kernel(dev)))
+        }
+        other => Err(Error::HostIommuConflict {
+            what: other.describe(),
+            reason: "not a host device by sysfs path".to_owned(),
+        }),
+    }
+}
+
+pub(crate) fn sysfs_hint(path: &Path) -> String {
     format!(
         "check that {} exists, that the device is bound to vfio-pci (driver_override), that its \
          IOMMU group is viable (every device of the group bound to vfio-pci or unbound), and that \
@@ -342,7 +444,7 @@ fn sysfs_hint(path: &Path) -> String {
 }
 
 /// What [`KernelMode::Auto`] means on this host for the device at `path`.
-fn resolve_mode(mode: KernelMode, path: &Path) -> KernelMode {
+pub(crate) fn resolve_mode(mode: KernelMode, path: &Path) -> KernelMode {
     match mode {
         KernelMode::Auto if cfg!(feature = "iommufd") && iommufd_offered(path) => {
             KernelMode::Iommufd

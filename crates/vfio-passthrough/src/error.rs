@@ -106,6 +106,18 @@ pub enum Error {
         #[source]
         source: vfio_pci::Error,
     },
+    /// A device builder given a [`HostIommu`](crate::HostIommu) cannot use
+    /// it as asked: not a host device by sysfs path, a container of its
+    /// own, a mode other than the context's (one context holds one kind of
+    /// IOMMU domain), or a `GuestDma` other than the context's. Refused
+    /// before anything is opened.
+    #[error("{what} cannot join its host IOMMU context: {reason}")]
+    HostIommuConflict {
+        /// The device.
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// Guest RAM was given for a device in external DMA mode: the VMM maps
     /// IOVAs itself (a vIOMMU), so that RAM would never be mapped for it.
     #[error(
@@ -135,7 +147,9 @@ impl Error {
                 source: vfio_backend::Error::NotAvailable { source, .. },
                 ..
             } => source.kind(),
-            Self::GuestMemoryInExternalMode { .. } => ErrorKind::InvalidInput,
+            Self::GuestMemoryInExternalMode { .. } | Self::HostIommuConflict { .. } => {
+                ErrorKind::InvalidInput
+            }
             Self::OpenDevice { .. } | Self::AttachDevice { .. } | Self::MapGuestMemory { .. } => {
                 self.errno().map_or(ErrorKind::Other, |e| {
                     std::io::Error::from_raw_os_error(e).kind()

@@ -4,12 +4,14 @@
 
 mod builder;
 mod error;
+mod host_iommu;
 #[cfg(feature = "kvm")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kvm")))]
 pub mod kvm;
 
 pub use builder::{DeviceBackend, DeviceBuilder, KernelMode, PassthroughDevice};
 pub use error::{Error, Result};
+pub use host_iommu::{HostDomain, HostIommu};
 pub use pci_bar_alloc;
 pub use pci_config;
 pub use pci_interrupts;
