@@ -8,13 +8,15 @@
 //!    serial port's irqfd on GSI 4.
 //! 3. The devices: one [`KvmInterruptManager`] per device (its MSI GSI block and its INTx
 //!    IOAPIC pin), one [`KvmGuestMapper`], one BAR allocator and one [`GuestDma`] for all,
-//!    built with [`DeviceBuilder`]; host devices' VFIO files go to the KVM-VFIO device.
+//!    built with [`DeviceBuilder`]; host devices in one [`HostIommu`] (one container or one
+//!    IOAS for the VM, guest RAM mapped there once), their VFIO files given to the KVM-VFIO
+//!    device once each.
 //! 4. The kernel, initrd, command line, boot_params, page tables, GDT and MP table.
 //! 5. One thread per vCPU; exits go to [`Bus`]. The first vCPU that stops the machine
 //!    (debug-exit port, reset, error) tells the main thread, which ends the process.
 
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,7 +32,7 @@ use vfio_passthrough::kvm::{
 };
 use vfio_passthrough::pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use vfio_passthrough::vfio_pci::{AddressSpace, GuestDma, GuestMapper, VfioPciDevice};
-use vfio_passthrough::{DeviceBuilder, PassthroughDevice};
+use vfio_passthrough::{DeviceBuilder, HostIommu, KernelMode, PassthroughDevice};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -389,6 +391,7 @@ pub struct Vmm {
     _routing: Arc<GsiRouting>,
     _serial_irq: EventFd,
     _kvm_vfio: Option<KvmVfioDevice>,
+    _host_iommu: Arc<HostIommu>,
     _mapper: Arc<KvmGuestMapper>,
 }
 
@@ -499,6 +502,10 @@ impl Vmm {
         let dma = GuestDma::new();
         dma.add_memory(&mem)
             .map_err(|e| Error::Memory(format!("registering guest RAM for DMA: {e}")))?;
+        // One host IOMMU context for the VM: every host device goes into one legacy container
+        // or one iommufd IOAS (the first device picks which), where guest RAM is pinned and
+        // mapped once. Nothing is opened until a host device is.
+        let host_iommu = HostIommu::with_guest_dma(KernelMode::Auto, dma.clone());
 
         let mut pci = PciBus::new();
         let mut kvm_vfio: Option<KvmVfioDevice> = None;
@@ -516,7 +523,7 @@ impl Vmm {
                 .with_intx(IntxLine::ioapic(u32::from(pin), u32::from(pin)));
             let attach_start = Instant::now();
             let builder = match arg {
-                DeviceArg::Host(path) => DeviceBuilder::sysfs(path),
+                DeviceArg::Host(path) => DeviceBuilder::host(&host_iommu, path),
                 DeviceArg::User(path) => DeviceBuilder::vfio_user(path),
             };
             let device: PassthroughDevice = builder
@@ -531,12 +538,9 @@ impl Vmm {
                     kvm_vfio = Some(KvmVfioDevice::new(&vm).map_err(dev_err)?);
                 }
                 if let Some(kv) = &kvm_vfio {
-                    // The group file (container/group), else the device's cdev (iommufd).
-                    let added = match k.group() {
-                        Some(g) => kv.add_file(g.as_fd()),
-                        None => kv.add_file(k.as_fd()),
-                    };
-                    if let Err(e) = added {
+                    // The group file (legacy; once for all the devices of a group), else the
+                    // device's cdev (iommufd).
+                    if let Err(e) = kv.add_device(k) {
                         log::warn!("{what}: not known to the KVM-VFIO device: {e}");
                     }
                 }
@@ -571,6 +575,12 @@ impl Vmm {
             });
         }
 
+        if let Some(mode) = host_iommu.mode() {
+            eprintln!(
+                "vmm: host IOMMU: {mode}, {} host devices in one domain",
+                host_iommu.device_count()
+            );
+        }
         log::debug!(
             "devices attached {} ms after start",
             started.elapsed().as_millis()
@@ -623,6 +633,7 @@ impl Vmm {
             _routing: routing,
             _serial_irq: serial_irq,
             _kvm_vfio: kvm_vfio,
+            _host_iommu: host_iommu,
             _mapper: mapper,
         })
     }
