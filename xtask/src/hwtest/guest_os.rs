@@ -15,7 +15,7 @@
 use super::host::{output, tool};
 use super::initramfs::{add_modules, gzip, inputs_file_stamp, Cpio, Member};
 use super::kernel::{module_plan, Kernel};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -26,8 +26,14 @@ pub const L2_DIR: &str = "l2";
 const L2_MODULES: &[&str] = &["nvme"];
 /// The firmware QEMU loads for `-machine q35 -kernel` (its `-L` directory in L1).
 const QEMU_FIRMWARE: &[&str] = &["bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin"];
-/// Where QEMU's firmware is on the host and in L1.
+/// Where QEMU's firmware goes in L1 (QEMU is run with `-L` there).
 const QEMU_DATA: &str = "/usr/share/qemu";
+/// Where Debian's QEMU finds its firmware on the host, in its search order.
+const FIRMWARE_DIRS: &[&str] = &[
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe/qemu",
+];
 /// The module L1 loads for KVM (its dependencies irqbypass, kvm and ccp come along).
 pub const KVM_MODULE: &str = "kvm_amd";
 
@@ -50,12 +56,15 @@ up() { cut -d' ' -f1 /proc/uptime; }
 rd() { od -An -tu$3 -j$2 -N$3 "$1" | tr -d ' '; }
 # wr FILE OFFSET BYTES VALUE: write VALUE little-endian at OFFSET (a naturally aligned access).
 wr() {
-  s=; i=0
-  while [ $i -lt $3 ]; do s="$s\\$(printf %03o $((($4 >> (8 * i)) & 255)))"; i=$((i + 1)); done
-  printf "$s" | dd of="$1" bs=$3 seek=$(($2 / $3)) count=1 conv=notrunc 2>/dev/null
+  local esc= i=0
+  while [ $i -lt $3 ]; do esc="$esc\\$(printf %03o $((($4 >> (8 * i)) & 255)))"; i=$((i + 1)); done
+  printf "$esc" | dd of="$1" bs=$3 seek=$(($2 / $3)) count=1 conv=notrunc 2>/dev/null
 }
+# now: wall-clock seconds with microseconds (busybox date has no %N).
+now() { adjtimex | awk '/tv_sec/ {s = $2} /tv_usec/ {u = $2} END {printf "%d.%06d", s, u}'; }
 # iomem_free START END: no /proc/iomem entry but a bus window overlaps [START, END].
 iomem_free() {
+  local l r n
   while IFS= read -r l; do
     l=${l#"${l%%[! ]*}"}; r=${l%% : *}; n=${l#* : }
     case "$n" in "PCI Bus"*|"PCI mem"*) continue ;; esac
@@ -65,7 +74,7 @@ iomem_free() {
 }
 # in_window START END: inside a "PCI Bus" window, or there is none to be inside of.
 in_window() {
-  any=0
+  local l r n any=0
   while IFS= read -r l; do
     l=${l#"${l%%[! ]*}"}; r=${l%% : *}; n=${l#* : }
     case "$n" in "PCI Bus"*) ;; *) continue ;; esac
@@ -87,7 +96,13 @@ while [ ! -b /dev/nvme0n1 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
 if [ -b /dev/nvme0n1 ]; then
   say "nvme-bound up=$(up)"
   grep nvme /proc/interrupts | while read -r l; do say "irq-before $l"; done
-  say "read32 $(dd if=/dev/nvme0n1 of=/dev/null bs=1M count=32 iflag=direct 2>&1 | tail -n 1)"
+  t0=$(now)
+  if dd if=/dev/nvme0n1 of=/dev/null bs=1M count=32 iflag=direct 2>/dev/null; then
+    t1=$(now)
+    say "read32 secs=$(awk -v a=$t0 -v b=$t1 'BEGIN {printf "%.6f", b - a}')"
+  else
+    say "error the 32 MiB O_DIRECT read failed"
+  fi
   dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null
   dd if=/tmp/p of=/dev/nvme0n1 bs=1M seek=8 oflag=direct conv=notrunc 2>/dev/null || say "error pattern write failed"
   dd if=/dev/nvme0n1 of=/tmp/q bs=1M skip=8 count=4 iflag=direct 2>/dev/null || say "error pattern read failed"
@@ -107,7 +122,7 @@ for d in /sys/bus/pci/devices/*; do
   say "edu $b bar0=$start id=$(devmem $start 32 2>&1 | tr ' ' _)"
   s=$((start)); size=$((end - start + 1)); to=; k=1
   while [ $k -le 16 ] && [ -z "$to" ]; do
-    for c in $((s - k * size)) $((s + k * size)); do
+    for c in $((s + k * size)) $((s - k * size)); do
       e=$((c + size - 1))
       [ $c -gt 0 ] && [ $e -lt 4294967296 ] || continue
       if iomem_free $c $e && in_window $c $e; then to=$c; break; fi
@@ -204,13 +219,16 @@ pub fn qemu_bundle(qemu: &Path) -> Result<Vec<Member>> {
         });
     }
     for f in QEMU_FIRMWARE {
-        let src = Path::new(QEMU_DATA).join(f);
-        if !src.exists() {
-            bail!(
-                "{} is missing: the bundled QEMU needs it (package qemu-system-data / seabios)",
-                src.display()
-            );
-        }
+        let src = FIRMWARE_DIRS
+            .iter()
+            .map(|d| Path::new(d).join(f))
+            .find(|p| p.exists())
+            .with_context(|| {
+                format!(
+                    "{f} is in none of {}: the bundled QEMU needs it (packages qemu-system-data, seabios)",
+                    FIRMWARE_DIRS.join(", ")
+                )
+            })?;
         members.push(Member {
             path: format!("{}/{f}", QEMU_DATA.trim_start_matches('/')),
             source: src,

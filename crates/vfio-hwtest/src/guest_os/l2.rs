@@ -8,7 +8,7 @@
 //! L2: pci <bdf> vendor=0x.. device=0x.. class=0x...... subsys=0x....:0x.... rev=0x..
 //! L2: nvme-bound up=<s>                  (or `L2: error ...` when /dev/nvme0n1 never came)
 //! L2: irq-before <a /proc/interrupts line naming nvme>
-//! L2: read32 <busybox dd's summary line: `N bytes (..) copied, S seconds, ..`>
+//! L2: read32 secs=<seconds the 32 MiB O_DIRECT dd took, by the wall clock around it>
 //! L2: pattern equal|differs
 //! L2: irq-after <a /proc/interrupts line naming nvme>
 //! L2: edu <bdf> bar0=0x.. id=0x..
@@ -238,7 +238,9 @@ impl Report {
             "irq-before" => self.irq_before.extend(parse_irq_line(rest)),
             "irq-after" => self.irq_after.extend(parse_irq_line(rest)),
             "read32" => {
-                self.read32 = dd_seconds(rest);
+                self.read32 = kv(&words, "secs")
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .or_else(|| dd_seconds(rest));
                 self.read32_raw = Some(rest.trim().to_string());
             }
             "pattern" => self.pattern = Some(rest.trim() == "equal"),
@@ -343,7 +345,7 @@ mod tests {
             (3.1, "L2: pci 0000:00:02.0 vendor=0x1234 device=0x11e8 class=0x00ff00 subsys=0x1af4:0x1100 rev=0x10"),
             (4.0, "L2: nvme-bound up=2.5"),
             (4.1, "L2: irq-before 24:  3  PCI-MSIX-0000:00:01.0  0-edge  nvme0q0"),
-            (4.5, "L2: read32 33554432 bytes (32.0MB) copied, 0.25 seconds, 128MB/s"),
+            (4.5, "L2: read32 secs=0.250000"),
             (4.6, "L2: pattern equal"),
             (4.7, "L2: irq-after 24:  90  PCI-MSIX-0000:00:01.0  0-edge  nvme0q0"),
             (4.8, "L2: edu 0000:00:02.0 bar0=0xfe000000 id=0x010000ED"),
