@@ -685,12 +685,29 @@ fn check_errors(r: &L2Run) -> Result<()> {
 
 // ---- scenarios ----
 
+/// The kernel path the reference VMM's automatic choice takes for `dev` here: iommufd + cdev
+/// when `/dev/iommu` exists and the function has a vfio cdev, else the legacy container
+/// (vfio_passthrough::KernelMode::Auto).
+fn vmm_auto_path(dev: &Device) -> &'static str {
+    let cdev = std::fs::read_dir(dev.sysfs.join("vfio-dev"))
+        .map(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("vfio")))
+        })
+        .unwrap_or(false);
+    if Path::new("/dev/iommu").exists() && cdev {
+        "iommufd + cdev"
+    } else {
+        "legacy container"
+    }
+}
+
 fn boot(ctx: &Ctx<'_>) -> Result<Outcome> {
     let s = prepare!(ctx);
     let f = functional(&s, ctx.cli)?;
     let d = check_boot(&f.run)?;
     Ok(Outcome::Pass(format!(
-        "reference VMM, mode {}: {d}",
+        "reference VMM (its automatic choice here: {}), boot mode {}: {d}",
+        vmm_auto_path(&s.nvme),
         s.mode
     )))
 }
