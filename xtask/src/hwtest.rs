@@ -14,7 +14,7 @@
 //! (rebuilt only when an input changed) and the NVMe backing file. A second run only boots.
 //!
 //! With `--kernel 6.12` and `custom`, the image also carries what the `guest-os-*` scenarios
-//! need ([`guest_os`]): KVM for L1, a stock L2 kernel and its workload initramfs, the reference
+//! need (`hwtest/guest_os.rs`): KVM for L1, a stock L2 kernel and its workload initramfs, the reference
 //! VMM and the host's QEMU with its libraries and firmware.
 //!
 //! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
