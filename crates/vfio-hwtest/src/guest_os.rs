@@ -798,11 +798,11 @@ fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
     s.sort_by(f64::total_cmp);
     let mid = s.len() / 2;
     let median = if s.len() % 2 == 1 {
-        s[mid]
+        *s.get(mid)?
     } else {
-        (s[mid - 1] + s[mid]) / 2.0
+        (s.get(mid.checked_sub(1)?)? + s.get(mid)?) / 2.0
     };
-    Some((median, s[0], s[s.len() - 1]))
+    Some((median, *s.first()?, *s.last()?))
 }
 
 fn cell(v: &[f64]) -> String {
