@@ -47,12 +47,8 @@ fn main() -> ExitCode {
     let vmm = match Vmm::new(&config, started) {
         Ok(v) => v,
         Err(e) => {
+            // The message carries its causes (each error's text includes its source's).
             eprintln!("vmm: error: {e}");
-            let mut s = std::error::Error::source(&e);
-            while let Some(c) = s {
-                eprintln!("vmm:   caused by: {c}");
-                s = c.source();
-            }
             return ExitCode::FAILURE;
         }
     };
@@ -60,7 +56,9 @@ fn main() -> ExitCode {
         "vmm: guest starting ({} ms after start)",
         started.elapsed().as_millis()
     );
+    let bus = vmm.bus().clone();
     let stop = vmm.run(started);
+    log::debug!("exits: {}", bus.stats);
     let secs = started.elapsed().as_secs_f64();
     match stop {
         Stop::Exit(code) => {
@@ -73,11 +71,6 @@ fn main() -> ExitCode {
         }
         Stop::Failed(e) => {
             eprintln!("vmm: error after {secs:.3} s: {e}");
-            let mut s = std::error::Error::source(&e);
-            while let Some(c) = s {
-                eprintln!("vmm:   caused by: {c}");
-                s = c.source();
-            }
             ExitCode::FAILURE
         }
     }

@@ -150,6 +150,25 @@ impl BarMap {
     }
 }
 
+/// Where a BAR access goes: the device, its number on bus 0, the BAR and the offset in it.
+#[derive(Clone)]
+pub struct Routed {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// The device.
+    pub device: Arc<VfioPciDevice>,
+    /// Which BAR.
+    pub bar: BarIndex,
+    /// Offset in the BAR.
+    pub offset: u64,
+}
+
+impl std::fmt::Debug for Routed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "00:{:02x}.0 {} +{:#x}", self.slot, self.bar, self.offset)
+    }
+}
+
 /// A decoded CONFIG_ADDRESS: which function and which byte of its config space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConfigTarget {
@@ -230,15 +249,16 @@ impl PciBus {
         &self.map
     }
 
-    /// The device, BAR and offset that decode `addr` of `space`.
-    pub fn lookup(
-        &self,
-        space: AddressSpace,
-        addr: u64,
-    ) -> Option<(Arc<VfioPciDevice>, BarIndex, u64)> {
+    /// The device (with its device number), BAR and offset that decode `addr` of `space`.
+    pub fn lookup(&self, space: AddressSpace, addr: u64) -> Option<Routed> {
         let e = self.map.lookup(space, addr)?;
-        let dev = self.device(e.slot)?.clone();
-        Some((dev, e.bar, addr - e.base))
+        let device = self.device(e.slot)?.clone();
+        Some(Routed {
+            slot: e.slot,
+            device,
+            bar: e.bar,
+            offset: addr - e.base,
+        })
     }
 
     /// Whether `port` is one of mechanism #1's.

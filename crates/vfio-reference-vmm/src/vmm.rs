@@ -15,6 +15,7 @@
 
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
@@ -40,7 +41,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::args::{Config, DeviceArg};
 use crate::error::{Error, Result};
 use crate::layout::*;
-use crate::pci::{intx_pin, msi_gsis, PciBus};
+use crate::pci::{intx_pin, msi_gsis, PciBus, Routed};
 use crate::rtc::{self, Cmos};
 use crate::{boot, mptable};
 
@@ -80,12 +81,64 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Exit counters (relaxed atomics: no lock, no allocation on the exit path).
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Serial port accesses.
+    pub serial: AtomicU64,
+    /// Configuration mechanism #1 accesses.
+    pub config: AtomicU64,
+    /// Accesses to trapped BAR ranges (memory and I/O).
+    pub bar: AtomicU64,
+    /// Every other port or MMIO access.
+    pub other: AtomicU64,
+}
+
+impl std::fmt::Display for ExitStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "serial {}, PCI config {}, BAR {}, other {}",
+            n(&self.serial),
+            n(&self.config),
+            n(&self.bar),
+            n(&self.other)
+        )
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// What vCPU exits are dispatched to: the serial port, PCI (config mechanism #1 and the
 /// BARs' trapped ranges), and the ports that end the machine.
 pub struct Bus {
+    /// Exits by kind, for `-v`: what the guest's time went to.
+    pub stats: ExitStats,
     pci: RwLock<PciBus>,
     cmos: Mutex<Cmos>,
-    serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, std::io::Stdout>>,
+    serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, Console>>,
+}
+
+/// Where the guest's serial output goes (the VMM's stdout).
+pub type Console = Box<dyn Write + Send>;
+
+/// The VMM's stdout as the serial port's output: written a line at a time. The 16550 model
+/// flushes after every byte, which would be a `write(2)` per byte; this leaves flushing to
+/// stdout's line buffering (and to the VMM's exit, which flushes what is left).
+#[derive(Debug)]
+pub struct LineConsole(pub std::io::Stdout);
+
+impl Write for LineConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Bus {
@@ -99,6 +152,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Bus {
+    /// A bus with `pci`, the serial port writing to `console` and raising its interrupt by
+    /// writing `serial_irq` (an eventfd the VMM registers as an irqfd on GSI 4).
+    pub fn new(pci: PciBus, serial_irq: EventFd, console: Console) -> Self {
+        Bus {
+            stats: ExitStats::default(),
+            pci: RwLock::new(pci),
+            cmos: Mutex::new(Cmos::default()),
+            serial: Mutex::new(Serial::new(IrqTrigger(serial_irq), console)),
+        }
+    }
+
     fn pci_read(&self) -> std::sync::RwLockReadGuard<'_, PciBus> {
         self.pci
             .read()
@@ -111,18 +175,35 @@ impl Bus {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// A write to a trapped BAR range.
+    fn bar_write(&self, r: Routed, data: &[u8]) -> Option<Stop> {
+        count(&self.stats.bar);
+        r.device
+            .write_bar(r.bar, r.offset, data)
+            .err()
+            .map(|source| {
+                Stop::Failed(Error::DeviceRun {
+                    slot: r.slot,
+                    source: Box::new(source),
+                })
+            })
+    }
+
     /// A port read.
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) {
+            count(&self.stats.serial);
             let v = lock(&self.serial).read((port - SERIAL_PORT) as u8);
             data.fill(v);
             return;
         }
         if PciBus::is_config_port(port) {
+            count(&self.stats.config);
             self.pci_read().pio_read(port, data);
             return;
         }
         if port == rtc::INDEX_PORT || port == rtc::DATA_PORT {
+            count(&self.stats.other);
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -131,6 +212,7 @@ impl Bus {
             return;
         }
         if port == I8042_COMMAND_PORT {
+            count(&self.stats.other);
             // A controller with its output buffer always full and its input buffer empty:
             // Linux's i8042 probe flushes 16 bytes and gives up ("No controller found") at
             // once, and its reboot path finds the input buffer empty and sends 0xFE at once.
@@ -139,8 +221,12 @@ impl Bus {
         }
         let found = self.pci_read().lookup(AddressSpace::Io, u64::from(port));
         match found {
-            Some((dev, bar, offset)) => dev.read_bar(bar, offset, data),
+            Some(r) => {
+                count(&self.stats.bar);
+                r.device.read_bar(r.bar, r.offset, data)
+            }
             None => {
+                count(&self.stats.other);
                 log::trace!("read of unclaimed port {port:#x}");
                 data.fill(0xff);
             }
@@ -151,10 +237,19 @@ impl Bus {
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Option<Stop> {
         let first = data.first().copied().unwrap_or(0);
         if (SERIAL_PORT..SERIAL_PORT + 8).contains(&port) {
+            count(&self.stats.serial);
             if let Err(e) = lock(&self.serial).write((port - SERIAL_PORT) as u8, first) {
                 log::warn!("serial write: {e:?}");
             }
             return None;
+        }
+        match port {
+            DEBUG_EXIT_PORT
+            | I8042_COMMAND_PORT
+            | RESET_CONTROL_PORT
+            | rtc::INDEX_PORT
+            | rtc::DATA_PORT => count(&self.stats.other),
+            _ => {}
         }
         match port {
             DEBUG_EXIT_PORT => return Some(Stop::Exit(first)),
@@ -176,6 +271,7 @@ impl Bus {
             _ => {}
         }
         if PciBus::is_config_port(port) {
+            count(&self.stats.config);
             return self
                 .pci_write()
                 .pio_write(port, data)
@@ -189,13 +285,9 @@ impl Bus {
         }
         let found = self.pci_read().lookup(AddressSpace::Io, u64::from(port));
         match found {
-            Some((dev, bar, offset)) => dev.write_bar(bar, offset, data).err().map(|source| {
-                Stop::Failed(Error::DeviceRun {
-                    slot: 0,
-                    source: Box::new(source),
-                })
-            }),
+            Some(r) => self.bar_write(r, data),
             None => {
+                count(&self.stats.other);
                 log::trace!("write of unclaimed port {port:#x}");
                 None
             }
@@ -206,8 +298,12 @@ impl Bus {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         let found = self.pci_read().lookup(AddressSpace::Memory, addr);
         match found {
-            Some((dev, bar, offset)) => dev.read_bar(bar, offset, data),
+            Some(r) => {
+                count(&self.stats.bar);
+                r.device.read_bar(r.bar, r.offset, data)
+            }
             None => {
+                count(&self.stats.other);
                 log::debug!("read of unclaimed address {addr:#x}");
                 data.fill(0xff);
             }
@@ -218,13 +314,9 @@ impl Bus {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Option<Stop> {
         let found = self.pci_read().lookup(AddressSpace::Memory, addr);
         match found {
-            Some((dev, bar, offset)) => dev.write_bar(bar, offset, data).err().map(|source| {
-                Stop::Failed(Error::DeviceRun {
-                    slot: 0,
-                    source: Box::new(source),
-                })
-            }),
+            Some(r) => self.bar_write(r, data),
             None => {
+                count(&self.stats.other);
                 log::debug!("write of unclaimed address {addr:#x}");
                 None
             }
@@ -339,12 +431,35 @@ impl Vmm {
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
+            // Transparent huge pages where the host allows them for shared memory
+            // (/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise): fewer faults
+            // when the RAM is pinned for DMA and 2 MiB nested page table entries. Advice only.
+            // SAFETY: madvise on a live mapping of `region.len()` bytes that `mem` owns; the
+            // advice changes no contents.
+            let advised =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+            if advised != 0 {
+                log::debug!(
+                    "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
             // SAFETY: the region is a live mapping owned by `mem`, which the Vmm keeps for
             // as long as the VM exists.
             unsafe { vm.set_user_memory_region(r) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
+        // The guest's software and tables (before the devices: a wrong path fails fast).
+        let loaded = boot::load_kernel(&mem, &config.kernel)?;
+        let cmdline_len = boot::load_command_line(&mem, &config.cmdline, &loaded)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(boot::load_initrd(&mem, mem_size, path, &loaded)?),
+            None => None,
+        };
+        let params = boot::boot_params(loaded.header, cmdline_len, initrd, mem_size)?;
+        boot::write_boot_params(&mem, &params)?;
+        boot::write_tables(&mem)?;
         // Interrupts: one routing table for the VM; KVM's default routes kept.
         let routing = Arc::new(GsiRouting::new(vm.clone()));
         routing
@@ -363,10 +478,10 @@ impl Vmm {
         })?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial_trigger = IrqTrigger(serial_irq.try_clone().map_err(|source| Error::Os {
+        let serial_trigger = serial_irq.try_clone().map_err(|source| Error::Os {
             op: "eventfd clone (serial IRQ)",
             source,
-        })?);
+        })?;
 
         // What every device shares: the mapper, the BAR windows, guest RAM for DMA.
         let mapper = Arc::new(
@@ -460,16 +575,7 @@ impl Vmm {
             "devices attached {} ms after start",
             started.elapsed().as_millis()
         );
-        // The guest's software and tables.
-        let loaded = boot::load_kernel(&mem, &config.kernel)?;
-        let cmdline_len = boot::load_command_line(&mem, &config.cmdline, &loaded)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(boot::load_initrd(&mem, mem_size, path, &loaded)?),
-            None => None,
-        };
-        let params = boot::boot_params(loaded.header, cmdline_len, initrd, mem_size)?;
-        boot::write_boot_params(&mem, &params)?;
-        boot::write_tables(&mem)?;
+        // The MP table, now that the devices' INTx wiring is known.
         let mp = mptable::build(MPTABLE_ADDR as u32, config.cpus, &wiring)?;
         if mp.len() as u64 > MPTABLE_END - MPTABLE_ADDR {
             return Err(Error::Layout(format!("MP table of {} bytes", mp.len())));
@@ -505,15 +611,14 @@ impl Vmm {
             }
             vcpus.push(vcpu);
         }
-        let serial = Serial::new(serial_trigger, std::io::stdout());
         Ok(Vmm {
             vm,
             vcpus,
-            bus: Arc::new(Bus {
-                pci: RwLock::new(pci),
-                cmos: Mutex::new(Cmos::default()),
-                serial: Mutex::new(serial),
-            }),
+            bus: Arc::new(Bus::new(
+                pci,
+                serial_trigger,
+                Box::new(LineConsole(std::io::stdout())),
+            )),
             _mem: mem,
             _routing: routing,
             _serial_irq: serial_irq,

@@ -131,9 +131,10 @@ fn the_bus_map_routes_each_decoding_bar_to_its_device_and_offset() {
     bus.add(fake("edu")).unwrap();
     let dev = bus.device(1).unwrap().clone();
     let base = dev.bars()[0].base.unwrap();
-    let (found, bar, off) = bus.lookup(AddressSpace::Memory, base + 0x20).unwrap();
-    assert!(Arc::ptr_eq(&found, &dev));
-    assert_eq!((bar, off), (BarIndex::Bar(0), 0x20));
+    let r = bus.lookup(AddressSpace::Memory, base + 0x20).unwrap();
+    assert!(Arc::ptr_eq(&r.device, &dev));
+    assert_eq!((r.slot, r.bar, r.offset), (1, BarIndex::Bar(0), 0x20));
+    let (found, bar, off) = (r.device, r.bar, r.offset);
     assert!(bus.lookup(AddressSpace::Memory, base - 1).is_none());
     assert!(bus
         .lookup(AddressSpace::Memory, base + edu::BAR_SIZE)
@@ -161,10 +162,10 @@ fn a_bar_moved_by_config_writes_with_decode_off_and_back_is_routed_at_its_new_ad
         "old range dropped"
     );
     cfg_write(&mut bus, 1, 4, &(cmd | 0x2).to_le_bytes());
-    let (_, bar, off) = bus
+    let r = bus
         .lookup(AddressSpace::Memory, moved + 8)
         .expect("routed at the new address");
-    assert_eq!((bar, off), (BarIndex::Bar(0), 8));
+    assert_eq!((r.bar, r.offset), (BarIndex::Bar(0), 8));
     assert!(bus.lookup(AddressSpace::Memory, base).is_none());
     assert_eq!(bus.map().entries(AddressSpace::Memory).len(), 1);
     // And back again.
