@@ -719,6 +719,58 @@ mod tests {
     }
 
     #[test]
+    fn host_file_members_go_in_with_their_mode_and_a_changed_one_rebuilds_the_image() {
+        let tmp = std::env::temp_dir().join(format!("xtask-members-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let bin = tmp.join("bin");
+        fs::write(&bin, b"1").unwrap();
+        let qemu = tmp.join("qemu");
+        fs::write(&qemu, b"QEMU").unwrap();
+        let kernel = Kernel {
+            release: "test".into(),
+            root: tmp.clone(),
+        };
+        let members = [Member {
+            path: "usr/bin/qemu-system-x86_64".into(),
+            source: qemu.clone(),
+            mode: 0o755,
+        }];
+        let inp = Inputs {
+            kernel: &kernel,
+            busybox: &bin,
+            hwtest: &bin,
+            cli: &bin,
+            bind_ids: &[],
+            hwtest_args: Vec::new(),
+            modules: &[],
+            files: &[],
+            members: &members,
+        };
+        let (image, rebuilt) = ensure_initramfs(&tmp, &inp).unwrap();
+        assert!(rebuilt);
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(&image)
+            .output()
+            .unwrap();
+        let m = parse(&out.stdout)
+            .into_iter()
+            .find(|m| m.0 == "usr/bin/qemu-system-x86_64")
+            .unwrap();
+        assert_eq!((m.1, m.4.as_slice()), (S_IFREG | 0o755, &b"QEMU"[..]));
+        assert!(
+            !ensure_initramfs(&tmp, &inp).unwrap().1,
+            "same inputs: reused"
+        );
+        fs::write(&qemu, b"QEMU 2").unwrap();
+        assert!(
+            ensure_initramfs(&tmp, &inp).unwrap().1,
+            "a changed member: rebuilt"
+        );
+        let _ = fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
     fn fnv1a_matches_the_reference_vectors() {
         // Published FNV-1a 64 test vectors: "" and "a".
         assert_eq!(fnv1a(0xcbf2_9ce4_8422_2325, b""), 0xcbf2_9ce4_8422_2325);
