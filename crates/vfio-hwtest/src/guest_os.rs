@@ -180,6 +180,10 @@ struct Setup {
     nvme: Device,
     edu: Device,
     mode: Mode,
+    /// Whether the VMMs go through iommufd + cdev (else the legacy container): the reference
+    /// VMM picks that by itself (it has no mode option), and QEMU is made to follow it, so
+    /// that both take the same kernel path.
+    iommufd: bool,
 }
 
 fn setup(ctx: &Ctx<'_>) -> Result<std::result::Result<Setup, Outcome>> {
@@ -206,11 +210,13 @@ fn setup(ctx: &Ctx<'_>) -> Result<std::result::Result<Setup, Outcome>> {
         let p = cfg.dir.join(f);
         ensure!(p.is_file(), "L2 asset {} is missing", p.display());
     }
+    let iommufd = auto_iommufd(&nvme);
     Ok(Ok(Setup {
         cfg: cfg.clone(),
         nvme,
         edu,
         mode: ctx.mode,
+        iommufd,
     }))
 }
 
@@ -353,8 +359,8 @@ fn vmm_command(s: &Setup, vmm: Vmm, user_socket: Option<&Path>) -> Command {
                 .arg(&initrd)
                 .args(["-append", L2_CMDLINE])
                 .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=4"]);
-            // In iommufd mode QEMU too goes through /dev/iommu and the cdev.
-            let suffix = if s.mode == Mode::Iommufd {
+            // QEMU takes the kernel path the reference VMM takes.
+            let suffix = if s.iommufd {
                 c.args(["-object", "iommufd,id=iommufd0"]);
                 ",iommufd=iommufd0"
             } else {
@@ -685,16 +691,21 @@ fn check_errors(r: &L2Run) -> Result<()> {
 
 // ---- scenarios ----
 
-/// The kernel path the reference VMM's automatic choice takes for `dev` here: iommufd + cdev
-/// when `/dev/iommu` exists and the function has a vfio cdev, else the legacy container
-/// (vfio_passthrough::KernelMode::Auto).
-fn vmm_auto_path(dev: &Device) -> &'static str {
+/// Whether the reference VMM's automatic choice (vfio_passthrough::KernelMode::Auto) takes
+/// iommufd + the cdev for `dev` here: `/dev/iommu` exists and the function has a vfio cdev.
+/// Else it takes the legacy container.
+fn auto_iommufd(dev: &Device) -> bool {
     let cdev = std::fs::read_dir(dev.sysfs.join("vfio-dev"))
         .map(|mut d| {
             d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("vfio")))
         })
         .unwrap_or(false);
-    if Path::new("/dev/iommu").exists() && cdev {
+    Path::new("/dev/iommu").exists() && cdev
+}
+
+/// The kernel path both VMMs take here, in words.
+fn path_name(s: &Setup) -> &'static str {
+    if s.iommufd {
         "iommufd + cdev"
     } else {
         "legacy container"
@@ -706,8 +717,8 @@ fn boot(ctx: &Ctx<'_>) -> Result<Outcome> {
     let f = functional(&s, ctx.cli)?;
     let d = check_boot(&f.run)?;
     Ok(Outcome::Pass(format!(
-        "reference VMM (its automatic choice here: {}), boot mode {}: {d}",
-        vmm_auto_path(&s.nvme),
+        "reference VMM ({}), boot mode {}: {d}",
+        path_name(&s),
         s.mode
     )))
 }
@@ -931,31 +942,31 @@ fn native_reads(s: &Setup, rounds: usize) -> Result<Vec<f64>> {
     let back = rebind(&s.nvme, Some("vfio-pci")).context("bind nvme back to vfio-pci");
     let reads = reads?;
     back?;
-    wait_vfio_node(&s.nvme, s.mode)?;
+    wait_vfio_node(&s.nvme, s.iommufd || s.mode == Mode::Iommufd)?;
     Ok(reads)
 }
 
-/// Waits (bounded) for the VFIO node of `dev` in `mode`: its group node, or its cdev.
-fn wait_vfio_node(dev: &Device, mode: Mode) -> Result<()> {
+/// Waits (bounded) for the VFIO nodes of `dev`: its group node, and its cdev when `cdev`
+/// (the VMMs then go through iommufd, and the cdev is made anew by the bind).
+fn wait_vfio_node(dev: &Device, cdev: bool) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        let ready = match mode {
-            Mode::Iommufd => std::fs::read_dir(dev.sysfs.join("vfio-dev"))
+        let group = dev
+            .iommu_group()?
+            .is_some_and(|g| crate::group::group_node(&g).is_some());
+        let cdev_ok = !cdev
+            || std::fs::read_dir(dev.sysfs.join("vfio-dev"))
                 .ok()
                 .into_iter()
                 .flatten()
                 .filter_map(|e| e.ok())
-                .any(|e| Path::new("/dev/vfio/devices").join(e.file_name()).exists()),
-            _ => dev
-                .iommu_group()?
-                .is_some_and(|g| crate::group::group_node(&g).is_some()),
-        };
-        if ready {
+                .any(|e| Path::new("/dev/vfio/devices").join(e.file_name()).exists());
+        if group && cdev_ok {
             return Ok(());
         }
         ensure!(
             t0.elapsed() < BIND_TIMEOUT,
-            "{}: no VFIO node {BIND_TIMEOUT:?} after binding vfio-pci",
+            "{}: no VFIO node (group {group}, cdev {cdev_ok}) {BIND_TIMEOUT:?} after binding vfio-pci",
             dev.bdf
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -1009,8 +1020,9 @@ fn vs_qemu(ctx: &Ctx<'_>) -> Result<Outcome> {
         let mut out = stdout.lock();
         let _ = writeln!(
             out,
-            "{TABLE_PREFIX}mode {}: {rounds} rounds each, interleaved (ours, QEMU, ...); TCG-nested, noisy: reported, not asserted",
-            s.mode
+            "{TABLE_PREFIX}mode {}, both VMMs through the {}: {rounds} rounds each, interleaved (ours, QEMU, ...); TCG-nested, noisy: reported, not asserted",
+            s.mode,
+            path_name(&s)
         );
         for l in table(&rows, &native) {
             let _ = writeln!(out, "{TABLE_PREFIX}{l}");
