@@ -34,6 +34,10 @@ const IOMMU_IOAS_ALLOC: libc::c_ulong = iommufd_io(0x81);
 const IOMMU_IOAS_IOVA_RANGES: libc::c_ulong = iommufd_io(0x84);
 const IOMMU_IOAS_MAP: libc::c_ulong = iommufd_io(0x85);
 const IOMMU_IOAS_UNMAP: libc::c_ulong = iommufd_io(0x86);
+const IOMMU_GET_HW_INFO: libc::c_ulong = iommufd_io(0x8a);
+
+/// `IOMMU_HW_CAP_DIRTY_TRACKING` in `iommu_hw_info.out_capabilities`.
+const IOMMU_HW_CAP_DIRTY_TRACKING: u64 = 1 << 0;
 
 const IOMMU_IOAS_MAP_FIXED_IOVA: u32 = 1 << 0;
 const IOMMU_IOAS_MAP_WRITEABLE: u32 = 1 << 1;
@@ -99,8 +103,26 @@ struct IommuIoasUnmap {
     length: u64,
 }
 
+/// `struct iommu_hw_info` (no driver data requested).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct IommuHwInfo {
+    size: u32,
+    flags: u32,
+    dev_id: u32,
+    data_len: u32,
+    data_uptr: u64,
+    out_data_type: u32,
+    out_max_pasid_log2: u8,
+    reserved: [u8; 3],
+    out_capabilities: u64,
+}
+
 // Pin the layouts to iommufd.h.
 const _: () = {
+    assert!(std::mem::size_of::<IommuHwInfo>() == 40);
+    assert!(std::mem::offset_of!(IommuHwInfo, out_data_type) == 24);
+    assert!(std::mem::offset_of!(IommuHwInfo, out_capabilities) == 32);
     assert!(std::mem::size_of::<IommuDestroy>() == 8);
     assert!(std::mem::size_of::<IommuIoasAlloc>() == 12);
     assert!(std::mem::size_of::<IommuIovaRange>() == 16);
@@ -165,6 +187,28 @@ impl IommufdIoas {
     /// The IOAS id.
     pub fn ioas_id(&self) -> u32 {
         self.ioas_id
+    }
+
+    /// Whether the IOMMU behind the bound device `dev_id` can track the
+    /// pages it writes (`IOMMU_GET_HW_INFO`, `IOMMU_HW_CAP_DIRTY_TRACKING`).
+    pub(crate) fn hw_dirty_tracking(&self, dev_id: u32) -> Result<bool> {
+        let mut info = IommuHwInfo {
+            size: size_of_u32::<IommuHwInfo>(),
+            dev_id,
+            ..Default::default()
+        };
+        // SAFETY: `info` is a complete iommu_hw_info with `size` set to its
+        // size and data_len 0 (no driver data buffer): the kernel writes only
+        // the out_* fields of this structure.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(&self.iommufd, IOMMU_GET_HW_INFO, &mut info)
+        };
+        if ret < 0 {
+            return Err(Error::last_os_error(format!(
+                "IOMMU_GET_HW_INFO of iommufd device {dev_id}"
+            )));
+        }
+        Ok(info.out_capabilities & IOMMU_HW_CAP_DIRTY_TRACKING != 0)
     }
 
     /// Binds the vfio cdev `fd` to this iommufd and attaches it to this
@@ -311,6 +355,35 @@ impl IommuDomain for IommufdIoas {
             ),
         })
     }
+
+    /// Unsupported: see [`IommufdIoas`]'s dirty-tracking note.
+    fn dirty_page_sizes(&self) -> Result<u64> {
+        Err(dirty_unsupported("iommufd dirty tracking"))
+    }
+
+    fn dirty_tracking_start(&self) -> Result<()> {
+        Err(dirty_unsupported("IOMMU_HWPT_SET_DIRTY_TRACKING"))
+    }
+
+    fn dirty_tracking_stop(&self) -> Result<()> {
+        Err(dirty_unsupported("IOMMU_HWPT_SET_DIRTY_TRACKING"))
+    }
+
+    fn dirty_bitmap(&self, iova: u64, size: u64, page_size: u64, bitmap: &mut [u64]) -> Result<()> {
+        let _ = (iova, size, page_size, bitmap);
+        Err(dirty_unsupported("IOMMU_HWPT_GET_DIRTY_BITMAP"))
+    }
+}
+
+/// Why an IOAS cannot track dirty pages, for every dirty-tracking method.
+fn dirty_unsupported(what: &str) -> Error {
+    Error::Unsupported(format!(
+        "{what}: dirty tracking in an iommufd IOAS is not implemented: it needs a hardware \
+         page table allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING (and an IOMMU whose \
+         IOMMU_GET_HW_INFO reports IOMMU_HW_CAP_DIRTY_TRACKING; QEMU's emulated Intel IOMMU \
+         does not), while devices here attach to the IOAS's automatic domain; \
+         KernelDevice::iommu_hw_dirty_tracking says whether the hardware could"
+    ))
 }
 
 /// `IOMMU_IOAS_MAP` flags: always at the caller's IOVA; the device may
@@ -370,6 +443,7 @@ mod tests {
             assert_eq!(IOMMU_IOAS_IOVA_RANGES, 0x3b84);
             assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
             assert_eq!(IOMMU_IOAS_UNMAP, 0x3b86);
+            assert_eq!(IOMMU_GET_HW_INFO, 0x3b8a);
             assert_eq!(ioctls::VFIO_DEVICE_BIND_IOMMUFD, 0x3b76);
             assert_eq!(ioctls::VFIO_DEVICE_ATTACH_IOMMUFD_PT, 0x3b77);
         }

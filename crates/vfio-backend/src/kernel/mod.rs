@@ -51,6 +51,7 @@ mod device;
 pub mod ioctls;
 #[cfg(feature = "iommufd")]
 mod iommufd;
+mod migration;
 mod open;
 mod sysfs;
 
@@ -59,10 +60,11 @@ use std::path::Path;
 
 pub use container::{KernelContainer, KernelGroup};
 pub use device::KernelDevice;
-pub use ioctls::{DependentDevice, DependentOwner, HotResetInfo, IommuInfo};
+pub use ioctls::{DependentDevice, DependentOwner, DirtyTrackingCap, HotResetInfo, IommuInfo};
 #[cfg(feature = "iommufd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "iommufd")))]
 pub use iommufd::IommufdIoas;
+pub use migration::KernelMigrationStream;
 
 use crate::{Error, Result};
 
