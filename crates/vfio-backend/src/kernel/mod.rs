@@ -38,6 +38,23 @@
 //! returning errors on region access and reset, always start
 //! `VFIO_DEVICE_SET_IRQS` at vector 0 and have no no-IOMMU mode.
 //!
+//! **Mediated devices** (mdev, e.g. the kernel's `mtty` sample) open like
+//! PCI functions, by `/sys/bus/mdev/devices/<uuid>` or the bare UUID, in
+//! either API: their own IOMMU group (an emulated one, which type1 accepts
+//! without an IOMMU) or their vfio cdev (bound to iommufd as an emulated
+//! device).
+//!
+//! **Migration** (VFIO migration v2): [`KernelDevice`] implements the
+//! [`Vfio`](crate::Vfio) migration methods on `VFIO_DEVICE_FEATURE`
+//! (`MIGRATION`, `MIG_DEVICE_STATE`, `MIG_DATA_SIZE`, `DMA_LOGGING_*`); the
+//! data fd of a session is a [`KernelMigrationStream`]. A
+//! [`KernelContainer`] tracks dirty pages with type1's
+//! `VFIO_IOMMU_DIRTY_PAGES` (exact only for pinned-scope devices such as
+//! mdevs: with a vfio-pci function in the container, type1 reports every
+//! mapped page dirty); an `IommufdIoas` answers
+//! [`Error::Unsupported`] (see its `dirty_page_sizes`), and
+//! `KernelDevice::iommu_hw_dirty_tracking` says whether the IOMMU could.
+//!
 //! On a host without VFIO every entry point fails with
 //! [`Error::NotAvailable`] naming the missing
 //! node (`/dev/vfio/vfio`, `/dev/vfio/<group>`, `/dev/iommu`) or sysfs path.
@@ -79,6 +96,13 @@ pub enum IommuMode {
     /// `VFIO_NOIOMMU_IOMMU`: no IOMMU; devices are unisolated and DMA
     /// mapping is unsupported.
     NoIommu,
+}
+
+/// The sysfs directory of a device named by path or by a bare mediated
+/// device UUID (`/sys/bus/mdev/devices/<uuid>`): what every `open` of this
+/// module accepts. Anything that is not a UUID is returned as it is.
+pub fn device_sysfs_path(name: impl AsRef<Path>) -> std::path::PathBuf {
+    sysfs::device_path(name.as_ref())
 }
 
 /// Prefixes the context of an error with `prefix` (a device or group name).
