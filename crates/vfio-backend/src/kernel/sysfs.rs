@@ -101,9 +101,14 @@ pub(crate) fn probe(path: &Path) -> Result<SysfsDevice> {
                 target.display()
             ))
         })?;
-    let noiommu = fs::read_to_string(link.join("name"))
-        .map(|n| n.trim() == NOIOMMU_GROUP_NAME)
-        .unwrap_or(false);
+    // The kernel names emulated groups (an mdev's) "vfio-noiommu" too; they
+    // are not no-IOMMU groups (/dev/vfio/N, isolated by the vendor driver).
+    // An mdev is known by its mdev_type link.
+    let is_mdev = fs::symlink_metadata(path.join("mdev_type")).is_ok();
+    let noiommu = !is_mdev
+        && fs::read_to_string(link.join("name"))
+            .map(|n| n.trim() == NOIOMMU_GROUP_NAME)
+            .unwrap_or(false);
     Ok(SysfsDevice {
         path: path.to_path_buf(),
         name,
@@ -205,12 +210,16 @@ mod tests {
     }
 
     #[test]
-    fn probe_of_an_mdev_reads_its_own_group_and_names_it_by_uuid() {
+    fn probe_of_an_mdev_reads_its_own_emulated_group_and_names_it_by_uuid() {
         // /sys/bus/mdev/devices/<uuid> links to the parent's directory; the
         // mdev has an iommu_group of its own.
         let root = tempfile::tempdir().unwrap();
         let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
-        let real = fake_device(root.path(), uuid, "7", None);
+        // The kernel gives an mdev's emulated group the no-IOMMU group name.
+        let real = fake_device(root.path(), uuid, "7", Some("vfio-noiommu"));
+        fs::create_dir_all(root.path().join("types/mtty-1")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("types/mtty-1"), real.join("mdev_type"))
+            .unwrap();
         let bus = root.path().join("bus");
         fs::create_dir_all(&bus).unwrap();
         std::os::unix::fs::symlink(&real, bus.join(uuid)).unwrap();
