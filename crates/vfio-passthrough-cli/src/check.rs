@@ -126,8 +126,136 @@ pub struct Report {
     pub summary: Summary,
     /// Access modes the host offers for the device.
     pub modes: Modes,
+    /// Whether and how the device can be live-migrated.
+    pub migration: MigrationReport,
     /// The items, in check order.
     pub items: Vec<Item>,
+}
+
+/// What the device and its IOMMU domain say about migration, as a [`MigrationProbe`] found
+/// it (through VFIO: `VFIO_DEVICE_FEATURE_MIGRATION`, the `DMA_LOGGING` probe, the domain's
+/// dirty tracking).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationFacts {
+    /// How the device was opened (`legacy`, `iommufd`, `noiommu`).
+    pub opened_via: String,
+    /// `VFIO_MIGRATION_*` flags; `None`: the device cannot migrate its state.
+    pub flags: Option<u64>,
+    /// The device logs the pages its DMA writes (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`).
+    pub dma_logging: bool,
+    /// The page sizes (bitmap: bit n is 2^n bytes) the IOMMU domain tracks dirty pages at, or
+    /// why it cannot.
+    pub domain_dirty: Result<u64, String>,
+}
+
+/// The migration part of the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationReport {
+    /// The device was asked (false: skipped, see `detail`).
+    pub checked: bool,
+    /// The device can migrate its own state (VFIO migration v2, STOP_COPY).
+    pub can_migrate: bool,
+    /// The migration features it offers: `STOP_COPY`, `P2P`, `PRE_COPY`.
+    pub features: Vec<String>,
+    /// It logs its DMA writes itself (device dirty tracking).
+    pub device_dma_logging: bool,
+    /// Its IOMMU domain tracks the pages it writes.
+    pub domain_dirty_tracking: bool,
+    /// The page sizes, in bytes, that domain tracking reports at.
+    pub dirty_page_sizes: Vec<u64>,
+    /// How the device was opened to ask it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_via: Option<String>,
+    /// What was found, or why it was not checked.
+    pub detail: String,
+}
+
+/// Asks a device about migration. The real one opens the device through VFIO (what a VMM
+/// does; vfio-pci resets the function when it is opened); tests use a double.
+pub trait MigrationProbe {
+    /// The facts, or why they could not be had (the device is busy, not bound to vfio-pci,
+    /// ...).
+    fn probe(&self, dev: &Device, modes: &Modes) -> Result<MigrationFacts, String>;
+}
+
+/// The flag names of `VFIO_MIGRATION_*`, in uAPI order.
+const MIGRATION_FLAG_NAMES: [(u64, &str); 3] = [(1, "STOP_COPY"), (2, "P2P"), (4, "PRE_COPY")];
+
+/// The migration item and report from what the probe found. Migration is not needed for
+/// passthrough: a device that cannot migrate is `ok` (said plainly), a probe that could not
+/// ask is `skip`.
+pub fn migration(facts: Result<MigrationFacts, String>) -> (Item, MigrationReport) {
+    const NAME: &str = "migration";
+    let f = match facts {
+        Ok(f) => f,
+        Err(why) => {
+            let detail = format!("not checked: {why}");
+            let report = MigrationReport {
+                detail: detail.clone(),
+                ..MigrationReport::default()
+            };
+            return (Item::skip(NAME, detail), report);
+        }
+    };
+    let sizes: Vec<u64> = match &f.domain_dirty {
+        Ok(bits) => (0..64)
+            .filter(|n| bits & (1u64 << n) != 0)
+            .map(|n| 1u64 << n)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let dirty = match &f.domain_dirty {
+        Ok(_) if !sizes.is_empty() => format!(
+            "IOMMU domain dirty tracking at {}",
+            sizes
+                .iter()
+                .map(|&s| human_size(s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Ok(_) => "IOMMU domain dirty tracking reports no page size".to_string(),
+        Err(why) => format!("no IOMMU domain dirty tracking ({why})"),
+    };
+    let logging = if f.dma_logging {
+        "device DMA logging"
+    } else {
+        "no device DMA logging"
+    };
+    let mut report = MigrationReport {
+        checked: true,
+        device_dma_logging: f.dma_logging,
+        domain_dirty_tracking: !sizes.is_empty(),
+        dirty_page_sizes: sizes,
+        opened_via: Some(f.opened_via.clone()),
+        ..MigrationReport::default()
+    };
+    let detail = match f.flags {
+        Some(flags) if flags & 1 != 0 => {
+            report.can_migrate = true;
+            report.features = MIGRATION_FLAG_NAMES
+                .iter()
+                .filter(|(bit, _)| flags & bit != 0)
+                .map(|(_, n)| (*n).to_string())
+                .collect();
+            format!(
+                "can migrate (VFIO migration v2: {}); {logging}; {dirty} (opened via {})",
+                report.features.join(", "),
+                f.opened_via
+            )
+        }
+        Some(flags) => format!(
+            "the device reports migration flags {flags:#x} without STOP_COPY, which every \
+             migratable device has: treated as not migratable; {logging}; {dirty}"
+        ),
+        None => format!(
+            "cannot migrate: the device offers no VFIO_DEVICE_FEATURE_MIGRATION (a VM with it \
+             attached can only be saved or moved with the device detached); {logging}; {dirty} \
+             (opened via {})",
+            f.opened_via
+        ),
+    };
+    report.detail = detail.clone();
+    (Item::ok(NAME, detail), report)
 }
 
 /// Inputs of `check` beyond the device.
@@ -283,6 +411,7 @@ pub fn run(
     host: &Host,
     bdf: &str,
     opts: &Options,
+    probe: &dyn MigrationProbe,
     step: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Report> {
     step("reading the device");
@@ -324,6 +453,9 @@ pub fn run(
     items.push(rom(&dev));
     step("memlock");
     items.push(memlock(host, opts));
+    step("migration");
+    let (item, migration) = migration(probe.probe(&dev, &modes));
+    items.push(item);
 
     let mut summary = Summary::default();
     for i in &items {
@@ -340,6 +472,7 @@ pub fn run(
         ready: summary.problems == 0,
         summary,
         modes,
+        migration,
         items,
     })
 }
@@ -1171,6 +1304,83 @@ pub fn memlock(host: &Host, opts: &Options) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(flags: Option<u64>, dma_logging: bool, dirty: Result<u64, String>) -> MigrationFacts {
+        MigrationFacts {
+            opened_via: "legacy".into(),
+            flags,
+            dma_logging,
+            domain_dirty: dirty,
+        }
+    }
+
+    #[test]
+    fn a_migratable_device_lists_its_features_logging_and_dirty_page_sizes() {
+        // mtty: STOP_COPY | P2P | PRE_COPY, a DMA log, type1 tracking at 4 KiB.
+        let (item, r) = migration(Ok(facts(Some(7), true, Ok(0x1000))));
+        assert_eq!(item.verdict, Verdict::Ok);
+        assert!(r.checked && r.can_migrate);
+        assert_eq!(r.features, ["STOP_COPY", "P2P", "PRE_COPY"]);
+        assert!(r.device_dma_logging && r.domain_dirty_tracking);
+        assert_eq!(r.dirty_page_sizes, [4096]);
+        assert!(
+            item.detail.contains("STOP_COPY, P2P, PRE_COPY"),
+            "{}",
+            item.detail
+        );
+        assert!(
+            item.detail.contains("device DMA logging"),
+            "{}",
+            item.detail
+        );
+        assert!(item.detail.contains("at 4 KiB"), "{}", item.detail);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["features"],
+            serde_json::json!(["STOP_COPY", "P2P", "PRE_COPY"])
+        );
+        assert_eq!(json["dirty_page_sizes"], serde_json::json!([4096]));
+        assert_eq!(json["opened_via"], "legacy");
+    }
+
+    #[test]
+    fn stop_copy_alone_is_migratable_without_the_optional_states() {
+        let (_, r) = migration(Ok(facts(Some(1), false, Ok(0x1000 | 0x20_0000))));
+        assert!(r.can_migrate);
+        assert_eq!(r.features, ["STOP_COPY"]);
+        assert!(!r.device_dma_logging);
+        assert_eq!(r.dirty_page_sizes, [0x1000, 0x20_0000]);
+    }
+
+    #[test]
+    fn a_device_without_migration_is_ok_but_says_it_cannot_migrate_and_why_domain_cannot_track() {
+        let (item, r) = migration(Ok(facts(
+            None,
+            false,
+            Err("IOAS dirty tracking not implemented".into()),
+        )));
+        assert_eq!(item.verdict, Verdict::Ok);
+        assert!(r.checked && !r.can_migrate && r.features.is_empty());
+        assert!(!r.domain_dirty_tracking && r.dirty_page_sizes.is_empty());
+        assert!(item.detail.contains("cannot migrate"), "{}", item.detail);
+        assert!(
+            item.detail.contains("IOAS dirty tracking not implemented"),
+            "{}",
+            item.detail
+        );
+        // Flags without STOP_COPY break the uAPI's rule: not migratable.
+        let (_, r) = migration(Ok(facts(Some(2), false, Ok(0))));
+        assert!(!r.can_migrate);
+    }
+
+    #[test]
+    fn a_probe_that_could_not_ask_is_a_skip_with_its_reason() {
+        let (item, r) = migration(Err("group busy (EBUSY): a VMM has it open".into()));
+        assert_eq!(item.verdict, Verdict::Skip);
+        assert!(!r.checked && !r.can_migrate);
+        assert!(item.detail.contains("EBUSY"), "{}", item.detail);
+        assert_eq!(r.detail, item.detail);
+    }
 
     #[test]
     fn short_bdf_gets_domain_zero_and_case_is_folded() {
