@@ -73,11 +73,13 @@ mod dma;
 mod error;
 pub mod layout;
 mod mapper;
+pub mod migration;
 mod outcome;
 
 pub use device::{
     BarView, DeviceOptions, DeviceResources, DeviceSnapshot, DeviceState, HiddenCapability,
-    IrqMode, KeptCapability, VfioPciDevice, CONFIG_SPACE_SIZE, DEVICE_SNAPSHOT_VERSION,
+    IrqMode, KeptCapability, MigrationCaps, MigrationSource, VfioPciDevice, CONFIG_SPACE_SIZE,
+    DEVICE_SNAPSHOT_VERSION,
 };
 pub use dma::{DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};

@@ -18,11 +18,13 @@ use placement::DecodeScope;
 
 mod access;
 mod irqs;
+mod migrate;
 mod pending;
 mod placement;
 mod plan;
 mod snapshot;
 
+pub use migrate::{MigrationCaps, MigrationSource};
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 
 /// Size of PCI Express configuration space.
