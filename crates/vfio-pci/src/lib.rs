@@ -81,7 +81,7 @@ pub use device::{
     IrqMode, KeptCapability, MigrationCaps, MigrationSource, VfioPciDevice, CONFIG_SPACE_SIZE,
     DEVICE_SNAPSHOT_VERSION,
 };
-pub use dma::{DmaMapping, DmaMode, GuestDma};
+pub use dma::{DirtyBitmap, DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};
 pub use layout::MsixRelocation;
 pub use mapper::{GuestMapper, MappingId, TrapAllMapper};

@@ -434,7 +434,7 @@ impl VfioPciDevice {
         let irqs = irqs::create_groups(resources.interrupts.as_ref(), &mut plan)?;
         // Joins the backend's IOMMU domain (the domain's first device maps
         // guest RAM there); dropping the device leaves it again.
-        let dma_domain = resources.dma.attach(&*vfio, options.dma_mode)?;
+        let dma_domain = resources.dma.attach(&vfio, options.dma_mode)?;
         let dev = VfioPciDevice {
             vfio,
             resources,
@@ -639,7 +639,7 @@ impl Drop for VfioPciDevice {
         }
         self.release_all(&mut taken);
         // Before the backend (and with it, maybe, the domain) goes.
-        self.resources.dma.detach(self.dma_domain);
+        self.resources.dma.detach(self.dma_domain, &self.vfio);
         // Host mappings unmap as `taken` drops here.
     }
 }
