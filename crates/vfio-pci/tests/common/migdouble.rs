@@ -107,6 +107,11 @@ impl MigDouble {
         st.fail_into_error = into_error;
     }
 
+    /// Whether the device's DMA logging runs.
+    pub fn logging(&self) -> bool {
+        self.st.lock().unwrap().logging.is_some()
+    }
+
     pub fn fail_reads(&self, on: bool) {
         self.st.lock().unwrap().fail_reads = on;
     }
