@@ -18,11 +18,13 @@ use placement::DecodeScope;
 
 mod access;
 mod irqs;
+mod migrate;
 mod pending;
 mod placement;
 mod plan;
 mod snapshot;
 
+pub use migrate::{MigrationCaps, MigrationSource};
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 
 /// Size of PCI Express configuration space.
@@ -432,7 +434,7 @@ impl VfioPciDevice {
         let irqs = irqs::create_groups(resources.interrupts.as_ref(), &mut plan)?;
         // Joins the backend's IOMMU domain (the domain's first device maps
         // guest RAM there); dropping the device leaves it again.
-        let dma_domain = resources.dma.attach(&*vfio, options.dma_mode)?;
+        let dma_domain = resources.dma.attach(&vfio, options.dma_mode)?;
         let dev = VfioPciDevice {
             vfio,
             resources,
@@ -637,7 +639,7 @@ impl Drop for VfioPciDevice {
         }
         self.release_all(&mut taken);
         // Before the backend (and with it, maybe, the domain) goes.
-        self.resources.dma.detach(self.dma_domain);
+        self.resources.dma.detach(self.dma_domain, &self.vfio);
         // Host mappings unmap as `taken` drops here.
     }
 }
