@@ -18,13 +18,17 @@ use crate::device::EDU;
 use crate::edu;
 use crate::harness::{Ctx, Outcome};
 use crate::mode::{ByDesign, Mode};
-use crate::vmm::{Vm, RAM_BASE, RAM_SIZE};
+use crate::vmm::{bar_index, RecordingMapper, Vm, RAM_BASE, RAM_SIZE};
 use anyhow::{bail, ensure, Context, Result};
+use pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
+use pci_interrupts::{InterruptManager, InterruptSourceGroup, MsiRoute};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use vfio_backend::kernel::{IommufdIoas, KernelContainer, KernelDevice};
 use vfio_backend::{region, IommuDomain, MigState, MigrationFlags, MigrationStream, Vfio};
+use vfio_pci::{DeviceOptions, DeviceResources, GuestDma, VfioPciDevice};
 
 /// The mtty parent's mdev types.
 const MTTY_TYPES: &str = "/sys/class/mdev_bus/mtty/mdev_supported_types";
@@ -675,5 +679,199 @@ pub fn type1_dirty_mdev(ctx: &Ctx<'_>) -> Result<Outcome> {
         "container with mdev {} only: {page:#x}-byte pages, two reports of 16 mapped pages \
          clear (pinned scope: exact)",
         m.uuid
+    )))
+}
+
+/// The command register's I/O space enable.
+const CMD_IO: u16 = 1 << 0;
+
+/// A VMM without irqfd resampling: the test interrupt manager's groups, minus their INTx
+/// resample eventfd. mtty refuses an INTx unmask eventfd (`VFIO_IRQ_SET_ACTION_UNMASK` with
+/// `DATA_EVENTFD`: ENOTTY), and `VfioPciDevice` fails to attach when the one it is given is
+/// refused, so its INTx is unmasked by ioctl instead.
+struct NoResample(pci_interrupts::testing::TestInterruptManager);
+
+struct NoResampleGroup(Arc<dyn InterruptSourceGroup>);
+
+impl InterruptSourceGroup for NoResampleGroup {
+    fn len(&self) -> u32 {
+        self.0.len()
+    }
+    fn notifier(&self, vector: u32) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.0.notifier(vector)
+    }
+    fn update(&self, vector: u32, route: MsiRoute, masked: bool) -> pci_interrupts::Result<()> {
+        self.0.update(vector, route, masked)
+    }
+    fn enable(&self) -> pci_interrupts::Result<()> {
+        self.0.enable()
+    }
+    fn disable(&self) -> pci_interrupts::Result<()> {
+        self.0.disable()
+    }
+    fn trigger(&self, vector: u32) -> pci_interrupts::Result<()> {
+        self.0.trigger(vector)
+    }
+}
+
+impl InterruptManager for NoResample {
+    fn create_msi_group(
+        &self,
+        count: u32,
+    ) -> pci_interrupts::Result<Arc<dyn InterruptSourceGroup>> {
+        self.0.create_msi_group(count)
+    }
+    fn create_intx_group(&self) -> pci_interrupts::Result<Arc<dyn InterruptSourceGroup>> {
+        Ok(Arc::new(NoResampleGroup(self.0.create_intx_group()?)))
+    }
+}
+
+/// An mtty attached through `VfioPciDevice` (no guest RAM: mtty does no DMA), I/O decoding on.
+struct MttyVm {
+    dev: VfioPciDevice,
+    kernel: Arc<KernelDevice>,
+}
+
+impl MttyVm {
+    fn attach(ctx: &Ctx<'_>, m: &Mdev) -> Result<MttyVm> {
+        let kernel = Arc::new(open_mdev(ctx.mode, m, false)?);
+        let vfio: Arc<dyn Vfio> = kernel.clone();
+        let allocator = BarAllocator::new(
+            BarWindows::new(AddressWindow::new(0xC000_0000, 0x2000_0000))
+                .with_io(AddressWindow::new(0xC000, 0x4000)),
+        )
+        .context("BAR allocator")?;
+        let dev = VfioPciDevice::new(
+            vfio,
+            DeviceResources {
+                interrupts: Arc::new(NoResample(
+                    pci_interrupts::testing::TestInterruptManager::new(),
+                )),
+                mapper: Arc::new(RecordingMapper::default()),
+                allocator: Arc::new(Mutex::new(allocator)),
+                dma: GuestDma::new(),
+            },
+            DeviceOptions::default(),
+        )
+        .context("VfioPciDevice::new on mtty")?;
+        let vm = MttyVm { dev, kernel };
+        let cmd = vm.command();
+        vm.dev
+            .write_config(4, &(cmd | CMD_IO).to_le_bytes())
+            .context("enable I/O decoding")?;
+        Ok(vm)
+    }
+
+    fn command(&self) -> u16 {
+        let mut b = [0u8; 2];
+        self.dev.read_config(4, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// Writes `bytes` into port `port`'s THR (the guest's view of the I/O BAR).
+    fn send(&self, port: usize, bytes: &[u8]) -> Result<()> {
+        for &b in bytes {
+            self.dev
+                .write_bar(bar_index(port), UART_THR, &[b])
+                .with_context(|| format!("THR write on port {port}"))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `n` bytes from port `port`'s RBR.
+    fn receive(&self, port: usize, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let mut b = [0u8; 1];
+                self.dev.read_bar(bar_index(port), UART_THR, &mut b);
+                b[0]
+            })
+            .collect()
+    }
+}
+
+/// The same migration through `VfioPciDevice`'s API (what a VMM calls): bytes wait in the
+/// source's UARTs; `start_migration`, a pre-copy round, `quiesce` (PRE_COPY_P2P),
+/// `stop_and_copy`, `complete` write one checked stream; the destination's
+/// `resume_migration` checks it whole, loads it and runs; the bytes come out of the
+/// destination's ports and its command register (I/O decoding) came along. A stream with one
+/// byte flipped and a truncated one are refused with the destination left RUNNING; a
+/// migration aborted after pre-copy leaves the device RUNNING with its bytes.
+pub fn mtty_migrate_vfio_pci(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let src_m = Mdev::create(2)?;
+    let dst_m = Mdev::create(2)?;
+    let src = MttyVm::attach(ctx, &src_m)?;
+    let dst = MttyVm::attach(ctx, &dst_m)?;
+    let msg0 = b"VfioPci0";
+    let msg1 = b"pci1";
+    src.send(0, msg0)?;
+    src.send(1, msg1)?;
+
+    let mut stream = Vec::new();
+    let mut mig = src.dev.start_migration().context("start_migration")?;
+    let caps = mig.caps();
+    ensure!(
+        caps.pre_copy() && caps.p2p(),
+        "mtty's caps through VfioPciDevice: {caps:?}"
+    );
+    let left = mig.precopy(&mut stream).context("pre-copy round")?;
+    ensure!(
+        left.initial_bytes == 0,
+        "pre-copy left {left:?} after one round"
+    );
+    let after_precopy = stream.len();
+    mig.quiesce().context("quiesce")?;
+    expect_state(src.kernel.as_ref(), MigState::PreCopyP2p, "quiesce")?;
+    mig.stop_and_copy(&mut stream).context("stop_and_copy")?;
+    expect_state(src.kernel.as_ref(), MigState::Stop, "stop_and_copy")?;
+    mig.complete().context("complete")?;
+
+    // Refused streams leave the destination RUNNING and untouched.
+    let mut flipped = stream.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let e1 = dst
+        .dev
+        .resume_migration(flipped.as_slice())
+        .err()
+        .context("a stream with a flipped byte was loaded")?;
+    let e2 = dst
+        .dev
+        .resume_migration(&stream[..stream.len() - 7])
+        .err()
+        .context("a truncated stream was loaded")?;
+    expect_state(dst.kernel.as_ref(), MigState::Running, "refused streams")?;
+
+    dst.dev
+        .resume_migration(stream.as_slice())
+        .context("resume_migration")?;
+    expect_state(dst.kernel.as_ref(), MigState::Running, "resume")?;
+    ensure!(
+        dst.command() & CMD_IO != 0,
+        "the destination's command register {:#x} lost I/O decoding",
+        dst.command()
+    );
+    let got0 = dst.receive(0, msg0.len());
+    let got1 = dst.receive(1, msg1.len());
+    ensure!(
+        got0 == msg0 && got1 == msg1,
+        "destination ports gave {got0:02x?} / {got1:02x?}"
+    );
+
+    // Abort after pre-copy: the device runs on with its bytes.
+    dst.send(0, b"ab")?;
+    let mut scratch = Vec::new();
+    let mut mig = dst.dev.start_migration().context("second start")?;
+    mig.precopy(&mut scratch).context("pre-copy")?;
+    mig.abort().context("abort")?;
+    expect_state(dst.kernel.as_ref(), MigState::Running, "abort")?;
+    let kept = dst.receive(0, 2);
+    ensure!(kept == b"ab", "after abort port 0 gave {kept:02x?}");
+    Ok(Outcome::Pass(format!(
+        "{} stream bytes ({after_precopy} after pre-copy); PRE_COPY_P2P on quiesce, STOP after \
+         stop_and_copy; flipped byte refused ({e1}), truncated refused ({e2}), destination \
+         still RUNNING; resumed with I/O decoding and both ports' bytes; abort after pre-copy \
+         keeps the device RUNNING with its data",
+        stream.len()
     )))
 }
