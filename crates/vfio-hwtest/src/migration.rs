@@ -875,3 +875,74 @@ pub fn mtty_migrate_vfio_pci(ctx: &Ctx<'_>) -> Result<Outcome> {
         stream.len()
     )))
 }
+
+/// `vfio-passthrough check <edu> --json` on the live device: its migration report says edu
+/// cannot migrate (QEMU's edu has no migration v2) after opening it for real, and what the
+/// IOMMU domain tracks in each access mode the host offers: type1 at the 4 KiB page (legacy),
+/// nothing through iommufd (saying the IOMMU has no dirty-tracking capability) or no-IOMMU.
+pub fn cli_check_migration(ctx: &Ctx<'_>) -> Result<Outcome> {
+    let dev = ctx.device()?;
+    if !ctx.cli.is_file() {
+        return Ok(Outcome::Skip(format!(
+            "{} does not exist: the vfio-passthrough binary is not installed here",
+            ctx.cli.display()
+        )));
+    }
+    let out = std::process::Command::new(ctx.cli)
+        .args(["check", &dev.bdf, "--json"])
+        .output()
+        .context("run vfio-passthrough check")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "check printed no JSON (stderr: {})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    let m = &v["migration"];
+    let detail = m["detail"].as_str().unwrap_or_default();
+    ensure!(m["checked"] == true, "migration not checked: {detail}");
+    ensure!(m["can_migrate"] == false, "edu reported migratable: {m}");
+    ensure!(
+        m["device_dma_logging"] == false,
+        "edu reported DMA logging: {m}"
+    );
+    let via = m["opened_via"].as_str().unwrap_or_default();
+    let by_mode = m["dirty_tracking_by_mode"]
+        .as_array()
+        .context("no dirty_tracking_by_mode")?;
+    let mode = |name: &str| by_mode.iter().find(|e| e["mode"] == name);
+    match ctx.mode {
+        // This kernel offers both the legacy group and the cdev: both are asked.
+        Mode::Legacy | Mode::Iommufd => {
+            let legacy = mode("legacy").context("legacy mode not reported")?;
+            ensure!(
+                legacy["supported"] == true && legacy["page_sizes"] == serde_json::json!([4096]),
+                "type1 dirty tracking: {legacy}"
+            );
+            let iommufd = mode("iommufd").context("iommufd mode not reported")?;
+            ensure!(
+                iommufd["supported"] == false
+                    && iommufd["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("no IOMMU_HW_CAP_DIRTY_TRACKING")),
+                "iommufd dirty tracking: {iommufd}"
+            );
+            ensure!(
+                m["domain_dirty_tracking"] == true
+                    && m["dirty_page_sizes"] == serde_json::json!([4096]),
+                "summary: {m}"
+            );
+        }
+        Mode::NoIommu => {
+            let noiommu = mode("noiommu").context("noiommu mode not reported")?;
+            ensure!(noiommu["supported"] == false, "no-IOMMU: {noiommu}");
+            ensure!(m["domain_dirty_tracking"] == false, "summary: {m}");
+        }
+    }
+    let item = v["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "migration"))
+        .context("no migration item")?;
+    ensure!(item["verdict"] == "ok", "migration item {item}");
+    Ok(Outcome::Pass(format!("opened via {via}: {detail}")))
+}

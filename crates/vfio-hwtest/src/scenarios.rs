@@ -167,6 +167,11 @@ pub const SCENARIOS: &[Scenario] = &[
         needs: Needs::Nothing,
         run: migration::type1_dirty_mdev,
     },
+    Scenario {
+        name: "cli-check-migration",
+        needs: Needs::DeviceId(EDU),
+        run: migration::cli_check_migration,
+    },
     // The operator CLI (`vfio-passthrough`, spawned) against the real kernel.
     Scenario {
         name: "cli-check",

@@ -143,9 +143,24 @@ pub struct MigrationFacts {
     pub flags: Option<u64>,
     /// The device logs the pages its DMA writes (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`).
     pub dma_logging: bool,
-    /// The page sizes (bitmap: bit n is 2^n bytes) the IOMMU domain tracks dirty pages at, or
-    /// why it cannot.
-    pub domain_dirty: Result<u64, String>,
+    /// Per access mode the device was opened in (`legacy`, `iommufd`, `noiommu`): the page
+    /// sizes (bitmap: bit n is 2^n bytes) its IOMMU domain tracks dirty pages at, or why it
+    /// cannot.
+    pub domain_dirty: Vec<(String, Result<u64, String>)>,
+}
+
+/// Dirty tracking of the device's IOMMU domain in one access mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ModeDirtyTracking {
+    /// The access mode (`legacy`, `iommufd`, `noiommu`).
+    pub mode: String,
+    /// The domain tracks the pages the device writes.
+    pub supported: bool,
+    /// The page sizes, in bytes, it reports at.
+    pub page_sizes: Vec<u64>,
+    /// Why not, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// The migration part of the report.
@@ -159,10 +174,13 @@ pub struct MigrationReport {
     pub features: Vec<String>,
     /// It logs its DMA writes itself (device dirty tracking).
     pub device_dma_logging: bool,
-    /// Its IOMMU domain tracks the pages it writes.
+    /// Its IOMMU domain tracks the pages it writes, in at least one access mode.
     pub domain_dirty_tracking: bool,
-    /// The page sizes, in bytes, that domain tracking reports at.
+    /// The page sizes, in bytes, that domain tracking reports at (of the first mode that
+    /// tracks).
     pub dirty_page_sizes: Vec<u64>,
+    /// Domain dirty tracking in each access mode the device was opened in.
+    pub dirty_tracking_by_mode: Vec<ModeDirtyTracking>,
     /// How the device was opened to ask it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opened_via: Option<String>,
@@ -197,24 +215,63 @@ pub fn migration(facts: Result<MigrationFacts, String>) -> (Item, MigrationRepor
             return (Item::skip(NAME, detail), report);
         }
     };
-    let sizes: Vec<u64> = match &f.domain_dirty {
-        Ok(bits) => (0..64)
-            .filter(|n| bits & (1u64 << n) != 0)
-            .map(|n| 1u64 << n)
-            .collect(),
-        Err(_) => Vec::new(),
-    };
-    let dirty = match &f.domain_dirty {
-        Ok(_) if !sizes.is_empty() => format!(
-            "IOMMU domain dirty tracking at {}",
-            sizes
-                .iter()
-                .map(|&s| human_size(s))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Ok(_) => "IOMMU domain dirty tracking reports no page size".to_string(),
-        Err(why) => format!("no IOMMU domain dirty tracking ({why})"),
+    let by_mode: Vec<ModeDirtyTracking> = f
+        .domain_dirty
+        .iter()
+        .map(|(mode, r)| match r {
+            Ok(bits) => {
+                let page_sizes: Vec<u64> = (0..64)
+                    .filter(|n| bits & (1u64 << n) != 0)
+                    .map(|n| 1u64 << n)
+                    .collect();
+                ModeDirtyTracking {
+                    mode: mode.clone(),
+                    supported: !page_sizes.is_empty(),
+                    reason: page_sizes
+                        .is_empty()
+                        .then(|| "the domain reports no page size".to_string()),
+                    page_sizes,
+                }
+            }
+            Err(why) => ModeDirtyTracking {
+                mode: mode.clone(),
+                supported: false,
+                page_sizes: Vec::new(),
+                reason: Some(why.clone()),
+            },
+        })
+        .collect();
+    let sizes: Vec<u64> = by_mode
+        .iter()
+        .find(|m| m.supported)
+        .map(|m| m.page_sizes.clone())
+        .unwrap_or_default();
+    let dirty = if by_mode.is_empty() {
+        "IOMMU domain dirty tracking not checked".to_string()
+    } else {
+        by_mode
+            .iter()
+            .map(|m| {
+                if m.supported {
+                    format!(
+                        "{}: IOMMU domain dirty tracking at {}",
+                        m.mode,
+                        m.page_sizes
+                            .iter()
+                            .map(|&s| human_size(s))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    format!(
+                        "{}: no IOMMU domain dirty tracking ({})",
+                        m.mode,
+                        m.reason.as_deref().unwrap_or("")
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     };
     let logging = if f.dma_logging {
         "device DMA logging"
@@ -226,6 +283,7 @@ pub fn migration(facts: Result<MigrationFacts, String>) -> (Item, MigrationRepor
         device_dma_logging: f.dma_logging,
         domain_dirty_tracking: !sizes.is_empty(),
         dirty_page_sizes: sizes,
+        dirty_tracking_by_mode: by_mode,
         opened_via: Some(f.opened_via.clone()),
         ..MigrationReport::default()
     };
@@ -1310,8 +1368,40 @@ mod tests {
             opened_via: "legacy".into(),
             flags,
             dma_logging,
-            domain_dirty: dirty,
+            domain_dirty: vec![("legacy".into(), dirty)],
         }
+    }
+
+    #[test]
+    fn dirty_tracking_is_reported_per_access_mode() {
+        // type1 tracks at 4 KiB, the iommufd IOAS does not: both named, the sizes are type1's.
+        let mut f = facts(None, false, Ok(0x1000));
+        f.domain_dirty.push((
+            "iommufd".into(),
+            Err("no IOMMU_HW_CAP_DIRTY_TRACKING".into()),
+        ));
+        let (item, r) = migration(Ok(f));
+        assert!(r.domain_dirty_tracking);
+        assert_eq!(r.dirty_page_sizes, [4096]);
+        assert_eq!(r.dirty_tracking_by_mode.len(), 2);
+        assert!(r.dirty_tracking_by_mode[0].supported);
+        assert!(!r.dirty_tracking_by_mode[1].supported);
+        assert!(
+            item.detail
+                .contains("legacy: IOMMU domain dirty tracking at 4 KiB"),
+            "{}",
+            item.detail
+        );
+        assert!(
+            item.detail.contains(
+                "iommufd: no IOMMU domain dirty tracking (no IOMMU_HW_CAP_DIRTY_TRACKING)"
+            ),
+            "{}",
+            item.detail
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["dirty_tracking_by_mode"][1]["mode"], "iommufd");
+        assert_eq!(json["dirty_tracking_by_mode"][1]["supported"], false);
     }
 
     #[test]

@@ -27,46 +27,63 @@ impl MigrationProbe for KernelProbe {
             return Err("the device is not bound to vfio-pci".into());
         }
         let path = format!("/sys/bus/pci/devices/{}", dev.bdf);
-        let (kd, via) = if modes.legacy.available {
-            (KernelDevice::open(&path), "legacy")
-        } else if modes.cdev.available {
-            (
-                IommufdIoas::new().and_then(|ioas| ioas.open_device(&path)),
-                "iommufd",
-            )
-        } else if modes.noiommu.available {
-            (
-                KernelContainer::new_noiommu().and_then(|c| c.open_device(&path)),
-                "noiommu",
-            )
-        } else {
-            return Err("no access mode is available to open the device".into());
-        };
-        let kd = kd.map_err(|e| format!("opening the device ({via}) failed: {e}"))?;
-        let flags = kd
-            .migration_flags()
-            .map_err(|e| format!("VFIO_DEVICE_FEATURE_MIGRATION: {e}"))?
-            .map(|f| f.0);
-        let dma_logging = kd
-            .dma_logging_supported()
-            .map_err(|e| format!("DMA logging probe: {e}"))?;
-        let mut domain_dirty = kd
-            .iommu_domain()
-            .dirty_page_sizes()
-            .map_err(|e| e.to_string());
-        if let Err(why) = &mut domain_dirty {
-            if let Ok(hw) = kd.iommu_hw_dirty_tracking() {
-                if via == "iommufd" {
-                    why.push_str(if hw {
-                        "; the IOMMU reports IOMMU_HW_CAP_DIRTY_TRACKING"
-                    } else {
-                        "; the IOMMU reports no IOMMU_HW_CAP_DIRTY_TRACKING"
-                    });
+        // Each mode the host offers, one after the other (the device closed in between): the
+        // device answers the same in each; its domain's dirty tracking differs.
+        let mut first: Option<(String, Option<u64>, bool)> = None;
+        let mut domain_dirty = Vec::new();
+        let mut failures = Vec::new();
+        for (available, via) in [
+            (modes.legacy.available, "legacy"),
+            (modes.cdev.available, "iommufd"),
+            (modes.noiommu.available, "noiommu"),
+        ] {
+            if !available {
+                continue;
+            }
+            let opened = match via {
+                "legacy" => KernelDevice::open(&path),
+                "iommufd" => IommufdIoas::new().and_then(|ioas| ioas.open_device(&path)),
+                _ => KernelContainer::new_noiommu().and_then(|c| c.open_device(&path)),
+            };
+            let kd = match opened {
+                Ok(kd) => kd,
+                Err(e) => {
+                    failures.push(format!("opening the device ({via}) failed: {e}"));
+                    continue;
+                }
+            };
+            if first.is_none() {
+                let flags = kd
+                    .migration_flags()
+                    .map_err(|e| format!("VFIO_DEVICE_FEATURE_MIGRATION: {e}"))?
+                    .map(|f| f.0);
+                let dma_logging = kd
+                    .dma_logging_supported()
+                    .map_err(|e| format!("DMA logging probe: {e}"))?;
+                first = Some((via.to_string(), flags, dma_logging));
+            }
+            let mut dirty = kd
+                .iommu_domain()
+                .dirty_page_sizes()
+                .map_err(|e| e.to_string());
+            if let (Err(why), "iommufd") = (&mut dirty, via) {
+                match kd.iommu_hw_dirty_tracking() {
+                    Ok(true) => why.push_str("; the IOMMU reports IOMMU_HW_CAP_DIRTY_TRACKING"),
+                    Ok(false) => why.push_str("; the IOMMU reports no IOMMU_HW_CAP_DIRTY_TRACKING"),
+                    Err(e) => why.push_str(&format!("; IOMMU_GET_HW_INFO: {e}")),
                 }
             }
+            domain_dirty.push((via.to_string(), dirty));
         }
+        let Some((via, flags, dma_logging)) = first else {
+            return Err(if failures.is_empty() {
+                "no access mode is available to open the device".into()
+            } else {
+                failures.join("; ")
+            });
+        };
         Ok(MigrationFacts {
-            opened_via: via.to_string(),
+            opened_via: via,
             flags,
             dma_logging,
             domain_dirty,
