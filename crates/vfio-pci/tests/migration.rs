@@ -121,8 +121,13 @@ fn a_backend_without_migration_is_refused_with_migration_unsupported() {
         dev.resume_migration(&stream[..]),
         Err(Error::MigrationUnsupported)
     ));
-    // The plain fake (the trait's defaults) too.
-    let plain = attach(&vm, &fake("edu"));
+    // A backend with the trait's defaults too.
+    let plain = VfioPciDevice::new(
+        migdouble::TrackedFake::new("edu") as Arc<dyn Vfio>,
+        vm.resources(),
+        DeviceOptions::default(),
+    )
+    .unwrap();
     assert!(matches!(
         plain.migration_caps(),
         Err(Error::MigrationUnsupported)
@@ -375,16 +380,31 @@ fn a_failing_step_aborts_the_migration_and_leaves_the_source_running() {
 }
 
 #[test]
-fn start_migration_is_refused_when_the_device_is_not_running() {
+fn one_migration_at_a_time_and_only_from_running() {
     let vm = Vm::new();
-    let s = MigDouble::all();
+    let s = MigDouble::new(Some(MigrationFlags::STOP_COPY));
     let src = programmed_source(&vm, &s);
-    let _m = src.start_migration().unwrap();
-    // A second migration while the first holds the device in PRE_COPY.
+    let m = src.start_migration().unwrap();
+    // A second migration, or a resume, while the first handle lives (the
+    // device is still RUNNING: no PRE_COPY).
+    assert!(matches!(
+        src.start_migration(),
+        Err(Error::MigrationPhase { .. })
+    ));
+    let (stream, _) = a_stream();
+    assert!(matches!(
+        src.resume_migration(&stream[..]),
+        Err(Error::MigrationPhase { .. })
+    ));
+    drop(m);
+    // Completed: the device stays stopped, and is not migrated again.
+    let mut m = src.start_migration().unwrap();
+    m.stop_and_copy(&mut Vec::new()).unwrap();
+    m.complete().unwrap();
     assert!(matches!(
         src.start_migration(),
         Err(Error::MigrationDeviceState {
-            state: MigState::PreCopy,
+            state: MigState::Stop,
             expected: MigState::Running
         })
     ));

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 
 use pci_interrupts::InterruptSourceGroup;
 use vfio_backend::{MigState, MigrationFlags, MigrationStream, PrecopyInfo};
@@ -83,6 +84,10 @@ impl Phase {
 /// [`abort`](Self::abort) (the VMM gives up, e.g. the destination failed,
 /// even after [`stop_and_copy`](Self::stop_and_copy)), and so does dropping
 /// the handle without [`complete`](Self::complete).
+///
+/// One migration at a time per device: while a handle lives,
+/// [`VfioPciDevice::start_migration`] and [`VfioPciDevice::resume_migration`]
+/// are refused with [`Error::MigrationPhase`].
 pub struct MigrationSource<'a> {
     dev: &'a VfioPciDevice,
     caps: MigrationCaps,
@@ -91,6 +96,8 @@ pub struct MigrationSource<'a> {
     writer: StreamWriter,
     phase: Phase,
     buf: Vec<u8>,
+    /// The device's migration flag, cleared when the handle goes.
+    _flag: Migrating<'a>,
 }
 
 impl std::fmt::Debug for MigrationSource<'_> {
@@ -326,6 +333,28 @@ impl MigrationSource<'_> {
     }
 }
 
+/// The device's migration flag, cleared when this drops.
+struct Migrating<'a>(&'a VfioPciDevice);
+
+impl<'a> Migrating<'a> {
+    /// Sets the flag, or says a migration is under way already.
+    fn take(dev: &'a VfioPciDevice, step: &'static str) -> Result<Self> {
+        dev.migrating
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| Migrating(dev))
+            .map_err(|_| Error::MigrationPhase {
+                step,
+                phase: "under way already on this device",
+            })
+    }
+}
+
+impl Drop for Migrating<'_> {
+    fn drop(&mut self) {
+        self.0.migrating.store(false, Ordering::Release);
+    }
+}
+
 /// Refuses device data beyond what a destination accepts.
 fn check_room(so_far: u64, more: usize) -> Result<()> {
     if so_far.saturating_add(more as u64) > MAX_DEVICE_DATA {
@@ -410,6 +439,7 @@ impl VfioPciDevice {
     /// [`MigrationSource`] for the steps that follow.
     pub fn start_migration(&self) -> Result<MigrationSource<'_>> {
         let caps = self.migration_caps()?;
+        let flag = Migrating::take(self, "start_migration")?;
         let identity = self.identity()?;
         let state = self
             .vfio
@@ -429,6 +459,7 @@ impl VfioPciDevice {
             writer: StreamWriter::default(),
             phase: Phase::Live,
             buf: vec![0u8; MAX_CHUNK_LEN as usize],
+            _flag: flag,
         };
         if caps.pre_copy() {
             let r = self
@@ -464,6 +495,7 @@ impl VfioPciDevice {
     /// the error is returned.
     pub fn resume_migration(&self, input: impl Read) -> Result<()> {
         self.migration_caps()?;
+        let _flag = Migrating::take(self, "resume_migration")?;
         let (mut reader, identity) = StreamReader::open(input)?;
         let here = self.identity()?;
         if let Some(reason) = identity.mismatch(&here) {
