@@ -18,4 +18,4 @@ pub use vfio_pci;
 /// Live migration: the source handle, the stream, the dirty bitmap of guest RAM
 /// (see [`vfio_pci::migration`]).
 pub use vfio_pci::migration;
-pub use vfio_pci::{DirtyBitmap, MigrationCaps, MigrationSource};
+pub use vfio_pci::{DirtyBitmap, LoadedMigration, MigrationCaps, MigrationSource};

@@ -585,11 +585,53 @@ fn streams_of_several_devices_follow_each_other_in_one_reader() {
     let dvm = Vm::new();
     let (x, y) = (MigDouble::all(), MigDouble::all());
     let (dx, dy) = (attach_double(&dvm, &x), attach_double(&dvm, &y));
+    // Load both, quiesced, then run both.
     let mut r = &wire[..];
-    dx.resume_migration(&mut r).unwrap();
-    dy.resume_migration(&mut r).unwrap();
+    let lx = dx.load_migration(&mut r).unwrap();
+    let ly = dy.load_migration(&mut r).unwrap();
     assert!(r.is_empty());
+    assert_eq!(
+        (x.state(), y.state()),
+        (MigState::RunningP2p, MigState::RunningP2p)
+    );
+    lx.run().unwrap();
+    ly.run().unwrap();
+    assert_eq!(
+        (x.state(), y.state()),
+        (MigState::Running, MigState::Running)
+    );
     assert_eq!(x.regs(), a.regs());
     assert_eq!(y.regs(), b.regs());
     assert_eq!(guest_view(&dx), guest_view(&da));
+}
+
+#[test]
+fn a_loaded_migration_dropped_without_running_resets_the_device_and_runs_it() {
+    let (stream, _) = a_stream();
+    let vm = Vm::new();
+    let d = MigDouble::all();
+    let dst = attach_double(&vm, &d);
+    let loaded = dst.load_migration(&stream[..]).unwrap();
+    assert_eq!(d.state(), MigState::RunningP2p);
+    assert_eq!(dst.irq_mode(), IrqMode::Msix, "our state is loaded");
+    drop(loaded);
+    assert_eq!(d.state(), MigState::Running);
+    assert_eq!(d.resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_ne!(dst.irq_mode(), IrqMode::Msix);
+    // Without P2P, a loaded device waits in STOP.
+    let s = MigDouble::new(Some(MigrationFlags::STOP_COPY));
+    let svm = Vm::new();
+    let src = programmed_source(&svm, &s);
+    let mut wire = Vec::new();
+    let mut m = src.start_migration().unwrap();
+    m.stop_and_copy(&mut wire).unwrap();
+    m.complete().unwrap();
+    let d = MigDouble::new(Some(MigrationFlags::STOP_COPY));
+    let dvm = Vm::new();
+    let dst = attach_double(&dvm, &d);
+    let loaded = dst.load_migration(&wire[..]).unwrap();
+    assert_eq!(d.state(), MigState::Stop);
+    loaded.run().unwrap();
+    assert_eq!(d.state(), MigState::Running);
+    assert_eq!(d.regs(), s.regs());
 }
