@@ -655,6 +655,13 @@ impl VfioPciDevice {
                     reason: format!("pending {what} vector {v}: the device has {count}"),
                 });
             }
+            // Each at most once, in order (as a source writes them): a
+            // vector is latched once, whatever the stream says.
+            if list.windows(2).any(|w| w.first() >= w.get(1)) {
+                return Err(Error::SnapshotMismatch {
+                    reason: format!("pending {what} vectors not strictly ascending"),
+                });
+            }
         }
         Ok(())
     }
