@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use support::*;
+#[allow(unused_imports)]
+use support::{Backend, BackendKind};
 use vfio_backend::{MigState, Vfio};
 use vfio_fake_device::{dma_engine, BarSpec, Capability, DeviceTemplate, FakeDevice, RegisterKind};
 use vfio_pci::migration::crc32;
@@ -61,26 +63,39 @@ fn template() -> DeviceTemplate {
         .unwrap()
 }
 
-/// A VMM with guest RAM and one migratable fake device.
+/// A VMM with guest RAM and one migratable fake device behind a backend.
+/// Fields drop in order: the device before its backend.
 struct Side {
+    dev: VfioPciDevice,
+    _backend: Backend,
+    fake: Arc<FakeDevice>,
     vm: Vm,
     ram: GuestMemoryMmap,
-    fake: Arc<FakeDevice>,
-    dev: VfioPciDevice,
 }
 
-fn side() -> Side {
+fn side_on(kind: BackendKind) -> Side {
     let vm = Vm::new();
     let ram = guest_ram();
     vm.dma.add_memory(&ram).unwrap();
     let fake = Arc::new(FakeDevice::new(template()).unwrap());
+    let backend = Backend::with_fake(kind, fake.clone());
     let dev = VfioPciDevice::new(
-        fake.clone() as Arc<dyn Vfio>,
+        backend.vfio.clone(),
         vm.resources(),
         DeviceOptions::default(),
     )
     .unwrap();
-    Side { vm, ram, fake, dev }
+    Side {
+        dev,
+        _backend: backend,
+        fake,
+        vm,
+        ram,
+    }
+}
+
+fn side() -> Side {
+    side_on(BackendKind::InProcess)
 }
 
 fn r32(dev: &VfioPciDevice, off: u64) -> u32 {
@@ -204,7 +219,12 @@ fn whole_ram(mem: &GuestMemoryMmap) -> Vec<u8> {
 
 #[test]
 fn a_device_mid_dma_with_pending_vectors_continues_on_the_destination() {
-    let src = side();
+    mid_dma_with_pending_vectors(BackendKind::InProcess);
+}
+
+/// The scenario, source and destination both behind `kind`.
+fn mid_dma_with_pending_vectors(kind: BackendKind) {
+    let src = side_on(kind);
     driver_up(&src.dev);
     let sg = msix_group(&src);
     let data = pattern(7, 0x1800);
@@ -213,7 +233,7 @@ fn a_device_mid_dma_with_pending_vectors_continues_on_the_destination() {
     src.fake.region_write(2, 0x800, b"device memory").unwrap();
 
     // The VMM starts tracking and copies all of RAM once.
-    let dst = side();
+    let dst = side_on(kind);
     src.vm.dma.dirty_tracking_start(PAGE).unwrap();
     for &(gpa, len) in &RAM_REGIONS {
         ram_write(&dst.ram, gpa, &ram_read(&src.ram, gpa, len));

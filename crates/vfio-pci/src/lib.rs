@@ -78,8 +78,8 @@ mod outcome;
 
 pub use device::{
     BarView, DeviceOptions, DeviceResources, DeviceSnapshot, DeviceState, HiddenCapability,
-    IrqMode, KeptCapability, MigrationCaps, MigrationSource, VfioPciDevice, CONFIG_SPACE_SIZE,
-    DEVICE_SNAPSHOT_VERSION,
+    IrqMode, KeptCapability, LoadedMigration, MigrationCaps, MigrationSource, VfioPciDevice,
+    CONFIG_SPACE_SIZE, DEVICE_SNAPSHOT_VERSION,
 };
 pub use dma::{DirtyBitmap, DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};

@@ -112,7 +112,7 @@ fn a_domain_that_can_track_neither_way_refuses_the_start_and_nothing_stays_start
     let vm = vm_with_ram();
     let logged = MigDouble::all();
     let _a = on(&vm, logged.clone());
-    let _b = attach(&vm, &fake("edu"));
+    let _b = on(&vm, TrackedFake::with_sizes("edu", 0));
     let e = vm.dma.dirty_tracking_start(PAGE).unwrap_err();
     assert!(matches!(e, Error::DirtyTrackingUnsupported { .. }), "{e}");
     assert!(!logged.logging(), "the device that had started was stopped");
@@ -166,7 +166,7 @@ fn devices_that_come_while_tracking_are_tracked_and_those_that_go_make_every_pag
     second.dma_write(HIGH, &[1]);
     assert_eq!(dirty(&vm.dma.dirty_bitmaps().unwrap()), vec![HIGH]);
     // A device that cannot be tracked is refused while tracking runs.
-    let vfio: Arc<dyn Vfio> = fake("edu");
+    let vfio: Arc<dyn Vfio> = TrackedFake::with_sizes("edu", 0);
     assert!(matches!(
         VfioPciDevice::new(vfio, vm.resources(), DeviceOptions::default()),
         Err(Error::DirtyTrackingUnsupported { .. })

@@ -121,8 +121,13 @@ fn a_backend_without_migration_is_refused_with_migration_unsupported() {
         dev.resume_migration(&stream[..]),
         Err(Error::MigrationUnsupported)
     ));
-    // The plain fake (the trait's defaults) too.
-    let plain = attach(&vm, &fake("edu"));
+    // A backend with the trait's defaults too.
+    let plain = VfioPciDevice::new(
+        migdouble::TrackedFake::new("edu") as Arc<dyn Vfio>,
+        vm.resources(),
+        DeviceOptions::default(),
+    )
+    .unwrap();
     assert!(matches!(
         plain.migration_caps(),
         Err(Error::MigrationUnsupported)
@@ -375,16 +380,31 @@ fn a_failing_step_aborts_the_migration_and_leaves_the_source_running() {
 }
 
 #[test]
-fn start_migration_is_refused_when_the_device_is_not_running() {
+fn one_migration_at_a_time_and_only_from_running() {
     let vm = Vm::new();
-    let s = MigDouble::all();
+    let s = MigDouble::new(Some(MigrationFlags::STOP_COPY));
     let src = programmed_source(&vm, &s);
-    let _m = src.start_migration().unwrap();
-    // A second migration while the first holds the device in PRE_COPY.
+    let m = src.start_migration().unwrap();
+    // A second migration, or a resume, while the first handle lives (the
+    // device is still RUNNING: no PRE_COPY).
+    assert!(matches!(
+        src.start_migration(),
+        Err(Error::MigrationPhase { .. })
+    ));
+    let (stream, _) = a_stream();
+    assert!(matches!(
+        src.resume_migration(&stream[..]),
+        Err(Error::MigrationPhase { .. })
+    ));
+    drop(m);
+    // Completed: the device stays stopped, and is not migrated again.
+    let mut m = src.start_migration().unwrap();
+    m.stop_and_copy(&mut Vec::new()).unwrap();
+    m.complete().unwrap();
     assert!(matches!(
         src.start_migration(),
         Err(Error::MigrationDeviceState {
-            state: MigState::PreCopy,
+            state: MigState::Stop,
             expected: MigState::Running
         })
     ));
@@ -565,11 +585,53 @@ fn streams_of_several_devices_follow_each_other_in_one_reader() {
     let dvm = Vm::new();
     let (x, y) = (MigDouble::all(), MigDouble::all());
     let (dx, dy) = (attach_double(&dvm, &x), attach_double(&dvm, &y));
+    // Load both, quiesced, then run both.
     let mut r = &wire[..];
-    dx.resume_migration(&mut r).unwrap();
-    dy.resume_migration(&mut r).unwrap();
+    let lx = dx.load_migration(&mut r).unwrap();
+    let ly = dy.load_migration(&mut r).unwrap();
     assert!(r.is_empty());
+    assert_eq!(
+        (x.state(), y.state()),
+        (MigState::RunningP2p, MigState::RunningP2p)
+    );
+    lx.run().unwrap();
+    ly.run().unwrap();
+    assert_eq!(
+        (x.state(), y.state()),
+        (MigState::Running, MigState::Running)
+    );
     assert_eq!(x.regs(), a.regs());
     assert_eq!(y.regs(), b.regs());
     assert_eq!(guest_view(&dx), guest_view(&da));
+}
+
+#[test]
+fn a_loaded_migration_dropped_without_running_resets_the_device_and_runs_it() {
+    let (stream, _) = a_stream();
+    let vm = Vm::new();
+    let d = MigDouble::all();
+    let dst = attach_double(&vm, &d);
+    let loaded = dst.load_migration(&stream[..]).unwrap();
+    assert_eq!(d.state(), MigState::RunningP2p);
+    assert_eq!(dst.irq_mode(), IrqMode::Msix, "our state is loaded");
+    drop(loaded);
+    assert_eq!(d.state(), MigState::Running);
+    assert_eq!(d.resets.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_ne!(dst.irq_mode(), IrqMode::Msix);
+    // Without P2P, a loaded device waits in STOP.
+    let s = MigDouble::new(Some(MigrationFlags::STOP_COPY));
+    let svm = Vm::new();
+    let src = programmed_source(&svm, &s);
+    let mut wire = Vec::new();
+    let mut m = src.start_migration().unwrap();
+    m.stop_and_copy(&mut wire).unwrap();
+    m.complete().unwrap();
+    let d = MigDouble::new(Some(MigrationFlags::STOP_COPY));
+    let dvm = Vm::new();
+    let dst = attach_double(&dvm, &d);
+    let loaded = dst.load_migration(&wire[..]).unwrap();
+    assert_eq!(d.state(), MigState::Stop);
+    loaded.run().unwrap();
+    assert_eq!(d.state(), MigState::Running);
+    assert_eq!(d.regs(), s.regs());
 }

@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 
 use pci_interrupts::InterruptSourceGroup;
 use vfio_backend::{MigState, MigrationFlags, MigrationStream, PrecopyInfo};
@@ -83,6 +84,10 @@ impl Phase {
 /// [`abort`](Self::abort) (the VMM gives up, e.g. the destination failed,
 /// even after [`stop_and_copy`](Self::stop_and_copy)), and so does dropping
 /// the handle without [`complete`](Self::complete).
+///
+/// One migration at a time per device: while a handle lives,
+/// [`VfioPciDevice::start_migration`] and [`VfioPciDevice::resume_migration`]
+/// are refused with [`Error::MigrationPhase`].
 pub struct MigrationSource<'a> {
     dev: &'a VfioPciDevice,
     caps: MigrationCaps,
@@ -91,6 +96,8 @@ pub struct MigrationSource<'a> {
     writer: StreamWriter,
     phase: Phase,
     buf: Vec<u8>,
+    /// The device's migration flag, cleared when the handle goes.
+    _flag: Migrating<'a>,
 }
 
 impl std::fmt::Debug for MigrationSource<'_> {
@@ -326,6 +333,28 @@ impl MigrationSource<'_> {
     }
 }
 
+/// The device's migration flag, cleared when this drops.
+struct Migrating<'a>(&'a VfioPciDevice);
+
+impl<'a> Migrating<'a> {
+    /// Sets the flag, or says a migration is under way already.
+    fn take(dev: &'a VfioPciDevice, step: &'static str) -> Result<Self> {
+        dev.migrating
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| Migrating(dev))
+            .map_err(|_| Error::MigrationPhase {
+                step,
+                phase: "under way already on this device",
+            })
+    }
+}
+
+impl Drop for Migrating<'_> {
+    fn drop(&mut self) {
+        self.0.migrating.store(false, Ordering::Release);
+    }
+}
+
 /// Refuses device data beyond what a destination accepts.
 fn check_room(so_far: u64, more: usize) -> Result<()> {
     if so_far.saturating_add(more as u64) > MAX_DEVICE_DATA {
@@ -344,6 +373,59 @@ impl Drop for MigrationSource<'_> {
     fn drop(&mut self) {
         if let Err(e) = self.abort_now() {
             log::error!("migration abandoned: {e}");
+        }
+    }
+}
+
+/// A destination device loaded from a migration stream, quiesced, from
+/// [`VfioPciDevice::load_migration`]: [`run`](Self::run) it once every
+/// device of the VMM is loaded. Dropped without running, the device is
+/// reset (as [`VfioPciDevice::reset`]) and left RUNNING, as after a failed
+/// load.
+#[must_use = "the device runs only once run() is called; dropped, it is reset"]
+pub struct LoadedMigration<'a> {
+    dev: &'a VfioPciDevice,
+    done: bool,
+    _flag: Migrating<'a>,
+}
+
+impl std::fmt::Debug for LoadedMigration<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedMigration")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl LoadedMigration<'_> {
+    /// Runs the device (RUNNING). On failure it is reset and left RUNNING,
+    /// and the error is returned.
+    pub fn run(mut self) -> Result<()> {
+        let r = self
+            .dev
+            .vfio
+            .set_mig_state(MigState::Running)
+            .map_err(backend("running the device"));
+        self.or_reset(r)?;
+        self.done = true;
+        Ok(())
+    }
+
+    fn or_reset<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            log::error!("migration resume failed, resetting the device: {e}");
+            self.done = true;
+            self.dev.reset_after_failed_load();
+        }
+        r
+    }
+}
+
+impl Drop for LoadedMigration<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            log::warn!("a loaded migration was dropped without running: resetting the device");
+            self.dev.reset_after_failed_load();
         }
     }
 }
@@ -410,6 +492,7 @@ impl VfioPciDevice {
     /// [`MigrationSource`] for the steps that follow.
     pub fn start_migration(&self) -> Result<MigrationSource<'_>> {
         let caps = self.migration_caps()?;
+        let flag = Migrating::take(self, "start_migration")?;
         let identity = self.identity()?;
         let state = self
             .vfio
@@ -429,6 +512,7 @@ impl VfioPciDevice {
             writer: StreamWriter::default(),
             phase: Phase::Live,
             buf: vec![0u8; MAX_CHUNK_LEN as usize],
+            _flag: flag,
         };
         if caps.pre_copy() {
             let r = self
@@ -457,13 +541,27 @@ impl VfioPciDevice {
     /// this crate's state is restored (config space, BAR placement,
     /// interrupt wiring; vectors pending on the source are latched in this
     /// VMM's notifiers, for delivery when the guest unmasks them), and the
-    /// device goes RUNNING. If any of that fails (the device refuses its
+    /// device goes RUNNING (through RUNNING_P2P where it has P2P). A VMM
+    /// with several devices uses [`load_migration`](Self::load_migration)
+    /// instead, to run them only once all are loaded. If any of that fails (the device refuses its
     /// state, a BAR cannot be placed where the source had it), the device
     /// is reset as by [`reset`](Self::reset) (BAR placements kept,
     /// decoding, bus mastering and interrupts off) and left RUNNING, and
     /// the error is returned.
     pub fn resume_migration(&self, input: impl Read) -> Result<()> {
-        self.migration_caps()?;
+        self.load_migration(input)?.run()
+    }
+
+    /// [`resume_migration`](Self::resume_migration) for a VMM with several
+    /// devices, up to but not including RUNNING: every check, the device's
+    /// state and ours loaded, the device left quiesced (RUNNING_P2P where
+    /// it has P2P, else STOP). The VMM loads every device, then
+    /// [`run`](LoadedMigration::run)s each: no device starts DMA to a peer
+    /// that is not ready yet. Refusals and failures are as for
+    /// [`resume_migration`](Self::resume_migration).
+    pub fn load_migration(&self, input: impl Read) -> Result<LoadedMigration<'_>> {
+        let caps = self.migration_caps()?;
+        let flag = Migrating::take(self, "resume_migration")?;
         let (mut reader, identity) = StreamReader::open(input)?;
         let here = self.identity()?;
         if let Some(reason) = identity.mismatch(&here) {
@@ -472,24 +570,18 @@ impl VfioPciDevice {
         let body = reader.body(MAX_DEVICE_DATA)?;
         self.check_snapshot(&body.emulated.snapshot)?;
         self.check_pending(&body.emulated)?;
-        match self.load(&body.data, &body.emulated) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                log::error!("migration resume failed, resetting the device: {e}");
-                if let Err(r) = self.reset() {
-                    log::error!("migration resume: reset: {r}");
-                }
-                if !matches!(self.vfio.mig_state(), Ok(MigState::Running)) {
-                    if let Err(r) = self.vfio.set_mig_state(MigState::Running) {
-                        log::error!("migration resume: RUNNING after the reset: {r}");
-                    }
-                }
-                Err(e)
-            }
-        }
+        // From here on the device changes: a failure resets it.
+        let mut loaded = LoadedMigration {
+            dev: self,
+            done: false,
+            _flag: flag,
+        };
+        let r = self.load(&body.data, &body.emulated, caps);
+        loaded.or_reset(r)?;
+        Ok(loaded)
     }
 
-    fn load(&self, data: &[Vec<u8>], emulated: &EmulatedState) -> Result<()> {
+    fn load(&self, data: &[Vec<u8>], emulated: &EmulatedState, caps: MigrationCaps) -> Result<()> {
         let mut stream = self
             .vfio
             .set_mig_state(MigState::Resuming)
@@ -509,10 +601,25 @@ impl VfioPciDevice {
             .map_err(backend("loading the device state (RESUMING to STOP)"))?;
         self.restore(&emulated.snapshot)?;
         self.latch_pending(emulated)?;
-        self.vfio
-            .set_mig_state(MigState::Running)
-            .map_err(backend("running the device"))?;
+        if caps.p2p() {
+            self.vfio
+                .set_mig_state(MigState::RunningP2p)
+                .map_err(backend("quiescing the device (RUNNING_P2P)"))?;
+        }
         Ok(())
+    }
+
+    /// After a failed load: reset (as [`reset`](Self::reset)) and RUNNING;
+    /// errors are logged.
+    fn reset_after_failed_load(&self) {
+        if let Err(r) = self.reset() {
+            log::error!("migration resume: reset: {r}");
+        }
+        if !matches!(self.vfio.mig_state(), Ok(MigState::Running)) {
+            if let Err(r) = self.vfio.set_mig_state(MigState::Running) {
+                log::error!("migration resume: RUNNING after the reset: {r}");
+            }
+        }
     }
 
     /// The state this crate emulates, with the vectors pending now.
@@ -546,6 +653,13 @@ impl VfioPciDevice {
             if let Some(v) = list.iter().find(|v| **v >= count) {
                 return Err(Error::SnapshotMismatch {
                     reason: format!("pending {what} vector {v}: the device has {count}"),
+                });
+            }
+            // Each at most once, in order (as a source writes them): a
+            // vector is latched once, whatever the stream says.
+            if list.windows(2).any(|w| w.first() >= w.get(1)) {
+                return Err(Error::SnapshotMismatch {
+                    reason: format!("pending {what} vectors not strictly ascending"),
                 });
             }
         }

@@ -24,7 +24,7 @@ mod placement;
 mod plan;
 mod snapshot;
 
-pub use migrate::{MigrationCaps, MigrationSource};
+pub use migrate::{LoadedMigration, MigrationCaps, MigrationSource};
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 
 /// Size of PCI Express configuration space.
@@ -381,6 +381,8 @@ pub struct VfioPciDevice {
     /// lock never is.
     wiring: Mutex<()>,
     inner: Mutex<Inner>,
+    /// A migration (a [`MigrationSource`] or a resume) is under way.
+    migrating: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -444,6 +446,7 @@ impl VfioPciDevice {
             kept: plan.caps.kept,
             hidden: plan.caps.hidden,
             wiring: Mutex::new(()),
+            migrating: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 config: plan.config,
                 bars: plan.bars,

@@ -648,3 +648,141 @@ pub fn check_stream(input: impl Read, max_device_data: u64) -> Result<StreamSumm
         stream_bytes: reader.offset,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn crc32_is_the_ieee_one() {
+        // The check value of CRC-32/ISO-HDLC.
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    fn identity() -> DeviceIdentity {
+        DeviceIdentity {
+            vendor_device: 0x11e8_1234,
+            class_revision: 0x00ff_0010,
+            subsystem: 0x1100_1af4,
+            header_type: 0,
+            config_size: 256,
+            bars: Vec::new(),
+            capabilities: Vec::new(),
+            msi_vectors: 1,
+            msix_vectors: 0,
+            msix_layout: None,
+            intx: true,
+        }
+    }
+
+    /// A prefix, an identity, and device data chunks of these lengths.
+    fn started(data: &[usize]) -> (Vec<u8>, StreamWriter) {
+        let mut out = Vec::new();
+        let mut w = StreamWriter::default();
+        w.start(&mut out, &identity()).unwrap();
+        for &n in data {
+            w.data(&mut out, &vec![0x5a; n]).unwrap();
+        }
+        (out, w)
+    }
+
+    fn fault(r: Result<impl std::fmt::Debug>) -> StreamFault {
+        match r {
+            Err(Error::MigrationStream { fault, .. }) => fault,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn device_data_is_cut_into_chunks_of_at_most_the_maximum() {
+        let (out, w) = started(&[MAX_CHUNK_LEN as usize + 1, 3]);
+        assert_eq!(w.data_bytes(), u64::from(MAX_CHUNK_LEN) + 4);
+        assert_eq!(w.written(), out.len() as u64);
+        let (mut r, id) = StreamReader::open(&out[..]).unwrap();
+        assert_eq!(id, identity());
+        // Three data chunks, then the stream ends before EMULATED.
+        assert_eq!(fault(r.body(u64::MAX).map(|_| ())), StreamFault::Truncated);
+    }
+
+    #[test]
+    fn a_length_over_the_maximum_is_refused_before_its_payload_is_read() {
+        let (mut out, _) = started(&[]);
+        let seq = 1u32;
+        out.extend_from_slice(&KIND_DEVICE_DATA.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+        out.extend_from_slice(&(MAX_CHUNK_LEN + 1).to_le_bytes());
+        // No payload follows: the length alone is refused.
+        let (mut r, _) = StreamReader::open(&out[..]).unwrap();
+        assert!(matches!(
+            fault(r.body(u64::MAX).map(|_| ())),
+            StreamFault::ChunkTooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn device_data_beyond_the_readers_limit_is_refused() {
+        let (out, _) = started(&[100, 100]);
+        let (mut r, _) = StreamReader::open(&out[..]).unwrap();
+        assert_eq!(
+            fault(r.body(150).map(|_| ())),
+            StreamFault::TooMuchData { limit: 50 }
+        );
+    }
+
+    #[test]
+    fn the_prefix_is_checked_magic_version_reserved() {
+        let (out, _) = started(&[]);
+        let mut bad = out.clone();
+        bad[0] ^= 1;
+        assert_eq!(
+            fault(StreamReader::open(&bad[..]).map(|_| ())),
+            StreamFault::BadMagic
+        );
+        let mut bad = out.clone();
+        bad[8] = 2;
+        assert_eq!(
+            fault(StreamReader::open(&bad[..]).map(|_| ())),
+            StreamFault::Version { found: 2 }
+        );
+        let mut bad = out;
+        bad[13] = 1;
+        assert_eq!(
+            fault(StreamReader::open(&bad[..]).map(|_| ())),
+            StreamFault::Reserved
+        );
+    }
+
+    #[test]
+    fn an_identity_with_an_unknown_field_is_refused() {
+        let mut out = Vec::new();
+        let mut w = StreamWriter::default();
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[..8].copy_from_slice(&STREAM_MAGIC);
+        prefix[8..12].copy_from_slice(&STREAM_VERSION.to_le_bytes());
+        out.extend_from_slice(&prefix);
+        let mut json = serde_json::to_value(identity()).unwrap();
+        json["extra"] = serde_json::Value::Bool(true);
+        w.chunk(&mut out, KIND_IDENTITY, &serde_json::to_vec(&json).unwrap())
+            .unwrap();
+        assert!(matches!(
+            fault(StreamReader::open(&out[..]).map(|_| ())),
+            StreamFault::Payload {
+                kind: "IDENTITY",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn identities_that_differ_name_the_first_difference() {
+        let a = identity();
+        assert_eq!(a.mismatch(&a), None);
+        let mut b = identity();
+        b.msi_vectors = 4;
+        b.intx = false;
+        assert!(a.mismatch(&b).unwrap().starts_with("MSI vectors"));
+    }
+}

@@ -491,6 +491,9 @@ impl IommuDomain for TrackingDomain {
         self.inner.iova_ranges()
     }
     fn dirty_page_sizes(&self) -> Result<u64> {
+        if self.sizes == 0 {
+            return Err(Error::Unsupported("dirty tracking in this domain".into()));
+        }
         Ok(self.sizes)
     }
     fn dirty_tracking_start(&self) -> Result<()> {
@@ -520,7 +523,9 @@ impl IommuDomain for TrackingDomain {
     }
 }
 
-/// A `Vfio` whose domain is a [`TrackingDomain`] (everything else: the fake).
+/// A `Vfio` whose domain is a [`TrackingDomain`] (everything else: the
+/// fake, but no migration and no DMA logging: the trait's defaults, on
+/// purpose, to play a device without them).
 pub struct TrackedFake {
     pub fake: Arc<FakeDevice>,
     pub domain: Arc<TrackingDomain>,
@@ -528,11 +533,17 @@ pub struct TrackedFake {
 
 impl TrackedFake {
     pub fn new(profile: &str) -> Arc<TrackedFake> {
+        Self::with_sizes(profile, 0x1000)
+    }
+
+    /// Tracking at the page sizes of bitmap `sizes`; 0: the domain cannot
+    /// track (and the device does not log): nothing can.
+    pub fn with_sizes(profile: &str, sizes: u64) -> Arc<TrackedFake> {
         let fake = Arc::new(FakeDevice::profile(profile).unwrap());
         let domain = Arc::new(TrackingDomain {
             inner: fake.iommu_domain(),
             tracking: Mutex::new(None),
-            sizes: 0x1000,
+            sizes,
         });
         Arc::new(TrackedFake { fake, domain })
     }
