@@ -168,6 +168,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: migration::type1_dirty_mdev,
     },
     Scenario {
+        name: "iommufd-dirty-hwpt",
+        needs: Needs::DeviceId(EDU),
+        run: migration::iommufd_dirty_hwpt,
+    },
+    Scenario {
         name: "cli-check-migration",
         needs: Needs::DeviceId(EDU),
         run: migration::cli_check_migration,

@@ -66,11 +66,22 @@ impl MigrationProbe for KernelProbe {
                 .iommu_domain()
                 .dirty_page_sizes()
                 .map_err(|e| e.to_string());
-            if let (Err(why), "iommufd") = (&mut dirty, via) {
+            if via == "iommufd" {
+                // A plain IOAS does not track; a dirty-tracking HWPT
+                // (IommufdIoas::new_dirty_tracking) does wherever the IOMMU has the capability.
                 match kd.iommu_hw_dirty_tracking() {
-                    Ok(true) => why.push_str("; the IOMMU reports IOMMU_HW_CAP_DIRTY_TRACKING"),
-                    Ok(false) => why.push_str("; the IOMMU reports no IOMMU_HW_CAP_DIRTY_TRACKING"),
-                    Err(e) => why.push_str(&format!("; IOMMU_GET_HW_INFO: {e}")),
+                    Ok(true) => dirty = Ok(!(host_page_size() - 1)),
+                    Ok(false) => {
+                        dirty = Err("the IOMMU reports no IOMMU_HW_CAP_DIRTY_TRACKING, so no \
+                                     dirty-tracking page table (IOMMU_HWPT_ALLOC_DIRTY_TRACKING) \
+                                     can be made"
+                            .into())
+                    }
+                    Err(e) => {
+                        if let Err(why) = &mut dirty {
+                            why.push_str(&format!("; IOMMU_GET_HW_INFO: {e}"));
+                        }
+                    }
                 }
             }
             domain_dirty.push((via.to_string(), dirty));
@@ -89,4 +100,11 @@ impl MigrationProbe for KernelProbe {
             domain_dirty,
         })
     }
+}
+
+/// The host page size.
+fn host_page_size() -> u64 {
+    // SAFETY: sysconf only reads a configuration value.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
 }

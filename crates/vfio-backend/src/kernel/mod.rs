@@ -51,8 +51,12 @@
 //! [`KernelContainer`] tracks dirty pages with type1's
 //! `VFIO_IOMMU_DIRTY_PAGES` (exact only for pinned-scope devices such as
 //! mdevs: with a vfio-pci function in the container, type1 reports every
-//! mapped page dirty); an `IommufdIoas` answers
-//! [`Error::Unsupported`] (see its `dirty_page_sizes`), and
+//! mapped page dirty); an `IommufdIoas` made with
+//! `IommufdIoas::new_dirty_tracking` attaches its devices to a hardware
+//! page table allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` and tracks
+//! with `IOMMU_HWPT_SET_DIRTY_TRACKING` / `IOMMU_HWPT_GET_DIRTY_BITMAP`
+//! (opening a device fails with [`Error::Unsupported`] when its IOMMU lacks
+//! the capability); a plain IOAS answers [`Error::Unsupported`], and
 //! `KernelDevice::iommu_hw_dirty_tracking` says whether the IOMMU could.
 //!
 //! On a host without VFIO every entry point fails with
