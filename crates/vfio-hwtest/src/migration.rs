@@ -912,21 +912,25 @@ pub fn cli_check_migration(ctx: &Ctx<'_>) -> Result<Outcome> {
         .context("no dirty_tracking_by_mode")?;
     let mode = |name: &str| by_mode.iter().find(|e| e["mode"] == name);
     match ctx.mode {
-        // This kernel offers both the legacy group and the cdev: both are asked.
         Mode::Legacy | Mode::Iommufd => {
             let legacy = mode("legacy").context("legacy mode not reported")?;
             ensure!(
                 legacy["supported"] == true && legacy["page_sizes"] == serde_json::json!([4096]),
                 "type1 dirty tracking: {legacy}"
             );
-            let iommufd = mode("iommufd").context("iommufd mode not reported")?;
-            ensure!(
-                iommufd["supported"] == false
-                    && iommufd["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("no IOMMU_HW_CAP_DIRTY_TRACKING")),
-                "iommufd dirty tracking: {iommufd}"
-            );
+            // Asked through iommufd where the host offers the cdev (the custom kernel; the
+            // Debian ones have no iommufd).
+            let cdev = v["modes"]["cdev"]["available"] == true;
+            match mode("iommufd") {
+                Some(iommufd) => ensure!(
+                    cdev && iommufd["supported"] == false
+                        && iommufd["reason"]
+                            .as_str()
+                            .is_some_and(|r| r.contains("no IOMMU_HW_CAP_DIRTY_TRACKING")),
+                    "iommufd dirty tracking (cdev offered: {cdev}): {iommufd}"
+                ),
+                None => ensure!(!cdev, "the host offers the cdev but iommufd was not asked"),
+            }
             ensure!(
                 m["domain_dirty_tracking"] == true
                     && m["dirty_page_sizes"] == serde_json::json!([4096]),
