@@ -158,6 +158,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: migration::mtty_migrate_vfio_pci,
     },
     Scenario {
+        name: "mtty-migrate-two-vfio-pci",
+        needs: Needs::Nothing,
+        run: migration::mtty_migrate_two_vfio_pci,
+    },
+    Scenario {
         name: "type1-dirty-edu",
         needs: Needs::DeviceId(EDU),
         run: migration::type1_dirty_edu,
