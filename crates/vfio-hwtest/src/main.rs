@@ -19,6 +19,7 @@ mod edu;
 mod group;
 mod harness;
 mod interop;
+mod migration;
 mod mode;
 mod modes;
 mod nvme;
