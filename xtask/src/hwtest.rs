@@ -13,11 +13,16 @@
 //! the static test binary and operator CLI (their own cargo target dir), the initramfs
 //! (rebuilt only when an input changed) and the NVMe backing file. A second run only boots.
 //!
+//! With `--kernel 6.12` and `custom`, the image also carries what the `guest-os-*` scenarios
+//! need (`hwtest/guest_os.rs`): KVM for L1, a stock L2 kernel and its workload initramfs, the reference
+//! VMM and the host's QEMU with its libraries and firmware.
+//!
 //! Either way, one line per scenario and a closing `N passed, M failed` are printed; any
 //! failure, a missing report, an unexpected QEMU exit or the timeout fails the command.
 
 pub(crate) mod console;
 mod custom;
+mod guest_os;
 pub(crate) mod host;
 pub(crate) mod initramfs;
 pub(crate) mod kernel;
@@ -43,7 +48,13 @@ cargo xtask hwtest (--qemu | --device <BDF>...) [options] [-- <vfio-hwtest args>
                       booted three times: legacy container, iommufd + cdev, no-IOMMU
   --mode <name>       with --kernel custom: boot only this mode (legacy, iommufd, noiommu;
                       repeatable)
-  --timeout <secs>    kill the guest (or the test binary) after this long (default 300)
+  --no-guest-os       leave out the guest-os-* scenarios (by default --kernel 6.12 and custom run
+                      them: L1 loads KVM and boots a stock Debian 6.12 L2 under the reference VMM
+                      and under the host's own QEMU, bundled into the initramfs, with nvme, edu
+                      and a vfio-user device passed through)
+  --rounds <n>        rounds of each VMM in guest-os-vs-qemu (default 3)
+  --timeout <secs>    kill the guest (or the test binary) after this long (default 300, 900
+                      with the guest-os scenarios)
   --refresh           resolve the current kernel package again instead of the cached one
   -v, --verbose       show the whole console (with timestamps) and the kernel's info messages
   -- <args>           passed to vfio-hwtest, e.g. `-- --only iommu`
@@ -75,8 +86,10 @@ struct Options {
     qemu: bool,
     devices: Vec<String>,
     kernel: String,
-    timeout: Duration,
+    timeout: Option<Duration>,
     refresh: bool,
+    no_guest_os: bool,
+    rounds: Option<usize>,
     verbose: bool,
     modes: Vec<String>,
     hwtest_args: Vec<String>,
@@ -88,8 +101,10 @@ impl Options {
             qemu: false,
             devices: Vec::new(),
             kernel: "6.1".to_string(),
-            timeout: Duration::from_secs(300),
+            timeout: None,
             refresh: false,
+            no_guest_os: false,
+            rounds: None,
             verbose: false,
             modes: Vec::new(),
             hwtest_args: Vec::new(),
@@ -117,9 +132,19 @@ impl Options {
                     let secs: u64 = v
                         .parse()
                         .with_context(|| format!("--timeout {v}: not a number of seconds"))?;
-                    o.timeout = Duration::from_secs(secs);
+                    o.timeout = Some(Duration::from_secs(secs));
                 }
                 "--refresh" => o.refresh = true,
+                "--no-guest-os" => o.no_guest_os = true,
+                "--rounds" => {
+                    let v = value("--rounds")?;
+                    let n: usize = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=20).contains(n))
+                        .with_context(|| format!("--rounds {v}: expected 1 to 20"))?;
+                    o.rounds = Some(n);
+                }
                 "--mode" => {
                     let m = value("--mode")?;
                     if !BOOT_MODES.iter().any(|b| b.name == m) {
@@ -154,6 +179,18 @@ impl Options {
         }
         Ok(o)
     }
+
+    /// Whether this run's boots carry and run the guest-os scenarios: kernels that can run
+    /// kvm-amd inside the guest (6.12 and custom; 6.1 is not in the list).
+    fn guest_os(&self) -> bool {
+        self.qemu && !self.no_guest_os && (self.kernel == "6.12" || self.kernel == custom::SERIES)
+    }
+
+    /// The deadline of one boot (or of the test binary on the host).
+    fn timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or(Duration::from_secs(if self.guest_os() { 900 } else { 300 }))
+    }
 }
 
 /// Entry point of `cargo xtask hwtest`.
@@ -178,7 +215,12 @@ pub(crate) struct GuestBins {
     pub(crate) hwtest: PathBuf,
     /// `vfio-passthrough`, the operator CLI its `cli-*` scenarios spawn.
     pub(crate) cli: PathBuf,
+    /// `vfio-reference-vmm`, which the guest-os scenarios run (when the crate is there).
+    pub(crate) vmm: Option<PathBuf>,
 }
+
+/// The reference VMM's package (and binary) name.
+const VMM_PACKAGE: &str = "vfio-reference-vmm";
 
 /// Builds the test binary and the operator CLI, statically linked so they run in an initramfs
 /// with no libc, in their own target dir so the normal build's cache is not invalidated by the
@@ -188,6 +230,11 @@ pub(crate) struct GuestBins {
 /// sysfs and `/dev`).
 pub(crate) fn build_guest_bins(cache: &Path) -> Result<GuestBins> {
     let target_dir = cache.join("build");
+    let with_vmm = root()
+        .join("crates")
+        .join(VMM_PACKAGE)
+        .join("Cargo.toml")
+        .is_file();
     let mut c = cargo();
     c.args([
         "build",
@@ -196,23 +243,36 @@ pub(crate) fn build_guest_bins(cache: &Path) -> Result<GuestBins> {
         "vfio-hwtest",
         "-p",
         "vfio-passthrough-cli",
-        "--target",
-        STATIC_TARGET,
-    ])
-    .env("CARGO_TARGET_DIR", &target_dir)
-    // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    // Smaller initramfs: no debug info in the guest binaries.
-    .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-    .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
-    run_cmd("build vfio-hwtest and vfio-passthrough (static)", c)?;
+    ]);
+    if with_vmm {
+        c.args(["-p", VMM_PACKAGE]);
+    }
+    c.args(["--target", STATIC_TARGET])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        // CARGO_ENCODED_RUSTFLAGS would win over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Smaller initramfs: no debug info in the guest binaries.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo");
+    run_cmd(
+        if with_vmm {
+            "build vfio-hwtest, vfio-passthrough and vfio-reference-vmm (static)"
+        } else {
+            "build vfio-hwtest and vfio-passthrough (static)"
+        },
+        c,
+    )?;
     let release = target_dir.join(STATIC_TARGET).join("release");
     let bins = GuestBins {
         hwtest: release.join("vfio-hwtest"),
         cli: release.join("vfio-passthrough"),
+        vmm: with_vmm.then(|| release.join(VMM_PACKAGE)),
     };
-    for bin in [&bins.hwtest, &bins.cli] {
+    for bin in [&bins.hwtest, &bins.cli]
+        .into_iter()
+        .chain(bins.vmm.as_ref())
+    {
         if elf_interpreter(bin)? {
             bail!(
                 "{} is dynamically linked (has PT_INTERP): it cannot run in the initramfs",
@@ -338,7 +398,12 @@ struct BootResult {
     problems: Vec<String>,
     log: PathBuf,
     took: Duration,
+    /// The guest-os side-by-side table's lines.
+    table: Vec<String>,
 }
+
+/// The prefix of the side-by-side table's lines (crates/vfio-hwtest/src/guest_os.rs).
+const TABLE_PREFIX: &str = "HWTEST-TABLE: ";
 
 /// The files one boot needs.
 struct Guest<'a> {
@@ -346,6 +411,8 @@ struct Guest<'a> {
     kernel: &'a kernel::Kernel,
     initrd: &'a Path,
     nvme_img: &'a Path,
+    /// Guest memory, MiB (more when the guest runs L2 guests of its own).
+    memory_mib: u32,
 }
 
 fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
@@ -370,7 +437,34 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     for id in QEMU_BIND_IDS {
         args.extend(["--require".to_string(), id.to_string()]);
     }
+    let mut modules = initramfs::GUEST_MODULES.to_vec();
+    let mut members = Vec::new();
+    if opts.guest_os() {
+        let t = Instant::now();
+        // L2 runs the Debian 6.12 kernel, also under the custom L1 kernel.
+        let l2_kernel = kernel::ensure_kernel(&mut apt, cache, "6.12", false)?;
+        let l2_initrd = guest_os::ensure_l2_initramfs(cache, &l2_kernel, &busybox)?;
+        members = guest_os::members(&l2_kernel, &l2_initrd, &qemu, bins.vmm.as_deref())?;
+        modules.push(guest_os::KVM_MODULE);
+        args.extend(["--guest-os".to_string(), format!("/{}", guest_os::L2_DIR)]);
+        if let Some(n) = opts.rounds {
+            args.extend(["--rounds".to_string(), n.to_string()]);
+        }
+        step(&format!(
+            "guest-os: L2 {} with {}, QEMU bundle of {} files, reference VMM {} ({:.1} s)",
+            l2_kernel.release,
+            l2_initrd.display(),
+            members.len().saturating_sub(2),
+            if bins.vmm.is_some() {
+                "built"
+            } else {
+                "NOT in this tree (crates/vfio-reference-vmm missing): its scenarios will fail"
+            },
+            t.elapsed().as_secs_f64()
+        ));
+    }
     args.extend(opts.hwtest_args.iter().cloned());
+    let t_image = Instant::now();
     let (initrd, rebuilt) = initramfs::ensure_initramfs(
         cache,
         &initramfs::Inputs {
@@ -380,16 +474,18 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
             cli: &bins.cli,
             bind_ids: QEMU_BIND_IDS,
             hwtest_args: args,
-            modules: initramfs::GUEST_MODULES,
+            modules: &modules,
             files: &[],
+            members: &members,
         },
     )?;
     let size = fs::metadata(&initrd).map(|m| m.len()).unwrap_or(0);
     step(&format!(
-        "initramfs {} ({} KiB, {})",
+        "initramfs {} ({} KiB, {} in {:.1} s)",
         initrd.display(),
         size / 1024,
-        if rebuilt { "rebuilt" } else { "unchanged" }
+        if rebuilt { "rebuilt" } else { "unchanged" },
+        t_image.elapsed().as_secs_f64()
     ));
     let nvme_img = cache.join("nvme.img");
     if fs::metadata(&nvme_img).map(|m| m.len()).ok() != Some(NVME_IMAGE_BYTES) {
@@ -402,6 +498,7 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
         kernel: &kernel,
         initrd: &initrd,
         nvme_img: &nvme_img,
+        memory_mib: if opts.guest_os() { 1536 } else { 512 },
     };
     let modes = boot_modes(opts);
     let mut results = Vec::new();
@@ -424,6 +521,16 @@ fn run_qemu(opts: &Options, cache: &Path) -> Result<()> {
     if results.len() > 1 {
         for r in &results {
             println!("{}", mode_summary(r));
+        }
+    }
+    for r in results.iter().filter(|r| !r.table.is_empty()) {
+        println!(
+            "guest-os side by side, mode {} (boot took {:.0} s):",
+            r.mode.name,
+            r.took.as_secs_f64()
+        );
+        for row in &r.table {
+            println!("  {row}");
         }
     }
     let mut problems = Vec::new();
@@ -500,7 +607,7 @@ fn boot(
         "-smp",
         "1",
         "-m",
-        "512",
+        &g.memory_mib.to_string(),
         "-nodefaults",
         "-nographic",
         "-serial",
@@ -557,10 +664,18 @@ fn boot(
         log.display()
     ));
     let mut report = Report::default();
+    let mut table = Vec::new();
     let boot_start = Instant::now();
-    let end = console::run_streamed(c, opts.timeout, &log, |t, line| {
+    let end = console::run_streamed(c, opts.timeout(), &log, |t, line| {
         if opts.verbose {
             println!("[{t:7.3}] {line}");
+        }
+        if let Some(at) = line.find(TABLE_PREFIX) {
+            let row = line[at + TABLE_PREFIX.len()..].to_string();
+            if !opts.verbose {
+                println!("  {row}");
+            }
+            table.push(row);
         }
         if let Some(s) = report.feed(line) {
             if !opts.verbose {
@@ -571,7 +686,10 @@ fn boot(
     let took = boot_start.elapsed();
 
     let mut problems: Vec<String> = end
-        .problem(opts.timeout, "kernel panic, early poweroff or a QEMU error")
+        .problem(
+            opts.timeout(),
+            "kernel panic, early poweroff or a QEMU error",
+        )
         .into_iter()
         .collect();
     problems.extend(report.problems(true));
@@ -581,6 +699,7 @@ fn boot(
         problems,
         log,
         took,
+        table,
     })
 }
 
@@ -623,7 +742,7 @@ fn run_host(opts: &Options, cache: &Path) -> Result<()> {
         opts.devices.join(" ")
     ));
     let mut report = Report::default();
-    let end = console::run_streamed(c, opts.timeout, &log, |_, line| {
+    let end = console::run_streamed(c, opts.timeout(), &log, |_, line| {
         if opts.verbose {
             println!("{line}");
         }
@@ -637,7 +756,7 @@ fn run_host(opts: &Options, cache: &Path) -> Result<()> {
     match end {
         End::TimedOut => problems.push(format!(
             "vfio-hwtest killed after the {} s timeout",
-            opts.timeout.as_secs()
+            opts.timeout().as_secs()
         )),
         End::Exited(s) if !s.success() => problems.push(format!("vfio-hwtest exited with {s}")),
         End::Exited(_) => {}
@@ -687,6 +806,23 @@ mod tests {
         for m in BOOT_MODES {
             assert!(m.append.contains(&format!("hwtest.mode={}", m.name)));
         }
+    }
+
+    #[test]
+    fn guest_os_scenarios_come_with_6_12_and_custom_only_and_stretch_the_default_timeout() {
+        let o = parse(&["--qemu", "--kernel", "6.12"]).unwrap();
+        assert!(o.guest_os());
+        assert_eq!(o.timeout(), Duration::from_secs(900));
+        assert!(parse(&["--qemu", "--kernel", "custom"]).unwrap().guest_os());
+        let old = parse(&["--qemu", "--kernel", "6.1"]).unwrap();
+        assert!(!old.guest_os());
+        assert_eq!(old.timeout(), Duration::from_secs(300));
+        let off = parse(&["--qemu", "--kernel", "6.12", "--no-guest-os"]).unwrap();
+        assert!(!off.guest_os());
+        let given = parse(&["--qemu", "--kernel", "6.12", "--timeout", "60"]).unwrap();
+        assert_eq!(given.timeout(), Duration::from_secs(60));
+        assert_eq!(parse(&["--qemu", "--rounds", "5"]).unwrap().rounds, Some(5));
+        assert!(parse(&["--qemu", "--rounds", "0"]).is_err());
     }
 
     #[test]

@@ -252,6 +252,7 @@ pub fn run(args: &[String]) -> Result<()> {
             hwtest_args: vec!["--interop".into(), format!("/{SHARE}")],
             modules: MODULES,
             files: &files,
+            members: &[],
         },
     )?;
     step(&format!(

@@ -28,7 +28,7 @@ const EXIT_NOT_READY: i32 = 1;
 const EXIT_ERROR: i32 = 2;
 
 /// What one run of the CLI left.
-struct CliRun {
+pub(crate) struct CliRun {
     status: ExitStatus,
     stdout: Vec<u8>,
     stderr: String,
@@ -39,7 +39,7 @@ impl CliRun {
         self.status.code()
     }
 
-    fn json(&self) -> Result<Value> {
+    pub(crate) fn json(&self) -> Result<Value> {
         serde_json::from_slice(&self.stdout).with_context(|| {
             format!(
                 "stdout is not JSON (exit {}; stderr: {})",
@@ -114,7 +114,7 @@ fn wait_bounded(child: &mut Child, what: &str) -> Result<ExitStatus> {
 
 /// Spawns the CLI with `args` after making sure this process holds no VFIO file (the CLI
 /// opens the group itself, and a group opens only once).
-fn run_cli(cli: &Path, args: &[&str]) -> Result<CliRun> {
+pub(crate) fn run_cli(cli: &Path, args: &[&str]) -> Result<CliRun> {
     let held = vfio_fds_held()?;
     ensure!(
         held.is_empty(),

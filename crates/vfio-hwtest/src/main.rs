@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! vfio-hwtest [--device BDF]... [--require VENDOR:DEVICE]... [--only SUBSTRING] [--cli PATH]
-//!             [--list]
+//!             [--guest-os DIR [--vmm PATH] [--l2-qemu PATH] [--rounds N]] [--list]
 //! ```
 //!
 //! Without `--device`, every function bound to `vfio-pci` is tested. Each scenario prints one
@@ -17,6 +17,7 @@ mod cli;
 mod device;
 mod edu;
 mod group;
+mod guest_os;
 mod harness;
 mod interop;
 mod migration;
@@ -50,6 +51,12 @@ usage: vfio-hwtest [--mode MODE] [--device BDF]... [--require VENDOR:DEVICE]... 
   --interop DIR              run the vfio-user interop set instead of the common one: DIR holds
                              `vfio-passthrough inspect --fake <profile> --json` outputs
                              (<profile>.json), the prediction the guest's view is checked against
+  --guest-os DIR             run the guest-os-* scenarios last: DIR holds vmlinuz and initrd.gz of
+                             a second-level guest (L2) whose /init is the workload; needs /dev/kvm
+  --vmm PATH                 the reference VMM they run (default /vfio-reference-vmm)
+  --l2-qemu PATH             the QEMU of the side-by-side run (default /usr/bin/qemu-system-x86_64,
+                             firmware from /usr/share/qemu)
+  --rounds N                 rounds of each VMM in the side-by-side run (default 3)
   --list                     print the scenario names and exit
 ";
 
@@ -63,6 +70,10 @@ struct Args {
     mode: mode::Mode,
     cli: Option<PathBuf>,
     interop: Option<PathBuf>,
+    guest_os: Option<PathBuf>,
+    vmm: Option<PathBuf>,
+    l2_qemu: Option<PathBuf>,
+    rounds: Option<usize>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args> {
@@ -82,6 +93,18 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--mode" => out.mode = mode::Mode::parse(&value("--mode")?)?,
             "--cli" => out.cli = Some(PathBuf::from(value("--cli")?)),
             "--interop" => out.interop = Some(PathBuf::from(value("--interop")?)),
+            "--guest-os" => out.guest_os = Some(PathBuf::from(value("--guest-os")?)),
+            "--vmm" => out.vmm = Some(PathBuf::from(value("--vmm")?)),
+            "--l2-qemu" => out.l2_qemu = Some(PathBuf::from(value("--l2-qemu")?)),
+            "--rounds" => {
+                let v = value("--rounds")?;
+                let n: usize = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=20).contains(n))
+                    .with_context(|| format!("--rounds {v}: expected 1 to 20"))?;
+                out.rounds = Some(n);
+            }
             other => bail!("unknown argument `{other}`"),
         }
     }
@@ -97,7 +120,11 @@ fn run(args: &Args) -> Result<bool> {
             }
             return Ok(true);
         }
-        for s in scenarios::SCENARIOS.iter().chain(mode_only) {
+        for s in scenarios::SCENARIOS
+            .iter()
+            .chain(mode_only)
+            .chain(guest_os::SCENARIOS)
+        {
             println!("{}", s.name);
         }
         return Ok(true);
@@ -118,6 +145,21 @@ fn run(args: &Args) -> Result<bool> {
     harness::install_quiet_panic_hook();
     harness::install_log_capture();
     mode::set_current(args.mode);
+    if let Some(dir) = &args.guest_os {
+        guest_os::configure(guest_os::Config {
+            dir: dir.clone(),
+            vmm: args
+                .vmm
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(guest_os::DEFAULT_VMM)),
+            qemu: args
+                .l2_qemu
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(guest_os::DEFAULT_QEMU)),
+            firmware: PathBuf::from(guest_os::DEFAULT_FIRMWARE),
+            rounds: args.rounds.unwrap_or(guest_os::DEFAULT_ROUNDS),
+        });
+    }
     let opts = RunOptions {
         only: args.only.as_deref(),
         mode: args.mode,
@@ -129,9 +171,11 @@ fn run(args: &Args) -> Result<bool> {
             interop::set_dir(dir.clone());
             interop::table(&devices)
         }
+        // The guest-os scenarios go last: they rebind nvme in L1 for its native read.
         None => scenarios::SCENARIOS
             .iter()
             .chain(modes::scenarios(args.mode))
+            .chain(guest_os::SCENARIOS)
             .copied()
             .collect(),
     };

@@ -118,6 +118,17 @@ pub const OPTIONS: &[&str] = &[
     "BLOCK",
     "BLK_DEV_NVME",
     "NVME_CORE",
+    // The guest-os scenarios: KVM (kvm-amd: `-cpu max` offers svm and npt under TCG) for the
+    // reference VMM and the bundled QEMU; AF_UNIX for `serve-fake`'s vfio-user socket; the
+    // system calls QEMU uses when it finds them.
+    "VIRTUALIZATION",
+    "KVM",
+    "KVM_AMD",
+    "NET",
+    "UNIX",
+    "AIO",
+    "MEMBARRIER",
+    "ADVISE_SYSCALLS",
 ];
 
 /// Options that must come out of `olddefconfig` as `=y`: without them a mode cannot run.
@@ -141,6 +152,9 @@ const REQUIRED: &[&str] = &[
     "VFIO_MDEV",
     "SAMPLE_VFIO_MDEV_MTTY",
     "BLK_DEV_NVME",
+    "KVM",
+    "KVM_AMD",
+    "UNIX",
 ];
 
 /// The fingerprint of the configuration recipe: the base config, the option list, the step

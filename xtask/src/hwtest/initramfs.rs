@@ -266,6 +266,20 @@ pub struct Inputs<'a> {
     /// Further files for the image, as (path in the image, contents), such as the interop
     /// run's `inspect --json` predictions.
     pub files: &'a [(String, Vec<u8>)],
+    /// Further files copied from the host (the guest-os scenarios' L2 assets and bundled
+    /// QEMU); fingerprinted by path, size and mtime, not read unless the image is rebuilt.
+    pub members: &'a [Member],
+}
+
+/// A host file that goes into the image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Its path in the image (relative, no leading `/`).
+    pub path: String,
+    /// The host file (symlinks followed).
+    pub source: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
 }
 
 /// A 64-bit FNV-1a hash: a stable fingerprint (std's hasher may change between toolchains).
@@ -327,9 +341,16 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
     for (path, data) in inp.files {
         cpio.file(path, 0o644, data)?;
     }
+    for m in inp.members {
+        cpio.file(&m.path, m.mode, &read(&m.source)?)?;
+    }
+    add_modules(&mut cpio, k, &plan)?;
+    write_image(cpio, &image, &stamp_path, &stamp)
+}
 
-    // The modules, and a modules.dep that names only them (busybox modprobe reads the text
-    // form; dependencies of an included module are included, so no line points outside).
+/// Adds the modules of `plan` and a modules.dep that names only them (busybox modprobe reads
+/// the text form; dependencies of an included module are included, so no line points outside).
+pub fn add_modules(cpio: &mut Cpio, k: &Kernel, plan: &ModulePlan) -> Result<()> {
     let mod_root = format!("lib/modules/{}/", k.release);
     let mut rel_names = Vec::new();
     for f in &plan.files {
@@ -337,7 +358,7 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
         rel_names.push(f.strip_prefix(&mod_root).unwrap_or(f).to_string());
     }
     if plan.files.is_empty() {
-        return write_image(cpio, &image, &stamp_path, &stamp);
+        return Ok(());
     }
     let dep = read_text(&k.modules_dir().join("modules.dep"))?;
     let kept: String = dep
@@ -358,7 +379,7 @@ pub fn ensure_initramfs(cache: &Path, inp: &Inputs<'_>) -> Result<(PathBuf, bool
             cpio.file(&format!("{mod_root}{extra}"), 0o644, &read(&p)?)?;
         }
     }
-    write_image(cpio, &image, &stamp_path, &stamp)
+    Ok(())
 }
 
 /// The fingerprint of an image's inputs: the `/init` text, then path, size and mtime of
@@ -375,12 +396,29 @@ fn inputs_stamp(init: &str, inp: &Inputs<'_>, module_files: &[PathBuf]) -> Resul
     for f in module_files {
         stamp.push_str(&file_stamp(f)?);
     }
+    for m in inp.members {
+        stamp.push_str(&format!("member {} {:o} ", m.path, m.mode));
+        stamp.push_str(&file_stamp(&m.source)?);
+    }
     for (path, data) in inp.files {
         stamp.push_str(&format!(
             "file {path} {} {:016x}\n",
             data.len(),
             fnv1a(0xcbf2_9ce4_8422_2325, data)
         ));
+    }
+    Ok(stamp)
+}
+
+/// The fingerprint of an image made of `init` and host files: the `/init` text's hash, then
+/// path, size and mtime of each file.
+pub fn inputs_file_stamp(init: &str, files: &[PathBuf]) -> Result<String> {
+    let mut stamp = format!(
+        "init {:016x}\n",
+        fnv1a(0xcbf2_9ce4_8422_2325, init.as_bytes())
+    );
+    for f in files {
+        stamp.push_str(&file_stamp(f)?);
     }
     Ok(stamp)
 }
@@ -427,7 +465,7 @@ fn read_text(p: &Path) -> Result<String> {
 }
 
 /// `gzip -1 -n` of `data` into the file `out`.
-fn gzip(data: &[u8], out: &Path) -> Result<()> {
+pub fn gzip(data: &[u8], out: &Path) -> Result<()> {
     let file = File::create(out).with_context(|| format!("create {}", out.display()))?;
     let mut child = Command::new(tool("gzip", "gzip")?)
         .args(["-1", "-n", "-c"])
@@ -602,6 +640,7 @@ mod tests {
             hwtest_args: Vec::new(),
             modules: GUEST_MODULES,
             files: &[],
+            members: &[],
         };
         let before = inputs_stamp("init", &inp, &[]).unwrap();
         assert!(before.contains(&cli.display().to_string()));
@@ -656,6 +695,7 @@ mod tests {
             hwtest_args: Vec::new(),
             modules: &[],
             files,
+            members: &[],
         };
         let sa = inputs_stamp("init", &inp(&a), &[]).unwrap();
         assert!(sa.contains("interop/edu.json"));
@@ -674,6 +714,58 @@ mod tests {
         assert!(
             !ensure_initramfs(&tmp, &inp(&a)).unwrap().1,
             "same inputs: reused"
+        );
+        let _ = fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn host_file_members_go_in_with_their_mode_and_a_changed_one_rebuilds_the_image() {
+        let tmp = std::env::temp_dir().join(format!("xtask-members-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let bin = tmp.join("bin");
+        fs::write(&bin, b"1").unwrap();
+        let qemu = tmp.join("qemu");
+        fs::write(&qemu, b"QEMU").unwrap();
+        let kernel = Kernel {
+            release: "test".into(),
+            root: tmp.clone(),
+        };
+        let members = [Member {
+            path: "usr/bin/qemu-system-x86_64".into(),
+            source: qemu.clone(),
+            mode: 0o755,
+        }];
+        let inp = Inputs {
+            kernel: &kernel,
+            busybox: &bin,
+            hwtest: &bin,
+            cli: &bin,
+            bind_ids: &[],
+            hwtest_args: Vec::new(),
+            modules: &[],
+            files: &[],
+            members: &members,
+        };
+        let (image, rebuilt) = ensure_initramfs(&tmp, &inp).unwrap();
+        assert!(rebuilt);
+        let out = Command::new("gzip")
+            .arg("-dc")
+            .arg(&image)
+            .output()
+            .unwrap();
+        let m = parse(&out.stdout)
+            .into_iter()
+            .find(|m| m.0 == "usr/bin/qemu-system-x86_64")
+            .unwrap();
+        assert_eq!((m.1, m.4.as_slice()), (S_IFREG | 0o755, &b"QEMU"[..]));
+        assert!(
+            !ensure_initramfs(&tmp, &inp).unwrap().1,
+            "same inputs: reused"
+        );
+        fs::write(&qemu, b"QEMU 2").unwrap();
+        assert!(
+            ensure_initramfs(&tmp, &inp).unwrap().1,
+            "a changed member: rebuilt"
         );
         let _ = fs::remove_dir_all(&tmp);
     }
