@@ -77,6 +77,22 @@ impl IommuDomain for CountingDomain {
         bump(&self.counts, Call::IovaRanges);
         self.inner.iova_ranges()
     }
+
+    fn dirty_page_sizes(&self) -> Result<u64> {
+        self.inner.dirty_page_sizes()
+    }
+
+    fn dirty_tracking_start(&self) -> Result<()> {
+        self.inner.dirty_tracking_start()
+    }
+
+    fn dirty_tracking_stop(&self) -> Result<()> {
+        self.inner.dirty_tracking_stop()
+    }
+
+    fn dirty_bitmap(&self, iova: u64, size: u64, page_size: u64, bitmap: &mut [u64]) -> Result<()> {
+        self.inner.dirty_bitmap(iova, size, page_size, bitmap)
+    }
 }
 
 impl std::fmt::Debug for CountingVfio {
@@ -189,5 +205,43 @@ impl Vfio for CountingVfio {
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
         self.inner.region_mmap_fd(index)
+    }
+
+    fn migration_flags(&self) -> Result<Option<vfio_backend::MigrationFlags>> {
+        self.inner.migration_flags()
+    }
+
+    fn mig_state(&self) -> Result<vfio_backend::MigState> {
+        self.inner.mig_state()
+    }
+
+    fn set_mig_state(
+        &self,
+        state: vfio_backend::MigState,
+    ) -> Result<Option<Box<dyn vfio_backend::MigrationStream>>> {
+        self.inner.set_mig_state(state)
+    }
+
+    fn mig_data_size(&self) -> Result<u64> {
+        self.inner.mig_data_size()
+    }
+
+    fn dma_logging_start(&self, page_size: u64, ranges: &[vfio_backend::DirtyRange]) -> Result<()> {
+        self.inner.dma_logging_start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&self) -> Result<()> {
+        self.inner.dma_logging_stop()
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<()> {
+        self.inner
+            .dma_logging_report(iova, length, page_size, bitmap)
     }
 }

@@ -1151,7 +1151,7 @@ fn user_server_seeds(out: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
 pub type Target = fn(&[u8]);
 
 /// The fuzz targets, by name, with their bodies.
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("config_space", config_space),
     ("msix", msix),
     ("bar_access", bar_access),
@@ -1159,7 +1159,80 @@ pub const TARGETS: [(&str, Target); 7] = [
     ("user_server", user_server),
     ("templates", templates),
     ("backend_parsers", backend_parsers),
+    ("migration_stream", migration_stream),
 ];
+
+/// Sets the CRC of every whole chunk of a migration stream (after its
+/// 16-byte prefix) to the right one, so that the fuzzer's changes reach the
+/// payload decoders; a chunk cut short is left as it is.
+fn repair_chunk_crcs(stream: &mut [u8]) {
+    let mut at = 16usize;
+    for _ in 0..4096 {
+        let Some(len) = stream
+            .get(at + 8..at + 12)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(|b| u32::from_le_bytes(b) as usize)
+        else {
+            return;
+        };
+        let end = at.saturating_add(12).saturating_add(len);
+        let Some(crc) = stream.get(at..end).map(vfio_pci::migration::crc32) else {
+            return;
+        };
+        let Some(slot) = stream.get_mut(end..end + 4) else {
+            return;
+        };
+        slot.copy_from_slice(&crc.to_le_bytes());
+        at = end + 4;
+    }
+}
+
+/// `migration_stream`: a migration stream as a destination reads it. The
+/// first byte picks: bit 0 repairs every chunk's CRC (reaching the identity,
+/// emulated-state and end decoders); bit 1 also loads the stream into a
+/// migratable nvme-like fake through `VfioPciDevice::resume_migration`.
+/// Invariants: no panic; a stream `check_stream` refuses is refused by the
+/// destination too; whatever the stream, the destination device ends
+/// RUNNING.
+pub fn migration_stream(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut stream = rest.to_vec();
+    if mode & 1 != 0 {
+        repair_chunk_crcs(&mut stream);
+    }
+    let checked = vfio_pci::migration::check_stream(&stream[..], 1 << 20);
+    if let Ok(s) = &checked {
+        assert!(s.stream_bytes <= stream.len() as u64);
+    }
+    if mode & 2 == 0 {
+        return;
+    }
+    let Some((_vm, fake, dev)) = attach(0) else {
+        return;
+    };
+    let r = dev.resume_migration(&stream[..]);
+    assert!(
+        checked.is_ok() || r.is_err(),
+        "the destination took a stream check_stream refuses"
+    );
+    assert_eq!(
+        fake.mig_state().ok(),
+        Some(vfio_backend::MigState::Running),
+        "the destination device is left RUNNING ({r:?})"
+    );
+}
+
+/// A whole migration stream of an nvme-like fake, for the seeds.
+fn a_migration_stream() -> Option<Vec<u8>> {
+    let (_vm, _fake, dev) = attach(0)?;
+    let mut out = Vec::new();
+    let mut m = dev.start_migration().ok()?;
+    m.stop_and_copy(&mut out).ok()?;
+    m.complete().ok()?;
+    Some(out)
+}
 
 /// Encodes one operation of [`config_space`].
 fn cfg_op(out: &mut Vec<u8>, op: u8, off: u16, len_sel: u8, val: u64) {
@@ -1373,6 +1446,20 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         );
     }
     user_server_seeds(&mut out);
+    if let Some(stream) = a_migration_stream() {
+        for (mode, name) in [
+            (0u8, "whole"),
+            (1, "whole-crc-repaired"),
+            (3, "whole-loaded"),
+        ] {
+            let mut s = vec![mode];
+            s.extend_from_slice(&stream);
+            out.push(("migration_stream", name, s));
+        }
+        let mut s = vec![3u8];
+        s.extend_from_slice(&stream[..stream.len() / 2]);
+        out.push(("migration_stream", "half-loaded", s));
+    }
     out
 }
 

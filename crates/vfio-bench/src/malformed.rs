@@ -142,6 +142,48 @@ impl Vfio for PatchedDevice {
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {
         self.fake.region_mmap_fd(index)
     }
+
+    fn migration_flags(&self) -> VfioResult<Option<vfio_backend::MigrationFlags>> {
+        self.fake.migration_flags()
+    }
+
+    fn mig_state(&self) -> VfioResult<vfio_backend::MigState> {
+        self.fake.mig_state()
+    }
+
+    fn set_mig_state(
+        &self,
+        state: vfio_backend::MigState,
+    ) -> VfioResult<Option<Box<dyn vfio_backend::MigrationStream>>> {
+        self.fake.set_mig_state(state)
+    }
+
+    fn mig_data_size(&self) -> VfioResult<u64> {
+        self.fake.mig_data_size()
+    }
+
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[vfio_backend::DirtyRange],
+    ) -> VfioResult<()> {
+        self.fake.dma_logging_start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&self) -> VfioResult<()> {
+        self.fake.dma_logging_stop()
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> VfioResult<()> {
+        self.fake
+            .dma_logging_report(iova, length, page_size, bitmap)
+    }
 }
 
 /// One broken device of the corpus.

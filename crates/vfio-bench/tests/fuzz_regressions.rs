@@ -138,6 +138,48 @@ impl Vfio for ShortFile {
     fn region_mmap_fd(&self, i: u32) -> Option<(BorrowedFd<'_>, u64)> {
         (i == 0).then(|| (self.file.as_fd(), 0))
     }
+
+    fn migration_flags(&self) -> vfio_backend::Result<Option<vfio_backend::MigrationFlags>> {
+        self.inner.migration_flags()
+    }
+
+    fn mig_state(&self) -> vfio_backend::Result<vfio_backend::MigState> {
+        self.inner.mig_state()
+    }
+
+    fn set_mig_state(
+        &self,
+        state: vfio_backend::MigState,
+    ) -> vfio_backend::Result<Option<Box<dyn vfio_backend::MigrationStream>>> {
+        self.inner.set_mig_state(state)
+    }
+
+    fn mig_data_size(&self) -> vfio_backend::Result<u64> {
+        self.inner.mig_data_size()
+    }
+
+    fn dma_logging_start(
+        &self,
+        page_size: u64,
+        ranges: &[vfio_backend::DirtyRange],
+    ) -> vfio_backend::Result<()> {
+        self.inner.dma_logging_start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&self) -> vfio_backend::Result<()> {
+        self.inner.dma_logging_stop()
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> vfio_backend::Result<()> {
+        self.inner
+            .dma_logging_report(iova, length, page_size, bitmap)
+    }
 }
 
 #[test]

@@ -384,3 +384,26 @@ fn patched_config_bytes_show_only_in_config_reads() {
     assert_eq!(&b[2..], &raw[2..]);
     assert_ne!(&raw[..2], &[0xaa, 0xbb]);
 }
+
+#[test]
+fn wrappers_forward_the_migration_methods_to_the_device() {
+    // The fake device migrates (STOP_COPY, P2P, PRE_COPY); a wrapper that kept the trait's
+    // defaults would say it cannot.
+    use vfio_backend::MigState;
+    let fake = Arc::new(FakeDevice::profile("nvme-like").unwrap());
+    let want = fake.migration_flags().unwrap();
+    assert!(want.is_some_and(|f| f.stop_copy()));
+    let wrappers: Vec<Arc<dyn Vfio>> = vec![
+        Arc::new(PatchedDevice::new(fake.clone())),
+        Arc::new(vfio_bench::counting::CountingVfio::new(fake.clone())),
+        Arc::new(vfio_bench::hot::MirrorVfio::new(fake.clone()).unwrap()),
+    ];
+    for w in wrappers {
+        assert_eq!(w.migration_flags().unwrap(), want);
+        assert_eq!(w.mig_state().unwrap(), MigState::Running);
+        assert!(w.set_mig_state(MigState::Stop).unwrap().is_none());
+        assert_eq!(fake.mig_state().unwrap(), MigState::Stop);
+        assert!(w.mig_data_size().is_ok());
+        w.set_mig_state(MigState::Running).unwrap();
+    }
+}

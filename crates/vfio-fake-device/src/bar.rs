@@ -114,6 +114,11 @@ impl Bar {
         self.file.as_fd()
     }
 
+    /// Bytes of memory behind the BAR (its size, at least a page).
+    pub(crate) fn mem_len(&self) -> u64 {
+        self.len
+    }
+
     pub(crate) fn mmappable(&self) -> bool {
         !self.areas.is_empty()
     }

@@ -3,24 +3,28 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vfio_backend::{
-    device_flags, irq, irq_flags, region, region_flags, DeviceInfo, Error, IommuDomain, IrqInfo,
-    Mapping, RegionCap, RegionInfo, Result, SparseArea, Vfio,
+    device_flags, irq, irq_flags, region, region_flags, DeviceInfo, DirtyRange, Error, IommuDomain,
+    IrqInfo, Mapping, MigState, MigrationFlags, MigrationStream, RegionCap, RegionInfo, Result,
+    SparseArea, Vfio,
 };
 
 use crate::bar::Bar;
 use crate::dma::{DmaFault, DmaMappings, Piece};
 use crate::error::FakeResult;
-use crate::inject::{Counters, Faults, Injected, Op};
+use crate::inject::{Counters, Faults, Injected, MigOp, Op};
 use crate::iommu::FakeIommu;
 use crate::irq::{IrqState, Trigger};
+use crate::mig::DmaLog;
 use crate::regs::{self, Ctx, Job};
 use crate::template::{cap_id, BarKind, DeviceTemplate, RegisterKind, PAGE_SIZE};
+
+mod migrate;
 
 /// What register accesses that cannot start a DMA see of the mappings.
 static NO_MAPPINGS: DmaMappings = DmaMappings::EMPTY;
@@ -43,6 +47,39 @@ struct State {
     /// Bumped by every reset: a transfer the DMA thread started before it
     /// neither writes device memory nor completes after it.
     dma_epoch: u64,
+    /// Quiesced for migration: no DMA starts, no interrupt is raised.
+    quiesced: bool,
+    /// The transfers started and not finished (at most one per engine).
+    jobs: Vec<InFlight>,
+    /// DMA threads running now.
+    dma_threads: usize,
+}
+
+/// A DMA transfer the device started and has not finished: running on a
+/// DMA thread, or parked (with the bytes done so far) while the device is
+/// quiesced.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    bar: u32,
+    job: Job,
+    done: u64,
+    running: bool,
+}
+
+/// Which engine a job belongs to (an engine runs one job at a time).
+fn job_key(bar: u32, job: &Job) -> (u32, u64) {
+    match job {
+        Job::Edu { .. } => (bar, u64::MAX),
+        Job::Engine { base, .. } => (bar, *base),
+    }
+}
+
+/// How a DMA thread's run ended.
+enum JobEnd {
+    /// Done (or abandoned after a reset): finish it.
+    Finished(std::result::Result<(), DmaFault>),
+    /// The device quiesced: these many bytes are done, the rest waits.
+    Parked(u64),
 }
 
 /// A transfer for the DMA thread: the BAR of the engine, the job, and the
@@ -87,6 +124,13 @@ struct Inner {
     iommu: Arc<FakeIommu>,
     /// The device's attachment to `iommu`.
     iommu_token: u64,
+    /// Signalled when a DMA thread ends or parks.
+    idle: Condvar,
+    /// The migration state and its data stream. Lock order: this, then
+    /// the state lock.
+    mig: Mutex<migrate::MigCtl>,
+    /// The guest pages the device's DMA wrote, while logging.
+    log: DmaLog,
 }
 
 /// A fake PCI function behind the [`Vfio`] trait, in-process.
@@ -189,11 +233,22 @@ impl FakeDevice {
                     context: format!("attaching the device to its fake IOMMU: {e}"),
                     source: std::io::Error::from_raw_os_error(e.errno().unwrap_or(libc::EINVAL)),
                 })?;
+        let engines = template
+            .registers()
+            .iter()
+            .filter(|b| matches!(b.kind, RegisterKind::DmaEngine { .. } | RegisterKind::Edu))
+            .count();
         let inner = Inner {
+            idle: Condvar::new(),
+            mig: Mutex::new(migrate::MigCtl::default()),
+            log: DmaLog::default(),
             state: Mutex::new(State {
                 config: template.config().to_vec(),
                 irq,
                 dma_epoch: 0,
+                quiesced: false,
+                jobs: Vec::with_capacity(engines),
+                dma_threads: 0,
             }),
             command: AtomicU16::new(0),
             bars,
@@ -248,6 +303,25 @@ impl FakeDevice {
         self.inner.lock().irq.intx_masked()
     }
 
+    /// Whether MSI ([`irq::MSI`]) or MSI-X ([`irq::MSIX`]) vector `vector`
+    /// is pending: raised while the device was quiesced for migration (or
+    /// carried in a migrated state) and not signalled yet.
+    pub fn irq_pending(&self, index: u32, vector: u32) -> bool {
+        self.inner.lock().irq.held(index, vector)
+    }
+
+    /// Whether the INTx line is asserted (what the status register's
+    /// Interrupt Status bit reads).
+    pub fn intx_asserted(&self) -> bool {
+        self.inner.lock().irq.intx_line()
+    }
+
+    /// DMA transfers started and not finished: running, or parked while the
+    /// device is quiesced for migration.
+    pub fn dma_in_flight(&self) -> usize {
+        self.inner.lock().jobs.len()
+    }
+
     /// Number of DMA mappings in the device's IOMMU domain.
     pub fn dma_mapping_count(&self) -> usize {
         self.inner.iommu.mapping_count()
@@ -284,20 +358,8 @@ impl FakeDevice {
 
     /// Runs a transfer a register write deferred, on its own thread.
     fn spawn_dma(&self, deferred: Option<Deferred>) {
-        let Some((bar, job, epoch)) = deferred else {
-            return;
-        };
-        let inner = Arc::clone(&self.inner);
-        let spawned = std::thread::Builder::new()
-            .name("fake-dma".into())
-            .spawn(move || {
-                let result = inner.run_job(bar, job, epoch);
-                inner.finish_job(bar, job, epoch, result);
-            });
-        if let Err(e) = spawned {
-            log::warn!("fake device: cannot start the DMA thread: {e}");
-            self.inner
-                .finish_job(bar, job, epoch, Err(DmaFault::Unreachable));
+        if let Some((bar, job, epoch)) = deferred {
+            spawn_job(&self.inner, bar, job, epoch, 0);
         }
     }
 
@@ -308,6 +370,22 @@ impl FakeDevice {
             None => Ok(inner),
             Some(what) => Err(injected(op, what)),
         }
+    }
+}
+
+/// Runs (or goes on with, from `done` bytes) a transfer on its own DMA
+/// thread. The caller counted the thread in `dma_threads`.
+fn spawn_job(inner: &Arc<Inner>, bar: u32, job: Job, epoch: u64, done: u64) {
+    let i = Arc::clone(inner);
+    let spawned = std::thread::Builder::new()
+        .name("fake-dma".into())
+        .spawn(move || match i.run_job(bar, job, epoch, done) {
+            JobEnd::Finished(result) => i.finish_job(bar, job, epoch, result),
+            JobEnd::Parked(done) => i.park_job(bar, job, epoch, done),
+        });
+    if let Err(e) = spawned {
+        log::warn!("fake device: cannot start the DMA thread: {e}");
+        inner.finish_job(bar, job, epoch, Err(DmaFault::Unreachable));
     }
 }
 
@@ -426,12 +504,29 @@ impl Inner {
             counters: &self.counters,
             deferred: None,
             bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
+            quiesced: st.quiesced,
+            log: &self.log,
         };
         match read {
             Some(out) => regs::read(&mut ctx, block, offset, out),
             None => regs::write(&mut ctx, block, offset, write),
         }
-        Ok(ctx.deferred.map(|job| (index, job, st.dma_epoch)))
+        let Some(job) = ctx.deferred else {
+            return Ok(None);
+        };
+        // Quiesced: the job waits, parked, for the device to run again.
+        let running = !st.quiesced;
+        st.jobs.push(InFlight {
+            bar: index,
+            job,
+            done: 0,
+            running,
+        });
+        if !running {
+            return Ok(None);
+        }
+        st.dma_threads += 1;
+        Ok(Some((index, job, st.dma_epoch)))
     }
 
     /// Reads guest memory at `iova`, piece by piece: the domain's mapping
@@ -542,24 +637,68 @@ impl Inner {
                     })?;
                 }
             }
+            self.log.mark(cur, n);
             done += n;
         }
         Ok(())
     }
 
-    /// Whether a reset came since `epoch`.
-    fn stale(&self, epoch: u64) -> bool {
-        self.lock().dma_epoch != epoch
+    /// Whether a reset came since `epoch` (`Some(true)`), the device is
+    /// quiesced (`None`), or the job may go on (`Some(false)`).
+    fn stale(&self, epoch: u64) -> Option<bool> {
+        let st = self.lock();
+        if st.dma_epoch != epoch {
+            Some(true)
+        } else if st.quiesced {
+            None
+        } else {
+            Some(false)
+        }
     }
 
-    /// Moves the data of a deferred transfer (on the DMA thread, without
-    /// the device lock but while looking pieces up).
-    fn run_job(&self, bar: u32, job: Job, epoch: u64) -> std::result::Result<(), DmaFault> {
-        let bar = self
-            .bars
-            .get(bar as usize)
-            .and_then(Option::as_ref)
-            .ok_or(DmaFault::OutOfDeviceRange)?;
+    /// Moves the data of a deferred transfer from byte `start` on (on the
+    /// DMA thread, without the device lock but while looking pieces up),
+    /// until it is done or the device quiesces.
+    fn run_job(&self, bar: u32, job: Job, epoch: u64, start: u64) -> JobEnd {
+        match self.stale(epoch) {
+            Some(true) => return JobEnd::Finished(Ok(())),
+            None => return JobEnd::Parked(start),
+            Some(false) => {}
+        }
+        let Some(bar) = self.bars.get(bar as usize).and_then(Option::as_ref) else {
+            return JobEnd::Finished(Err(DmaFault::OutOfDeviceRange));
+        };
+        match job {
+            Job::Edu { .. } => JobEnd::Finished(self.run_edu(bar, job, epoch)),
+            Job::Engine { src, dst, len, .. } => {
+                let step = usize::try_from(len).map_or(DMA_STEP, |l| l.min(DMA_STEP));
+                let mut buf = vec![0u8; step];
+                let mut done = start;
+                while done < len {
+                    match self.stale(epoch) {
+                        Some(true) => return JobEnd::Finished(Ok(())),
+                        None => return JobEnd::Parked(done),
+                        Some(false) => {}
+                    }
+                    let n = (len - done).min(step as u64);
+                    let Some(piece) = buf.get_mut(..n as usize) else {
+                        return JobEnd::Finished(Err(DmaFault::TooLong));
+                    };
+                    let moved = self
+                        .dma_io_read(src.wrapping_add(done), piece)
+                        .and_then(|()| self.dma_io_write(dst.wrapping_add(done), piece));
+                    if let Err(f) = moved {
+                        return JobEnd::Finished(Err(f));
+                    }
+                    done += n;
+                }
+                JobEnd::Finished(Ok(()))
+            }
+        }
+    }
+
+    /// An edu transfer: one step, at most the device buffer.
+    fn run_edu(&self, bar: &Bar, job: Job, epoch: u64) -> std::result::Result<(), DmaFault> {
         match job {
             Job::Edu { cmd, src, dst, cnt } => {
                 let len = usize::try_from(cnt).map_err(|_| DmaFault::TooLong)?;
@@ -581,22 +720,28 @@ impl Inner {
                     Ok(())
                 }
             }
-            Job::Engine { src, dst, len, .. } => {
-                let step = usize::try_from(len).map_or(DMA_STEP, |l| l.min(DMA_STEP));
-                let mut buf = vec![0u8; step];
-                let mut done = 0u64;
-                while done < len {
-                    if self.stale(epoch) {
-                        return Ok(());
-                    }
-                    let n = (len - done).min(step as u64);
-                    let piece = buf.get_mut(..n as usize).ok_or(DmaFault::TooLong)?;
-                    self.dma_io_read(src.wrapping_add(done), piece)?;
-                    self.dma_io_write(dst.wrapping_add(done), piece)?;
-                    done += n;
-                }
-                Ok(())
-            }
+            Job::Engine { .. } => Err(DmaFault::OutOfDeviceRange),
+        }
+    }
+
+    /// A DMA thread ended or parked: wakes whoever waits for the DMA to
+    /// quiesce.
+    fn thread_gone(&self, st: &mut State) {
+        st.dma_threads = st.dma_threads.saturating_sub(1);
+        self.idle.notify_all();
+    }
+
+    /// Keeps a transfer the device quiesced during, with its progress.
+    fn park_job(&self, bar: u32, job: Job, epoch: u64, done: u64) {
+        let mut st = self.lock();
+        self.thread_gone(&mut st);
+        if st.dma_epoch != epoch {
+            return;
+        }
+        let key = job_key(bar, &job);
+        if let Some(j) = st.jobs.iter_mut().find(|j| job_key(j.bar, &j.job) == key) {
+            j.done = done;
+            j.running = false;
         }
     }
 
@@ -609,14 +754,17 @@ impl Inner {
         epoch: u64,
         result: std::result::Result<(), DmaFault>,
     ) {
-        let Some(bar) = self.bars.get(bar as usize).and_then(Option::as_ref) else {
-            return;
-        };
         let mut guard = self.lock();
         let st = &mut *guard;
+        self.thread_gone(st);
         if st.dma_epoch != epoch {
             return;
         }
+        let key = job_key(bar, &job);
+        st.jobs.retain(|j| job_key(j.bar, &j.job) != key);
+        let Some(bar) = self.bars.get(bar as usize).and_then(Option::as_ref) else {
+            return;
+        };
         let maps = self.iommu.mappings();
         let mut ctx = Ctx {
             bar,
@@ -627,6 +775,8 @@ impl Inner {
             // Finishing only writes status and raises the interrupt: the
             // transfer itself was checked against Bus Master Enable at start.
             bus_master: self.command.load(Ordering::Relaxed) & COMMAND_BUS_MASTER != 0,
+            quiesced: st.quiesced,
+            log: &self.log,
         };
         match job {
             Job::Edu { cmd, .. } => regs::edu_finish(&mut ctx, cmd, result),
@@ -814,6 +964,7 @@ impl Vfio for FakeDevice {
                     // interrupt wiring stays, as the kernel's vfio-pci keeps it across a
                     // reset the guest starts.
                     st.dma_epoch = st.dma_epoch.wrapping_add(1);
+                    st.jobs.clear();
                     st.config.copy_from_slice(inner.template.config());
                     inner.sync_command(&st.config);
                     st.irq.function_reset();
@@ -947,14 +1098,23 @@ impl Vfio for FakeDevice {
         if let Some(w) = inner.take_watcher() {
             w.stop();
         }
+        // VFIO_DEVICE_RESET returns the migration state to RUNNING and
+        // ends any data stream (the uAPI's way out of ERROR and RESUMING).
+        let mut mig = inner.mig_lock();
+        mig.reset();
         let mut st = inner.lock();
         st.dma_epoch = st.dma_epoch.wrapping_add(1);
+        st.jobs.clear();
+        st.quiesced = false;
         st.irq.reset();
+        st.irq.set_quiesced(false, &inner.counters);
         st.config.copy_from_slice(inner.template.config());
         inner.sync_command(&st.config);
         let disabled = inner.command.load(Ordering::Relaxed) & COMMAND_INTX_DISABLE != 0;
         st.irq.set_intx_disabled(disabled, &inner.counters);
         inner.restore_memory();
+        drop(st);
+        drop(mig);
         Ok(())
     }
 
@@ -968,6 +1128,47 @@ impl Vfio for FakeDevice {
         }
         let bar = self.inner.bars.get(index as usize)?.as_ref()?;
         bar.mmappable().then(|| (bar.fd(), 0))
+    }
+
+    fn migration_flags(&self) -> Result<Option<MigrationFlags>> {
+        self.mig_enter(MigOp::GetState)?;
+        Ok(Some(crate::mig::FLAGS))
+    }
+
+    fn mig_state(&self) -> Result<MigState> {
+        self.mig_enter(MigOp::GetState)?;
+        Ok(self.inner.mig_lock().state)
+    }
+
+    fn set_mig_state(&self, state: MigState) -> Result<Option<Box<dyn MigrationStream>>> {
+        self.set_mig_state_impl(state)
+    }
+
+    fn mig_data_size(&self) -> Result<u64> {
+        self.mig_enter(MigOp::DataSize)?;
+        Ok(self.inner.stop_copy_size())
+    }
+
+    fn dma_logging_start(&self, page_size: u64, ranges: &[DirtyRange]) -> Result<()> {
+        self.mig_enter(MigOp::DmaLogging)?;
+        self.inner.log.start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&self) -> Result<()> {
+        self.mig_enter(MigOp::DmaLogging)?;
+        self.inner.log.stop();
+        Ok(())
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<()> {
+        self.mig_enter(MigOp::DmaLogging)?;
+        self.inner.log.report(iova, length, page_size, bitmap)
     }
 }
 

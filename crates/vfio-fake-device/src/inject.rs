@@ -117,6 +117,48 @@ impl Counters {
     }
 }
 
+/// A migration method of the [`vfio_backend::Vfio`] trait (or of its
+/// data stream), for failure injection with [`Faults::fail_migration`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MigOp {
+    /// `set_mig_state` fails before it takes any arc: the device stays in
+    /// its state.
+    SetState,
+    /// `set_mig_state` fails and the device goes to ERROR (a transition it
+    /// could neither finish nor undo).
+    SetStateError,
+    /// `mig_state`.
+    GetState,
+    /// `mig_data_size`.
+    DataSize,
+    /// `MigrationStream::read`.
+    StreamRead,
+    /// `MigrationStream::write`.
+    StreamWrite,
+    /// `MigrationStream::precopy_info`.
+    PrecopyInfo,
+    /// `dma_logging_start`, `dma_logging_stop` and `dma_logging_report`.
+    DmaLogging,
+}
+
+impl MigOp {
+    /// How many there are.
+    pub const COUNT: usize = 8;
+
+    /// The method's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigOp::SetState | MigOp::SetStateError => "set_mig_state",
+            MigOp::GetState => "mig_state",
+            MigOp::DataSize => "mig_data_size",
+            MigOp::StreamRead => "migration stream read",
+            MigOp::StreamWrite => "migration stream write",
+            MigOp::PrecopyInfo => "precopy_info",
+            MigOp::DmaLogging => "DMA logging",
+        }
+    }
+}
+
 /// The longest a call may be made to hang.
 pub const MAX_HANG: Duration = Duration::from_secs(30);
 
@@ -135,6 +177,7 @@ pub struct Faults {
     dead: AtomicBool,
     hang_ms: AtomicU64,
     ops: [OpFault; Op::COUNT],
+    mig: [OpFault; MigOp::COUNT],
 }
 
 /// What an injected fault does to a call.
@@ -178,11 +221,31 @@ impl Faults {
         }
     }
 
+    /// Makes the migration method `op` fail with `errno`, as
+    /// [`Faults::fail`] does for the other methods.
+    pub fn fail_migration(&self, op: MigOp, errno: i32, times: Option<u32>) {
+        if let Some(f) = self.mig.get(op as usize) {
+            f.remaining.store(
+                times.map_or(FOREVER, |t| t.min(FOREVER - 1)),
+                Ordering::Relaxed,
+            );
+            f.errno.store(errno, Ordering::Relaxed);
+        }
+    }
+
+    /// Applies the faults to one call of the migration method `op`.
+    pub(crate) fn check_migration(&self, op: MigOp) -> Option<Injected> {
+        if self.is_dead() {
+            return Some(Injected::Dead);
+        }
+        take(self.mig.get(op as usize)?)
+    }
+
     /// Removes every injected fault (dead, hang and failing operations).
     pub fn clear(&self) {
         self.set_dead(false);
         self.set_hang(None);
-        for f in &self.ops {
+        for f in self.ops.iter().chain(&self.mig) {
             f.errno.store(0, Ordering::Relaxed);
             f.remaining.store(0, Ordering::Relaxed);
         }
@@ -197,19 +260,23 @@ impl Faults {
         if self.is_dead() {
             return Some(Injected::Dead);
         }
-        let f = self.ops.get(idx(op))?;
-        let errno = f.errno.load(Ordering::Relaxed);
-        if errno == 0 {
-            return None;
-        }
-        let took = f
-            .remaining
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| match r {
-                0 => None,
-                FOREVER => Some(FOREVER),
-                n => Some(n - 1),
-            })
-            .is_ok();
-        took.then_some(Injected::Fail(errno))
+        take(self.ops.get(idx(op))?)
     }
+}
+
+/// One call's share of an injected failure.
+fn take(f: &OpFault) -> Option<Injected> {
+    let errno = f.errno.load(Ordering::Relaxed);
+    if errno == 0 {
+        return None;
+    }
+    let took = f
+        .remaining
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| match r {
+            0 => None,
+            FOREVER => Some(FOREVER),
+            n => Some(n - 1),
+        })
+        .is_ok();
+    took.then_some(Injected::Fail(errno))
 }

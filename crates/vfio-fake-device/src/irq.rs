@@ -62,6 +62,45 @@ pub(crate) struct IrqState {
     msix: Vec<Option<OwnedFd>>,
     msix_enabled: u32,
     intx_count: u32,
+    /// The device is quiesced (a P2P or stopped migration state): it raises
+    /// no interrupt; what it would have raised is held here and in the
+    /// INTx line state until it runs again.
+    quiesced: bool,
+    /// MSI vectors raised while quiesced or while their eventfd was absent.
+    msi_held: Vec<u64>,
+    /// MSI-X vectors raised while quiesced or while their eventfd was absent.
+    msix_held: Vec<u64>,
+}
+
+/// What of the interrupt state migrates: the INTx line's state and the
+/// held (pending) MSI / MSI-X vectors. The eventfds and the enabled index
+/// are the VMM's wiring, set again on the destination.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct IrqSnapshot {
+    pub intx_level: bool,
+    pub intx_edge: bool,
+    pub msi_held: Vec<u64>,
+    pub msix_held: Vec<u64>,
+}
+
+fn words(n: u32) -> usize {
+    (n as usize).div_ceil(64)
+}
+
+fn bit(words: &[u64], v: u32) -> bool {
+    words
+        .get((v / 64) as usize)
+        .is_some_and(|w| w & (1u64 << (v % 64)) != 0)
+}
+
+fn set_bit(words: &mut [u64], v: u32, on: bool) {
+    if let Some(w) = words.get_mut((v / 64) as usize) {
+        if on {
+            *w |= 1u64 << (v % 64);
+        } else {
+            *w &= !(1u64 << (v % 64));
+        }
+    }
 }
 
 impl IrqState {
@@ -79,6 +118,82 @@ impl IrqState {
             msix: (0..msix).map(|_| None).collect(),
             msix_enabled: 0,
             intx_count: u32::from(intx),
+            quiesced: false,
+            msi_held: vec![0; words(msi)],
+            msix_held: vec![0; words(msix)],
+        }
+    }
+
+    /// The migratable part of the state.
+    pub(crate) fn snapshot(&self) -> IrqSnapshot {
+        IrqSnapshot {
+            intx_level: self.intx_level,
+            intx_edge: self.intx_edge,
+            msi_held: self.msi_held.clone(),
+            msix_held: self.msix_held.clone(),
+        }
+    }
+
+    /// Whether `snap` fits this device's vector counts.
+    pub(crate) fn fits(&self, snap: &IrqSnapshot) -> bool {
+        snap.msi_held.len() == self.msi_held.len() && snap.msix_held.len() == self.msix_held.len()
+    }
+
+    /// Takes a migrated state (checked with [`IrqState::fits`]). The
+    /// pulse is not known to the destination's VMM: it fires once INTx is
+    /// enabled and unmasked.
+    pub(crate) fn load(&mut self, snap: &IrqSnapshot) {
+        self.intx_level = snap.intx_level;
+        self.intx_edge = snap.intx_edge;
+        self.intx_edge_signalled = false;
+        self.msi_held.copy_from_slice(&snap.msi_held);
+        self.msix_held.copy_from_slice(&snap.msix_held);
+    }
+
+    /// Whether MSI (`irq::MSI`) or MSI-X vector `v` is held pending.
+    pub(crate) fn held(&self, index: u32, v: u32) -> bool {
+        match index {
+            irq::MSI => bit(&self.msi_held, v),
+            irq::MSIX => bit(&self.msix_held, v),
+            _ => false,
+        }
+    }
+
+    /// Quiesces the interrupts (`true`: nothing is signalled, raised
+    /// vectors are held) or lets them run again, delivering what was held.
+    pub(crate) fn set_quiesced(&mut self, quiesced: bool, counters: &Counters) {
+        let was = self.quiesced;
+        self.quiesced = quiesced;
+        if was && !quiesced {
+            self.deliver_held(counters);
+            if self.active == Some(irq::INTX) && self.intx_line() && !self.intx_masked {
+                self.fire_intx(counters);
+            }
+        }
+    }
+
+    /// Signals the held vectors of the enabled index that have an eventfd.
+    fn deliver_held(&mut self, counters: &Counters) {
+        if self.quiesced {
+            return;
+        }
+        let (fds, held, enabled) = match self.active {
+            Some(irq::MSI) => (&self.msi, &mut self.msi_held, self.msi_enabled),
+            Some(irq::MSIX) => (&self.msix, &mut self.msix_held, self.msix_enabled),
+            _ => return,
+        };
+        for v in 0..enabled {
+            if !bit(held, v) {
+                continue;
+            }
+            if let Some(fd) = fds.get(v as usize).and_then(Option::as_ref) {
+                set_bit(held, v, false);
+                if signal(fd) {
+                    counters.signalled();
+                } else {
+                    counters.dropped();
+                }
+            }
         }
     }
 
@@ -171,7 +286,7 @@ impl IrqState {
                     self.intx_masked = false;
                 }
                 self.active = Some(index);
-                if !was_active && self.intx_level {
+                if !was_active && self.intx_line() {
                     self.fire_intx(counters);
                 }
             }
@@ -193,6 +308,7 @@ impl IrqState {
                 self.active = Some(index);
             }
         }
+        self.deliver_held(counters);
         Ok(())
     }
 
@@ -218,6 +334,8 @@ impl IrqState {
         }
         self.msi_enabled = 0;
         self.msix_enabled = 0;
+        self.msi_held.fill(0);
+        self.msix_held.fill(0);
     }
 
     /// A function level reset started by the guest: the device lowers its INTx line; the
@@ -278,6 +396,11 @@ impl IrqState {
     }
 
     fn fire_intx(&mut self, counters: &Counters) {
+        if self.quiesced {
+            // No interrupt while quiesced: the line's state stays and
+            // fires when the device runs again.
+            return;
+        }
         if self.intx_masked || self.intx_disabled {
             // Masked by the host, or not asserted (Interrupt Disable): the state stays
             // set and fires when both allow it.
@@ -295,9 +418,9 @@ impl IrqState {
 
     /// The device raises `vector` through whichever index is enabled.
     pub(crate) fn raise(&mut self, vector: u32, trigger: Trigger, counters: &Counters) {
-        let (fds, enabled) = match self.active {
-            Some(irq::MSIX) => (&self.msix, self.msix_enabled),
-            Some(irq::MSI) => (&self.msi, self.msi_enabled),
+        let (fds, held, enabled) = match self.active {
+            Some(irq::MSIX) => (&self.msix, &mut self.msix_held, self.msix_enabled),
+            Some(irq::MSI) => (&self.msi, &mut self.msi_held, self.msi_enabled),
             active => {
                 if trigger == Trigger::Level {
                     self.intx_level = true;
@@ -314,12 +437,16 @@ impl IrqState {
                 return;
             }
         };
-        let fd = if vector < enabled {
-            fds.get(vector as usize).and_then(Option::as_ref)
-        } else {
-            None
-        };
-        match fd {
+        if vector >= enabled {
+            counters.dropped();
+            return;
+        }
+        if self.quiesced {
+            // Held (pending) until the device runs again.
+            set_bit(held, vector, true);
+            return;
+        }
+        match fds.get(vector as usize).and_then(Option::as_ref) {
             Some(fd) if signal(fd) => counters.signalled(),
             _ => counters.dropped(),
         }

@@ -35,6 +35,7 @@ mod inject;
 mod iommu;
 mod irq;
 pub mod lspci;
+mod mig;
 mod profiles;
 mod regs;
 mod template;
@@ -42,8 +43,9 @@ mod template;
 pub use device::FakeDevice;
 pub use dma::{DmaFault, MAX_DMA_MAPPINGS};
 pub use error::{FakeError, FakeResult};
-pub use inject::{Counters, Faults, Op, MAX_HANG};
+pub use inject::{Counters, Faults, MigOp, Op, MAX_HANG};
 pub use iommu::FakeIommu;
+pub use mig::{mig_next_state, MAX_LOG_PAGES, MAX_LOG_RANGES};
 pub use profiles::{nvme_like, profile_template, profiles};
 pub use regs::{dma_engine, edu};
 pub use template::{

@@ -135,12 +135,17 @@ pub(crate) struct Ctx<'a> {
     /// Bus Master Enable (command bit 2): without it the DMA engines refuse every transfer
     /// with [`DmaFault::BusMasterDisabled`] and touch no memory.
     pub bus_master: bool,
+    /// The device is quiesced for migration (a P2P or stopped state): a
+    /// transfer started now does not run until the device runs again.
+    pub quiesced: bool,
+    /// Where the device logs the guest pages its DMA writes.
+    pub log: &'a crate::mig::DmaLog,
 }
 
 /// A DMA transfer that needs file or message I/O: the engine stays busy,
 /// and the device's DMA thread runs it once the register write that
 /// started it has returned, then calls [`edu_finish`] / [`engine_finish`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Job {
     /// An edu transfer (`cnt` bytes, at most the device buffer).
     Edu {
@@ -173,7 +178,8 @@ enum Plan {
 /// Where every engine decides whether, and how, it may DMA: the guest
 /// memory it reads (`reads`) and writes (`writes`), as (IOVA, length),
 /// must be mapped (writable where written); a transfer that touches only
-/// host-mapped memory runs now, any other later.
+/// host-mapped memory runs now, any other later, and so does every one
+/// started while the device is quiesced (it waits for the device to run).
 fn plan(ctx: &Ctx<'_>, reads: Option<(u64, u64)>, writes: Option<(u64, u64)>) -> Plan {
     for (range, write) in [(reads, false), (writes, true)] {
         if let Some((iova, len)) = range {
@@ -183,7 +189,7 @@ fn plan(ctx: &Ctx<'_>, reads: Option<(u64, u64)>, writes: Option<(u64, u64)>) ->
         }
     }
     let host = |r: Option<(u64, u64)>| r.is_none_or(|(iova, len)| ctx.dma.all_host(iova, len));
-    if host(reads) && host(writes) {
+    if !ctx.quiesced && host(reads) && host(writes) {
         Plan::Now
     } else {
         Plan::Later
@@ -264,7 +270,13 @@ fn engine_write(ctx: &mut Ctx<'_>, base: u64, rel: u64, data: &[u8], vector: u32
     } else {
         match plan(ctx, Some((src, len)), Some((dst, len))) {
             Plan::Refuse(f) => Err(f),
-            Plan::Now => ctx.dma.copy(src, dst, len),
+            Plan::Now => {
+                let r = ctx.dma.copy(src, dst, len);
+                if r.is_ok() {
+                    ctx.log.mark(dst, len);
+                }
+                r
+            }
             Plan::Later => {
                 ctx.bar.write_u32(base + STATUS, 0);
                 ctx.deferred = Some(Job::Engine {
@@ -422,12 +434,18 @@ fn edu_dma(ctx: &mut Ctx<'_>, cmd: u64) {
                     ctx.deferred = Some(Job::Edu { cmd, src, dst, cnt });
                     return;
                 }
-                // SAFETY: `p .. p + cnt` is inside the BAR mapping
-                // (checked by `ptr`); the DMA mappings are host memory
-                // (plan) that stays live while we hold the mapping lock
-                // (see DmaMappings::write).
-                Plan::Now if to_ram => unsafe { ctx.dma.write(dst, p, cnt) },
-                // SAFETY: as above, copying the other way.
+                Plan::Now if to_ram => {
+                    // SAFETY: `p .. p + cnt` is inside the BAR mapping
+                    // (checked by `ptr`); the DMA mappings are host memory
+                    // (plan) that stays live while we hold the mapping lock
+                    // (see DmaMappings::write).
+                    let r = unsafe { ctx.dma.write(dst, p, cnt) };
+                    if r.is_ok() {
+                        ctx.log.mark(dst, cnt);
+                    }
+                    r
+                }
+                // SAFETY: as for the write above, copying the other way.
                 Plan::Now => unsafe { ctx.dma.read(src, p, cnt) },
             },
         },

@@ -20,6 +20,7 @@ mod group;
 mod guest_os;
 mod harness;
 mod interop;
+mod migration;
 mod mode;
 mod modes;
 mod nvme;

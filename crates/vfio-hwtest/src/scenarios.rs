@@ -11,7 +11,7 @@
 use crate::device::{link_name, PciId};
 use crate::group::{group_node, group_status_flags, open_rw, VFIO_GROUP_FLAGS_VIABLE};
 use crate::harness::{Ctx, Needs, Outcome, Scenario};
-use crate::{cli, edu, nvme, stack};
+use crate::{cli, edu, migration, nvme, stack};
 use anyhow::{bail, ensure, Context, Result};
 use std::fs::{self, File};
 use std::io::Read;
@@ -135,6 +135,52 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "nvme-reset-reinit",
         needs: Needs::DeviceId(QEMU_NVME),
         run: nvme::reset_reinit,
+    },
+    // Migration: mtty (the kernel's migratable sample mdev) and type1 dirty tracking.
+    Scenario {
+        name: "mtty-open",
+        needs: Needs::Nothing,
+        run: migration::mtty_open,
+    },
+    Scenario {
+        name: "mtty-migration-states",
+        needs: Needs::Nothing,
+        run: migration::mtty_migration_states,
+    },
+    Scenario {
+        name: "mtty-migrate",
+        needs: Needs::Nothing,
+        run: migration::mtty_migrate,
+    },
+    Scenario {
+        name: "mtty-migrate-vfio-pci",
+        needs: Needs::Nothing,
+        run: migration::mtty_migrate_vfio_pci,
+    },
+    Scenario {
+        name: "mtty-migrate-two-vfio-pci",
+        needs: Needs::Nothing,
+        run: migration::mtty_migrate_two_vfio_pci,
+    },
+    Scenario {
+        name: "type1-dirty-edu",
+        needs: Needs::DeviceId(EDU),
+        run: migration::type1_dirty_edu,
+    },
+    Scenario {
+        name: "type1-dirty-mdev",
+        needs: Needs::Nothing,
+        run: migration::type1_dirty_mdev,
+    },
+    Scenario {
+        name: "iommufd-dirty-hwpt",
+        needs: Needs::DeviceId(EDU),
+        run: migration::iommufd_dirty_hwpt,
+    },
+    Scenario {
+        name: "cli-check-migration",
+        needs: Needs::DeviceId(EDU),
+        run: migration::cli_check_migration,
     },
     // The operator CLI (`vfio-passthrough`, spawned) against the real kernel.
     Scenario {

@@ -126,8 +126,194 @@ pub struct Report {
     pub summary: Summary,
     /// Access modes the host offers for the device.
     pub modes: Modes,
+    /// Whether and how the device can be live-migrated.
+    pub migration: MigrationReport,
     /// The items, in check order.
     pub items: Vec<Item>,
+}
+
+/// What the device and its IOMMU domain say about migration, as a [`MigrationProbe`] found
+/// it (through VFIO: `VFIO_DEVICE_FEATURE_MIGRATION`, the `DMA_LOGGING` probe, the domain's
+/// dirty tracking).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationFacts {
+    /// How the device was opened (`legacy`, `iommufd`, `noiommu`).
+    pub opened_via: String,
+    /// `VFIO_MIGRATION_*` flags; `None`: the device cannot migrate its state.
+    pub flags: Option<u64>,
+    /// The device logs the pages its DMA writes (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`).
+    pub dma_logging: bool,
+    /// Per access mode the device was opened in (`legacy`, `iommufd`, `noiommu`): the page
+    /// sizes (bitmap: bit n is 2^n bytes) its IOMMU domain tracks dirty pages at, or why it
+    /// cannot.
+    pub domain_dirty: Vec<(String, Result<u64, String>)>,
+}
+
+/// Dirty tracking of the device's IOMMU domain in one access mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ModeDirtyTracking {
+    /// The access mode (`legacy`, `iommufd`, `noiommu`).
+    pub mode: String,
+    /// The domain tracks the pages the device writes.
+    pub supported: bool,
+    /// The page sizes, in bytes, it reports at.
+    pub page_sizes: Vec<u64>,
+    /// Why not, when it does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The migration part of the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct MigrationReport {
+    /// The device was asked (false: skipped, see `detail`).
+    pub checked: bool,
+    /// The device can migrate its own state (VFIO migration v2, STOP_COPY).
+    pub can_migrate: bool,
+    /// The migration features it offers: `STOP_COPY`, `P2P`, `PRE_COPY`.
+    pub features: Vec<String>,
+    /// It logs its DMA writes itself (device dirty tracking).
+    pub device_dma_logging: bool,
+    /// Its IOMMU domain tracks the pages it writes, in at least one access mode.
+    pub domain_dirty_tracking: bool,
+    /// The page sizes, in bytes, that domain tracking reports at (of the first mode that
+    /// tracks).
+    pub dirty_page_sizes: Vec<u64>,
+    /// Domain dirty tracking in each access mode the device was opened in.
+    pub dirty_tracking_by_mode: Vec<ModeDirtyTracking>,
+    /// How the device was opened to ask it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opened_via: Option<String>,
+    /// What was found, or why it was not checked.
+    pub detail: String,
+}
+
+/// Asks a device about migration. The real one opens the device through VFIO (what a VMM
+/// does; vfio-pci resets the function when it is opened); tests use a double.
+pub trait MigrationProbe {
+    /// The facts, or why they could not be had (the device is busy, not bound to vfio-pci,
+    /// ...).
+    fn probe(&self, dev: &Device, modes: &Modes) -> Result<MigrationFacts, String>;
+}
+
+/// The flag names of `VFIO_MIGRATION_*`, in uAPI order.
+const MIGRATION_FLAG_NAMES: [(u64, &str); 3] = [(1, "STOP_COPY"), (2, "P2P"), (4, "PRE_COPY")];
+
+/// The migration item and report from what the probe found. Migration is not needed for
+/// passthrough: a device that cannot migrate is `ok` (said plainly), a probe that could not
+/// ask is `skip`.
+pub fn migration(facts: Result<MigrationFacts, String>) -> (Item, MigrationReport) {
+    const NAME: &str = "migration";
+    let f = match facts {
+        Ok(f) => f,
+        Err(why) => {
+            let detail = format!("not checked: {why}");
+            let report = MigrationReport {
+                detail: detail.clone(),
+                ..MigrationReport::default()
+            };
+            return (Item::skip(NAME, detail), report);
+        }
+    };
+    let by_mode: Vec<ModeDirtyTracking> = f
+        .domain_dirty
+        .iter()
+        .map(|(mode, r)| match r {
+            Ok(bits) => {
+                let page_sizes: Vec<u64> = (0..64)
+                    .filter(|n| bits & (1u64 << n) != 0)
+                    .map(|n| 1u64 << n)
+                    .collect();
+                ModeDirtyTracking {
+                    mode: mode.clone(),
+                    supported: !page_sizes.is_empty(),
+                    reason: page_sizes
+                        .is_empty()
+                        .then(|| "the domain reports no page size".to_string()),
+                    page_sizes,
+                }
+            }
+            Err(why) => ModeDirtyTracking {
+                mode: mode.clone(),
+                supported: false,
+                page_sizes: Vec::new(),
+                reason: Some(why.clone()),
+            },
+        })
+        .collect();
+    let sizes: Vec<u64> = by_mode
+        .iter()
+        .find(|m| m.supported)
+        .map(|m| m.page_sizes.clone())
+        .unwrap_or_default();
+    let dirty = if by_mode.is_empty() {
+        "IOMMU domain dirty tracking not checked".to_string()
+    } else {
+        by_mode
+            .iter()
+            .map(|m| {
+                if m.supported {
+                    format!(
+                        "{}: IOMMU domain dirty tracking at {}",
+                        m.mode,
+                        m.page_sizes
+                            .iter()
+                            .map(|&s| human_size(s))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                } else {
+                    format!(
+                        "{}: no IOMMU domain dirty tracking ({})",
+                        m.mode,
+                        m.reason.as_deref().unwrap_or("")
+                    )
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let logging = if f.dma_logging {
+        "device DMA logging"
+    } else {
+        "no device DMA logging"
+    };
+    let mut report = MigrationReport {
+        checked: true,
+        device_dma_logging: f.dma_logging,
+        domain_dirty_tracking: !sizes.is_empty(),
+        dirty_page_sizes: sizes,
+        dirty_tracking_by_mode: by_mode,
+        opened_via: Some(f.opened_via.clone()),
+        ..MigrationReport::default()
+    };
+    let detail = match f.flags {
+        Some(flags) if flags & 1 != 0 => {
+            report.can_migrate = true;
+            report.features = MIGRATION_FLAG_NAMES
+                .iter()
+                .filter(|(bit, _)| flags & bit != 0)
+                .map(|(_, n)| (*n).to_string())
+                .collect();
+            format!(
+                "can migrate (VFIO migration v2: {}); {logging}; {dirty} (opened via {})",
+                report.features.join(", "),
+                f.opened_via
+            )
+        }
+        Some(flags) => format!(
+            "the device reports migration flags {flags:#x} without STOP_COPY, which every \
+             migratable device has: treated as not migratable; {logging}; {dirty}"
+        ),
+        None => format!(
+            "cannot migrate: the device offers no VFIO_DEVICE_FEATURE_MIGRATION (a VM with it \
+             attached can only be saved or moved with the device detached); {logging}; {dirty} \
+             (opened via {})",
+            f.opened_via
+        ),
+    };
+    report.detail = detail.clone();
+    (Item::ok(NAME, detail), report)
 }
 
 /// Inputs of `check` beyond the device.
@@ -283,6 +469,7 @@ pub fn run(
     host: &Host,
     bdf: &str,
     opts: &Options,
+    probe: &dyn MigrationProbe,
     step: &mut dyn FnMut(&str),
 ) -> anyhow::Result<Report> {
     step("reading the device");
@@ -324,6 +511,9 @@ pub fn run(
     items.push(rom(&dev));
     step("memlock");
     items.push(memlock(host, opts));
+    step("migration");
+    let (item, migration) = migration(probe.probe(&dev, &modes));
+    items.push(item);
 
     let mut summary = Summary::default();
     for i in &items {
@@ -340,6 +530,7 @@ pub fn run(
         ready: summary.problems == 0,
         summary,
         modes,
+        migration,
         items,
     })
 }
@@ -1171,6 +1362,115 @@ pub fn memlock(host: &Host, opts: &Options) -> Item {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn facts(flags: Option<u64>, dma_logging: bool, dirty: Result<u64, String>) -> MigrationFacts {
+        MigrationFacts {
+            opened_via: "legacy".into(),
+            flags,
+            dma_logging,
+            domain_dirty: vec![("legacy".into(), dirty)],
+        }
+    }
+
+    #[test]
+    fn dirty_tracking_is_reported_per_access_mode() {
+        // type1 tracks at 4 KiB, the iommufd IOAS does not: both named, the sizes are type1's.
+        let mut f = facts(None, false, Ok(0x1000));
+        f.domain_dirty.push((
+            "iommufd".into(),
+            Err("no IOMMU_HW_CAP_DIRTY_TRACKING".into()),
+        ));
+        let (item, r) = migration(Ok(f));
+        assert!(r.domain_dirty_tracking);
+        assert_eq!(r.dirty_page_sizes, [4096]);
+        assert_eq!(r.dirty_tracking_by_mode.len(), 2);
+        assert!(r.dirty_tracking_by_mode[0].supported);
+        assert!(!r.dirty_tracking_by_mode[1].supported);
+        assert!(
+            item.detail
+                .contains("legacy: IOMMU domain dirty tracking at 4 KiB"),
+            "{}",
+            item.detail
+        );
+        assert!(
+            item.detail.contains(
+                "iommufd: no IOMMU domain dirty tracking (no IOMMU_HW_CAP_DIRTY_TRACKING)"
+            ),
+            "{}",
+            item.detail
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["dirty_tracking_by_mode"][1]["mode"], "iommufd");
+        assert_eq!(json["dirty_tracking_by_mode"][1]["supported"], false);
+    }
+
+    #[test]
+    fn a_migratable_device_lists_its_features_logging_and_dirty_page_sizes() {
+        // mtty: STOP_COPY | P2P | PRE_COPY, a DMA log, type1 tracking at 4 KiB.
+        let (item, r) = migration(Ok(facts(Some(7), true, Ok(0x1000))));
+        assert_eq!(item.verdict, Verdict::Ok);
+        assert!(r.checked && r.can_migrate);
+        assert_eq!(r.features, ["STOP_COPY", "P2P", "PRE_COPY"]);
+        assert!(r.device_dma_logging && r.domain_dirty_tracking);
+        assert_eq!(r.dirty_page_sizes, [4096]);
+        assert!(
+            item.detail.contains("STOP_COPY, P2P, PRE_COPY"),
+            "{}",
+            item.detail
+        );
+        assert!(
+            item.detail.contains("device DMA logging"),
+            "{}",
+            item.detail
+        );
+        assert!(item.detail.contains("at 4 KiB"), "{}", item.detail);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["features"],
+            serde_json::json!(["STOP_COPY", "P2P", "PRE_COPY"])
+        );
+        assert_eq!(json["dirty_page_sizes"], serde_json::json!([4096]));
+        assert_eq!(json["opened_via"], "legacy");
+    }
+
+    #[test]
+    fn stop_copy_alone_is_migratable_without_the_optional_states() {
+        let (_, r) = migration(Ok(facts(Some(1), false, Ok(0x1000 | 0x20_0000))));
+        assert!(r.can_migrate);
+        assert_eq!(r.features, ["STOP_COPY"]);
+        assert!(!r.device_dma_logging);
+        assert_eq!(r.dirty_page_sizes, [0x1000, 0x20_0000]);
+    }
+
+    #[test]
+    fn a_device_without_migration_is_ok_but_says_it_cannot_migrate_and_why_domain_cannot_track() {
+        let (item, r) = migration(Ok(facts(
+            None,
+            false,
+            Err("IOAS dirty tracking not implemented".into()),
+        )));
+        assert_eq!(item.verdict, Verdict::Ok);
+        assert!(r.checked && !r.can_migrate && r.features.is_empty());
+        assert!(!r.domain_dirty_tracking && r.dirty_page_sizes.is_empty());
+        assert!(item.detail.contains("cannot migrate"), "{}", item.detail);
+        assert!(
+            item.detail.contains("IOAS dirty tracking not implemented"),
+            "{}",
+            item.detail
+        );
+        // Flags without STOP_COPY break the uAPI's rule: not migratable.
+        let (_, r) = migration(Ok(facts(Some(2), false, Ok(0))));
+        assert!(!r.can_migrate);
+    }
+
+    #[test]
+    fn a_probe_that_could_not_ask_is_a_skip_with_its_reason() {
+        let (item, r) = migration(Err("group busy (EBUSY): a VMM has it open".into()));
+        assert_eq!(item.verdict, Verdict::Skip);
+        assert!(!r.checked && !r.can_migrate);
+        assert!(item.detail.contains("EBUSY"), "{}", item.detail);
+        assert_eq!(r.detail, item.detail);
+    }
 
     #[test]
     fn short_bdf_gets_domain_zero_and_case_is_folded() {

@@ -1,13 +1,16 @@
 //! `vfio-passthrough`: the operator's tool for VFIO PCI passthrough.
 //!
-//! `check <BDF>` is a read-only preflight of a host PCI function. Exit status: 0 ready (no
-//! problems), 1 problems found, 2 usage or I/O error (e.g. the device does not exist).
+//! `check <BDF>` is a preflight of a host PCI function: it reads sysfs, /proc and /dev, and
+//! opens the device through VFIO only to ask whether it can migrate (as a VMM would). Exit
+//! status: 0 ready (no problems), 1 problems found, 2 usage or I/O error (e.g. the device does
+//! not exist).
 //! `inspect` attaches a device as a VMM would and shows what the guest sees (exit status 1 when
 //! a self-check step fails); `serve-fake` serves the fake device over vfio-user.
 
 mod check;
 mod input;
 mod inspect;
+mod migration;
 mod names;
 mod probe;
 mod serve;
@@ -41,8 +44,11 @@ enum Command {
     /// Checks the IOMMU, the IOMMU group's viability, the bound driver, the access modes the
     /// host offers (legacy group/container, iommufd + vfio cdev, no-IOMMU), /dev/vfio
     /// permissions, reset methods, BAR sizes against the VMM's windows, MSI-X placement against
-    /// the host page size, the ROM and RLIMIT_MEMLOCK. Exit status: 0 ready, 1 problems found,
-    /// 2 usage or I/O error.
+    /// the host page size, the ROM and RLIMIT_MEMLOCK; then whether the device can be
+    /// live-migrated (VFIO migration v2: STOP_COPY, P2P, PRE_COPY; device DMA logging; dirty
+    /// tracking of its IOMMU domain and its page sizes), which opens the device through VFIO as
+    /// a VMM would (vfio-pci resets the function; a device a VMM holds is reported busy and
+    /// skipped). Exit status: 0 ready, 1 problems found, 2 usage or I/O error.
     Check(CheckArgs),
     /// Attach a device exactly as a VMM would and show what the guest will see.
     ///
@@ -252,7 +258,10 @@ fn run_check(args: &CheckArgs) -> anyhow::Result<Report> {
         mmio64_size: args.mmio64_size,
     };
     let progress = Progress::start(progress_wanted(args.json), "checking ");
-    let report = check::run(&host, &bdf, &opts, &mut |s| progress.step(s));
+    let probe = migration::KernelProbe {
+        real_root: args.root == std::path::Path::new("/"),
+    };
+    let report = check::run(&host, &bdf, &opts, &probe, &mut |s| progress.step(s));
     progress.finish();
     report
 }

@@ -150,13 +150,22 @@ impl DeviceBuilder {
 
     /// A host PCI function bound to `vfio-pci`, by its sysfs path (e.g.
     /// `/sys/bus/pci/devices/0000:01:00.0`), in a type1v2 container of
-    /// its own (kernel backend).
+    /// its own (kernel backend). A mediated device is named the same way
+    /// (`/sys/bus/mdev/devices/<uuid>`) or by its bare UUID.
     pub fn sysfs(path: impl Into<PathBuf>) -> Self {
         Self::with_source(Source::Sysfs {
             path: path.into(),
             container: None,
             mode: KernelMode::Auto,
         })
+    }
+
+    /// A mediated device (mdev), by its UUID or its sysfs path
+    /// (`/sys/bus/mdev/devices/<uuid>`): the kernel backend opens it like
+    /// a PCI function, through its own IOMMU group or its vfio cdev. Same as
+    /// [`sysfs`](Self::sysfs), which also takes a bare UUID.
+    pub fn mdev(uuid_or_path: impl Into<PathBuf>) -> Self {
+        Self::sysfs(uuid_or_path)
     }
 
     /// Like [`sysfs`](Self::sysfs), choosing how the kernel backend reaches
@@ -487,6 +496,8 @@ fn open(source: Source) -> Result<(Arc<dyn Vfio>, DeviceBackend)> {
             container,
             mode,
         } => {
+            // A bare mdev UUID names /sys/bus/mdev/devices/<uuid>.
+            let path = vfio_backend::kernel::device_sysfs_path(&path);
             let opened = match (&container, resolve_mode(mode, &path)) {
                 (Some(c), _) => c.open_device(&path),
                 (None, KernelMode::NoIommu) => {

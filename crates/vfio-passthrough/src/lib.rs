@@ -17,3 +17,7 @@ pub use pci_config;
 pub use pci_interrupts;
 pub use vfio_backend;
 pub use vfio_pci;
+/// Live migration: the source handle, the stream, the dirty bitmap of guest RAM
+/// (see [`vfio_pci::migration`]).
+pub use vfio_pci::migration;
+pub use vfio_pci::{DirtyBitmap, LoadedMigration, MigrationCaps, MigrationSource};

@@ -257,6 +257,30 @@ fn no_iommu_is_used_only_when_asked_for_and_fails_clearly_without_vfio() {
 }
 
 #[test]
+fn an_mdev_named_by_bare_uuid_is_looked_up_under_sys_bus_mdev_devices() {
+    // No such mdev exists here: the error names the sysfs path the UUID
+    // stands for, in every mode.
+    let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    for built in [
+        DeviceBuilder::mdev(uuid),
+        DeviceBuilder::sysfs(uuid),
+        DeviceBuilder::sysfs_with_mode(uuid, vfio_passthrough::KernelMode::Iommufd),
+    ] {
+        let err = built
+            .interrupts(Arc::new(TestInterruptManager::new()))
+            .allocator(allocator())
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, Error::OpenDevice { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("/sys/bus/mdev/devices/{uuid}")),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
 fn devices_built_into_one_domain_share_guest_ram_and_unplugging_either_keeps_it_for_the_other() {
     use vfio_passthrough::vfio_pci::GuestDma;
     for unplug_first in [0usize, 1] {

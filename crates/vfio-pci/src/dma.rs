@@ -18,6 +18,16 @@
 //! programs the vIOMMU ([`GuestDma::map_external`]); those mappings, too,
 //! go when the domain's last device goes.
 //!
+//! Dirty tracking of guest RAM for a VMM's live migration
+//! ([`GuestDma::dirty_tracking_start`], [`GuestDma::dirty_bitmaps`],
+//! [`GuestDma::dirty_tracking_stop`]): in every live domain, the domain's
+//! own tracking ([`IommuDomain::dirty_tracking_start`]: type1
+//! `VFIO_IOMMU_DIRTY_PAGES`, iommufd) where it has it at the page size
+//! asked for, else the DMA logging of each of its devices
+//! ([`Vfio::dma_logging_start`]) over the guest RAM ranges, else
+//! [`Error::DirtyTrackingUnsupported`]. A report is one bitmap per guest
+//! RAM region, the OR of every domain's and device's.
+//!
 //! Locking: one mutex inside [`GuestDma`], held across the domain calls
 //! (which may block: an ioctl, or a vfio-user message within its timeout).
 //! It is never taken while a device lock or the BAR allocator lock is
@@ -31,7 +41,8 @@ use std::ops::RangeInclusive;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vfio_backend::{DmaFile, DmaSource, DomainId, IommuDomain, Vfio};
+use vfio_backend::migration::bitmap_words;
+use vfio_backend::{DirtyRange, DmaFile, DmaSource, DomainId, IommuDomain, Vfio};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::{Error, Result};
@@ -98,9 +109,82 @@ struct Mapped {
 struct Domain {
     domain: Arc<dyn IommuDomain>,
     mode: DmaMode,
-    devices: usize,
+    devices: Vec<Arc<dyn Vfio>>,
     iova_ranges: Vec<RangeInclusive<u64>>,
     mapped: BTreeMap<u64, Mapped>,
+    /// How its devices' writes to guest RAM are tracked, while they are.
+    tracking: Option<Tracker>,
+}
+
+/// Who tracks the writes of a domain's devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tracker {
+    /// The domain itself.
+    Domain,
+    /// Each device's own DMA logging.
+    Devices,
+}
+
+/// Dirty tracking while it runs.
+struct Tracking {
+    page_size: u64,
+    /// The guest RAM regions when it started (what device logging covers).
+    ranges: Vec<DirtyRange>,
+    /// A tracker went (a device or domain detached) since the last report:
+    /// the next one names every page, since what it logged is lost.
+    lost: bool,
+}
+
+/// The pages of one guest RAM region written since tracking started or
+/// the last report ([`GuestDma::dirty_bitmaps`]): one bit per page, the
+/// lowest bit of word 0 for the page at `gpa`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// Guest physical address of the region.
+    pub gpa: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The tracking page size.
+    pub page_size: u64,
+    /// The bits.
+    pub bits: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(self.page_size.max(1))
+    }
+
+    /// Whether page `page` (counted from `gpa`) is dirty.
+    pub fn is_dirty(&self, page: u64) -> bool {
+        usize::try_from(page / 64)
+            .ok()
+            .and_then(|w| self.bits.get(w))
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// The guest physical addresses of the dirty pages, lowest first.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..self.pages())
+            .filter(|p| self.is_dirty(*p))
+            .map(|p| self.gpa + p * self.page_size)
+    }
+
+    /// How many pages are dirty.
+    pub fn dirty_count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Every page dirty.
+    fn fill(&mut self) {
+        let pages = self.pages();
+        for (i, w) in self.bits.iter_mut().enumerate() {
+            let first = i as u64 * 64;
+            let n = pages.saturating_sub(first).min(64);
+            *w = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        }
+    }
 }
 
 impl Domain {
@@ -187,6 +271,7 @@ impl Domain {
 struct State {
     ram: BTreeMap<u64, Ram>,
     domains: BTreeMap<DomainId, Domain>,
+    tracking: Option<Tracking>,
 }
 
 /// The VMM's DMA: the guest RAM regions it registered and the live IOMMU
@@ -437,7 +522,7 @@ impl GuestDma {
     /// How many devices are attached to domain `id` (0 when it is not
     /// live).
     pub fn device_count(&self, id: DomainId) -> usize {
-        self.lock().domains.get(&id).map_or(0, |d| d.devices)
+        self.lock().domains.get(&id).map_or(0, |d| d.devices.len())
     }
 
     /// The IOVA ranges domain `id` accepts, as read when its last device
@@ -499,13 +584,17 @@ impl GuestDma {
     /// maps the registered RAM there (guest-physical mode); a later one
     /// reads the domain's IOVA ranges again, and is refused when they no
     /// longer hold a live mapping or when its mode differs.
-    pub(crate) fn attach(&self, vfio: &dyn Vfio, mode: DmaMode) -> Result<DomainId> {
+    pub(crate) fn attach(&self, vfio: &Arc<dyn Vfio>, mode: DmaMode) -> Result<DomainId> {
         let domain = vfio.iommu_domain();
         let id = domain.id();
         let mut st = self.lock();
         let ranges = domain
             .iova_ranges()
             .map_err(|e| Error::backend(format!("reading the IOVA ranges of {id}"), e))?;
+        let tracking = st
+            .tracking
+            .as_ref()
+            .map(|t| (t.page_size, t.ranges.clone()));
         if let Some(d) = st.domains.get_mut(&id) {
             if d.mode != mode {
                 return Err(Error::DmaModeMismatch {
@@ -527,16 +616,23 @@ impl GuestDma {
                     size: m.m.size,
                 });
             }
+            // Dirty tracking runs: a device that joins a domain whose
+            // devices log their own DMA logs too, or is refused.
+            if let (Some(Tracker::Devices), Some((page_size, ram))) = (d.tracking, &tracking) {
+                vfio.dma_logging_start(*page_size, ram)
+                    .map_err(|e| untracked(id, "the joining device's DMA logging", e))?;
+            }
             d.iova_ranges = ranges;
-            d.devices += 1;
+            d.devices.push(Arc::clone(vfio));
             return Ok(id);
         }
         let mut d = Domain {
             domain,
             mode,
-            devices: 1,
+            devices: vec![Arc::clone(vfio)],
             iova_ranges: ranges,
             mapped: BTreeMap::new(),
+            tracking: None,
         };
         if mode == DmaMode::GuestPhysical {
             for (gpa, ram) in st.ram.iter().filter(|(_, r)| !r.removing) {
@@ -550,22 +646,279 @@ impl GuestDma {
                 }
             }
         }
+        if let Some((page_size, ram)) = &tracking {
+            match start_tracking(&d, *page_size, ram) {
+                Ok(t) => d.tracking = Some(t),
+                Err(e) => {
+                    d.unmap_all();
+                    return Err(e);
+                }
+            }
+        }
         st.domains.insert(id, d);
         Ok(id)
     }
 
-    /// Detaches a device from domain `id`; the last one unmaps everything
-    /// mapped there (errors are logged) and lets go of the domain.
-    pub(crate) fn detach(&self, id: DomainId) {
+    /// Detaches device `vfio` from domain `id`; the last one unmaps
+    /// everything mapped there (errors are logged) and lets go of the
+    /// domain. While dirty tracking runs, what the device (or the domain)
+    /// logged goes with it: the next report names every page.
+    pub(crate) fn detach(&self, id: DomainId, vfio: &Arc<dyn Vfio>) {
         let mut st = self.lock();
-        let Some(d) = st.domains.get_mut(&id) else {
+        let State {
+            domains, tracking, ..
+        } = &mut *st;
+        let Some(d) = domains.get_mut(&id) else {
             return;
         };
-        d.devices = d.devices.saturating_sub(1);
-        if d.devices == 0 {
-            d.unmap_all();
-            st.domains.remove(&id);
+        let Some(at) = d.devices.iter().position(|v| Arc::ptr_eq(v, vfio)) else {
+            return;
+        };
+        let gone = d.devices.swap_remove(at);
+        if d.tracking == Some(Tracker::Devices) {
+            if let Err(e) = gone.dma_logging_stop() {
+                log::warn!("stopping the DMA logging of a device leaving {id}: {e}");
+            }
+            if let Some(t) = tracking.as_mut() {
+                t.lost = true;
+            }
         }
+        if d.devices.is_empty() {
+            if d.tracking == Some(Tracker::Domain) {
+                if let Err(e) = d.domain.dirty_tracking_stop() {
+                    log::warn!("stopping dirty tracking of {id}: {e}");
+                }
+                if let Some(t) = tracking.as_mut() {
+                    t.lost = true;
+                }
+            }
+            d.unmap_all();
+            domains.remove(&id);
+        }
+    }
+
+    /// Starts tracking the guest RAM pages the devices' DMA writes, at
+    /// `page_size` granularity (a power of two), in every live domain: by
+    /// the domain itself where it tracks at that page size, else by each
+    /// of its devices' DMA logging over the registered guest RAM. Refused
+    /// with [`Error::DirtyTrackingUnsupported`] when a domain can do
+    /// neither (or is in external mode: its IOVAs are not guest physical
+    /// addresses); nothing is left started then.
+    ///
+    /// While it runs, a device that attaches is tracked too (or refused),
+    /// a device or domain that goes makes the next report name every page
+    /// (what it logged is lost), and guest RAM added since the start is
+    /// reported dirty in full every time.
+    pub fn dirty_tracking_start(&self, page_size: u64) -> Result<()> {
+        if !page_size.is_power_of_two() {
+            return Err(Error::PageSize { size: page_size });
+        }
+        let mut st = self.lock();
+        if st.tracking.is_some() {
+            return Err(Error::DirtyTrackingState { running: true });
+        }
+        let ranges: Vec<DirtyRange> = st
+            .ram
+            .iter()
+            .filter(|(_, r)| !r.removing)
+            .map(|(gpa, r)| DirtyRange {
+                iova: *gpa,
+                length: r.size,
+            })
+            .collect();
+        let mut failed = None;
+        for d in st.domains.values_mut() {
+            match start_tracking(d, page_size, &ranges) {
+                Ok(t) => d.tracking = Some(t),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            for d in st.domains.values_mut() {
+                stop_tracking(d);
+            }
+            return Err(e);
+        }
+        st.tracking = Some(Tracking {
+            page_size,
+            ranges,
+            lost: false,
+        });
+        Ok(())
+    }
+
+    /// The pages of each registered guest RAM region written by any
+    /// device since tracking started or since the last report, which they
+    /// are cleared from: one [`DirtyBitmap`] per region, lowest first, the
+    /// OR over every domain and device.
+    pub fn dirty_bitmaps(&self) -> Result<Vec<DirtyBitmap>> {
+        let mut st = self.lock();
+        let State {
+            ram,
+            domains,
+            tracking,
+        } = &mut *st;
+        let t = tracking
+            .as_mut()
+            .ok_or(Error::DirtyTrackingState { running: false })?;
+        let page = t.page_size;
+        let mut out = Vec::with_capacity(ram.len());
+        let mut scratch = Vec::new();
+        for (&gpa, r) in ram.iter() {
+            let words = bitmap_words(r.size, page).ok_or(Error::PageSize { size: page })?;
+            let mut bm = DirtyBitmap {
+                gpa,
+                size: r.size,
+                page_size: page,
+                bits: vec![0; words],
+            };
+            let tracked = t.ranges.iter().any(|x| x.iova == gpa && x.length == r.size);
+            if t.lost || !tracked {
+                bm.fill();
+            }
+            scratch.resize(words, 0u64);
+            for d in domains.values() {
+                if !d
+                    .mapped
+                    .get(&gpa)
+                    .is_some_and(|m| m.ram && m.m.size == r.size)
+                {
+                    continue;
+                }
+                match d.tracking {
+                    Some(Tracker::Domain) => {
+                        scratch.fill(0);
+                        d.domain
+                            .dirty_bitmap(gpa, r.size, page, &mut scratch)
+                            .map_err(|e| {
+                                Error::backend(
+                                    format!(
+                                        "dirty bitmap of {gpa:#x} (+{:#x}) in {}",
+                                        r.size,
+                                        d.domain.id()
+                                    ),
+                                    e,
+                                )
+                            })?;
+                        or_into(&mut bm.bits, &scratch);
+                    }
+                    Some(Tracker::Devices) if tracked => {
+                        for v in &d.devices {
+                            scratch.fill(0);
+                            v.dma_logging_report(gpa, r.size, page, &mut scratch)
+                                .map_err(|e| {
+                                    Error::backend(
+                                        format!("DMA logging report of {gpa:#x} (+{:#x})", r.size),
+                                        e,
+                                    )
+                                })?;
+                            or_into(&mut bm.bits, &scratch);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            out.push(bm);
+        }
+        t.lost = false;
+        Ok(out)
+    }
+
+    /// Stops dirty tracking everywhere (errors are logged: tracking is off
+    /// in this object either way).
+    pub fn dirty_tracking_stop(&self) -> Result<()> {
+        let mut st = self.lock();
+        if st.tracking.take().is_none() {
+            return Err(Error::DirtyTrackingState { running: false });
+        }
+        for d in st.domains.values_mut() {
+            stop_tracking(d);
+        }
+        Ok(())
+    }
+
+    /// Whether dirty tracking runs.
+    pub fn dirty_tracking(&self) -> bool {
+        self.lock().tracking.is_some()
+    }
+}
+
+fn or_into(dst: &mut [u64], src: &[u64]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d |= *s;
+    }
+}
+
+fn untracked(domain: DomainId, what: &str, e: vfio_backend::Error) -> Error {
+    match e {
+        vfio_backend::Error::Unsupported(why) => Error::DirtyTrackingUnsupported {
+            domain,
+            reason: format!("{what}: {why}"),
+        },
+        e => Error::backend(format!("starting {what} in {domain}"), e),
+    }
+}
+
+/// Starts tracking in `d`: the domain's own where it tracks at
+/// `page_size`, else every device's DMA logging over `ram`.
+fn start_tracking(d: &Domain, page_size: u64, ram: &[DirtyRange]) -> Result<Tracker> {
+    let id = d.domain.id();
+    if d.mode != DmaMode::GuestPhysical {
+        return Err(Error::DirtyTrackingUnsupported {
+            domain: id,
+            reason: "the domain is in external DMA mode: its IOVAs are not guest physical \
+                     addresses"
+                .into(),
+        });
+    }
+    let domain_why = match d.domain.dirty_page_sizes() {
+        Ok(sizes) if sizes & page_size != 0 => {
+            d.domain
+                .dirty_tracking_start()
+                .map_err(|e| untracked(id, "the domain's dirty tracking", e))?;
+            return Ok(Tracker::Domain);
+        }
+        Ok(sizes) => format!("the domain tracks page sizes {sizes:#x} only"),
+        Err(vfio_backend::Error::Unsupported(why)) => why,
+        Err(e) => return Err(Error::backend(format!("dirty page sizes of {id}"), e)),
+    };
+    for (i, v) in d.devices.iter().enumerate() {
+        if let Err(e) = v.dma_logging_start(page_size, ram) {
+            for started in d.devices.iter().take(i) {
+                if let Err(s) = started.dma_logging_stop() {
+                    log::warn!("stopping DMA logging in {id}: {s}");
+                }
+            }
+            return Err(untracked(
+                id,
+                &format!("{domain_why}; and device {i}'s DMA logging"),
+                e,
+            ));
+        }
+    }
+    Ok(Tracker::Devices)
+}
+
+/// Stops what [`start_tracking`] started in `d`; errors are logged.
+fn stop_tracking(d: &mut Domain) {
+    let id = d.domain.id();
+    match d.tracking.take() {
+        Some(Tracker::Domain) => {
+            if let Err(e) = d.domain.dirty_tracking_stop() {
+                log::warn!("stopping dirty tracking of {id}: {e}");
+            }
+        }
+        Some(Tracker::Devices) => {
+            for v in &d.devices {
+                if let Err(e) = v.dma_logging_stop() {
+                    log::warn!("stopping DMA logging in {id}: {e}");
+                }
+            }
+        }
+        None => {}
     }
 }
 

@@ -236,6 +236,70 @@ pub enum Error {
         /// The page size given.
         size: u64,
     },
+    /// The device's backend cannot migrate the device's own state.
+    #[error("migration: the backend cannot migrate this device's state")]
+    MigrationUnsupported,
+    /// A migration step needs a feature the device's migration lacks.
+    #[error("migration: the device does not offer {feature}")]
+    MigrationFeature {
+        /// `PRE_COPY` or `P2P`.
+        feature: &'static str,
+    },
+    /// A migration step out of order (the migration is over, or the step
+    /// comes too late or too early).
+    #[error("migration: {step} refused: the migration is {phase}")]
+    MigrationPhase {
+        /// The step asked for.
+        step: &'static str,
+        /// Where the migration is.
+        phase: &'static str,
+    },
+    /// The device is not in the migration state a step starts from.
+    #[error("migration: the device is in {state}, not {expected}")]
+    MigrationDeviceState {
+        /// Its state.
+        state: vfio_backend::MigState,
+        /// The state needed.
+        expected: vfio_backend::MigState,
+    },
+    /// A migration stream is malformed, corrupted or truncated.
+    #[error("migration stream: at byte {offset}: {fault}")]
+    MigrationStream {
+        /// Where in the stream.
+        offset: u64,
+        /// What is wrong.
+        fault: crate::migration::StreamFault,
+    },
+    /// A migration stream was taken from a device this one does not match.
+    #[error("migration stream from another kind of device: {reason}")]
+    MigrationMismatch {
+        /// The first difference.
+        reason: String,
+    },
+    /// Reading or writing the migration stream (the VMM's reader or writer)
+    /// failed.
+    #[error("migration: {context}: {source}")]
+    MigrationIo {
+        /// What was being done.
+        context: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Dirty tracking of guest RAM is not possible in some live domain.
+    #[error("dirty tracking: {domain}: {reason}")]
+    DirtyTrackingUnsupported {
+        /// The domain.
+        domain: vfio_backend::DomainId,
+        /// Why.
+        reason: String,
+    },
+    /// Dirty tracking is already running, or not running.
+    #[error("dirty tracking is {}", if *running { "already running" } else { "not running" })]
+    DirtyTrackingState {
+        /// Whether it is running.
+        running: bool,
+    },
     /// A lock was poisoned by a panic in another thread.
     #[error("{what} lock poisoned by an earlier panic")]
     Poisoned {
@@ -271,7 +335,9 @@ impl Error {
             Error::Interrupts { source, .. } | Error::SnapshotInterrupts { source, .. } => {
                 interrupts_errno(source)
             }
-            Error::GuestMapping { source, .. } => source.raw_os_error(),
+            Error::GuestMapping { source, .. } | Error::MigrationIo { source, .. } => {
+                source.raw_os_error()
+            }
             _ => None,
         }
     }

@@ -73,13 +73,15 @@ mod dma;
 mod error;
 pub mod layout;
 mod mapper;
+pub mod migration;
 mod outcome;
 
 pub use device::{
     BarView, DeviceOptions, DeviceResources, DeviceSnapshot, DeviceState, HiddenCapability,
-    IrqMode, KeptCapability, VfioPciDevice, CONFIG_SPACE_SIZE, DEVICE_SNAPSHOT_VERSION,
+    IrqMode, KeptCapability, LoadedMigration, MigrationCaps, MigrationSource, VfioPciDevice,
+    CONFIG_SPACE_SIZE, DEVICE_SNAPSHOT_VERSION,
 };
-pub use dma::{DmaMapping, DmaMode, GuestDma};
+pub use dma::{DirtyBitmap, DmaMapping, DmaMode, GuestDma};
 pub use error::{Error, Result};
 pub use layout::MsixRelocation;
 pub use mapper::{GuestMapper, MappingId, TrapAllMapper};

@@ -109,6 +109,11 @@ pub const OPTIONS: &[&str] = &[
     "IOMMUFD_DRIVER",
     "VFIO_DEVICE_CDEV",
     "VFIO_NOIOMMU",
+    // Mediated devices and the kernel's migratable sample mdev, mtty (two virtual 16550
+    // UARTs behind an emulated PCI function; migration v2 with PRE_COPY and the P2P states).
+    "SAMPLES",
+    "VFIO_MDEV",
+    "SAMPLE_VFIO_MDEV_MTTY",
     // QEMU's NVMe controller has a real driver to take it over from.
     "BLOCK",
     "BLK_DEV_NVME",
@@ -144,6 +149,8 @@ const REQUIRED: &[&str] = &[
     "IOMMUFD",
     "VFIO_DEVICE_CDEV",
     "VFIO_NOIOMMU",
+    "VFIO_MDEV",
+    "SAMPLE_VFIO_MDEV_MTTY",
     "BLK_DEV_NVME",
     "KVM",
     "KVM_AMD",

@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use vfio_bindings::bindings::vfio as uapi;
 
-use super::ioctls::{self, IommuInfo};
+use super::ioctls::{self, DirtyTrackingCap, IommuInfo};
+use super::migration::check_bitmap_request;
 use super::sysfs::SysfsDevice;
 use super::{check_dma_args, open_node, prefix_error, IommuMode, DEV_VFIO};
 use crate::{DmaSource, DomainId, Error, IommuDomain, Result};
@@ -217,6 +218,27 @@ impl KernelContainer {
         self.require_iommu("VFIO_IOMMU_GET_INFO")?;
         ioctls::iommu_get_info(self.file.as_fd())
     }
+
+    /// The container's dirty tracking capability
+    /// (`VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION`).
+    fn dirty_cap(&self, what: &str) -> Result<DirtyTrackingCap> {
+        self.require_iommu(what)?;
+        let cap = ioctls::iommu_get_info(self.file.as_fd())?
+            .dirty_tracking
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{what}: the container's type1 IOMMU does not report \
+                     VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION (a kernel without type1 dirty page \
+                     tracking)"
+                ))
+            })?;
+        if cap.report_page_size().is_none() {
+            return Err(Error::Unsupported(format!(
+                "{what}: the container reports dirty tracking with no page size"
+            )));
+        }
+        Ok(cap)
+    }
 }
 
 impl IommuDomain for KernelContainer {
@@ -268,6 +290,61 @@ impl IommuDomain for KernelContainer {
             .iommu_info()?
             .iova_ranges
             .unwrap_or_else(|| vec![0..=u64::MAX]))
+    }
+
+    /// The one page size type1 reports dirty pages at: the smallest of the
+    /// migration capability's `pgsize_bitmap` (the kernel refuses others).
+    fn dirty_page_sizes(&self) -> Result<u64> {
+        let cap = self.dirty_cap("dirty page tracking")?;
+        Ok(cap.report_page_size().unwrap_or(0))
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES_FLAG_START`. While tracking, the kernel
+    /// counts a page dirty when a pinned-scope device (an mdev whose vendor
+    /// driver pins pages or uses `vfio_dma_rw`) wrote it; with any device
+    /// that DMAs through the IOMMU without pinning (a vfio-pci function),
+    /// type1 cannot see its writes and reports every mapped page dirty, on
+    /// every report.
+    fn dirty_tracking_start(&self) -> Result<()> {
+        self.dirty_cap("VFIO_IOMMU_DIRTY_PAGES START")?;
+        ioctls::iommu_dirty_pages(self.file.as_fd(), uapi::VFIO_IOMMU_DIRTY_PAGES_FLAG_START)
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP`.
+    fn dirty_tracking_stop(&self) -> Result<()> {
+        self.dirty_cap("VFIO_IOMMU_DIRTY_PAGES STOP")?;
+        ioctls::iommu_dirty_pages(self.file.as_fd(), uapi::VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP)
+    }
+
+    /// `VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP`. The range must begin and
+    /// end on mapping boundaries (the kernel refuses a range that cuts a
+    /// mapping), `page_size` must be [`IommuDomain::dirty_page_sizes`], and
+    /// the bitmap may not exceed the capability's `max_dirty_bitmap_size`
+    /// (a range that needs more is refused: it cannot be split without
+    /// knowing the mappings' boundaries).
+    fn dirty_bitmap(&self, iova: u64, size: u64, page_size: u64, bitmap: &mut [u64]) -> Result<()> {
+        const WHAT: &str = "VFIO_IOMMU_DIRTY_PAGES GET_BITMAP";
+        let cap = self.dirty_cap(WHAT)?;
+        let pgsize = cap.report_page_size().unwrap_or(0);
+        if page_size != pgsize {
+            return Err(Error::InvalidArgument(format!(
+                "{WHAT}: page size {page_size:#x}: type1 reports dirty pages only at its \
+                 smallest IOMMU page, {pgsize:#x} bytes"
+            )));
+        }
+        let words = check_bitmap_request(WHAT, iova, size, page_size, bitmap.len())?;
+        let bytes = (words as u64).saturating_mul(8);
+        if bytes > cap.max_dirty_bitmap_size {
+            return Err(Error::InvalidArgument(format!(
+                "{WHAT}: {size:#x} bytes at IOVA {iova:#x} need a {bytes}-byte bitmap, more than \
+                 the container's max_dirty_bitmap_size of {} bytes: ask for a smaller range",
+                cap.max_dirty_bitmap_size
+            )));
+        }
+        let bitmap = bitmap.get_mut(..words).unwrap_or_default();
+        // The kernel writes only the words of the mappings in the range.
+        bitmap.fill(0);
+        ioctls::iommu_dirty_get_bitmap(self.file.as_fd(), iova, size, page_size, bitmap)
     }
 }
 
@@ -424,6 +501,24 @@ mod tests {
         assert!(matches!(c.unmap(0, page), Err(Error::Unsupported(_))));
         // Nothing can be mapped, so no IOVA range is usable.
         assert_eq!(c.iova_ranges().unwrap(), Vec::<RangeInclusive<u64>>::new());
+    }
+
+    #[test]
+    fn dirty_tracking_in_a_no_iommu_container_is_unsupported_and_before_a_group_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fake_container(dir.path(), IommuMode::NoIommu, false);
+        let mut bitmap = [0u64; 1];
+        for e in [
+            c.dirty_page_sizes().unwrap_err(),
+            c.dirty_tracking_start().unwrap_err(),
+            c.dirty_bitmap(0, 4096, 4096, &mut bitmap).unwrap_err(),
+        ] {
+            assert!(matches!(e, Error::Unsupported(_)), "{e}");
+            assert!(e.to_string().contains("no-IOMMU"), "{e}");
+        }
+        let c = fake_container(dir.path(), IommuMode::Type1v2, false);
+        let e = c.dirty_tracking_start().unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     }
 
     #[test]

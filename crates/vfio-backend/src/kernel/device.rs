@@ -14,10 +14,10 @@ use super::container::{KernelContainer, KernelGroup};
 use super::ioctls::{self, HotResetInfo};
 #[cfg(feature = "iommufd")]
 use super::iommufd::IommufdIoas;
-use super::{page_size, prefix_error};
+use super::{migration, page_size, prefix_error};
 use crate::{
-    irq_flags, DeviceInfo, Error, IommuDomain, IrqInfo, Mapping, RegionInfo, Result, SparseArea,
-    Vfio,
+    irq_flags, DeviceInfo, DirtyRange, Error, IommuDomain, IrqInfo, Mapping, MigState,
+    MigrationFlags, MigrationStream, RegionInfo, Result, SparseArea, Vfio,
 };
 
 /// Upper bound on the region and interrupt counts a device may report; a
@@ -558,6 +558,28 @@ impl KernelDevice {
         }
     }
 
+    /// Whether the device logs the pages its DMA writes
+    /// (`VFIO_DEVICE_FEATURE_DMA_LOGGING_START`, probed).
+    pub fn dma_logging_supported(&self) -> Result<bool> {
+        migration::dma_logging_supported(self.core.fd())
+            .map_err(|e| prefix_error(e, self.core.name()))
+    }
+
+    /// Whether the IOMMU behind this device can track the pages it writes
+    /// (`IOMMU_GET_HW_INFO`'s `IOMMU_HW_CAP_DIRTY_TRACKING`; iommufd only).
+    /// `Ok(false)` for a device opened through a legacy container, whose
+    /// dirty tracking is the container's
+    /// ([`IommuDomain::dirty_page_sizes`]).
+    #[cfg(feature = "iommufd")]
+    pub fn iommu_hw_dirty_tracking(&self) -> Result<bool> {
+        match &self.iommu {
+            DeviceIommu::Iommufd { ioas, dev_id } => ioas
+                .hw_dirty_tracking(*dev_id)
+                .map_err(|e| prefix_error(e, self.core.name())),
+            DeviceIommu::Group(_) => Ok(false),
+        }
+    }
+
     /// The device is in a no-IOMMU group: it can DMA anywhere in host memory
     /// and [`IommuDomain::map`](crate::IommuDomain::map) is unsupported.
     pub fn is_noiommu(&self) -> bool {
@@ -681,6 +703,48 @@ impl Vfio for KernelDevice {
             #[cfg(feature = "iommufd")]
             DeviceIommu::Iommufd { ioas, .. } => ioas.clone(),
         }
+    }
+
+    fn migration_flags(&self) -> Result<Option<MigrationFlags>> {
+        migration::migration_flags(self.core.fd(), self.core.name())
+    }
+
+    fn mig_state(&self) -> Result<MigState> {
+        migration::mig_state(self.core.fd(), self.core.name())
+    }
+
+    fn set_mig_state(&self, state: MigState) -> Result<Option<Box<dyn MigrationStream>>> {
+        migration::set_mig_state(self.core.fd(), self.core.name(), state)
+    }
+
+    fn mig_data_size(&self) -> Result<u64> {
+        migration::mig_data_size(self.core.fd(), self.core.name())
+    }
+
+    fn dma_logging_start(&self, page_size: u64, ranges: &[DirtyRange]) -> Result<()> {
+        migration::dma_logging_start(self.core.fd(), self.core.name(), page_size, ranges)
+            .map(|_chosen| ())
+    }
+
+    fn dma_logging_stop(&self) -> Result<()> {
+        migration::dma_logging_stop(self.core.fd(), self.core.name())
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<()> {
+        migration::dma_logging_report(
+            self.core.fd(),
+            self.core.name(),
+            iova,
+            length,
+            page_size,
+            bitmap,
+        )
     }
 
     fn region_mmap_fd(&self, index: u32) -> Option<(BorrowedFd<'_>, u64)> {

@@ -121,6 +121,9 @@ pub struct IommuInfo {
     /// How many more DMA mappings the container accepts
     /// (`VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL`), when reported.
     pub dma_avail: Option<u32>,
+    /// Dirty page tracking (`VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION`), when
+    /// the kernel offers it.
+    pub dirty_tracking: Option<DirtyTrackingCap>,
 }
 
 /// Who owns a device that a PCI hot reset would also reset.
@@ -441,7 +444,8 @@ pub fn parse_region_info(buf: &[u8]) -> Result<RegionInfo> {
 
 /// Decodes a `VFIO_IOMMU_GET_INFO` reply for a type1 container:
 /// `struct vfio_iommu_type1_info` and, with `VFIO_IOMMU_INFO_CAPS`, its
-/// capability chain (IOVA ranges, DMA mappings available; others ignored).
+/// capability chain (IOVA ranges, DMA mappings available, dirty tracking;
+/// others ignored).
 /// An IOVA range whose start is above its end is refused.
 pub fn parse_iommu_type1_info(buf: &[u8]) -> Result<IommuInfo> {
     const WHAT: &str = "VFIO_IOMMU_GET_INFO";
@@ -454,6 +458,7 @@ pub fn parse_iommu_type1_info(buf: &[u8]) -> Result<IommuInfo> {
         iova_pgsizes,
         iova_ranges: None,
         dma_avail: None,
+        dirty_tracking: None,
     };
     if flags & uapi::VFIO_IOMMU_INFO_CAPS == 0 || cap_offset == 0 {
         return Ok(info);
@@ -510,6 +515,25 @@ pub fn parse_iommu_type1_info(buf: &[u8]) -> Result<IommuInfo> {
                         format!("DMA-avail capability at {off:#x} is truncated"),
                     )
                 })?);
+            }
+            uapi::VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION => {
+                // header, __u32 flags, (pad), __u64 pgsize_bitmap,
+                // __u64 max_dirty_bitmap_size.
+                let (Some(flags), Some(pgsize_bitmap), Some(max_dirty_bitmap_size)) = (
+                    get_u32(buf, off + 8),
+                    get_u64(buf, off + 16),
+                    get_u64(buf, off + 24),
+                ) else {
+                    return Err(malformed(
+                        WHAT,
+                        format!("migration capability at {off:#x} is truncated"),
+                    ));
+                };
+                info.dirty_tracking = Some(DirtyTrackingCap {
+                    flags,
+                    pgsize_bitmap,
+                    max_dirty_bitmap_size,
+                });
             }
             _ => {}
         }
@@ -1042,6 +1066,384 @@ pub(crate) fn device_attach_iommufd_pt(device: BorrowedFd<'_>, pt_id: u32) -> Re
     Ok(())
 }
 
+// ---------------------------------------------------------------------------
+// Migration v2 (`VFIO_DEVICE_FEATURE`), device DMA logging and type1 dirty
+// page tracking (`VFIO_IOMMU_DIRTY_PAGES`).
+
+/// `VFIO_DEVICE_FEATURE` (device fd).
+pub(crate) const VFIO_DEVICE_FEATURE: libc::c_ulong = vfio_io(17);
+/// `VFIO_IOMMU_DIRTY_PAGES` (container fd; same number as the device's
+/// `VFIO_DEVICE_FEATURE`).
+pub(crate) const VFIO_IOMMU_DIRTY_PAGES: libc::c_ulong = vfio_io(17);
+/// `VFIO_MIG_GET_PRECOPY_INFO` (on a migration data fd).
+pub(crate) const VFIO_MIG_GET_PRECOPY_INFO: libc::c_ulong = vfio_io(21);
+
+/// The most ranges one `DMA_LOGGING_START` carries: the kernel guarantees
+/// as many as fit in one 4 KiB page (`LOG_MAX_RANGES`) and refuses more with
+/// `E2BIG` where a driver cannot take them.
+pub const MAX_DMA_LOGGING_RANGES: usize = 4096 / DMA_LOGGING_RANGE_LEN;
+/// The smallest page size a device DMA log reports at (the kernel refuses
+/// smaller with `EINVAL`).
+pub const MIN_DMA_LOGGING_PAGE: u64 = 4096;
+
+/// Size of `struct vfio_device_feature` (before its data).
+pub const DEVICE_FEATURE_LEN: usize = std::mem::size_of::<uapi::vfio_device_feature>();
+/// Size of `struct vfio_device_feature_dma_logging_range`.
+pub const DMA_LOGGING_RANGE_LEN: usize =
+    std::mem::size_of::<uapi::vfio_device_feature_dma_logging_range>();
+/// Size of `struct vfio_iommu_type1_dirty_bitmap` (before its data).
+pub const DIRTY_BITMAP_LEN: usize = std::mem::size_of::<uapi::vfio_iommu_type1_dirty_bitmap>();
+
+/// `struct vfio_device_feature` followed by its data `T`: what one
+/// `VFIO_DEVICE_FEATURE` call passes (the data is 8-byte aligned right
+/// after the 8-byte header, as the kernel reads it).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FeatureBuf<T> {
+    argsz: u32,
+    flags: u32,
+    data: T,
+}
+
+/// `struct vfio_iommu_type1_dirty_bitmap` followed by a
+/// `struct vfio_iommu_type1_dirty_bitmap_get`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DirtyBitmapGet {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
+    pgsize: u64,
+    bitmap_bytes: u64,
+    data: u64,
+}
+
+// The layouts the kernel reads; pin them against the uAPI sizes.
+const _: () = {
+    assert!(DEVICE_FEATURE_LEN == 8);
+    assert!(DMA_LOGGING_RANGE_LEN == 16);
+    assert!(DIRTY_BITMAP_LEN == 8);
+    assert!(std::mem::size_of::<uapi::vfio_device_feature_migration>() == 8);
+    assert!(std::mem::size_of::<uapi::vfio_device_feature_mig_state>() == 8);
+    assert!(std::mem::size_of::<uapi::vfio_device_feature_mig_data_size>() == 8);
+    assert!(std::mem::size_of::<uapi::vfio_device_feature_dma_logging_control>() == 24);
+    assert!(std::mem::size_of::<uapi::vfio_device_feature_dma_logging_report>() == 32);
+    assert!(std::mem::size_of::<uapi::vfio_precopy_info>() == 24);
+    assert!(std::mem::size_of::<uapi::vfio_iommu_type1_info_cap_migration>() == 32);
+    assert!(std::mem::size_of::<uapi::vfio_bitmap>() == 24);
+    assert!(std::mem::size_of::<uapi::vfio_iommu_type1_dirty_bitmap_get>() == 40);
+    assert!(std::mem::size_of::<DirtyBitmapGet>() == DIRTY_BITMAP_LEN + 40);
+    assert!(std::mem::offset_of!(FeatureBuf<uapi::vfio_device_feature_mig_state>, data) == 8);
+    assert!(
+        std::mem::offset_of!(
+            FeatureBuf<uapi::vfio_device_feature_dma_logging_report>,
+            data
+        ) == 8
+    );
+    assert!(std::mem::offset_of!(DirtyBitmapGet, iova) == DIRTY_BITMAP_LEN);
+    assert!(std::mem::offset_of!(DirtyBitmapGet, pgsize) == DIRTY_BITMAP_LEN + 16);
+    assert!(std::mem::offset_of!(DirtyBitmapGet, data) == DIRTY_BITMAP_LEN + 32);
+};
+
+impl<T> FeatureBuf<T> {
+    /// The call for `feature` with `op` (`VFIO_DEVICE_FEATURE_GET` / `_SET`
+    /// / `_PROBE`, combinable with PROBE) and its data.
+    pub(crate) fn new(feature: u32, op: u32, data: T) -> Self {
+        FeatureBuf {
+            argsz: std::mem::size_of::<Self>() as u32,
+            flags: (feature & uapi::VFIO_DEVICE_FEATURE_MASK) | op,
+            data,
+        }
+    }
+}
+
+/// What `VFIO_IOMMU_GET_INFO`'s `VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION` says
+/// about dirty page tracking in a type1 container.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirtyTrackingCap {
+    /// `flags` of the capability (none are defined).
+    pub flags: u32,
+    /// The page sizes dirty tracking works at (bit `n`: `1 << n` bytes); the
+    /// kernel reports only at the smallest.
+    pub pgsize_bitmap: u64,
+    /// The largest bitmap, in bytes, one `GET_BITMAP` fills.
+    pub max_dirty_bitmap_size: u64,
+}
+
+impl DirtyTrackingCap {
+    /// The one page size `VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP` accepts:
+    /// the smallest of [`DirtyTrackingCap::pgsize_bitmap`].
+    pub fn report_page_size(&self) -> Option<u64> {
+        (self.pgsize_bitmap != 0).then(|| 1u64 << self.pgsize_bitmap.trailing_zeros())
+    }
+}
+
+fn feature_name(feature: u32) -> &'static str {
+    match feature {
+        uapi::VFIO_DEVICE_FEATURE_MIGRATION => "MIGRATION",
+        uapi::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => "MIG_DEVICE_STATE",
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_START => "DMA_LOGGING_START",
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => "DMA_LOGGING_STOP",
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT => "DMA_LOGGING_REPORT",
+        uapi::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE => "MIG_DATA_SIZE",
+        _ => "feature",
+    }
+}
+
+fn op_name(op: u32) -> &'static str {
+    if op & uapi::VFIO_DEVICE_FEATURE_PROBE != 0 {
+        "probe"
+    } else if op & uapi::VFIO_DEVICE_FEATURE_SET != 0 {
+        "set"
+    } else {
+        "get"
+    }
+}
+
+/// Issues one `VFIO_DEVICE_FEATURE` call; the kernel may write the data
+/// back (GET, and the SETs that return something).
+fn device_feature<T>(device: BorrowedFd<'_>, buf: &mut FeatureBuf<T>, detail: &str) -> Result<()> {
+    // SAFETY: `buf` is a complete vfio_device_feature header followed by the
+    // feature's data, with argsz = its size: the kernel reads and writes at
+    // most argsz bytes of it. Pointers inside the data (DMA logging ranges and
+    // bitmaps) are set up by the callers, which say why they hold.
+    let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&device, VFIO_DEVICE_FEATURE, buf) };
+    if ret < 0 {
+        return Err(ioctl_error(format!(
+            "VFIO_DEVICE_FEATURE {} {}{detail}",
+            feature_name(buf.flags & uapi::VFIO_DEVICE_FEATURE_MASK),
+            op_name(buf.flags)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the device offers `feature` for `op` (`VFIO_DEVICE_FEATURE_PROBE`):
+/// `ENOTTY` (the device or kernel lacks it) is `false`.
+pub(crate) fn device_feature_probe(device: BorrowedFd<'_>, feature: u32, op: u32) -> Result<bool> {
+    let mut buf = FeatureBuf::new(feature, uapi::VFIO_DEVICE_FEATURE_PROBE | op, ());
+    match device_feature(device, &mut buf, "") {
+        Ok(()) => Ok(true),
+        Err(e) if e.errno() == Some(libc::ENOTTY) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `VFIO_DEVICE_FEATURE_MIGRATION` get: the device's `VFIO_MIGRATION_*`
+/// flags, or `None` when it cannot migrate (`ENOTTY`).
+pub(crate) fn device_migration_flags(device: BorrowedFd<'_>) -> Result<Option<u64>> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_MIGRATION,
+        uapi::VFIO_DEVICE_FEATURE_GET,
+        uapi::vfio_device_feature_migration::default(),
+    );
+    match device_feature(device, &mut buf, "") {
+        Ok(()) => Ok(Some(buf.data.flags)),
+        Err(e) if e.errno() == Some(libc::ENOTTY) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` get: the raw state.
+pub(crate) fn device_mig_state(device: BorrowedFd<'_>) -> Result<u32> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+        uapi::VFIO_DEVICE_FEATURE_GET,
+        uapi::vfio_device_feature_mig_state {
+            device_state: 0,
+            data_fd: -1,
+        },
+    );
+    device_feature(device, &mut buf, "")?;
+    Ok(buf.data.device_state)
+}
+
+/// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE` set: moves the device to `state`
+/// (raw) and returns the data fd the last arc opened, if any.
+pub(crate) fn device_set_mig_state(
+    device: BorrowedFd<'_>,
+    state: u32,
+    state_name: &str,
+) -> Result<Option<OwnedFd>> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+        uapi::VFIO_DEVICE_FEATURE_SET,
+        uapi::vfio_device_feature_mig_state {
+            device_state: state,
+            data_fd: -1,
+        },
+    );
+    device_feature(device, &mut buf, &format!(" to {state_name}"))?;
+    if buf.data.data_fd < 0 {
+        return Ok(None);
+    }
+    // SAFETY: on success with data_fd >= 0 the kernel installed a new file
+    // descriptor for this process (the session's data fd) that nothing else
+    // owns; it is ours to close.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(buf.data.data_fd) }))
+}
+
+/// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE` get: the estimated STOP_COPY length.
+pub(crate) fn device_mig_data_size(device: BorrowedFd<'_>) -> Result<u64> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+        uapi::VFIO_DEVICE_FEATURE_GET,
+        uapi::vfio_device_feature_mig_data_size::default(),
+    );
+    device_feature(device, &mut buf, "")?;
+    Ok(buf.data.stop_copy_length)
+}
+
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` with `ranges` (already checked:
+/// 1 ..= [`MAX_DMA_LOGGING_RANGES`] page-aligned, non-overlapping ranges).
+/// Returns the page size the device chose.
+pub(crate) fn device_dma_logging_start(
+    device: BorrowedFd<'_>,
+    page_size: u64,
+    ranges: &[uapi::vfio_device_feature_dma_logging_range],
+) -> Result<u64> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+        uapi::VFIO_DEVICE_FEATURE_SET,
+        uapi::vfio_device_feature_dma_logging_control {
+            page_size,
+            num_ranges: u32::try_from(ranges.len()).unwrap_or(u32::MAX),
+            __reserved: 0,
+            ranges: ranges.as_ptr() as u64,
+        },
+    );
+    // The kernel reads num_ranges entries at `ranges`: exactly the slice,
+    // which outlives the call.
+    device_feature(
+        device,
+        &mut buf,
+        &format!(" of {} ranges at {page_size:#x}-byte pages", ranges.len()),
+    )?;
+    Ok(buf.data.page_size)
+}
+
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP`.
+pub(crate) fn device_dma_logging_stop(device: BorrowedFd<'_>) -> Result<()> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+        uapi::VFIO_DEVICE_FEATURE_SET,
+        (),
+    );
+    device_feature(device, &mut buf, "")
+}
+
+/// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT` into `bitmap`, which the caller
+/// sized for `length / page_size` bits (checked before).
+pub(crate) fn device_dma_logging_report(
+    device: BorrowedFd<'_>,
+    iova: u64,
+    length: u64,
+    page_size: u64,
+    bitmap: &mut [u64],
+) -> Result<()> {
+    let mut buf = FeatureBuf::new(
+        uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+        uapi::VFIO_DEVICE_FEATURE_GET,
+        uapi::vfio_device_feature_dma_logging_report {
+            iova,
+            length,
+            page_size,
+            bitmap: bitmap.as_mut_ptr() as u64,
+        },
+    );
+    // The kernel sets bits for at most length / page_size pages: the caller
+    // checked that `bitmap` holds that many, and it outlives the call.
+    device_feature(
+        device,
+        &mut buf,
+        &format!(" of {length:#x} bytes at IOVA {iova:#x}"),
+    )
+}
+
+/// `VFIO_MIG_GET_PRECOPY_INFO` on a data fd.
+pub(crate) fn mig_precopy_info(data_fd: BorrowedFd<'_>) -> Result<(u64, u64)> {
+    let mut info = uapi::vfio_precopy_info {
+        argsz: std::mem::size_of::<uapi::vfio_precopy_info>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `info` is a complete vfio_precopy_info with argsz = its size;
+    // the kernel writes back the two byte counts only.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(&data_fd, VFIO_MIG_GET_PRECOPY_INFO, &mut info)
+    };
+    if ret < 0 {
+        return Err(ioctl_error("VFIO_MIG_GET_PRECOPY_INFO"));
+    }
+    Ok((info.initial_bytes, info.dirty_bytes))
+}
+
+/// `VFIO_IOMMU_DIRTY_PAGES` with `VFIO_IOMMU_DIRTY_PAGES_FLAG_START` or
+/// `_STOP`.
+pub(crate) fn iommu_dirty_pages(container: BorrowedFd<'_>, flag: u32) -> Result<()> {
+    let mut buf = FeatureBuf::new(0, flag, ());
+    // SAFETY: `buf` is a vfio_iommu_type1_dirty_bitmap header with argsz = its
+    // size and no data; START and STOP read nothing more and write nothing.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(&container, VFIO_IOMMU_DIRTY_PAGES, &mut buf)
+    };
+    if ret < 0 {
+        let what = if flag == uapi::VFIO_IOMMU_DIRTY_PAGES_FLAG_START {
+            "START"
+        } else {
+            "STOP"
+        };
+        return Err(ioctl_error(format!("VFIO_IOMMU_DIRTY_PAGES {what}")));
+    }
+    Ok(())
+}
+
+/// The `VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP` call for `size` bytes at
+/// `iova`, one bit per `pgsize`, into `bitmap_bytes` bytes at `data`.
+pub(crate) fn dirty_bitmap_get(
+    iova: u64,
+    size: u64,
+    pgsize: u64,
+    bitmap_bytes: u64,
+    data: u64,
+) -> DirtyBitmapGet {
+    DirtyBitmapGet {
+        argsz: std::mem::size_of::<DirtyBitmapGet>() as u32,
+        flags: uapi::VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+        iova,
+        size,
+        pgsize,
+        bitmap_bytes,
+        data,
+    }
+}
+
+/// `VFIO_IOMMU_DIRTY_PAGES` `GET_BITMAP` into `bitmap` (sized by the
+/// caller for `size / pgsize` bits, checked before).
+pub(crate) fn iommu_dirty_get_bitmap(
+    container: BorrowedFd<'_>,
+    iova: u64,
+    size: u64,
+    pgsize: u64,
+    bitmap: &mut [u64],
+) -> Result<()> {
+    let bytes = (bitmap.len() as u64).saturating_mul(8);
+    let mut get = dirty_bitmap_get(iova, size, pgsize, bytes, bitmap.as_mut_ptr() as u64);
+    // SAFETY: `get` is the header plus vfio_iommu_type1_dirty_bitmap_get with
+    // argsz = their size; the kernel writes at most `bytes` bytes at `data`,
+    // which is `bitmap`, borrowed mutably for the call.
+    let ret = unsafe {
+        vmm_sys_util::ioctl::ioctl_with_mut_ref(&container, VFIO_IOMMU_DIRTY_PAGES, &mut get)
+    };
+    if ret < 0 {
+        return Err(ioctl_error(format!(
+            "VFIO_IOMMU_DIRTY_PAGES GET_BITMAP of {size:#x} bytes at IOVA {iova:#x} \
+             ({pgsize:#x}-byte pages)"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1381,6 +1783,97 @@ mod tests {
     }
 
     #[test]
+    fn device_feature_calls_are_header_then_data_with_argsz_of_both() {
+        // struct vfio_device_feature { argsz, flags, data[] }: flags carry the
+        // feature number in the low 16 bits and GET/SET/PROBE above.
+        let b = FeatureBuf::new(
+            uapi::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+            uapi::VFIO_DEVICE_FEATURE_SET,
+            uapi::vfio_device_feature_mig_state {
+                device_state: 3,
+                data_fd: -1,
+            },
+        );
+        assert_eq!(b.argsz, 16);
+        assert_eq!(b.flags, 2 | (1 << 17));
+        let p = FeatureBuf::new(
+            uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            uapi::VFIO_DEVICE_FEATURE_PROBE | uapi::VFIO_DEVICE_FEATURE_SET,
+            (),
+        );
+        assert_eq!(p.argsz, 8);
+        assert_eq!(p.flags, 6 | (1 << 17) | (1 << 18));
+        let r = FeatureBuf::new(
+            uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+            uapi::VFIO_DEVICE_FEATURE_GET,
+            uapi::vfio_device_feature_dma_logging_report::default(),
+        );
+        assert_eq!(r.argsz, 8 + 32);
+        assert_eq!(r.flags, 8 | (1 << 16));
+    }
+
+    #[test]
+    fn dirty_bitmap_get_is_the_header_then_range_then_vfio_bitmap() {
+        // vfio_iommu_type1_dirty_bitmap { argsz, flags } then
+        // vfio_iommu_type1_dirty_bitmap_get { iova, size, { pgsize, size, data } }.
+        let g = dirty_bitmap_get(0x10000, 0x8000, 0x1000, 8, 0xdead_0000);
+        assert_eq!(g.argsz, 48);
+        assert_eq!(g.flags, uapi::VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP);
+        assert_eq!(
+            (g.iova, g.size, g.pgsize, g.bitmap_bytes, g.data),
+            (0x10000, 0x8000, 0x1000, 8, 0xdead_0000)
+        );
+    }
+
+    #[test]
+    fn iommu_info_reports_the_migration_capability() {
+        // vfio_iommu_type1_info (24) | migration cap (32): header, flags, pad,
+        // pgsize_bitmap, max_dirty_bitmap_size.
+        let mut b = Buf::new(24 + 32);
+        b.u32(0, 56).u32(4, uapi::VFIO_IOMMU_INFO_CAPS).u32(16, 24);
+        b.cap(24, uapi::VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION as u16, 1, 0)
+            .u32(32, 0)
+            .u64(40, 0x4020_3000)
+            .u64(48, 1 << 28);
+        let cap = parse_iommu_type1_info(&b.0)
+            .unwrap()
+            .dirty_tracking
+            .unwrap();
+        assert_eq!(cap.pgsize_bitmap, 0x4020_3000);
+        assert_eq!(cap.max_dirty_bitmap_size, 1 << 28);
+        // GET_BITMAP accepts only the smallest page size.
+        assert_eq!(cap.report_page_size(), Some(0x1000));
+        let mut t = Buf::new(24 + 24);
+        t.u32(0, 48).u32(4, uapi::VFIO_IOMMU_INFO_CAPS).u32(16, 24);
+        t.cap(24, uapi::VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION as u16, 1, 0);
+        assert!(invalid_data(&parse_iommu_type1_info(&t.0).unwrap_err()));
+    }
+
+    #[test]
+    fn migration_feature_on_a_device_without_it_is_none_and_state_calls_fail_with_enotty() {
+        // The kernel answers ENOTTY for a feature the device lacks (no mig_ops,
+        // no log_ops): the flags are "cannot migrate", a probe is "no".
+        use std::os::fd::AsFd;
+        let f = tempfile::tempfile().unwrap();
+        assert_eq!(device_migration_flags(f.as_fd()).unwrap(), None);
+        assert!(!device_feature_probe(
+            f.as_fd(),
+            uapi::VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            uapi::VFIO_DEVICE_FEATURE_SET
+        )
+        .unwrap());
+        let e = device_set_mig_state(f.as_fd(), 3, "STOP_COPY").unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOTTY));
+        assert!(
+            e.to_string()
+                .contains("VFIO_DEVICE_FEATURE MIG_DEVICE_STATE set to STOP_COPY"),
+            "{e}"
+        );
+        let e = mig_precopy_info(f.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("VFIO_MIG_GET_PRECOPY_INFO"), "{e}");
+    }
+
+    #[test]
     fn ioctl_numbers_match_the_uapi_header() {
         // _IO(';', 100 + n) with _IOC_NONE = 0 on x86/arm: (0x3b << 8) | nr.
         #[cfg(any(
@@ -1395,6 +1888,9 @@ mod tests {
             assert_eq!(VFIO_IOMMU_GET_INFO, 0x3b70);
             assert_eq!(VFIO_IOMMU_UNMAP_DMA, 0x3b72);
             assert_eq!(VFIO_DEVICE_PCI_HOT_RESET, 0x3b71);
+            assert_eq!(VFIO_DEVICE_FEATURE, 0x3b75);
+            assert_eq!(VFIO_IOMMU_DIRTY_PAGES, 0x3b75);
+            assert_eq!(VFIO_MIG_GET_PRECOPY_INFO, 0x3b79);
         }
     }
 

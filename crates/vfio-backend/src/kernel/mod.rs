@@ -38,6 +38,27 @@
 //! returning errors on region access and reset, always start
 //! `VFIO_DEVICE_SET_IRQS` at vector 0 and have no no-IOMMU mode.
 //!
+//! **Mediated devices** (mdev, e.g. the kernel's `mtty` sample) open like
+//! PCI functions, by `/sys/bus/mdev/devices/<uuid>` or the bare UUID, in
+//! either API: their own IOMMU group (an emulated one, which type1 accepts
+//! without an IOMMU) or their vfio cdev (bound to iommufd as an emulated
+//! device).
+//!
+//! **Migration** (VFIO migration v2): [`KernelDevice`] implements the
+//! [`Vfio`](crate::Vfio) migration methods on `VFIO_DEVICE_FEATURE`
+//! (`MIGRATION`, `MIG_DEVICE_STATE`, `MIG_DATA_SIZE`, `DMA_LOGGING_*`); the
+//! data fd of a session is a [`KernelMigrationStream`]. A
+//! [`KernelContainer`] tracks dirty pages with type1's
+//! `VFIO_IOMMU_DIRTY_PAGES` (exact only for pinned-scope devices such as
+//! mdevs: with a vfio-pci function in the container, type1 reports every
+//! mapped page dirty); an `IommufdIoas` made with
+//! `IommufdIoas::new_dirty_tracking` attaches its devices to a hardware
+//! page table allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING` and tracks
+//! with `IOMMU_HWPT_SET_DIRTY_TRACKING` / `IOMMU_HWPT_GET_DIRTY_BITMAP`
+//! (opening a device fails with [`Error::Unsupported`] when its IOMMU lacks
+//! the capability); a plain IOAS answers [`Error::Unsupported`], and
+//! `KernelDevice::iommu_hw_dirty_tracking` says whether the IOMMU could.
+//!
 //! On a host without VFIO every entry point fails with
 //! [`Error::NotAvailable`] naming the missing
 //! node (`/dev/vfio/vfio`, `/dev/vfio/<group>`, `/dev/iommu`) or sysfs path.
@@ -51,6 +72,7 @@ mod device;
 pub mod ioctls;
 #[cfg(feature = "iommufd")]
 mod iommufd;
+mod migration;
 mod open;
 mod sysfs;
 
@@ -59,10 +81,11 @@ use std::path::Path;
 
 pub use container::{KernelContainer, KernelGroup};
 pub use device::KernelDevice;
-pub use ioctls::{DependentDevice, DependentOwner, HotResetInfo, IommuInfo};
+pub use ioctls::{DependentDevice, DependentOwner, DirtyTrackingCap, HotResetInfo, IommuInfo};
 #[cfg(feature = "iommufd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "iommufd")))]
 pub use iommufd::IommufdIoas;
+pub use migration::KernelMigrationStream;
 
 use crate::{Error, Result};
 
@@ -77,6 +100,13 @@ pub enum IommuMode {
     /// `VFIO_NOIOMMU_IOMMU`: no IOMMU; devices are unisolated and DMA
     /// mapping is unsupported.
     NoIommu,
+}
+
+/// The sysfs directory of a device named by path or by a bare mediated
+/// device UUID (`/sys/bus/mdev/devices/<uuid>`): what every `open` of this
+/// module accepts. Anything that is not a UUID is returned as it is.
+pub fn device_sysfs_path(name: impl AsRef<Path>) -> std::path::PathBuf {
+    sysfs::device_path(name.as_ref())
 }
 
 /// Prefixes the context of an error with `prefix` (a device or group name).

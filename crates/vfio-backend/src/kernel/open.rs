@@ -25,8 +25,9 @@ use crate::Result;
 
 impl KernelDevice {
     /// Opens the device at `sysfs_path` (e.g.
-    /// `/sys/bus/pci/devices/0000:00:01.0`) in a new type1v2 container of its
-    /// own. To share one container (and its DMA mappings) between devices,
+    /// `/sys/bus/pci/devices/0000:00:01.0`, or a mediated device:
+    /// `/sys/bus/mdev/devices/<uuid>` or the bare UUID) in a new type1v2
+    /// container of its own. To share one container (and its DMA mappings) between devices,
     /// create a [`KernelContainer`] and call [`KernelContainer::open_device`]
     /// for each.
     ///
@@ -34,7 +35,7 @@ impl KernelDevice {
     /// `/dev/vfio` is missing, and refuses a no-IOMMU group (see
     /// [`KernelContainer::new_noiommu`]).
     pub fn open(sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let dev = sysfs::probe(sysfs_path.as_ref())?;
+        let dev = sysfs::probe(&sysfs::device_path(sysfs_path.as_ref()))?;
         KernelContainer::check_mode_for(&dev, IommuMode::Type1v2)?;
         KernelContainer::new()?.open_probed(dev)
     }
@@ -42,11 +43,12 @@ impl KernelDevice {
 
 impl KernelContainer {
     /// Opens the device at `sysfs_path` (e.g.
-    /// `/sys/bus/pci/devices/0000:00:01.0`): opens its group (or reuses it
-    /// when another device of the group is already open), attaches the
-    /// group to this container, and gets the device fd.
+    /// `/sys/bus/pci/devices/0000:00:01.0`, or an mdev by path or bare
+    /// UUID): opens its group (or reuses it when another device of the
+    /// group is already open), attaches the group to this container, and
+    /// gets the device fd.
     pub fn open_device(self: &Arc<Self>, sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let dev = sysfs::probe(sysfs_path.as_ref())?;
+        let dev = sysfs::probe(&sysfs::device_path(sysfs_path.as_ref()))?;
         Self::check_mode_for(&dev, self.mode())?;
         self.open_probed(dev)
     }
@@ -63,8 +65,8 @@ impl KernelContainer {
 }
 
 impl KernelGroup {
-    /// Opens the device `name` (its PCI address, `0000:00:01.0`) of this
-    /// group.
+    /// Opens the device `name` (its PCI address, `0000:00:01.0`, or an
+    /// mdev's UUID) of this group.
     pub fn open_device(self: &Arc<Self>, name: &str) -> Result<KernelDevice> {
         let core = self.device_core(name)?;
         Ok(KernelDevice::new(
@@ -81,11 +83,15 @@ impl KernelGroup {
 
 #[cfg(feature = "iommufd")]
 impl IommufdIoas {
-    /// Opens the device at `sysfs_path` through its vfio cdev (found in
+    /// Opens the device at `sysfs_path` (a PCI function, or an mdev by path
+    /// or bare UUID) through its vfio cdev (found in
     /// `<sysfs_path>/vfio-dev/vfioN`, opened as `/dev/vfio/devices/vfioN`),
-    /// binds it to the iommufd and attaches it to this IOAS.
+    /// binds it to the iommufd and attaches it to this IOAS. An mdev binds
+    /// as an emulated device: its vendor driver reaches the IOAS's mappings
+    /// through an iommufd access.
     pub fn open_device(self: &Arc<Self>, sysfs_path: impl AsRef<Path>) -> Result<KernelDevice> {
-        let sysfs_path = sysfs_path.as_ref();
+        let resolved = sysfs::device_path(sysfs_path.as_ref());
+        let sysfs_path = resolved.as_path();
         let cdev = sysfs::vfio_cdev_name(sysfs_path)?;
         let name = sysfs_path
             .file_name()

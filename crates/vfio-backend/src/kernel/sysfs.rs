@@ -1,5 +1,11 @@
-//! What sysfs says about a PCI function bound to `vfio-pci`: its name, its
-//! IOMMU group, whether that group is a no-IOMMU one, and its vfio cdev.
+//! What sysfs says about a VFIO device: a PCI function bound to `vfio-pci`
+//! or a mediated device (mdev, `/sys/bus/mdev/devices/<uuid>`): its name,
+//! its IOMMU group, whether that group is a no-IOMMU one, and its vfio cdev.
+//!
+//! An mdev has both, like a PCI function: its `iommu_group` link (a group
+//! of its own, which type1 tracks as an emulated IOMMU group) and, with
+//! `CONFIG_VFIO_DEVICE_CDEV`, `vfio-dev/vfioN`; `VFIO_GROUP_GET_DEVICE_FD`
+//! names it by its UUID.
 
 use std::fs;
 use std::io;
@@ -10,6 +16,29 @@ use crate::{Error, Result};
 /// The name the kernel gives the fake IOMMU group of a no-IOMMU device
 /// (`/sys/kernel/iommu_groups/N/name`).
 const NOIOMMU_GROUP_NAME: &str = "vfio-noiommu";
+
+/// Where the kernel lists mediated devices.
+pub(crate) const MDEV_DEVICES: &str = "/sys/bus/mdev/devices";
+
+/// Whether `s` is a UUID in the form the kernel names mdevs by
+/// (`8-4-4-4-12` hex digits).
+pub(crate) fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The sysfs path of a device given by path or by a bare mdev UUID
+/// (`/sys/bus/mdev/devices/<uuid>`); anything else is taken as a path.
+pub(crate) fn device_path(path: &Path) -> PathBuf {
+    match path.to_str() {
+        Some(s) if is_uuid(s) => Path::new(MDEV_DEVICES).join(s),
+        _ => path.to_path_buf(),
+    }
+}
 
 /// A device found in sysfs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,14 +62,15 @@ fn not_available(path: &Path, source: io::Error) -> Error {
 }
 
 /// Reads the device's name and IOMMU group from its sysfs directory
-/// (`/sys/bus/pci/devices/<address>`).
+/// (`/sys/bus/pci/devices/<address>` or `/sys/bus/mdev/devices/<uuid>`).
 pub(crate) fn probe(path: &Path) -> Result<SysfsDevice> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "{} does not name a device (expected /sys/bus/pci/devices/<address>)",
+                "{} does not name a device (expected /sys/bus/pci/devices/<address> or \
+                 /sys/bus/mdev/devices/<uuid>)",
                 path.display()
             ))
         })?
@@ -71,9 +101,14 @@ pub(crate) fn probe(path: &Path) -> Result<SysfsDevice> {
                 target.display()
             ))
         })?;
-    let noiommu = fs::read_to_string(link.join("name"))
-        .map(|n| n.trim() == NOIOMMU_GROUP_NAME)
-        .unwrap_or(false);
+    // The kernel names emulated groups (an mdev's) "vfio-noiommu" too; they
+    // are not no-IOMMU groups (/dev/vfio/N, isolated by the vendor driver).
+    // An mdev is known by its mdev_type link.
+    let is_mdev = fs::symlink_metadata(path.join("mdev_type")).is_ok();
+    let noiommu = !is_mdev
+        && fs::read_to_string(link.join("name"))
+            .map(|n| n.trim() == NOIOMMU_GROUP_NAME)
+            .unwrap_or(false);
     Ok(SysfsDevice {
         path: path.to_path_buf(),
         name,
@@ -150,6 +185,47 @@ mod tests {
         let d = probe(&dev).unwrap();
         assert_eq!(d.name, "0000:00:04.0");
         assert_eq!(d.group_id, 42);
+        assert!(!d.noiommu);
+    }
+
+    #[test]
+    fn a_bare_mdev_uuid_names_its_sysfs_directory_and_other_names_stay_paths() {
+        let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+        assert!(is_uuid(uuid));
+        assert_eq!(
+            device_path(Path::new(uuid)),
+            Path::new("/sys/bus/mdev/devices/83b8f4f2-509f-382f-3c1e-e6bfe0fa1001")
+        );
+        for not in [
+            "0000:00:04.0",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa100",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa100g",
+            "83b8f4f2509f382f3c1ee6bfe0fa1001",
+        ] {
+            assert!(!is_uuid(not), "{not}");
+            assert_eq!(device_path(Path::new(not)), Path::new(not));
+        }
+        let full = Path::new("/sys/bus/mdev/devices").join(uuid);
+        assert_eq!(device_path(&full), full);
+    }
+
+    #[test]
+    fn probe_of_an_mdev_reads_its_own_emulated_group_and_names_it_by_uuid() {
+        // /sys/bus/mdev/devices/<uuid> links to the parent's directory; the
+        // mdev has an iommu_group of its own.
+        let root = tempfile::tempdir().unwrap();
+        let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+        // The kernel gives an mdev's emulated group the no-IOMMU group name.
+        let real = fake_device(root.path(), uuid, "7", Some("vfio-noiommu"));
+        fs::create_dir_all(root.path().join("types/mtty-1")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("types/mtty-1"), real.join("mdev_type"))
+            .unwrap();
+        let bus = root.path().join("bus");
+        fs::create_dir_all(&bus).unwrap();
+        std::os::unix::fs::symlink(&real, bus.join(uuid)).unwrap();
+        let d = probe(&bus.join(uuid)).unwrap();
+        assert_eq!(d.name, uuid);
+        assert_eq!(d.group_id, 7);
         assert!(!d.noiommu);
     }
 

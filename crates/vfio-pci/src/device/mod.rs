@@ -18,11 +18,13 @@ use placement::DecodeScope;
 
 mod access;
 mod irqs;
+mod migrate;
 mod pending;
 mod placement;
 mod plan;
 mod snapshot;
 
+pub use migrate::{LoadedMigration, MigrationCaps, MigrationSource};
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 
 /// Size of PCI Express configuration space.
@@ -379,6 +381,8 @@ pub struct VfioPciDevice {
     /// lock never is.
     wiring: Mutex<()>,
     inner: Mutex<Inner>,
+    /// A migration (a [`MigrationSource`] or a resume) is under way.
+    migrating: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -432,7 +436,7 @@ impl VfioPciDevice {
         let irqs = irqs::create_groups(resources.interrupts.as_ref(), &mut plan)?;
         // Joins the backend's IOMMU domain (the domain's first device maps
         // guest RAM there); dropping the device leaves it again.
-        let dma_domain = resources.dma.attach(&*vfio, options.dma_mode)?;
+        let dma_domain = resources.dma.attach(&vfio, options.dma_mode)?;
         let dev = VfioPciDevice {
             vfio,
             resources,
@@ -442,6 +446,7 @@ impl VfioPciDevice {
             kept: plan.caps.kept,
             hidden: plan.caps.hidden,
             wiring: Mutex::new(()),
+            migrating: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 config: plan.config,
                 bars: plan.bars,
@@ -637,7 +642,7 @@ impl Drop for VfioPciDevice {
         }
         self.release_all(&mut taken);
         // Before the backend (and with it, maybe, the domain) goes.
-        self.resources.dma.detach(self.dma_domain);
+        self.resources.dma.detach(self.dma_domain, &self.vfio);
         // Host mappings unmap as `taken` drops here.
     }
 }

@@ -188,6 +188,50 @@ impl VfioPciDevice {
         result.and(m)
     }
 
+    /// Checks everything of `snapshot` that [`restore`](Self::restore) checks before it
+    /// changes anything (version, config space, shape, interrupt state), without changing
+    /// anything: what a migration destination does before it loads the device.
+    pub(super) fn check_snapshot(&self, snapshot: &DeviceSnapshot) -> Result<()> {
+        if snapshot.version != DEVICE_SNAPSHOT_VERSION {
+            return Err(Error::SnapshotVersion {
+                found: snapshot.version,
+                supported: DEVICE_SNAPSHOT_VERSION,
+            });
+        }
+        let s = &snapshot.payload;
+        ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+        let inner = lock(&self.inner, "device")?;
+        check_shape(&inner, s)?;
+        restored(
+            inner.msi.as_ref().map(|m| &m.state),
+            s.msi.as_ref(),
+            "MSI",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+        restored(
+            inner.msix.as_ref().map(|m| &m.state),
+            s.msix.as_ref(),
+            "MSI-X",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+        restored(
+            inner.intx.as_ref().map(|m| &m.state),
+            s.intx.as_ref(),
+            "INTx",
+            |st, sn| {
+                st.set_group(None)?;
+                st.restore(sn)
+            },
+        )?;
+        Ok(())
+    }
+
     /// Resets the device (function-level reset through VFIO) and the
     /// emulated interrupt state. BAR placements stay, so the VMM's memory
     /// map does not change; decoding and bus mastering are off afterwards,
