@@ -197,8 +197,9 @@ impl DeviceBuilder {
         })
     }
 
-    /// A host PCI function bound to `vfio-pci`, by its sysfs path, in the
-    /// VMM's host IOMMU context (its one container or IOAS, shared with its
+    /// A host PCI function bound to `vfio-pci`, by its sysfs path (or a
+    /// mediated device by its sysfs path or UUID), in the VMM's host IOMMU
+    /// context (its one container or IOAS, shared with its
     /// other host devices; guest RAM mapped there once): short for
     /// `DeviceBuilder::sysfs(path).host_iommu(host)`.
     pub fn host(host: &Arc<HostIommu>, path: impl Into<PathBuf>) -> Self {
@@ -433,6 +434,8 @@ fn open_in_host(host: &HostIommu, source: Source) -> Result<(Arc<dyn Vfio>, Devi
             container: None,
             mode,
         } => {
+            // A bare mdev UUID names /sys/bus/mdev/devices/<uuid>.
+            let path = vfio_backend::kernel::device_sysfs_path(&path);
             let dev = Arc::new(host.open_device(&path, mode)?);
             Ok((dev.clone(), DeviceBackend::Kernel(dev)))
         }

@@ -200,3 +200,22 @@ fn a_context_is_reused_by_every_device_and_a_failed_domain_fixes_no_mode() {
     }
     assert_eq!(host.device_count(), 0);
 }
+
+#[test]
+fn an_mdev_named_by_bare_uuid_is_looked_up_under_sys_bus_mdev_devices_in_a_context_too() {
+    // No such mdev exists here: the error names the sysfs path the UUID stands for.
+    let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001";
+    let host = HostIommu::new(KernelMode::Auto);
+    for built in [
+        DeviceBuilder::host(&host, uuid),
+        DeviceBuilder::mdev(uuid).host_iommu(&host),
+    ] {
+        let err = with_resources(built).build().unwrap_err();
+        assert!(matches!(err, Error::OpenDevice { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("/sys/bus/mdev/devices/{uuid}")),
+            "{msg}"
+        );
+    }
+}
