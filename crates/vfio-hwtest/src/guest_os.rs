@@ -180,9 +180,9 @@ struct Setup {
     nvme: Device,
     edu: Device,
     mode: Mode,
-    /// Whether the VMMs go through iommufd + cdev (else the legacy container): the reference
-    /// VMM picks that by itself (it has no mode option), and QEMU is made to follow it, so
-    /// that both take the same kernel path.
+    /// Whether the VMMs go through iommufd + cdev (else the legacy container): the boot's
+    /// mode, given to the reference VMM (`--host-iommu`) and to QEMU (an iommufd object),
+    /// so that both take the same kernel path.
     iommufd: bool,
 }
 
@@ -210,7 +210,9 @@ fn setup(ctx: &Ctx<'_>) -> Result<std::result::Result<Setup, Outcome>> {
         let p = cfg.dir.join(f);
         ensure!(p.is_file(), "L2 asset {} is missing", p.display());
     }
-    let iommufd = auto_iommufd(&nvme);
+    // Each boot mode is the kernel path both VMMs take: the legacy boot gives them the legacy
+    // container even where the host also offers iommufd (the custom kernel does).
+    let iommufd = ctx.mode == Mode::Iommufd;
     Ok(Ok(Setup {
         cfg: cfg.clone(),
         nvme,
@@ -331,7 +333,8 @@ fn vmm_command(s: &Setup, vmm: Vmm, user_socket: Option<&Path>) -> Command {
                 .arg("--initrd")
                 .arg(&initrd)
                 .args(["--cmdline", L2_CMDLINE])
-                .args(["--memory", &L2_MEMORY_MIB.to_string(), "--cpus", "1"]);
+                .args(["--memory", &L2_MEMORY_MIB.to_string(), "--cpus", "1"])
+                .args(["--host-iommu", if s.iommufd { "iommufd" } else { "legacy" }]);
             for d in [&s.nvme, &s.edu] {
                 c.arg("--device").arg(&d.sysfs);
             }
@@ -690,18 +693,6 @@ fn check_errors(r: &L2Run) -> Result<()> {
 }
 
 // ---- scenarios ----
-
-/// Whether the reference VMM's automatic choice (vfio_passthrough::KernelMode::Auto) takes
-/// iommufd + the cdev for `dev` here: `/dev/iommu` exists and the function has a vfio cdev.
-/// Else it takes the legacy container.
-fn auto_iommufd(dev: &Device) -> bool {
-    let cdev = std::fs::read_dir(dev.sysfs.join("vfio-dev"))
-        .map(|mut d| {
-            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("vfio")))
-        })
-        .unwrap_or(false);
-    Path::new("/dev/iommu").exists() && cdev
-}
 
 /// The kernel path both VMMs take here, in words.
 fn path_name(s: &Setup) -> &'static str {

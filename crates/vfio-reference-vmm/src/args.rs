@@ -1,8 +1,10 @@
 //! The command line: `vfio-reference-vmm --kernel <bzImage> [--initrd <file>]
 //! [--cmdline <string>] [--memory <MiB>] [--cpus <n>] [--device <sysfs path|BDF>]...
-//! [--user-device <socket path>]... [-v]`.
+//! [--user-device <socket path>]... [--host-iommu auto|legacy|iommufd] [-v]`.
 
 use std::path::PathBuf;
+
+use vfio_passthrough::KernelMode;
 
 use crate::error::{Error, Result};
 
@@ -10,7 +12,7 @@ use crate::error::{Error, Result};
 pub const USAGE: &str =
     "usage: vfio-reference-vmm --kernel <bzImage> [--initrd <file>] [--cmdline <string>] \
 [--memory <MiB, default 256>] [--cpus <n, default 1>] [--device <sysfs path|BDF>]... \
-[--user-device <socket path>]... [-v]";
+[--user-device <socket path>]... [--host-iommu auto|legacy|iommufd] [-v]";
 
 /// Default guest RAM, in MiB.
 pub const DEFAULT_MEMORY_MIB: u64 = 256;
@@ -60,8 +62,24 @@ pub struct Config {
     pub cpus: u8,
     /// Devices, in the order given: the first is 00:01.0.
     pub devices: Vec<DeviceArg>,
+    /// How the host devices reach the kernel: one legacy container or one iommufd IOAS
+    /// for all of them; `Auto` lets the first device pick (iommufd where the host offers it).
+    pub host_iommu: KernelMode,
     /// Debug messages on stderr.
     pub verbose: bool,
+}
+
+/// `--host-iommu`'s value. No-IOMMU is not offered: a guest's DMA addresses are
+/// guest-physical, which a device without an IOMMU cannot be made to use.
+fn host_iommu_mode(value: &str) -> Result<KernelMode> {
+    match value {
+        "auto" => Ok(KernelMode::Auto),
+        "legacy" => Ok(KernelMode::Legacy),
+        "iommufd" => Ok(KernelMode::Iommufd),
+        other => Err(Error::Usage(format!(
+            "--host-iommu {other:?}: one of auto, legacy, iommufd (no-IOMMU devices cannot DMA into a guest)"
+        ))),
+    }
 }
 
 /// `0000:01:00.0` or `01:00.0` (domain 0 implied) names the sysfs directory of that function;
@@ -111,6 +129,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Config>> 
     let mut memory_mib = DEFAULT_MEMORY_MIB;
     let mut cpus: u8 = 1;
     let mut devices = Vec::new();
+    let mut host_iommu = KernelMode::Auto;
     let mut verbose = false;
     let mut it = args.into_iter();
     while let Some(arg) = it.next() {
@@ -140,6 +159,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Config>> 
             "--cpus" => cpus = number(&flag, &value()?)?,
             "--device" => devices.push(DeviceArg::Host(host_device_path(&value()?))),
             "--user-device" => devices.push(DeviceArg::User(PathBuf::from(value()?))),
+            "--host-iommu" => host_iommu = host_iommu_mode(&value()?)?,
             other => return Err(Error::Usage(format!("unknown argument {other:?}"))),
         }
     }
@@ -168,6 +188,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Option<Config>> 
         memory_mib,
         cpus,
         devices,
+        host_iommu,
         verbose,
     }))
 }
@@ -229,6 +250,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((c.memory_mib, c.cpus), (256, 1));
+        assert_eq!(c.host_iommu, KernelMode::Auto);
         assert_eq!(
             c.devices,
             vec![DeviceArg::Host("/sys/bus/pci/devices/0000:00:03.0".into())]
@@ -244,9 +266,25 @@ mod tests {
             &["--kernel", "k", "--cpus", "65"],
             &["--kernel", "k", "--memory", "1"],
             &["--kernel", "k", "--memory"],
+            &["--kernel", "k", "--host-iommu", "noiommu"],
+            &["--kernel", "k", "--host-iommu"],
         ] {
             assert!(matches!(parse(args(bad)), Err(Error::Usage(_))), "{bad:?}");
         }
         assert_eq!(parse(args(&["--help"])).unwrap(), None);
+    }
+
+    #[test]
+    fn host_iommu_names_the_kernel_path_of_every_host_device() {
+        for (v, mode) in [
+            ("auto", KernelMode::Auto),
+            ("legacy", KernelMode::Legacy),
+            ("iommufd", KernelMode::Iommufd),
+        ] {
+            let c = parse(args(&["--kernel", "k", "--host-iommu", v]))
+                .unwrap()
+                .unwrap();
+            assert_eq!(c.host_iommu, mode, "{v}");
+        }
     }
 }

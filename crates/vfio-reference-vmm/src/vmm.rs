@@ -32,7 +32,7 @@ use vfio_passthrough::kvm::{
 };
 use vfio_passthrough::pci_bar_alloc::{AddressWindow, BarAllocator, BarWindows};
 use vfio_passthrough::vfio_pci::{AddressSpace, GuestDma, GuestMapper, VfioPciDevice};
-use vfio_passthrough::{DeviceBuilder, HostIommu, KernelMode, PassthroughDevice};
+use vfio_passthrough::{DeviceBuilder, HostIommu, PassthroughDevice};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
     MemoryRegionAddress,
@@ -503,9 +503,9 @@ impl Vmm {
         dma.add_memory(&mem)
             .map_err(|e| Error::Memory(format!("registering guest RAM for DMA: {e}")))?;
         // One host IOMMU context for the VM: every host device goes into one legacy container
-        // or one iommufd IOAS (the first device picks which), where guest RAM is pinned and
-        // mapped once. Nothing is opened until a host device is.
-        let host_iommu = HostIommu::with_guest_dma(KernelMode::Auto, dma.clone());
+        // or one iommufd IOAS (`--host-iommu`, or with `auto` the first device picks), where
+        // guest RAM is pinned and mapped once. Nothing is opened until a host device is.
+        let host_iommu = HostIommu::with_guest_dma(config.host_iommu, dma.clone());
 
         let mut pci = PciBus::new();
         let mut kvm_vfio: Option<KvmVfioDevice> = None;
