@@ -243,6 +243,7 @@ fn mid_dma_with_pending_vectors(kind: BackendKind) {
     let mut m = src.dev.start_migration().unwrap();
     let caps = m.caps();
     assert!(caps.pre_copy() && caps.p2p());
+    assert!(m.stop_copy_size().unwrap() > 0);
     m.precopy(&mut wire).unwrap();
 
     // The guest runs on: a DMA to 0x40800.. (pages 0x40000 and 0x41000).

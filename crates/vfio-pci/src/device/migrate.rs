@@ -125,6 +125,17 @@ impl MigrationSource<'_> {
         self.writer.written()
     }
 
+    /// The device's estimate of the bytes of its state
+    /// [`stop_and_copy`](Self::stop_and_copy) will stream
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`): with the pre-copy estimate,
+    /// what a VMM weighs against its downtime budget.
+    pub fn stop_copy_size(&self) -> Result<u64> {
+        self.dev
+            .vfio
+            .mig_data_size()
+            .map_err(backend("reading the stop-copy size"))
+    }
+
     /// One pre-copy round while the device runs: writes what the device
     /// has now (at most what it estimated at the start of the round) and
     /// returns its estimate of what remains. The VMM repeats rounds until
