@@ -446,3 +446,142 @@ fn arcs_the_uapi_refuses_are_refused_over_vfio_user_and_ended_streams_too() {
     assert!(matches!(pre.precopy_info(), Err(Error::Unsupported(_))));
     assert!(s.client.mig_data_size().unwrap() > 0);
 }
+
+/// A client speaking raw messages, to send what ours never would.
+struct Raw {
+    sock: std::os::unix::net::UnixStream,
+    next_id: u16,
+}
+
+impl Raw {
+    fn connect(path: &std::path::Path, caps_json: &str) -> Raw {
+        let sock = std::os::unix::net::UnixStream::connect(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut r = Raw { sock, next_id: 1 };
+        let mut v = vec![0u8, 0, 1, 0];
+        v.extend_from_slice(caps_json.as_bytes());
+        v.push(0);
+        let (h, _) = r.call(protocol::command::VERSION, &[&v]);
+        assert!(!h.is_error());
+        r
+    }
+
+    fn call(&mut self, cmd: u16, parts: &[&[u8]]) -> (protocol::Header, Vec<u8>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let len = parts.iter().map(|p| p.len()).sum();
+        let h = protocol::Header::command(id, cmd, len).unwrap();
+        protocol::write_message(self.sock.as_fd(), &h, parts, &[]).unwrap();
+        let m = protocol::read_message(self.sock.as_fd(), 1 << 22, 4)
+            .unwrap()
+            .expect("the server closed the connection");
+        assert_eq!(m.header.id, id);
+        (m.header, m.payload)
+    }
+
+    /// A DEVICE_FEATURE request; the errno of an error reply, or 0.
+    fn feature(&mut self, argsz: u32, flags: u32, data: &[u8]) -> (u32, Vec<u8>) {
+        let mut head = argsz.to_le_bytes().to_vec();
+        head.extend_from_slice(&flags.to_le_bytes());
+        let (h, p) = self.call(protocol::command::DEVICE_FEATURE, &[&head, data]);
+        (if h.is_error() { h.error } else { 0 }, p)
+    }
+}
+
+use vfio_backend::user::protocol;
+
+const GET: u32 = 1 << 16;
+const SET: u32 = 1 << 17;
+const PROBE: u32 = 1 << 18;
+
+#[test]
+fn the_server_refuses_every_malformed_migration_request_and_stays_usable() {
+    let s = served(options());
+    let sock = s._dir.path().join("fake.sock");
+    // Our client holds the server; a second connection is refused, so the
+    // raw client takes the first one's place.
+    drop(s.client);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut raw = Raw::connect(
+        &sock,
+        r#"{"capabilities":{"max_data_xfer_size":4096,"migration":{"pgsize":4096,"max_bitmap_size":64}}}"#,
+    );
+    let einval = libc::EINVAL as u32;
+    // Unknown flag bits, GET with SET, neither.
+    assert_eq!(raw.feature(16, GET | (1 << 20) | 1, &[]).0, einval);
+    assert_eq!(raw.feature(16, GET | SET | 2, &[]).0, einval);
+    assert_eq!(raw.feature(16, 2, &[]).0, einval);
+    // An unknown feature: ENOTTY, as the kernel answers.
+    assert_eq!(raw.feature(16, GET | 42, &[]).0, libc::ENOTTY as u32);
+    // SET of a feature that only GETs.
+    assert_eq!(raw.feature(16, SET | 1, &[]).0, einval);
+    // A state outside the uAPI, and a state payload of the wrong size.
+    let mut st = 8u32.to_le_bytes().to_vec();
+    st.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(raw.feature(16, SET | 2, &st).0, einval);
+    assert_eq!(raw.feature(16, SET | 2, &st[..4]).0, einval);
+    // ERROR cannot be set.
+    let mut st = 0u32.to_le_bytes().to_vec();
+    st.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(raw.feature(16, SET | 2, &st).0, einval);
+    // MIG_DATA_READ without a stream, and above max_data_xfer_size.
+    let mut rd = 8u32.to_le_bytes().to_vec();
+    rd.extend_from_slice(&16u32.to_le_bytes());
+    let (h, _) = raw.call(protocol::command::MIG_DATA_READ, &[&rd]);
+    assert!(h.is_error() && h.error == einval);
+    let mut big = 8u32.to_le_bytes().to_vec();
+    big.extend_from_slice(&(2u32 << 20).to_le_bytes());
+    let (h, _) = raw.call(protocol::command::MIG_DATA_READ, &[&big]);
+    assert!(h.is_error() && h.error == einval);
+    // MIG_DATA_WRITE whose size disagrees with its data.
+    let mut wr = 8u32.to_le_bytes().to_vec();
+    wr.extend_from_slice(&100u32.to_le_bytes());
+    let (h, _) = raw.call(protocol::command::MIG_DATA_WRITE, &[&wr, &[0u8; 10]]);
+    assert!(h.is_error() && h.error == einval);
+    // DMA logging: 257 ranges are E2BIG; a count that disagrees with the
+    // data is EINVAL.
+    let mut ctl = 4096u64.to_le_bytes().to_vec();
+    ctl.extend_from_slice(&257u32.to_le_bytes());
+    ctl.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(raw.feature(16, SET | 6, &ctl).0, libc::E2BIG as u32);
+    let mut ctl = 4096u64.to_le_bytes().to_vec();
+    ctl.extend_from_slice(&2u32.to_le_bytes());
+    ctl.extend_from_slice(&0u32.to_le_bytes());
+    ctl.extend_from_slice(&[0u8; 16]);
+    assert_eq!(raw.feature(16, SET | 6, &ctl).0, einval);
+    // Logging one range, then reports: a bitmap above the client's
+    // max_bitmap_size (64 bytes: 512 pages), a page size that is not a
+    // power of two, and an argsz too small for the reply are refused.
+    let mut ctl = 4096u64.to_le_bytes().to_vec();
+    ctl.extend_from_slice(&1u32.to_le_bytes());
+    ctl.extend_from_slice(&0u32.to_le_bytes());
+    ctl.extend_from_slice(&0x100000u64.to_le_bytes());
+    ctl.extend_from_slice(&(1u64 << 30).to_le_bytes());
+    assert_eq!(raw.feature(16 + 32, SET | 6, &ctl).0, 0);
+    let report = |len: u64, ps: u64| {
+        let mut d = 0x100000u64.to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&ps.to_le_bytes());
+        d
+    };
+    assert_eq!(
+        raw.feature(1 << 20, GET | 8, &report(513 * 4096, 4096)).0,
+        einval
+    );
+    assert_eq!(raw.feature(1 << 20, GET | 8, &report(4096, 3000)).0, einval);
+    assert_eq!(raw.feature(8 + 24, GET | 8, &report(4096, 4096)).0, einval);
+    let (e, p) = raw.feature(8 + 24 + 64, GET | 8, &report(512 * 4096, 4096));
+    assert_eq!(e, 0);
+    assert_eq!(p.len(), 8 + 24 + 64);
+    // Probes answer without data; the connection still serves.
+    assert_eq!(raw.feature(8, PROBE | GET | 1, &[]).0, 0);
+    assert_eq!(raw.feature(8, PROBE | SET | 6, &[]).0, 0);
+    let (e, p) = raw.feature(16, GET | 2, &[]);
+    assert_eq!(e, 0);
+    assert_eq!(
+        u32::from_le_bytes(p[8..12].try_into().unwrap()),
+        2,
+        "RUNNING"
+    );
+}

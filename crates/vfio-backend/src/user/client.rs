@@ -43,6 +43,10 @@
 //! with a host address (`EFAULT`; `ENOTSUP` for a file-only mapping,
 //! `EPERM` to write a read-only one). Other commands get `ENOTSUP`.
 //!
+//! Migration (the [`Vfio`] migration methods) goes over `DEVICE_FEATURE`
+//! and `MIG_DATA_READ` / `MIG_DATA_WRITE`, its replies checked as any other
+//! (see `client/mig.rs`).
+//!
 //! Region files: a server may still resize a file it shared with us, and
 //! truncating it under our mapping makes the next access to it raise
 //! SIGBUS, in this process or, through a KVM memory slot, in the guest
