@@ -1174,3 +1174,165 @@ fn dma_map_of_a_file_not_sealed_against_shrinking_warns_once_per_connection() {
     drop(dev);
     t.join().unwrap();
 }
+
+// Migration: `VFIO_USER_DEVICE_FEATURE` (16) and `MIG_DATA_READ` (17),
+// with the kernel's feature flags and indices.
+const DEVICE_FEATURE: u16 = 16;
+const MIG_DATA_READ: u16 = 17;
+const FEATURE_GET: u32 = 1 << 16;
+const FEATURE_SET: u32 = 1 << 17;
+const MIG_DEVICE_STATE: u32 = 2;
+const DMA_LOGGING_REPORT: u32 = 8;
+
+/// A `DEVICE_FEATURE` reply: the request's flags, `data` after them.
+fn feature_reply(r: &Req, data: &[u8]) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&(8 + data.len() as u32).to_le_bytes());
+    p.extend_from_slice(&r.payload[4..8]);
+    p.extend_from_slice(data);
+    reply(r, &p)
+}
+
+#[test]
+fn a_migration_state_outside_the_uapi_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, DEVICE_FEATURE);
+        assert_eq!(u32_at(&r.payload, 4), FEATURE_GET | MIG_DEVICE_STATE);
+        // State 8 does not exist (PRE_COPY_P2P is the last, 7).
+        let mut data = 8u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&feature_reply(&r, &data)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let e = dev.mig_state().unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_set_state_reply_that_differs_from_the_request_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        // The client first learns the state it leaves.
+        let r = recv(&s).unwrap();
+        let mut data = 2u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&feature_reply(&r, &data)).unwrap();
+        let r = recv(&s).unwrap();
+        assert_eq!(u32_at(&r.payload, 4), FEATURE_SET | MIG_DEVICE_STATE);
+        assert_eq!(u32_at(&r.payload, 8), 3, "STOP_COPY asked");
+        // Claims to have gone to RESUMING instead.
+        let mut data = 4u32.to_le_bytes().to_vec();
+        data.extend_from_slice(&u32::MAX.to_le_bytes());
+        s.write_all(&feature_reply(&r, &data)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let e = dev
+        .set_mig_state(vfio_backend::MigState::StopCopy)
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_mig_data_read_reply_longer_than_asked_is_a_protocol_error() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        for state in [2u32, 3] {
+            // GET (RUNNING), then SET STOP_COPY, echoed.
+            let r = recv(&s).unwrap();
+            assert_eq!(r.cmd, DEVICE_FEATURE);
+            let mut data = state.to_le_bytes().to_vec();
+            data.extend_from_slice(&u32::MAX.to_le_bytes());
+            s.write_all(&feature_reply(&r, &data)).unwrap();
+        }
+        let r = recv(&s).unwrap();
+        assert_eq!(r.cmd, MIG_DATA_READ);
+        let asked = u32_at(&r.payload, 4);
+        assert!(
+            asked <= 64,
+            "a read is at most our max_data_xfer_size: {asked}"
+        );
+        // Twice what was asked.
+        let n = asked * 2;
+        let mut p = (8 + n).to_le_bytes().to_vec();
+        p.extend_from_slice(&n.to_le_bytes());
+        p.extend(std::iter::repeat_n(0x55u8, n as usize));
+        s.write_all(&reply(&r, &p)).unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    let mut stream = dev
+        .set_mig_state(vfio_backend::MigState::StopCopy)
+        .unwrap()
+        .expect("STOP_COPY from RUNNING opens a stream");
+    let mut buf = [0u8; 4096];
+    let e = stream.read(&mut buf).unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(stream);
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_dirty_bitmap_of_the_wrong_size_is_a_protocol_error_and_big_reports_are_split() {
+    let (_d, path, t) = fake_server(
+        r#"{"capabilities":{"max_msg_fds":2,"max_data_xfer_size":64,"migration":{"pgsize":4096,"max_bitmap_size":16}}}"#,
+        |mut s| {
+            // 16 bytes of bitmap per reply: 128 pages. 256 pages take two
+            // requests; the server answers each with every bit set.
+            for i in 0..2u64 {
+                let r = recv(&s).unwrap();
+                assert_eq!(u32_at(&r.payload, 4), FEATURE_GET | DMA_LOGGING_REPORT);
+                assert_eq!(u64_at(&r.payload, 8), 0x100000 + i * 128 * 4096);
+                assert_eq!(u64_at(&r.payload, 16), 128 * 4096);
+                let mut data = r.payload[8..32].to_vec();
+                data.extend_from_slice(&[0xff; 16]);
+                s.write_all(&feature_reply(&r, &data)).unwrap();
+            }
+            // Then a reply one word short.
+            let r = recv(&s).unwrap();
+            let mut data = r.payload[8..32].to_vec();
+            data.extend_from_slice(&[0xff; 8]);
+            s.write_all(&feature_reply(&r, &data)).unwrap();
+            let _ = recv(&s);
+        },
+    );
+    let dev = connect(&path, 5000);
+    let mut bm = [0u64; 4];
+    dev.dma_logging_report(0x100000, 256 * 4096, 4096, &mut bm)
+        .unwrap();
+    assert_eq!(bm, [u64::MAX; 4]);
+    // 70 pages take two words: a reply with one is refused.
+    let e = dev
+        .dma_logging_report(0x100000, 70 * 4096, 4096, &mut bm)
+        .unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}
+
+#[test]
+fn migration_flags_without_stop_copy_are_a_protocol_error_and_enotty_means_none() {
+    let (_d, path, t) = fake_server(CAPS, |mut s| {
+        let r = recv(&s).unwrap();
+        assert_eq!(u32_at(&r.payload, 4), FEATURE_GET | 1);
+        s.write_all(&header(r.id, r.cmd, 16, REPLY | ERROR, libc::ENOTTY as u32))
+            .unwrap();
+        let r = recv(&s).unwrap();
+        // P2P alone.
+        s.write_all(&feature_reply(&r, &2u64.to_le_bytes()))
+            .unwrap();
+        let _ = recv(&s);
+    });
+    let dev = connect(&path, 5000);
+    assert_eq!(dev.migration_flags().unwrap(), None);
+    let e = dev.migration_flags().unwrap_err();
+    assert!(matches!(e, Error::Protocol(_)), "{e:?}");
+    drop(dev);
+    t.join().unwrap();
+}

@@ -684,8 +684,34 @@ fn exercise_client(dev: Arc<UserDevice>, bounded: &dyn Fn(&str, Instant)) {
         let _ = domain.unmap(0x10_0000, 0x2000);
     }
     let _ = domain.iova_ranges();
+    // Migration and device DMA logging: every size the server names in its
+    // replies is checked (state values, read lengths, bitmap sizes).
+    let _ = dev.migration_flags();
+    let _ = dev.mig_state();
+    let _ = dev.mig_data_size();
+    if let Ok(Some(mut s)) = dev.set_mig_state(vfio_backend::MigState::StopCopy) {
+        let mut b = [0u8; 4096];
+        for _ in 0..4 {
+            if !matches!(s.read(&mut b), Ok(n) if n > 0) {
+                break;
+            }
+        }
+    }
+    if let Ok(Some(mut s)) = dev.set_mig_state(vfio_backend::MigState::Resuming) {
+        let _ = s.write(&[0u8; 64]);
+    }
+    let _ = dev.dma_logging_start(
+        4096,
+        &[vfio_backend::DirtyRange {
+            iova: 0,
+            length: 1 << 20,
+        }],
+    );
+    let mut bm = [0u64; 4];
+    let _ = dev.dma_logging_report(0, 1 << 20, 4096, &mut bm);
+    let _ = dev.dma_logging_stop();
     let _ = dev.reset();
-    bounded("irq, dma and reset calls", t);
+    bounded("irq, dma, migration and reset calls", t);
     // Host memory the server may reach with DMA_READ / DMA_WRITE while a
     // request waits: each one checked against the mapping and our limits.
     let t = Instant::now();

@@ -127,7 +127,7 @@ pub enum MigOp {
     /// `set_mig_state` fails and the device goes to ERROR (a transition it
     /// could neither finish nor undo).
     SetStateError,
-    /// `mig_state`.
+    /// `mig_state` and `migration_flags`.
     GetState,
     /// `mig_data_size`.
     DataSize,

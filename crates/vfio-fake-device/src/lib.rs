@@ -24,7 +24,14 @@
 //!   [`vfio_backend::RemoteDma`] ranges by requests; transfers that need
 //!   file or remote I/O run on a DMA thread after the doorbell write, the
 //!   engine busy until then (see [`FakeDevice`]);
-//! - [`Counters`] of every call, and [`Faults`] to make it fail.
+//! - live migration through the [`vfio_backend::Vfio`] migration methods:
+//!   the kernel's migration v2 state machine with STOP_COPY, P2P and
+//!   PRE_COPY ([`mig_next_state`]), a versioned, checksummed stream of its
+//!   config space, BAR memory, interrupt state and DMA in flight, pre-copy
+//!   rounds of the pages changed since sent, and logging of the guest pages
+//!   its DMA writes (see the crate README);
+//! - [`Counters`] of every call, and [`Faults`] to make it fail (migration
+//!   methods included: [`MigOp`]).
 
 mod bar;
 mod config;

@@ -635,3 +635,29 @@ fn a_loaded_migration_dropped_without_running_resets_the_device_and_runs_it() {
     assert_eq!(d.state(), MigState::Running);
     assert_eq!(d.regs(), s.regs());
 }
+
+#[test]
+fn without_a_precopy_estimate_a_round_reads_until_the_device_has_nothing_more() {
+    let vm = Vm::new();
+    let s = MigDouble::all();
+    s.without_estimate();
+    let src = programmed_source(&vm, &s);
+    let mut wire = Vec::new();
+    let mut m = src.start_migration().unwrap();
+    let left = m.precopy(&mut wire).unwrap();
+    assert_eq!((left.initial_bytes, left.dirty_bytes), (0, 0));
+    let summary_len = wire.len();
+    assert!(summary_len > STATE_LEN, "the initial state was sent");
+    // Nothing new: the next round sends nothing.
+    m.precopy(&mut wire).unwrap();
+    assert_eq!(wire.len(), summary_len);
+    m.stop_and_copy(&mut wire).unwrap();
+    m.complete().unwrap();
+    let summary = check_stream(&wire[..], MAX_DEVICE_DATA).unwrap();
+    assert_eq!(summary.device_data_bytes, 2 * STATE_LEN as u64);
+    let dvm = Vm::new();
+    let d = MigDouble::all();
+    let dst = attach_double(&dvm, &d);
+    dst.resume_migration(&wire[..]).unwrap();
+    assert_eq!(d.regs(), s.regs());
+}

@@ -43,6 +43,10 @@
 //! with a host address (`EFAULT`; `ENOTSUP` for a file-only mapping,
 //! `EPERM` to write a read-only one). Other commands get `ENOTSUP`.
 //!
+//! Migration (the [`Vfio`] migration methods) goes over `DEVICE_FEATURE`
+//! and `MIG_DATA_READ` / `MIG_DATA_WRITE`, its replies checked as any other
+//! (see `client/mig.rs`).
+//!
 //! Region files: a server may still resize a file it shared with us, and
 //! truncating it under our mapping makes the next access to it raise
 //! SIGBUS, in this process or, through a KVM memory slot, in the guest
@@ -82,6 +86,8 @@ use crate::{
     DeviceInfo, DmaSource, DomainId, Error, IommuDomain, IrqInfo, Mapping, RegionInfo, Result,
     SparseArea, Vfio,
 };
+
+mod mig;
 
 /// The most regions and interrupt indices a server may announce.
 pub const MAX_REGIONS: u32 = 256;
@@ -1303,6 +1309,8 @@ pub struct UserDevice {
     /// Region infos (and region fds) read at connect time; `None` where the
     /// server refused the query.
     regions: Vec<Option<CachedRegion>>,
+    /// What we know of the device's migration state and data stream.
+    mig: Arc<Mutex<mig::MigClient>>,
 }
 
 impl std::fmt::Debug for UserDevice {
@@ -1454,6 +1462,8 @@ impl UserDevice {
         let ours = Capabilities {
             max_msg_fds: options.max_msg_fds,
             max_data_xfer_size: options.max_data_xfer_size,
+            migration_pgsize: Some(protocol::MIGRATION_PGSIZE),
+            migration_max_bitmap_size: Some(u64::from(options.max_data_xfer_size)),
             ..Capabilities::default()
         };
         let payload =
@@ -1536,6 +1546,7 @@ impl UserDevice {
             server_caps,
             version: (major, minor),
             regions,
+            mig: Arc::default(),
         })
     }
 
@@ -1861,6 +1872,8 @@ impl Vfio for UserDevice {
 
     fn reset(&self) -> Result<()> {
         let s = self.shared();
+        // The reset returns the device to RUNNING, ending its data stream.
+        self.mig_reset();
         let m = s.request(command::DEVICE_RESET, &[], &[], s.options.reset_timeout)?;
         s.expect_plain(&m, 0)
     }
@@ -1874,6 +1887,43 @@ impl Vfio for UserDevice {
             Some(Some(r)) => r.fd.as_ref().map(|fd| (fd.as_fd(), r.info.offset)),
             _ => None,
         }
+    }
+
+    fn migration_flags(&self) -> Result<Option<crate::MigrationFlags>> {
+        self.mig_flags()
+    }
+
+    fn mig_state(&self) -> Result<crate::MigState> {
+        self.mig_get_state()
+    }
+
+    fn set_mig_state(
+        &self,
+        state: crate::MigState,
+    ) -> Result<Option<Box<dyn crate::MigrationStream>>> {
+        self.mig_set_state(state)
+    }
+
+    fn mig_data_size(&self) -> Result<u64> {
+        self.mig_get_data_size()
+    }
+
+    fn dma_logging_start(&self, page_size: u64, ranges: &[crate::DirtyRange]) -> Result<()> {
+        self.logging_start(page_size, ranges)
+    }
+
+    fn dma_logging_stop(&self) -> Result<()> {
+        self.logging_stop()
+    }
+
+    fn dma_logging_report(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<()> {
+        self.logging_report(iova, length, page_size, bitmap)
     }
 }
 

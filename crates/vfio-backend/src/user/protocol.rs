@@ -668,6 +668,108 @@ wire_struct! {
     }
 }
 
+/// `VFIO_USER_DEVICE_FEATURE` flags and feature indices: the kernel's
+/// `VFIO_DEVICE_FEATURE_*` values, which vfio-user reuses.
+pub mod feature {
+    /// The feature index bits of `flags`.
+    pub const MASK: u32 = 0xffff;
+    /// Get the feature's data.
+    pub const GET: u32 = 1 << 16;
+    /// Set the feature's data.
+    pub const SET: u32 = 1 << 17;
+    /// Probe whether GET and/or SET of the feature are supported.
+    pub const PROBE: u32 = 1 << 18;
+    /// Every flag bit a request may carry.
+    pub const KNOWN: u32 = MASK | GET | SET | PROBE;
+    /// `VFIO_DEVICE_FEATURE_MIGRATION`: the migration flags (GET).
+    pub const MIGRATION: u32 = 1;
+    /// `VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE`: the migration state (GET, SET).
+    pub const MIG_DEVICE_STATE: u32 = 2;
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_START` (SET).
+    pub const DMA_LOGGING_START: u32 = 6;
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP` (SET).
+    pub const DMA_LOGGING_STOP: u32 = 7;
+    /// `VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT` (GET).
+    pub const DMA_LOGGING_REPORT: u32 = 8;
+    /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE` (GET): the kernel's, not in the
+    /// vfio-user spec; our client and server both speak it.
+    pub const MIG_DATA_SIZE: u32 = 9;
+}
+
+wire_struct! {
+    /// The head of a `DEVICE_FEATURE` payload (`struct vfio_device_feature`
+    /// without its data), 8 bytes.
+    FeatureHeader, 8, "DEVICE_FEATURE payload" {
+        /// Request: maximum reply size; reply: size of the reply.
+        argsz: u32,
+        /// Feature index and GET / SET / PROBE.
+        flags: u32,
+    }
+}
+
+wire_struct! {
+    /// The data of `MIG_DEVICE_STATE` (`struct
+    /// vfio_device_feature_mig_state`), 8 bytes.
+    MigStatePayload, 8, "MIG_DEVICE_STATE data" {
+        /// `enum vfio_device_mig_state`.
+        device_state: u32,
+        /// Unused by vfio-user (`-1`, all ones).
+        data_fd: u32,
+    }
+}
+
+wire_struct! {
+    /// The head of `DMA_LOGGING_START`'s data, 16 bytes; the ranges follow.
+    DmaLoggingControl, 16, "DMA_LOGGING_START data" {
+        /// Tracking granularity.
+        page_size: u64,
+        /// Number of ranges that follow.
+        num_ranges: u32,
+        /// Zero.
+        reserved: u32,
+    }
+}
+
+wire_struct! {
+    /// One range of `DMA_LOGGING_START`, 16 bytes.
+    DmaLoggingRange, 16, "DMA_LOGGING_START range" {
+        /// First IOVA.
+        iova: u64,
+        /// Length in bytes.
+        length: u64,
+    }
+}
+
+wire_struct! {
+    /// `DMA_LOGGING_REPORT`'s data, 24 bytes; the reply appends the bitmap.
+    DmaLoggingReport, 24, "DMA_LOGGING_REPORT data" {
+        /// First IOVA.
+        iova: u64,
+        /// Length in bytes.
+        length: u64,
+        /// Bitmap granularity (a power of two).
+        page_size: u64,
+    }
+}
+
+wire_struct! {
+    /// The head of `MIG_DATA_READ` / `MIG_DATA_WRITE` payloads, 8 bytes;
+    /// the data follows (read reply, write request).
+    MigDataPayload, 8, "MIG_DATA payload" {
+        /// Request: maximum reply size; read reply: size of the reply.
+        argsz: u32,
+        /// Bytes of migration data asked for or carried.
+        size: u32,
+    }
+}
+
+/// The most ranges one `DMA_LOGGING_START` carries (the kernel's
+/// `LOG_MAX_RANGES`).
+pub const MAX_DMA_LOGGING_RANGES: usize = 256;
+
+/// The dirty-page granularity we announce in the `migration` capability.
+pub const MIGRATION_PGSIZE: u64 = 4096;
+
 /// The capabilities one side announces in `VERSION` (spec defaults where
 /// the JSON leaves a field out).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -682,6 +784,9 @@ pub struct Capabilities {
     pub pgsizes: u64,
     /// The `migration.pgsize` capability, when the sender announces migration.
     pub migration_pgsize: Option<u64>,
+    /// The `migration.max_bitmap_size` capability: the largest dirty bitmap
+    /// (bytes) the sender takes in one message.
+    pub migration_max_bitmap_size: Option<u64>,
 }
 
 impl Default for Capabilities {
@@ -692,6 +797,7 @@ impl Default for Capabilities {
             max_dma_maps: 65535,
             pgsizes: 4096,
             migration_pgsize: None,
+            migration_max_bitmap_size: None,
         }
     }
 }
@@ -720,6 +826,8 @@ struct CapsJson {
 struct MigrationJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pgsize: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_bitmap_size: Option<u64>,
 }
 
 fn json_u32(v: Option<u64>, default: u32, name: &str) -> Result<u32> {
@@ -738,9 +846,12 @@ pub fn encode_version(major: u16, minor: u16, caps: &Capabilities) -> Vec<u8> {
             max_data_xfer_size: Some(caps.max_data_xfer_size.into()),
             max_dma_maps: Some(caps.max_dma_maps.into()),
             pgsizes: Some(caps.pgsizes),
-            migration: caps
-                .migration_pgsize
-                .map(|p| MigrationJson { pgsize: Some(p) }),
+            migration: (caps.migration_pgsize.is_some()
+                || caps.migration_max_bitmap_size.is_some())
+            .then_some(MigrationJson {
+                pgsize: caps.migration_pgsize,
+                max_bitmap_size: caps.migration_max_bitmap_size,
+            }),
         }),
     };
     let text = serde_json::to_vec(&json).unwrap_or_else(|_| b"{}".to_vec());
@@ -778,7 +889,10 @@ pub fn decode_version(payload: &[u8]) -> Result<(u16, u16, Capabilities)> {
         )?;
         caps.max_dma_maps = json_u32(c.max_dma_maps, caps.max_dma_maps, "max_dma_maps")?;
         caps.pgsizes = c.pgsizes.unwrap_or(caps.pgsizes);
-        caps.migration_pgsize = c.migration.and_then(|m| m.pgsize);
+        if let Some(m) = c.migration {
+            caps.migration_pgsize = m.pgsize;
+            caps.migration_max_bitmap_size = m.max_bitmap_size;
+        }
     }
     Ok((major, minor, caps))
 }
@@ -1506,6 +1620,7 @@ mod tests {
             max_dma_maps: 12,
             pgsizes: 4096 | (2 << 20),
             migration_pgsize: Some(4096),
+            migration_max_bitmap_size: Some(1 << 20),
         };
         let p = encode_version(0, 1, &caps);
         assert_eq!(*p.last().unwrap(), 0, "JSON must be NUL-terminated");

@@ -61,9 +61,25 @@
 //! errno and reason, so that a client's trouble can be diagnosed from this
 //! side alone.
 //!
+//! Migration (`DEVICE_FEATURE` for `MIGRATION`, `MIG_DEVICE_STATE`,
+//! `MIG_DATA_SIZE` and `DMA_LOGGING_START` / `STOP` / `REPORT`;
+//! `MIG_DATA_READ` / `MIG_DATA_WRITE`) is served from the device's own
+//! migration methods ([`Vfio::set_mig_state`] and the others): a kernel
+//! device behind the server migrates as a fake one does. The VERSION reply
+//! announces the `migration` capability (`pgsize`, `max_bitmap_size`) when
+//! the device can migrate. Every size is checked before anything is
+//! allocated: a `MIG_DATA_READ` / `MIG_DATA_WRITE` of more than our
+//! `max_data_xfer_size`, a dirty bitmap of more than our
+//! `max_data_xfer_size` (or the client's `max_bitmap_size`), more than
+//! [`protocol::MAX_DMA_LOGGING_RANGES`] ranges, a state value outside the
+//! uAPI's, or unknown feature flags are refused with `EINVAL` (`E2BIG` for
+//! too many ranges); an unknown feature with `ENOTTY`, as the kernel does.
+//! The data stream is the one the last state change opened; it ends when
+//! the device leaves the states that use it, on reset and on disconnect.
+//!
 //! What this server does not do: `DATA_BOOL` interrupt sets,
-//! client-triggered interrupts, `GET_REGION_IO_FDS`, migration and
-//! twin-socket mode are refused with `ENOTSUP`.
+//! client-triggered interrupts, `GET_REGION_IO_FDS` and twin-socket mode
+//! are refused with `ENOTSUP`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -78,11 +94,15 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::locking::lock;
 use super::protocol::{
-    self, command, command_name, dma_flags, irq_set, Capabilities, DeviceInfoPayload,
-    DmaAccessPayload, DmaMapPayload, DmaUnmapPayload, Header, IrqInfoPayload, Message, Received,
-    RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
+    self, command, command_name, dma_flags, feature, irq_set, Capabilities, DeviceInfoPayload,
+    DmaAccessPayload, DmaLoggingControl, DmaLoggingRange, DmaLoggingReport, DmaMapPayload,
+    DmaUnmapPayload, FeatureHeader, Header, IrqInfoPayload, Message, MigDataPayload,
+    MigStatePayload, Received, RegionAccessPayload, RegionInfoPayload, SetIrqsPayload, HEADER_SIZE,
 };
-use crate::{DmaFile, DmaSource, Error, Mapping, RemoteDma, Result, Vfio};
+use crate::{
+    migration, DirtyRange, DmaFile, DmaSource, Error, Mapping, MigState, MigrationStream,
+    RemoteDma, Result, Vfio,
+};
 
 /// The most vectors one `DEVICE_SET_IRQS` may name (MSI-X has at most 2048).
 const MAX_IRQ_COUNT: u32 = 2048;
@@ -449,6 +469,8 @@ struct Session<'a> {
     /// The last reply's payload buffer, reused by the next region access
     /// so that a steady stream of them allocates nothing.
     reply_spare: Vec<u8>,
+    /// The migration data stream the last state change opened.
+    mig: Option<Box<dyn MigrationStream>>,
 }
 
 /// What a handler answers: payload parts and at most one fd.
@@ -506,7 +528,14 @@ impl Session<'_> {
             command::DEVICE_SET_IRQS => self.set_irqs(&m.payload, &m.fds),
             command::REGION_READ => self.region_read(&m.payload),
             command::REGION_WRITE => self.region_write(&m.payload),
-            command::DEVICE_RESET => self.device.reset().map(|()| (Vec::new(), None)),
+            command::DEVICE_RESET => {
+                // A reset returns the device to RUNNING: its stream ends.
+                self.mig = None;
+                self.device.reset().map(|()| (Vec::new(), None))
+            }
+            command::DEVICE_FEATURE => self.device_feature(&m.payload),
+            command::MIG_DATA_READ => self.mig_data_read(&m.payload),
+            command::MIG_DATA_WRITE => self.mig_data_write(&m.payload),
             other => Err(Error::Unsupported(format!(
                 "command {other} ({})",
                 command_name(other)
@@ -527,7 +556,8 @@ impl Session<'_> {
         }
         self.client_caps = caps;
         self.negotiated = true;
-        Ok((version_reply(&self.options, minor), None))
+        let migratable = matches!(self.device.migration_flags(), Ok(Some(_)));
+        Ok((version_reply(&self.options, minor, migratable), None))
     }
 
     fn dma_map(&mut self, payload: &[u8], fds: &mut Vec<OwnedFd>) -> Result<Reply> {
@@ -834,7 +864,9 @@ impl Session<'_> {
 
     /// What the spec asks of a server when its client goes away: unmap the
     /// client's memory and close its interrupt fds; keep the device state.
+    /// A migration data stream ends with the connection.
     fn cleanup(&mut self) {
+        self.mig = None;
         let domain = self.device.iommu_domain();
         for (iova, r) in std::mem::take(&mut self.dma) {
             if let Err(e) = domain.unmap(iova, r.size) {
@@ -1214,11 +1246,13 @@ fn refuse_while_serving(
 }
 
 /// The VERSION reply: the minor version both sides speak and what we offer.
-fn version_reply(options: &ServerOptions, client_minor: u16) -> Vec<u8> {
+fn version_reply(options: &ServerOptions, client_minor: u16, migratable: bool) -> Vec<u8> {
     let ours = Capabilities {
         max_msg_fds: options.max_msg_fds,
         max_data_xfer_size: options.max_data_xfer_size,
         max_dma_maps: options.max_dma_maps,
+        migration_pgsize: migratable.then_some(protocol::MIGRATION_PGSIZE),
+        migration_max_bitmap_size: migratable.then_some(u64::from(options.max_data_xfer_size)),
         ..Capabilities::default()
     };
     protocol::encode_version(
@@ -1276,6 +1310,7 @@ fn serve_stream(
         dma: BTreeMap::new(),
         irq_indices: BTreeSet::new(),
         reply_spare: Vec::new(),
+        mig: None,
     };
     let result = session.run();
     on_end();
@@ -1597,6 +1632,313 @@ impl Drop for UserServer {
     }
 }
 
+/// Whether the data stream of `state` goes on in it.
+fn keeps_stream(state: MigState) -> bool {
+    matches!(
+        state,
+        MigState::StopCopy | MigState::PreCopy | MigState::PreCopyP2p | MigState::Resuming
+    )
+}
+
+fn enotty(what: String) -> Error {
+    Error::Refused {
+        context: what,
+        errno: libc::ENOTTY,
+    }
+}
+
+impl Session<'_> {
+    /// The most bytes of dirty bitmap one reply may carry: our
+    /// `max_data_xfer_size`, and the client's `max_bitmap_size` when it
+    /// announced one (else its `max_data_xfer_size`).
+    fn max_bitmap_bytes(&self) -> u64 {
+        let client = self
+            .client_caps
+            .migration_max_bitmap_size
+            .unwrap_or(u64::from(self.client_caps.max_data_xfer_size));
+        u64::from(self.options.max_data_xfer_size).min(client)
+    }
+
+    fn device_feature(&mut self, payload: &[u8]) -> Result<Reply> {
+        let head = FeatureHeader::decode(payload)?;
+        let data = payload.get(FeatureHeader::SIZE..).unwrap_or(&[]);
+        let flags = head.flags;
+        if flags & !feature::KNOWN != 0 {
+            return Err(einval(format!("DEVICE_FEATURE flags {flags:#x}")));
+        }
+        let (get, set, probe) = (
+            flags & feature::GET != 0,
+            flags & feature::SET != 0,
+            flags & feature::PROBE != 0,
+        );
+        if !probe && get == set {
+            return Err(einval(format!(
+                "DEVICE_FEATURE flags {flags:#x}: exactly one of GET and SET"
+            )));
+        }
+        let index = flags & feature::MASK;
+        // What each feature offers: (GET, SET).
+        let (can_get, can_set) = match index {
+            feature::MIGRATION => (true, false),
+            feature::MIG_DEVICE_STATE => (true, true),
+            feature::MIG_DATA_SIZE | feature::DMA_LOGGING_REPORT => (true, false),
+            feature::DMA_LOGGING_START | feature::DMA_LOGGING_STOP => (false, true),
+            other => return Err(enotty(format!("device feature {other}"))),
+        };
+        if (get && !can_get) || (set && !can_set) {
+            return Err(einval(format!(
+                "device feature {index} with flags {flags:#x}"
+            )));
+        }
+        let logging = matches!(
+            index,
+            feature::DMA_LOGGING_START | feature::DMA_LOGGING_STOP | feature::DMA_LOGGING_REPORT
+        );
+        if probe {
+            if !data.is_empty() {
+                return Err(einval("DEVICE_FEATURE probe with data"));
+            }
+            let supported = if logging {
+                // A report of nothing: refused as Unsupported by a device
+                // that does not log, as invalid by one that does; it
+                // changes no log either way.
+                !matches!(
+                    self.device.dma_logging_report(0, 0, 4096, &mut []),
+                    Err(Error::Unsupported(_))
+                )
+            } else {
+                self.device.migration_flags()?.is_some()
+            };
+            if !supported {
+                return Err(enotty(format!("device feature {index}")));
+            }
+            return Ok((head.encode().to_vec(), None));
+        }
+        if !logging && index != feature::MIGRATION && self.device.migration_flags()?.is_none() {
+            return Err(enotty(format!(
+                "device feature {index}: the device cannot migrate"
+            )));
+        }
+        let mut out = self.reply_buffer();
+        match index {
+            feature::MIGRATION => {
+                if !data.is_empty() {
+                    return Err(einval("MIGRATION GET with data"));
+                }
+                let flags = self
+                    .device
+                    .migration_flags()?
+                    .ok_or_else(|| enotty("device feature 1: the device cannot migrate".into()))?;
+                push_feature_head(&mut out, flags_of(head), 8);
+                out.extend_from_slice(&flags.0.to_le_bytes());
+            }
+            feature::MIG_DEVICE_STATE if get => {
+                if !data.is_empty() {
+                    return Err(einval("MIG_DEVICE_STATE GET with data"));
+                }
+                let state = self.device.mig_state()?;
+                push_feature_head(&mut out, flags_of(head), MigStatePayload::SIZE);
+                out.extend_from_slice(
+                    &MigStatePayload {
+                        device_state: state.raw(),
+                        data_fd: u32::MAX,
+                    }
+                    .encode(),
+                );
+            }
+            feature::MIG_DEVICE_STATE => {
+                if data.len() != MigStatePayload::SIZE {
+                    return Err(einval(format!(
+                        "MIG_DEVICE_STATE SET with {} data bytes",
+                        data.len()
+                    )));
+                }
+                let req = MigStatePayload::decode(data)?;
+                let state = MigState::from_raw(req.device_state)
+                    .ok_or_else(|| einval(format!("migration state {}", req.device_state)))?;
+                let result = self.device.set_mig_state(state);
+                match result {
+                    Ok(Some(stream)) => self.mig = Some(stream),
+                    Ok(None) if keeps_stream(state) => {}
+                    Ok(None) => self.mig = None,
+                    Err(e) => {
+                        // Where the failure left the device decides whether
+                        // its stream goes on.
+                        if !self.device.mig_state().is_ok_and(keeps_stream) {
+                            self.mig = None;
+                        }
+                        return Err(e);
+                    }
+                }
+                out.extend_from_slice(payload);
+            }
+            feature::MIG_DATA_SIZE => {
+                if !data.is_empty() {
+                    return Err(einval("MIG_DATA_SIZE GET with data"));
+                }
+                let size = self.device.mig_data_size()?;
+                push_feature_head(&mut out, flags_of(head), 8);
+                out.extend_from_slice(&size.to_le_bytes());
+            }
+            feature::DMA_LOGGING_START => {
+                let ctl = DmaLoggingControl::decode(data)?;
+                let n = ctl.num_ranges as usize;
+                if n > protocol::MAX_DMA_LOGGING_RANGES {
+                    return Err(Error::Refused {
+                        context: format!(
+                            "DMA_LOGGING_START with {n} ranges (at most {})",
+                            protocol::MAX_DMA_LOGGING_RANGES
+                        ),
+                        errno: libc::E2BIG,
+                    });
+                }
+                let want = DmaLoggingControl::SIZE + n * DmaLoggingRange::SIZE;
+                if data.len() != want {
+                    return Err(einval(format!(
+                        "DMA_LOGGING_START with {n} ranges in {} bytes",
+                        data.len()
+                    )));
+                }
+                let mut ranges = Vec::with_capacity(n);
+                for raw in data
+                    .get(DmaLoggingControl::SIZE..)
+                    .unwrap_or(&[])
+                    .chunks_exact(DmaLoggingRange::SIZE)
+                {
+                    let r = DmaLoggingRange::decode(raw)?;
+                    ranges.push(DirtyRange {
+                        iova: r.iova,
+                        length: r.length,
+                    });
+                }
+                self.device.dma_logging_start(ctl.page_size, &ranges)?;
+                out.extend_from_slice(payload);
+            }
+            feature::DMA_LOGGING_STOP => {
+                if !data.is_empty() {
+                    return Err(einval("DMA_LOGGING_STOP with data"));
+                }
+                self.device.dma_logging_stop()?;
+                out.extend_from_slice(payload);
+            }
+            _ => {
+                // DMA_LOGGING_REPORT (GET).
+                if data.len() != DmaLoggingReport::SIZE {
+                    return Err(einval(format!(
+                        "DMA_LOGGING_REPORT with {} data bytes",
+                        data.len()
+                    )));
+                }
+                let req = DmaLoggingReport::decode(data)?;
+                let words = migration::bitmap_words(req.length, req.page_size)
+                    .filter(|_| req.length > 0)
+                    .ok_or_else(|| {
+                        einval(format!(
+                            "DMA_LOGGING_REPORT of {:#x} bytes at page size {:#x}",
+                            req.length, req.page_size
+                        ))
+                    })?;
+                let bytes = (words as u64).saturating_mul(8);
+                if bytes > self.max_bitmap_bytes() {
+                    return Err(einval(format!(
+                        "DMA_LOGGING_REPORT bitmap of {bytes} bytes (at most {})",
+                        self.max_bitmap_bytes()
+                    )));
+                }
+                let reply_len = (FeatureHeader::SIZE + DmaLoggingReport::SIZE) as u64 + bytes;
+                if u64::from(head.argsz) < reply_len {
+                    return Err(einval(format!(
+                        "DMA_LOGGING_REPORT argsz {} for a reply of {reply_len} bytes",
+                        head.argsz
+                    )));
+                }
+                let mut bitmap = vec![0u64; words];
+                self.device
+                    .dma_logging_report(req.iova, req.length, req.page_size, &mut bitmap)?;
+                push_feature_head(&mut out, flags_of(head), DmaLoggingReport::SIZE + words * 8);
+                out.extend_from_slice(data);
+                for w in bitmap {
+                    out.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+        }
+        Ok((out, None))
+    }
+
+    fn mig_data_read(&mut self, payload: &[u8]) -> Result<Reply> {
+        if payload.len() != MigDataPayload::SIZE {
+            return Err(einval("MIG_DATA_READ payload must be 8 bytes"));
+        }
+        let req = MigDataPayload::decode(payload)?;
+        if req.size > self.options.max_data_xfer_size {
+            return Err(einval(format!(
+                "MIG_DATA_READ of {} bytes exceeds max_data_xfer_size",
+                req.size
+            )));
+        }
+        let mut out = self.reply_buffer();
+        let stream = self
+            .mig
+            .as_mut()
+            .ok_or_else(|| einval("MIG_DATA_READ without a saving migration stream"))?;
+        out.resize(MigDataPayload::SIZE + req.size as usize, 0);
+        let mut done = 0usize;
+        while let Some(rest) = out.get_mut(MigDataPayload::SIZE + done..) {
+            if rest.is_empty() {
+                break;
+            }
+            match stream.read(rest) {
+                Ok(0) => break,
+                Ok(n) => done += n.min(rest.len()),
+                // What was read is not lost: it goes out now, the error
+                // comes again with the next read.
+                Err(_) if done > 0 => break,
+                Err(e) => return Err(e),
+            }
+        }
+        out.truncate(MigDataPayload::SIZE + done);
+        let head = MigDataPayload {
+            argsz: (MigDataPayload::SIZE + done) as u32,
+            size: done as u32,
+        };
+        if let Some(h) = out.get_mut(..MigDataPayload::SIZE) {
+            h.copy_from_slice(&head.encode());
+        }
+        Ok((out, None))
+    }
+
+    fn mig_data_write(&mut self, payload: &[u8]) -> Result<Reply> {
+        let req = MigDataPayload::decode(payload)?;
+        let data = payload.get(MigDataPayload::SIZE..).unwrap_or(&[]);
+        if data.len() != req.size as usize {
+            return Err(einval(format!(
+                "MIG_DATA_WRITE size {} with {} data bytes",
+                req.size,
+                data.len()
+            )));
+        }
+        if req.size > self.options.max_data_xfer_size {
+            return Err(einval("MIG_DATA_WRITE exceeds max_data_xfer_size"));
+        }
+        let stream = self
+            .mig
+            .as_mut()
+            .ok_or_else(|| einval("MIG_DATA_WRITE without a resuming migration stream"))?;
+        stream.write(data)?;
+        Ok((Vec::new(), None))
+    }
+}
+
+fn flags_of(head: FeatureHeader) -> u32 {
+    head.flags
+}
+
+/// Appends a `DEVICE_FEATURE` reply head for `data_len` bytes of data.
+fn push_feature_head(out: &mut Vec<u8>, flags: u32, data_len: usize) {
+    let argsz = u32::try_from(FeatureHeader::SIZE + data_len).unwrap_or(u32::MAX);
+    out.extend_from_slice(&FeatureHeader { argsz, flags }.encode());
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1605,7 +1947,7 @@ mod tests {
     #[test]
     fn version_reply_offers_what_every_known_client_accepts() {
         // QEMU 11.1 (hw/vfio-user) answers "malformed max_msg_fds" to more than 16.
-        let reply = version_reply(&ServerOptions::default(), 0);
+        let reply = version_reply(&ServerOptions::default(), 0, false);
         let (major, minor, caps) = protocol::decode_version(&reply).unwrap();
         assert_eq!(
             (major, minor),
@@ -1620,7 +1962,7 @@ mod tests {
 
     #[test]
     fn version_reply_never_offers_a_newer_minor_than_the_client_asked() {
-        let reply = version_reply(&ServerOptions::default(), u16::MAX);
+        let reply = version_reply(&ServerOptions::default(), u16::MAX, false);
         let (_, minor, _) = protocol::decode_version(&reply).unwrap();
         assert_eq!(minor, protocol::VERSION_MINOR);
     }

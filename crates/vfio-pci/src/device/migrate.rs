@@ -125,9 +125,24 @@ impl MigrationSource<'_> {
         self.writer.written()
     }
 
+    /// The device's estimate of the bytes of its state
+    /// [`stop_and_copy`](Self::stop_and_copy) will stream
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`): with the pre-copy estimate,
+    /// what a VMM weighs against its downtime budget.
+    pub fn stop_copy_size(&self) -> Result<u64> {
+        self.dev
+            .vfio
+            .mig_data_size()
+            .map_err(backend("reading the stop-copy size"))
+    }
+
     /// One pre-copy round while the device runs: writes what the device
     /// has now (at most what it estimated at the start of the round) and
-    /// returns its estimate of what remains. The VMM repeats rounds until
+    /// returns its estimate of what remains. Where the backend gives no
+    /// estimate (vfio-user has no `VFIO_MIG_GET_PRECOPY_INFO`), the round
+    /// reads until the device has nothing more, at most
+    /// [`PRECOPY_ROUND_MAX`], and returns 0 remaining if it got there, else
+    /// `dirty_bytes` = [`PRECOPY_ROUND_MAX`] (more remains). The VMM repeats rounds until
     /// the estimate is small enough, then stops the device. Refused
     /// ([`Error::MigrationFeature`]) without PRE_COPY.
     pub fn precopy(&mut self, out: &mut impl Write) -> Result<PrecopyInfo> {
@@ -147,11 +162,15 @@ impl MigrationSource<'_> {
             step: "pre-copy",
             phase: "without a data stream",
         })?;
-        let info = stream
-            .precopy_info()
-            .map_err(backend("reading the pre-copy estimate"))?;
-        let budget = info.initial_bytes.saturating_add(info.dirty_bytes);
+        // The round reads what the device estimates it has now; without an
+        // estimate (vfio-user has no VFIO_MIG_GET_PRECOPY_INFO), until the
+        // device has nothing more, at most PRECOPY_ROUND_MAX.
+        let estimate = precopy_estimate(stream.as_mut())?;
+        let budget = estimate.map_or(PRECOPY_ROUND_MAX, |i| {
+            i.initial_bytes.saturating_add(i.dirty_bytes)
+        });
         let mut done = 0u64;
+        let mut drained = false;
         while done < budget {
             let want = usize::try_from(budget - done)
                 .unwrap_or(usize::MAX)
@@ -163,6 +182,7 @@ impl MigrationSource<'_> {
                 .read(room)
                 .map_err(backend("reading pre-copy data"))?;
             if n == 0 {
+                drained = true;
                 break;
             }
             let piece = room.get(..n).ok_or(Error::MigrationPhase {
@@ -173,9 +193,16 @@ impl MigrationSource<'_> {
             self.writer.data(out, piece)?;
             done += n as u64;
         }
-        stream
-            .precopy_info()
-            .map_err(backend("reading the pre-copy estimate"))
+        match precopy_estimate(stream.as_mut())? {
+            Some(info) => Ok(info),
+            // No estimate: nothing remains if the device had nothing more;
+            // else at least what a round reads.
+            None if drained => Ok(PrecopyInfo::default()),
+            None => Ok(PrecopyInfo {
+                initial_bytes: 0,
+                dirty_bytes: PRECOPY_ROUND_MAX,
+            }),
+        }
     }
 
     /// Quiesces the device (RUNNING_P2P, or PRE_COPY_P2P while pre-copying):
@@ -330,6 +357,20 @@ impl MigrationSource<'_> {
             self.writer.start(out, &self.identity)?;
         }
         Ok(())
+    }
+}
+
+/// The most a pre-copy round reads from a device that gives no estimate of
+/// what it has (vfio-user): the round ends earlier when the device has
+/// nothing more.
+pub const PRECOPY_ROUND_MAX: u64 = 64 << 20;
+
+/// The device's pre-copy estimate; `None` when its backend has none.
+fn precopy_estimate(stream: &mut dyn MigrationStream) -> Result<Option<PrecopyInfo>> {
+    match stream.precopy_info() {
+        Ok(i) => Ok(Some(i)),
+        Err(vfio_backend::Error::Unsupported(_)) => Ok(None),
+        Err(e) => Err(Error::backend("reading the pre-copy estimate", e)),
     }
 }
 

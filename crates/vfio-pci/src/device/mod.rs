@@ -24,7 +24,7 @@ mod placement;
 mod plan;
 mod snapshot;
 
-pub use migrate::{LoadedMigration, MigrationCaps, MigrationSource};
+pub use migrate::{LoadedMigration, MigrationCaps, MigrationSource, PRECOPY_ROUND_MAX};
 pub use snapshot::{DeviceSnapshot, DeviceState, DEVICE_SNAPSHOT_VERSION};
 
 /// Size of PCI Express configuration space.

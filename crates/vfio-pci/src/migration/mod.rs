@@ -32,7 +32,7 @@
 
 pub(crate) mod stream;
 
-pub use crate::device::{LoadedMigration, MigrationCaps, MigrationSource};
+pub use crate::device::{LoadedMigration, MigrationCaps, MigrationSource, PRECOPY_ROUND_MAX};
 pub use stream::{
     check_stream, crc32, BarIdentity, DeviceIdentity, StreamFault, StreamSummary, MAX_CHUNK_LEN,
     MAX_DEVICE_DATA, STREAM_MAGIC, STREAM_VERSION,

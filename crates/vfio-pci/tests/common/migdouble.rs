@@ -56,6 +56,8 @@ struct St {
     fail_into_error: bool,
     /// Stream reads fail.
     fail_reads: bool,
+    /// No pre-copy estimate (as over vfio-user).
+    no_estimate: bool,
 }
 
 pub struct MigDouble {
@@ -85,6 +87,7 @@ impl MigDouble {
                 fail_to: Vec::new(),
                 fail_into_error: false,
                 fail_reads: false,
+                no_estimate: false,
             })),
             transitions: Mutex::new(Vec::new()),
             resets: AtomicU64::new(0),
@@ -110,6 +113,11 @@ impl MigDouble {
     /// Whether the device's DMA logging runs.
     pub fn logging(&self) -> bool {
         self.st.lock().unwrap().logging.is_some()
+    }
+
+    /// Answers `precopy_info` with Unsupported, as a vfio-user device does.
+    pub fn without_estimate(&self) {
+        self.st.lock().unwrap().no_estimate = true;
     }
 
     pub fn fail_reads(&self, on: bool) {
@@ -246,6 +254,9 @@ impl MigrationStream for DoubleStream {
     fn precopy_info(&mut self) -> Result<PrecopyInfo> {
         let st = self.st.lock().unwrap();
         self.valid(&st)?;
+        if st.no_estimate {
+            return Err(Error::Unsupported("no pre-copy estimate".into()));
+        }
         if !matches!(st.state, MigState::PreCopy | MigState::PreCopyP2p) {
             return Err(errno(libc::EINVAL, "precopy info outside PRE_COPY"));
         }

@@ -1,8 +1,11 @@
-//! Live migration end to end, in-process: a fake device (VFIO migration v2:
-//! STOP_COPY, P2P, PRE_COPY, DMA logging) behind `VfioPciDevice`, in the
-//! middle of a DMA and with vectors pending, migrated to a second fake
-//! device of a second VMM through the crate's migration API, while the
-//! VMM moves guest RAM by the dirty bitmap `GuestDma` reports.
+//! Live migration end to end: a fake device (VFIO migration v2: STOP_COPY,
+//! P2P, PRE_COPY, DMA logging) behind `VfioPciDevice`, in the middle of a
+//! DMA and with vectors pending, migrated to a second fake device of a
+//! second VMM through the crate's migration API, while the VMM moves guest
+//! RAM by the dirty bitmap `GuestDma` reports. Each scenario runs with the
+//! fake in-process and served over a vfio-user socket (our server and
+//! client: `DEVICE_FEATURE` migration and DMA logging, `MIG_DATA_READ` /
+//! `WRITE`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod support;
@@ -92,10 +95,6 @@ fn side_on(kind: BackendKind) -> Side {
         vm,
         ram,
     }
-}
-
-fn side() -> Side {
-    side_on(BackendKind::InProcess)
 }
 
 fn r32(dev: &VfioPciDevice, off: u64) -> u32 {
@@ -217,12 +216,25 @@ fn whole_ram(mem: &GuestMemoryMmap) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn a_device_mid_dma_with_pending_vectors_continues_on_the_destination() {
-    mid_dma_with_pending_vectors(BackendKind::InProcess);
+both_backends! {
+    fn a_device_mid_dma_with_pending_vectors_continues_on_the_destination(kind: BackendKind) {
+        mid_dma_with_pending_vectors(kind);
+    }
+
+    fn an_abort_at_each_step_leaves_the_source_running_and_its_work_goes_on_there(kind: BackendKind) {
+        abort_at_each_step(kind);
+    }
+
+    fn corrupt_and_truncated_streams_are_refused_before_the_destination_device_is_touched(kind: BackendKind) {
+        corrupt_and_truncated(kind);
+    }
+
+    fn device_state_the_device_refuses_leaves_the_destination_reset_and_running(kind: BackendKind) {
+        device_refused_state(kind);
+    }
 }
 
-/// The scenario, source and destination both behind `kind`.
+/// Source and destination both behind `kind`.
 fn mid_dma_with_pending_vectors(kind: BackendKind) {
     let src = side_on(kind);
     driver_up(&src.dev);
@@ -243,6 +255,7 @@ fn mid_dma_with_pending_vectors(kind: BackendKind) {
     let mut m = src.dev.start_migration().unwrap();
     let caps = m.caps();
     assert!(caps.pre_copy() && caps.p2p());
+    assert!(m.stop_copy_size().unwrap() > 0);
     m.precopy(&mut wire).unwrap();
 
     // The guest runs on: a DMA to 0x40800.. (pages 0x40000 and 0x41000).
@@ -319,10 +332,9 @@ fn mid_dma_with_pending_vectors(kind: BackendKind) {
     assert_eq!(src.fake.mig_state().unwrap(), MigState::Stop);
 }
 
-#[test]
-fn an_abort_at_each_step_leaves_the_source_running_and_its_work_goes_on_there() {
+fn abort_at_each_step(kind: BackendKind) {
     for steps in 0..=3 {
-        let src = side();
+        let src = side_on(kind);
         driver_up(&src.dev);
         let sg = msix_group(&src);
         ram_write(&src.ram, 0x1_0000, &pattern(3, 0x1000));
@@ -372,8 +384,8 @@ fn chunks(stream: &[u8]) -> Vec<(usize, usize, usize)> {
     out
 }
 
-fn a_stream() -> Vec<u8> {
-    let src = side();
+fn a_stream(kind: BackendKind) -> Vec<u8> {
+    let src = side_on(kind);
     driver_up(&src.dev);
     src.fake.region_write(2, 0, b"state").unwrap();
     let mut wire = Vec::new();
@@ -384,10 +396,9 @@ fn a_stream() -> Vec<u8> {
     wire
 }
 
-#[test]
-fn corrupt_and_truncated_streams_are_refused_before_the_destination_device_is_touched() {
-    let wire = a_stream();
-    let dst = side();
+fn corrupt_and_truncated(kind: BackendKind) {
+    let wire = a_stream(kind);
+    let dst = side_on(kind);
     let view = guest_view(&dst.dev);
     let calls = |f: &FakeDevice| f.counters().calls(vfio_fake_device::Op::Reset);
     let cs = chunks(&wire);
@@ -427,9 +438,8 @@ fn corrupt_and_truncated_streams_are_refused_before_the_destination_device_is_to
     dst.dev.resume_migration(&wire[..]).unwrap();
 }
 
-#[test]
-fn device_state_the_device_refuses_leaves_the_destination_reset_and_running() {
-    let wire = a_stream();
+fn device_refused_state(kind: BackendKind) {
+    let wire = a_stream(kind);
     // A well-formed stream (its CRCs right) whose device data the device
     // refuses: the last byte of the device's own stream (its checksum) flipped.
     let cs = chunks(&wire);
@@ -443,7 +453,7 @@ fn device_state_the_device_refuses_leaves_the_destination_reset_and_running() {
     let crc = crc32(&bad[h..end - 4]);
     bad[end - 4..end].copy_from_slice(&crc.to_le_bytes());
 
-    let dst = side();
+    let dst = side_on(kind);
     driver_up(&dst.dev);
     let e = dst.dev.resume_migration(&bad[..]).unwrap_err();
     assert!(matches!(e, Error::Backend { .. }), "{e}");
