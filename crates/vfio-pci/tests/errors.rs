@@ -158,3 +158,27 @@ fn a_snapshot_of_another_version_is_refused_with_both_versions() {
         "{e:?}"
     );
 }
+
+#[test]
+fn a_device_without_an_intx_unmask_eventfd_still_attaches_with_intx_wired() {
+    // ACTION_UNMASK with DATA_EVENTFD is optional in the VFIO uAPI (the kernel's mtty
+    // sample answers ENOTTY): the device keeps delivering INTx through its trigger eventfd.
+    for errno in [libc::ENOTTY, libc::EINVAL, libc::EOPNOTSUPP] {
+        let vm = Vm::new();
+        let f = fake("edu");
+        f.faults().fail(Op::SetIrqUnmaskEventfd, errno, None);
+        let dev = try_attach(&vm, &f).unwrap_or_else(|e| panic!("errno {errno}: {e:?}"));
+        assert_eq!(dev.irq_mode(), vfio_pci::IrqMode::Intx, "errno {errno}");
+        assert!(f.counters().calls(Op::SetIrqUnmaskEventfd) >= 1);
+    }
+}
+
+#[test]
+fn an_intx_unmask_eventfd_that_fails_otherwise_is_a_backend_error_with_its_errno() {
+    let vm = Vm::new();
+    let f = fake("edu");
+    f.faults().fail(Op::SetIrqUnmaskEventfd, libc::EIO, None);
+    let e = try_attach(&vm, &f).unwrap_err();
+    assert!(matches!(e, Error::Backend { .. }), "{e:?}");
+    assert_eq!(e.errno(), Some(libc::EIO));
+}

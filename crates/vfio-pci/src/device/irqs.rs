@@ -192,11 +192,26 @@ impl VfioPciDevice {
             .map_err(|e| Error::backend("enabling INTx", e))?;
         if let Some(resample) = group.resample_notifier(0) {
             if let Err(e) = self.vfio.set_irq_unmask_eventfd(irq::INTX, Some(resample)) {
-                let _ = self.vfio.disable_irqs(irq::INTX);
-                return Err(Error::backend(
-                    "setting the INTx unmask (resample) eventfd",
-                    e,
-                ));
+                // A device that does not take an unmask eventfd (`ACTION_UNMASK` with
+                // `DATA_EVENTFD` is optional: the kernel's mtty sample answers ENOTTY) still
+                // delivers INTx through its trigger eventfd; the VMM then unmasks with
+                // `unmask_intx` after each EOI, as it would without a resample eventfd.
+                // Anything else is a real failure.
+                let unsupported = matches!(
+                    e.errno(),
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)
+                );
+                if !unsupported {
+                    let _ = self.vfio.disable_irqs(irq::INTX);
+                    return Err(Error::backend(
+                        "setting the INTx unmask (resample) eventfd",
+                        e,
+                    ));
+                }
+                log::warn!(
+                    "the device takes no INTx unmask eventfd ({e}): INTx stays wired, and the \
+                     VMM must call unmask_intx() after the guest handled each one"
+                );
             }
         }
         Ok(())
