@@ -601,3 +601,20 @@ fn the_server_refuses_every_malformed_migration_request_and_stays_usable() {
         "RUNNING"
     );
 }
+
+#[test]
+fn a_device_that_cannot_migrate_is_served_without_the_capability_and_refused_as_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fake.sock");
+    let fake = Arc::new(FakeDevice::new(template()).unwrap());
+    fake.set_migration(None).unwrap();
+    let _server = UserServer::bind(&sock, fake.clone(), ServerOptions::default()).unwrap();
+    let client = UserDevice::connect_with_options(&sock, options()).unwrap();
+    assert_eq!(client.server_capabilities().migration_pgsize, None);
+    assert_eq!(client.migration_flags().unwrap(), None);
+    assert!(matches!(
+        client.set_mig_state(MigState::StopCopy),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(client.mig_state(), Err(Error::Unsupported(_))));
+}
