@@ -21,8 +21,8 @@ use super::{spawn_job, FakeDevice, InFlight, Inner, State, COMMAND_INTX_DISABLE}
 use crate::inject::{Injected, MigOp};
 use crate::mig::{
     self, mig_next_state, opens_stream, page_hash, page_record_len, quiesced, record, Fnv,
-    Identity, JobRecord, PageRef, Reader, Snapshot, HEADER_LEN, JOB_LEN, KIND_END, KIND_PAGE,
-    KIND_STATE, KIND_ZERO, MAX_STATE, PAGE_HDR, REC_HDR, ZERO_LEN,
+    Identity, JobRecord, PageRef, Reader, Snapshot, HEADER_LEN, KIND_END, KIND_PAGE, KIND_STATE,
+    KIND_ZERO, MAX_STATE, PAGE_HDR, REC_HDR, ZERO_LEN,
 };
 use crate::regs::{dma_engine, edu, Job};
 use crate::template::{RegisterKind, PAGE_SIZE};
@@ -797,7 +797,6 @@ impl Inner {
             }
             keys.push(key);
         }
-        let _ = JOB_LEN;
         Ok(())
     }
 
