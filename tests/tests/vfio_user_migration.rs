@@ -445,6 +445,11 @@ fn arcs_the_uapi_refuses_are_refused_over_vfio_user_and_ended_streams_too() {
         .unwrap();
     assert!(matches!(pre.precopy_info(), Err(Error::Unsupported(_))));
     assert!(s.client.mig_data_size().unwrap() > 0);
+    // A reset returns the device to RUNNING and ends the stream on both
+    // sides.
+    s.client.reset().unwrap();
+    assert_eq!(s.client.mig_state().unwrap(), MigState::Running);
+    assert_eq!(errno(pre.read(&mut buf)), libc::EBADF);
 }
 
 /// A client speaking raw messages, to send what ours never would.
@@ -574,6 +579,17 @@ fn the_server_refuses_every_malformed_migration_request_and_stays_usable() {
     let (e, p) = raw.feature(8 + 24 + 64, GET | 8, &report(512 * 4096, 4096));
     assert_eq!(e, 0);
     assert_eq!(p.len(), 8 + 24 + 64);
+    // A reset ends the server's stream: a read after it has none.
+    let mut st = 3u32.to_le_bytes().to_vec();
+    st.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(raw.feature(16, SET | 2, &st).0, 0);
+    let (h, p) = raw.call(protocol::command::MIG_DATA_READ, &[&rd]);
+    assert!(!h.is_error());
+    assert_eq!(p.len(), 8 + 16, "STOP_COPY streams");
+    let (h, _) = raw.call(protocol::command::DEVICE_RESET, &[]);
+    assert!(!h.is_error());
+    let (h, _) = raw.call(protocol::command::MIG_DATA_READ, &[&rd]);
+    assert!(h.is_error() && h.error == einval);
     // Probes answer without data; the connection still serves.
     assert_eq!(raw.feature(8, PROBE | GET | 1, &[]).0, 0);
     assert_eq!(raw.feature(8, PROBE | SET | 6, &[]).0, 0);
@@ -584,4 +600,21 @@ fn the_server_refuses_every_malformed_migration_request_and_stays_usable() {
         2,
         "RUNNING"
     );
+}
+
+#[test]
+fn a_device_that_cannot_migrate_is_served_without_the_capability_and_refused_as_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("fake.sock");
+    let fake = Arc::new(FakeDevice::new(template()).unwrap());
+    fake.set_migration(None).unwrap();
+    let _server = UserServer::bind(&sock, fake.clone(), ServerOptions::default()).unwrap();
+    let client = UserDevice::connect_with_options(&sock, options()).unwrap();
+    assert_eq!(client.server_capabilities().migration_pgsize, None);
+    assert_eq!(client.migration_flags().unwrap(), None);
+    assert!(matches!(
+        client.set_mig_state(MigState::StopCopy),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(client.mig_state(), Err(Error::Unsupported(_))));
 }

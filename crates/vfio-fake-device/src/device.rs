@@ -2,7 +2,7 @@
 //! [`Vfio`] trait.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 
@@ -131,6 +131,8 @@ struct Inner {
     mig: Mutex<migrate::MigCtl>,
     /// The guest pages the device's DMA wrote, while logging.
     log: DmaLog,
+    /// The migration flags offered; 0: the device cannot migrate.
+    mig_flags: AtomicU64,
 }
 
 /// A fake PCI function behind the [`Vfio`] trait, in-process.
@@ -242,6 +244,7 @@ impl FakeDevice {
             idle: Condvar::new(),
             mig: Mutex::new(migrate::MigCtl::default()),
             log: DmaLog::default(),
+            mig_flags: AtomicU64::new(crate::mig::FLAGS.0),
             state: Mutex::new(State {
                 config: template.config().to_vec(),
                 irq,
@@ -320,6 +323,27 @@ impl FakeDevice {
     /// device is quiesced for migration.
     pub fn dma_in_flight(&self) -> usize {
         self.inner.lock().jobs.len()
+    }
+
+    /// What migration the device offers: every flag by default
+    /// (STOP_COPY, P2P and PRE_COPY); a subset (STOP_COPY must be in it,
+    /// else `EINVAL`; unknown bits are refused too), or `None` for a device
+    /// that cannot migrate ([`Vfio::migration_flags`] then says `None` and
+    /// the other migration methods, DMA logging excepted, fail with
+    /// [`Error::Unsupported`]). Only while the device is RUNNING with no
+    /// data stream (`EBUSY` otherwise).
+    pub fn set_migration(&self, flags: Option<MigrationFlags>) -> Result<()> {
+        let raw = match flags {
+            None => 0,
+            Some(f) if f.stop_copy() && f.0 & !crate::mig::FLAGS.0 == 0 => f.0,
+            Some(f) => {
+                return Err(Error::Refused {
+                    context: format!("migration flags {:#x}", f.0),
+                    errno: libc::EINVAL,
+                })
+            }
+        };
+        self.set_migration_impl(raw)
     }
 
     /// Number of DMA mappings in the device's IOMMU domain.
@@ -1132,11 +1156,12 @@ impl Vfio for FakeDevice {
 
     fn migration_flags(&self) -> Result<Option<MigrationFlags>> {
         self.mig_enter(MigOp::GetState)?;
-        Ok(Some(crate::mig::FLAGS))
+        Ok(self.inner.migration())
     }
 
     fn mig_state(&self) -> Result<MigState> {
         self.mig_enter(MigOp::GetState)?;
+        self.inner.need_migration()?;
         Ok(self.inner.mig_lock().state)
     }
 
@@ -1146,6 +1171,7 @@ impl Vfio for FakeDevice {
 
     fn mig_data_size(&self) -> Result<u64> {
         self.mig_enter(MigOp::DataSize)?;
+        self.inner.need_migration()?;
         Ok(self.inner.stop_copy_size())
     }
 

@@ -662,3 +662,42 @@ fn a_transfer_under_way_parks_at_quiesce_and_the_destination_does_only_the_rest(
     );
     assert_eq!(got[half..], gated.mem[half..]);
 }
+
+#[test]
+fn a_device_offering_no_migration_says_none_and_refuses_the_state_machine() {
+    let d = device();
+    d.set_migration(None).unwrap();
+    assert_eq!(d.migration_flags().unwrap(), None);
+    assert!(matches!(d.mig_state(), Err(Error::Unsupported(_))));
+    assert!(matches!(
+        d.set_mig_state(MigState::StopCopy),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(d.mig_data_size(), Err(Error::Unsupported(_))));
+    // Flags without STOP_COPY, or with bits the uAPI does not define, are
+    // not a migration offer.
+    assert_eq!(
+        errno(d.set_migration(Some(MigrationFlags(MigrationFlags::P2P)))),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(d.set_migration(Some(MigrationFlags(MigrationFlags::STOP_COPY | 1 << 8)))),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn a_stop_copy_only_device_takes_the_paths_without_the_optional_states() {
+    let d = device();
+    d.set_migration(Some(MigrationFlags(MigrationFlags::STOP_COPY)))
+        .unwrap();
+    assert!(set(&d, MigState::StopCopy).is_some());
+    set(&d, MigState::Running);
+    // The optional states cannot be asked for.
+    assert_eq!(errno(d.set_mig_state(MigState::RunningP2p)), libc::EINVAL);
+    assert_eq!(errno(d.set_mig_state(MigState::PreCopy)), libc::EINVAL);
+    assert_eq!(d.mig_state().unwrap(), MigState::Running);
+    // Flags change only while RUNNING with no stream.
+    assert!(set(&d, MigState::StopCopy).is_some());
+    assert_eq!(errno(d.set_migration(None)), libc::EBUSY);
+}

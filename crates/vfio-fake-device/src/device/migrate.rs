@@ -15,14 +15,14 @@
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vfio_backend::{Error, MigState, MigrationStream, PrecopyInfo, Result};
+use vfio_backend::{Error, MigState, MigrationFlags, MigrationStream, PrecopyInfo, Result};
 
 use super::{spawn_job, FakeDevice, InFlight, Inner, State, COMMAND_INTX_DISABLE};
 use crate::inject::{Injected, MigOp};
 use crate::mig::{
     self, mig_next_state, opens_stream, page_hash, page_record_len, quiesced, record, Fnv,
-    Identity, JobRecord, PageRef, Reader, Snapshot, HEADER_LEN, JOB_LEN, KIND_END, KIND_PAGE,
-    KIND_STATE, KIND_ZERO, MAX_STATE, PAGE_HDR, REC_HDR, ZERO_LEN,
+    Identity, JobRecord, PageRef, Reader, Snapshot, HEADER_LEN, KIND_END, KIND_PAGE, KIND_STATE,
+    KIND_ZERO, MAX_STATE, PAGE_HDR, REC_HDR, ZERO_LEN,
 };
 use crate::regs::{dma_engine, edu, Job};
 use crate::template::{RegisterKind, PAGE_SIZE};
@@ -547,6 +547,20 @@ impl FakeDevice {
         }
     }
 
+    pub(super) fn set_migration_impl(&self, raw: u64) -> Result<()> {
+        let m = self.inner.mig_lock();
+        if m.state != MigState::Running || m.save.is_some() || m.load.is_some() {
+            return Err(Error::Refused {
+                context: format!("changing the migration flags in state {}", m.state),
+                errno: libc::EBUSY,
+            });
+        }
+        self.inner
+            .mig_flags
+            .store(raw, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     pub(super) fn set_mig_state_impl(
         &self,
         target: MigState,
@@ -555,18 +569,19 @@ impl FakeDevice {
             return Err(injected(MigOp::SetState, what));
         }
         let inner = &self.inner;
+        let flags = inner.need_migration()?;
         let mut m = inner.mig_lock();
         if let Some(what) = inner.faults.check_migration(MigOp::SetStateError) {
             m.state = MigState::Error;
             m.end_session();
             return Err(injected(MigOp::SetStateError, what));
         }
-        if target == MigState::Error || mig_next_state(target, target, mig::FLAGS).is_none() {
+        if target == MigState::Error || mig_next_state(target, target, flags).is_none() {
             return Err(einval(format!("migration state {target} cannot be set")));
         }
         let mut stream = None;
         while m.state != target {
-            let next = mig_next_state(m.state, target, mig::FLAGS).ok_or_else(|| {
+            let next = mig_next_state(m.state, target, flags).ok_or_else(|| {
                 einval(format!(
                     "no migration arc from {} towards {target}",
                     m.state
@@ -663,6 +678,20 @@ fn unquiesce(inner: &Arc<Inner>) {
 }
 
 impl Inner {
+    /// The migration flags offered, if the device can migrate.
+    pub(super) fn migration(&self) -> Option<MigrationFlags> {
+        match self.mig_flags.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            f => Some(MigrationFlags(f)),
+        }
+    }
+
+    /// The flags, or `Unsupported` for a device that cannot migrate.
+    pub(super) fn need_migration(&self) -> Result<MigrationFlags> {
+        self.migration()
+            .ok_or_else(|| Error::Unsupported("this fake device does not migrate".into()))
+    }
+
     pub(super) fn mig_lock(&self) -> MutexGuard<'_, MigCtl> {
         // Every update is a plain store or a whole session replaced.
         self.mig.lock().unwrap_or_else(|e| e.into_inner())
@@ -768,7 +797,6 @@ impl Inner {
             }
             keys.push(key);
         }
-        let _ = JOB_LEN;
         Ok(())
     }
 
