@@ -213,6 +213,7 @@ fn setup(ctx: &Ctx<'_>) -> Result<std::result::Result<Setup, Outcome>> {
     // Each boot mode is the kernel path both VMMs take: the legacy boot gives them the legacy
     // container even where the host also offers iommufd (the custom kernel does).
     let iommufd = ctx.mode == Mode::Iommufd;
+    shmem_huge_pages_on_advice();
     Ok(Ok(Setup {
         cfg: cfg.clone(),
         nvme,
@@ -693,6 +694,25 @@ fn check_errors(r: &L2Run) -> Result<()> {
 }
 
 // ---- scenarios ----
+
+/// The host setting the reference VMM's README asks for: transparent huge pages for shared
+/// memory where a mapping asks for them (`MADV_HUGEPAGE`). Its guest RAM is a memfd (so a
+/// vfio-user server can map it), and the kernel's default for shared memory is `never`, so
+/// without this the first device's DMA mapping faults and pins 4 KiB pages one by one, where
+/// QEMU's anonymous RAM gets huge pages (`enabled`, Debian's default `always`, or `madvise`,
+/// which QEMU asks for). Only mappings that ask are affected: nothing else in this guest
+/// changes. A kernel without THP (the custom one) has no such file: nothing to do.
+fn shmem_huge_pages_on_advice() {
+    let knob = Path::new("/sys/kernel/mm/transparent_hugepage/shmem_enabled");
+    let Ok(now) = std::fs::read_to_string(knob) else {
+        return;
+    };
+    if now.contains("[never]") {
+        if let Err(e) = std::fs::write(knob, "advise") {
+            println!("guest-os: could not set {} to advise: {e}", knob.display());
+        }
+    }
+}
 
 /// The kernel path both VMMs take here, in words.
 fn path_name(s: &Setup) -> &'static str {
