@@ -1746,32 +1746,7 @@ impl Session<'_> {
                     .encode(),
                 );
             }
-            feature::MIG_DEVICE_STATE => {
-                if data.len() != MigStatePayload::SIZE {
-                    return Err(einval(format!(
-                        "MIG_DEVICE_STATE SET with {} data bytes",
-                        data.len()
-                    )));
-                }
-                let req = MigStatePayload::decode(data)?;
-                let state = MigState::from_raw(req.device_state)
-                    .ok_or_else(|| einval(format!("migration state {}", req.device_state)))?;
-                let result = self.device.set_mig_state(state);
-                match result {
-                    Ok(Some(stream)) => self.mig = Some(stream),
-                    Ok(None) if keeps_stream(state) => {}
-                    Ok(None) => self.mig = None,
-                    Err(e) => {
-                        // Where the failure left the device decides whether
-                        // its stream goes on.
-                        if !self.device.mig_state().is_ok_and(keeps_stream) {
-                            self.mig = None;
-                        }
-                        return Err(e);
-                    }
-                }
-                out.extend_from_slice(payload);
-            }
+            feature::MIG_DEVICE_STATE => self.feature_set_mig_state(payload, data, &mut out)?,
             feature::MIG_DATA_SIZE => {
                 if !data.is_empty() {
                     return Err(einval("MIG_DATA_SIZE GET with data"));
@@ -1781,38 +1756,7 @@ impl Session<'_> {
                 out.extend_from_slice(&size.to_le_bytes());
             }
             feature::DMA_LOGGING_START => {
-                let ctl = DmaLoggingControl::decode(data)?;
-                let n = ctl.num_ranges as usize;
-                if n > protocol::MAX_DMA_LOGGING_RANGES {
-                    return Err(Error::Refused {
-                        context: format!(
-                            "DMA_LOGGING_START with {n} ranges (at most {})",
-                            protocol::MAX_DMA_LOGGING_RANGES
-                        ),
-                        errno: libc::E2BIG,
-                    });
-                }
-                let want = DmaLoggingControl::SIZE + n * DmaLoggingRange::SIZE;
-                if data.len() != want {
-                    return Err(einval(format!(
-                        "DMA_LOGGING_START with {n} ranges in {} bytes",
-                        data.len()
-                    )));
-                }
-                let mut ranges = Vec::with_capacity(n);
-                for raw in data
-                    .get(DmaLoggingControl::SIZE..)
-                    .unwrap_or(&[])
-                    .chunks_exact(DmaLoggingRange::SIZE)
-                {
-                    let r = DmaLoggingRange::decode(raw)?;
-                    ranges.push(DirtyRange {
-                        iova: r.iova,
-                        length: r.length,
-                    });
-                }
-                self.device.dma_logging_start(ctl.page_size, &ranges)?;
-                out.extend_from_slice(payload);
+                self.feature_dma_logging_start(payload, data, &mut out)?
             }
             feature::DMA_LOGGING_STOP => {
                 if !data.is_empty() {
@@ -1821,48 +1765,135 @@ impl Session<'_> {
                 self.device.dma_logging_stop()?;
                 out.extend_from_slice(payload);
             }
-            _ => {
-                // DMA_LOGGING_REPORT (GET).
-                if data.len() != DmaLoggingReport::SIZE {
-                    return Err(einval(format!(
-                        "DMA_LOGGING_REPORT with {} data bytes",
-                        data.len()
-                    )));
-                }
-                let req = DmaLoggingReport::decode(data)?;
-                let words = migration::bitmap_words(req.length, req.page_size)
-                    .filter(|_| req.length > 0)
-                    .ok_or_else(|| {
-                        einval(format!(
-                            "DMA_LOGGING_REPORT of {:#x} bytes at page size {:#x}",
-                            req.length, req.page_size
-                        ))
-                    })?;
-                let bytes = (words as u64).saturating_mul(8);
-                if bytes > self.max_bitmap_bytes() {
-                    return Err(einval(format!(
-                        "DMA_LOGGING_REPORT bitmap of {bytes} bytes (at most {})",
-                        self.max_bitmap_bytes()
-                    )));
-                }
-                let reply_len = (FeatureHeader::SIZE + DmaLoggingReport::SIZE) as u64 + bytes;
-                if u64::from(head.argsz) < reply_len {
-                    return Err(einval(format!(
-                        "DMA_LOGGING_REPORT argsz {} for a reply of {reply_len} bytes",
-                        head.argsz
-                    )));
-                }
-                let mut bitmap = vec![0u64; words];
-                self.device
-                    .dma_logging_report(req.iova, req.length, req.page_size, &mut bitmap)?;
-                push_feature_head(&mut out, flags_of(head), DmaLoggingReport::SIZE + words * 8);
-                out.extend_from_slice(data);
-                for w in bitmap {
-                    out.extend_from_slice(&w.to_le_bytes());
-                }
-            }
+            // DMA_LOGGING_REPORT (GET).
+            _ => self.feature_dma_logging_report(head, data, &mut out)?,
         }
         Ok((out, None))
+    }
+
+    /// `MIG_DEVICE_STATE` SET: moves the device and keeps, opens or drops the migration
+    /// stream as the new state says.
+    fn feature_set_mig_state(
+        &mut self,
+        payload: &[u8],
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        if data.len() != MigStatePayload::SIZE {
+            return Err(einval(format!(
+                "MIG_DEVICE_STATE SET with {} data bytes",
+                data.len()
+            )));
+        }
+        let req = MigStatePayload::decode(data)?;
+        let state = MigState::from_raw(req.device_state)
+            .ok_or_else(|| einval(format!("migration state {}", req.device_state)))?;
+        let result = self.device.set_mig_state(state);
+        match result {
+            Ok(Some(stream)) => self.mig = Some(stream),
+            Ok(None) if keeps_stream(state) => {}
+            Ok(None) => self.mig = None,
+            Err(e) => {
+                // Where the failure left the device decides whether
+                // its stream goes on.
+                if !self.device.mig_state().is_ok_and(keeps_stream) {
+                    self.mig = None;
+                }
+                return Err(e);
+            }
+        }
+        out.extend_from_slice(payload);
+        Ok(())
+    }
+
+    /// `DMA_LOGGING_START`: the ranges are counted and sized before any is decoded.
+    fn feature_dma_logging_start(
+        &mut self,
+        payload: &[u8],
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let ctl = DmaLoggingControl::decode(data)?;
+        let n = ctl.num_ranges as usize;
+        if n > protocol::MAX_DMA_LOGGING_RANGES {
+            return Err(Error::Refused {
+                context: format!(
+                    "DMA_LOGGING_START with {n} ranges (at most {})",
+                    protocol::MAX_DMA_LOGGING_RANGES
+                ),
+                errno: libc::E2BIG,
+            });
+        }
+        let want = DmaLoggingControl::SIZE + n * DmaLoggingRange::SIZE;
+        if data.len() != want {
+            return Err(einval(format!(
+                "DMA_LOGGING_START with {n} ranges in {} bytes",
+                data.len()
+            )));
+        }
+        let mut ranges = Vec::with_capacity(n);
+        for raw in data
+            .get(DmaLoggingControl::SIZE..)
+            .unwrap_or(&[])
+            .chunks_exact(DmaLoggingRange::SIZE)
+        {
+            let r = DmaLoggingRange::decode(raw)?;
+            ranges.push(DirtyRange {
+                iova: r.iova,
+                length: r.length,
+            });
+        }
+        self.device.dma_logging_start(ctl.page_size, &ranges)?;
+        out.extend_from_slice(payload);
+        Ok(())
+    }
+
+    /// `DMA_LOGGING_REPORT` (GET): the bitmap is bounded by the negotiated bitmap size and
+    /// the client's `argsz` before it is allocated.
+    fn feature_dma_logging_report(
+        &mut self,
+        head: FeatureHeader,
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        if data.len() != DmaLoggingReport::SIZE {
+            return Err(einval(format!(
+                "DMA_LOGGING_REPORT with {} data bytes",
+                data.len()
+            )));
+        }
+        let req = DmaLoggingReport::decode(data)?;
+        let words = migration::bitmap_words(req.length, req.page_size)
+            .filter(|_| req.length > 0)
+            .ok_or_else(|| {
+                einval(format!(
+                    "DMA_LOGGING_REPORT of {:#x} bytes at page size {:#x}",
+                    req.length, req.page_size
+                ))
+            })?;
+        let bytes = (words as u64).saturating_mul(8);
+        if bytes > self.max_bitmap_bytes() {
+            return Err(einval(format!(
+                "DMA_LOGGING_REPORT bitmap of {bytes} bytes (at most {})",
+                self.max_bitmap_bytes()
+            )));
+        }
+        let reply_len = (FeatureHeader::SIZE + DmaLoggingReport::SIZE) as u64 + bytes;
+        if u64::from(head.argsz) < reply_len {
+            return Err(einval(format!(
+                "DMA_LOGGING_REPORT argsz {} for a reply of {reply_len} bytes",
+                head.argsz
+            )));
+        }
+        let mut bitmap = vec![0u64; words];
+        self.device
+            .dma_logging_report(req.iova, req.length, req.page_size, &mut bitmap)?;
+        push_feature_head(out, flags_of(head), DmaLoggingReport::SIZE + words * 8);
+        out.extend_from_slice(data);
+        for w in bitmap {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        Ok(())
     }
 
     fn mig_data_read(&mut self, payload: &[u8]) -> Result<Reply> {
