@@ -9,7 +9,7 @@ use pci_config::regs::{
     COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE,
 };
 use pci_config::{ConfigSpace, ConfigSpaceSnapshot, ROM_BAR};
-use pci_interrupts::{IntxSnapshot, MsiSnapshot, MsixSnapshot};
+use pci_interrupts::{IntxSnapshot, IntxState, MsiSnapshot, MsiState, MsixSnapshot, MsixState};
 use serde::{Deserialize, Serialize};
 
 use super::{lock, Inner, IrqMode, VfioPciDevice};
@@ -73,47 +73,11 @@ impl VfioPciDevice {
     /// then sees exactly the config space, BAR placement and interrupt
     /// routes it had. On error nothing changes.
     pub fn restore(&self, snapshot: &DeviceSnapshot) -> Result<()> {
-        if snapshot.version != DEVICE_SNAPSHOT_VERSION {
-            return Err(Error::SnapshotVersion {
-                found: snapshot.version,
-                supported: DEVICE_SNAPSHOT_VERSION,
-            });
-        }
-        let s = &snapshot.payload;
-        let config =
-            ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+        let (s, config) = checked_payload(snapshot)?;
         let wiring = lock(&self.wiring, "interrupt wiring")?;
         let mut inner = lock(&self.inner, "device")?;
-        check_shape(&inner, s)?;
-
         // Interrupt state first, on unbound copies: a refusal changes nothing.
-        let msi = restored(
-            inner.msi.as_ref().map(|m| &m.state),
-            s.msi.as_ref(),
-            "MSI",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
-        let msix = restored(
-            inner.msix.as_ref().map(|m| &m.state),
-            s.msix.as_ref(),
-            "MSI-X",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
-        let intx = restored(
-            inner.intx.as_ref().map(|m| &m.state),
-            s.intx.as_ref(),
-            "INTx",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
+        let (msi, msix, intx) = restored_interrupts(&inner, s)?;
 
         // Placements: give ours back, take the snapshot's; undo on refusal.
         let current: Vec<(usize, BarPlacement)> = placements(&inner);
@@ -192,44 +156,9 @@ impl VfioPciDevice {
     /// changes anything (version, config space, shape, interrupt state), without changing
     /// anything: what a migration destination does before it loads the device.
     pub(super) fn check_snapshot(&self, snapshot: &DeviceSnapshot) -> Result<()> {
-        if snapshot.version != DEVICE_SNAPSHOT_VERSION {
-            return Err(Error::SnapshotVersion {
-                found: snapshot.version,
-                supported: DEVICE_SNAPSHOT_VERSION,
-            });
-        }
-        let s = &snapshot.payload;
-        ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+        let (s, _) = checked_payload(snapshot)?;
         let inner = lock(&self.inner, "device")?;
-        check_shape(&inner, s)?;
-        restored(
-            inner.msi.as_ref().map(|m| &m.state),
-            s.msi.as_ref(),
-            "MSI",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
-        restored(
-            inner.msix.as_ref().map(|m| &m.state),
-            s.msix.as_ref(),
-            "MSI-X",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
-        restored(
-            inner.intx.as_ref().map(|m| &m.state),
-            s.intx.as_ref(),
-            "INTx",
-            |st, sn| {
-                st.set_group(None)?;
-                st.restore(sn)
-            },
-        )?;
-        Ok(())
+        restored_interrupts(&inner, s).map(|_| ())
     }
 
     /// Resets the device (function-level reset through VFIO) and the
@@ -336,6 +265,59 @@ fn rebind(
 }
 
 /// A copy of `state` with `snap` restored into it (unbound from its group).
+/// The payload of `snapshot` and the config space it holds, once its format version and
+/// its config space are known good.
+fn checked_payload(snapshot: &DeviceSnapshot) -> Result<(&DeviceState, ConfigSpace)> {
+    if snapshot.version != DEVICE_SNAPSHOT_VERSION {
+        return Err(Error::SnapshotVersion {
+            found: snapshot.version,
+            supported: DEVICE_SNAPSHOT_VERSION,
+        });
+    }
+    let s = &snapshot.payload;
+    let config =
+        ConfigSpace::restore(&s.config).map_err(|source| Error::SnapshotConfig { source })?;
+    Ok((s, config))
+}
+
+/// Unbound copies of `inner`'s MSI, MSI-X and INTx state with `s`'s restored into them,
+/// after `s` is checked to have `inner`'s shape: what `restore` installs and
+/// `check_snapshot` only checks. `inner` itself is not changed.
+fn restored_interrupts(
+    inner: &Inner,
+    s: &DeviceState,
+) -> Result<(Option<MsiState>, Option<MsixState>, Option<IntxState>)> {
+    check_shape(inner, s)?;
+    let msi = restored(
+        inner.msi.as_ref().map(|m| &m.state),
+        s.msi.as_ref(),
+        "MSI",
+        |st, sn| {
+            st.set_group(None)?;
+            st.restore(sn)
+        },
+    )?;
+    let msix = restored(
+        inner.msix.as_ref().map(|m| &m.state),
+        s.msix.as_ref(),
+        "MSI-X",
+        |st, sn| {
+            st.set_group(None)?;
+            st.restore(sn)
+        },
+    )?;
+    let intx = restored(
+        inner.intx.as_ref().map(|m| &m.state),
+        s.intx.as_ref(),
+        "INTx",
+        |st, sn| {
+            st.set_group(None)?;
+            st.restore(sn)
+        },
+    )?;
+    Ok((msi, msix, intx))
+}
+
 fn restored<T: Clone, S>(
     state: Option<&T>,
     snap: Option<&S>,
