@@ -158,6 +158,109 @@ pub struct DirtyRange {
     pub length: u64,
 }
 
+/// Why the ranges of a DMA logging start are refused (see [`check_logging_ranges`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoggingRangesError {
+    /// No range at all.
+    Empty,
+    /// More ranges than the device takes.
+    TooMany {
+        /// How many were given.
+        count: usize,
+        /// How many are taken.
+        max: usize,
+    },
+    /// A range that is empty or wraps around the end of the IOVA space.
+    EmptyOrWrapping {
+        /// Its first IOVA.
+        iova: u64,
+        /// Its length.
+        length: u64,
+    },
+    /// A range whose start or length is not a multiple of the page size.
+    Unaligned {
+        /// Its first IOVA.
+        iova: u64,
+        /// Its length.
+        length: u64,
+    },
+    /// Two ranges that overlap.
+    Overlap {
+        /// The first IOVA of the lower one.
+        first: u64,
+        /// The first IOVA of the higher one.
+        second: u64,
+    },
+}
+
+impl std::fmt::Display for LoggingRangesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            LoggingRangesError::Empty => write!(f, "no range"),
+            LoggingRangesError::TooMany { count, max } => {
+                write!(f, "{count} ranges (at most {max})")
+            }
+            LoggingRangesError::EmptyOrWrapping { iova, length } => write!(
+                f,
+                "range of {length:#x} bytes at IOVA {iova:#x} is empty or wraps around"
+            ),
+            LoggingRangesError::Unaligned { iova, length } => write!(
+                f,
+                "range of {length:#x} bytes at IOVA {iova:#x} is not aligned to the page"
+            ),
+            LoggingRangesError::Overlap { first, second } => {
+                write!(f, "ranges at IOVA {first:#x} and {second:#x} overlap")
+            }
+        }
+    }
+}
+
+/// Checks the ranges of a DMA logging start as the kernel's uAPI asks:
+/// 1 to `max` non-empty ranges, each aligned to `page_size` (a power of two,
+/// checked by the caller) and not wrapping, no two overlapping. Returns the
+/// number of pages they cover in all.
+pub fn check_logging_ranges(
+    page_size: u64,
+    ranges: &[DirtyRange],
+    max: usize,
+) -> std::result::Result<u64, LoggingRangesError> {
+    if ranges.is_empty() {
+        return Err(LoggingRangesError::Empty);
+    }
+    if ranges.len() > max {
+        return Err(LoggingRangesError::TooMany {
+            count: ranges.len(),
+            max,
+        });
+    }
+    let mut spans = Vec::with_capacity(ranges.len());
+    let mut pages = 0u64;
+    for r in ranges {
+        let (iova, length) = (r.iova, r.length);
+        let Some(end) = iova.checked_add(length).filter(|_| length > 0) else {
+            return Err(LoggingRangesError::EmptyOrWrapping { iova, length });
+        };
+        if page_size == 0 || iova % page_size != 0 || length % page_size != 0 {
+            return Err(LoggingRangesError::Unaligned { iova, length });
+        }
+        pages = pages.saturating_add(length / page_size);
+        spans.push((iova, end));
+    }
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        if let [a, b] = pair {
+            if b.0 < a.1 {
+                return Err(LoggingRangesError::Overlap {
+                    first: a.0,
+                    second: b.0,
+                });
+            }
+        }
+    }
+    Ok(pages)
+}
+
 /// Bitmap words needed for `length` bytes at `page_size` granularity: one
 /// bit per page, the lowest bit of word 0 for the first page. `None` when
 /// `page_size` is 0 or not a power of two.
@@ -188,6 +291,50 @@ mod tests {
         }
         assert_eq!(MigState::from_raw(8), None);
         assert_eq!(MigState::from_raw(u32::MAX), None);
+    }
+
+    #[test]
+    fn logging_ranges_are_non_empty_aligned_disjoint_and_bounded_in_number() {
+        let r = |iova, length| DirtyRange { iova, length };
+        let page = 0x1000;
+        assert_eq!(
+            check_logging_ranges(page, &[r(0x3000, 0x2000), r(0, 0x1000)], 2),
+            Ok(3)
+        );
+        assert_eq!(
+            check_logging_ranges(page, &[], 2),
+            Err(LoggingRangesError::Empty)
+        );
+        assert_eq!(
+            check_logging_ranges(page, &[r(0, 0x1000); 3], 2),
+            Err(LoggingRangesError::TooMany { count: 3, max: 2 })
+        );
+        assert_eq!(
+            check_logging_ranges(page, &[r(0x1000, 0)], 2),
+            Err(LoggingRangesError::EmptyOrWrapping {
+                iova: 0x1000,
+                length: 0
+            })
+        );
+        assert!(matches!(
+            check_logging_ranges(page, &[r(u64::MAX - 0xfff, 0x2000)], 2),
+            Err(LoggingRangesError::EmptyOrWrapping { .. })
+        ));
+        assert!(matches!(
+            check_logging_ranges(page, &[r(0x800, 0x1000)], 2),
+            Err(LoggingRangesError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            check_logging_ranges(page, &[r(0, 0x1800)], 2),
+            Err(LoggingRangesError::Unaligned { .. })
+        ));
+        assert_eq!(
+            check_logging_ranges(page, &[r(0x2000, 0x2000), r(0, 0x3000)], 2),
+            Err(LoggingRangesError::Overlap {
+                first: 0,
+                second: 0x2000
+            })
+        );
     }
 
     #[test]

@@ -29,7 +29,8 @@
 
 use std::sync::Mutex;
 
-use vfio_backend::{migration, DirtyRange, Error, MigState, MigrationFlags, Result};
+use vfio_backend::migration::{self, LoggingRangesError};
+use vfio_backend::{DirtyRange, Error, MigState, MigrationFlags, Result};
 
 use crate::irq::IrqSnapshot;
 use crate::regs::Job;
@@ -471,39 +472,15 @@ impl DmaLog {
         if page_size < PAGE_SIZE || !page_size.is_power_of_two() {
             return Err(einval(format!("DMA logging page size {page_size:#x}")));
         }
-        if ranges.is_empty() {
-            return Err(einval("DMA logging of no range".into()));
-        }
-        if ranges.len() > MAX_LOG_RANGES {
-            return Err(Error::Refused {
-                context: format!(
-                    "DMA logging of {} ranges (at most {MAX_LOG_RANGES})",
-                    ranges.len()
-                ),
-                errno: libc::E2BIG,
-            });
-        }
-        let mut sorted = ranges.to_vec();
-        sorted.sort_by_key(|r| r.iova);
-        let mut total = 0u64;
-        let mut prev_end: Option<u64> = None;
-        for r in &sorted {
-            let end = r.iova.checked_add(r.length);
-            if r.length == 0 || end.is_none() || (r.iova | r.length) % page_size != 0 {
-                return Err(einval(format!(
-                    "DMA logging range {:#x}+{:#x} at page size {page_size:#x}",
-                    r.iova, r.length
-                )));
-            }
-            if prev_end.is_some_and(|p| p > r.iova) {
-                return Err(einval(format!(
-                    "DMA logging range at {:#x} overlaps another",
-                    r.iova
-                )));
-            }
-            prev_end = end;
-            total = total.saturating_add(r.length / page_size);
-        }
+        let total = migration::check_logging_ranges(page_size, ranges, MAX_LOG_RANGES).map_err(
+            |e| match e {
+                LoggingRangesError::TooMany { .. } => Error::Refused {
+                    context: format!("DMA logging of {e}"),
+                    errno: libc::E2BIG,
+                },
+                _ => einval(format!("DMA logging at page size {page_size:#x}: {e}")),
+            },
+        )?;
         if total > MAX_LOG_PAGES {
             return Err(Error::Refused {
                 context: format!("DMA logging of {total} pages (at most {MAX_LOG_PAGES})"),
@@ -517,6 +494,9 @@ impl DmaLog {
                 errno: libc::EBUSY,
             });
         }
+        // Sorted by IOVA (disjoint, as checked above).
+        let mut sorted = ranges.to_vec();
+        sorted.sort_by_key(|r| r.iova);
         let ranges = sorted
             .iter()
             .map(|r| LogRange {

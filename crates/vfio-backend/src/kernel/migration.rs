@@ -102,41 +102,8 @@ pub(crate) fn logging_ranges(
 ) -> Result<Vec<uapi::vfio_device_feature_dma_logging_range>> {
     const WHAT: &str = "DMA logging start";
     check_logging_page(WHAT, page_size)?;
-    if ranges.is_empty() || ranges.len() > MAX_DMA_LOGGING_RANGES {
-        return Err(Error::InvalidArgument(format!(
-            "{WHAT}: {} ranges (1 to {MAX_DMA_LOGGING_RANGES} are accepted)",
-            ranges.len()
-        )));
-    }
-    let mut spans = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let end = r.iova.checked_add(r.length);
-        if r.length == 0 || end.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "{WHAT}: range of {:#x} bytes at IOVA {:#x} is empty or wraps around",
-                r.length, r.iova
-            )));
-        }
-        if r.iova % page_size != 0 || r.length % page_size != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "{WHAT}: range of {:#x} bytes at IOVA {:#x} is not aligned to the \
-                 {page_size:#x}-byte page",
-                r.length, r.iova
-            )));
-        }
-        spans.push((r.iova, end.unwrap_or(u64::MAX)));
-    }
-    spans.sort_unstable();
-    for pair in spans.windows(2) {
-        if let [a, b] = pair {
-            if b.0 < a.1 {
-                return Err(Error::InvalidArgument(format!(
-                    "{WHAT}: ranges at IOVA {:#x} and {:#x} overlap",
-                    a.0, b.0
-                )));
-            }
-        }
-    }
+    crate::migration::check_logging_ranges(page_size, ranges, MAX_DMA_LOGGING_RANGES)
+        .map_err(|e| Error::InvalidArgument(format!("{WHAT}: {e}")))?;
     Ok(ranges
         .iter()
         .map(|r| uapi::vfio_device_feature_dma_logging_range {
